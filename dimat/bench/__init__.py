@@ -1,0 +1,1 @@
+"""Benchmarks behind ``dimat bench``; each prints a table and writes JSON/markdown into ``--out``."""

@@ -1,0 +1,1 @@
+"""One module per ``dimat`` sub-command (see :mod:`dimat.cli`)."""

@@ -1,0 +1,55 @@
+"""The transport interface shared by the in-process runner, the multi-process agents and the embedding API."""
+
+from __future__ import annotations
+
+import abc
+from typing import Dict, Mapping
+
+import torch
+
+#: A model snapshot: the agent's ``state_dict`` (tensor name -> tensor). Received snapshots are immutable inputs:
+#: never write into them.
+Snapshot = Dict[str, torch.Tensor]
+
+
+class Transport(abc.ABC):
+    """Moves round-r snapshots between an agent and its neighbours.
+
+    A round is two calls, so that an in-process runner can post every agent's snapshot before any agent collects:
+
+    1. ``post(r, snapshot)``: start delivering my round-r snapshot to my neighbours (may return before delivery).
+    2. ``collect(r)``: return ``{sender_rank: snapshot}`` for the neighbours' round-r snapshots that arrived
+       before the round's deadline (my own snapshot is not included). A neighbour that is down, late, or sent an
+       invalid snapshot is simply absent; the caller renormalises its mixing weights over what arrived.
+
+    Attributes
+    ----------
+    rank : this agent's index in the topology.
+    bytes_sent, bytes_received : running totals of payload bytes (for metrics).
+    """
+
+    rank: int
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    @abc.abstractmethod
+    def post(self, round: int, snapshot: Mapping[str, torch.Tensor]) -> None:
+        """Start sending ``snapshot`` (round ``round``) to every neighbour."""
+
+    @abc.abstractmethod
+    def collect(self, round: int) -> Dict[int, Snapshot]:
+        """Neighbours' round-``round`` snapshots that arrived in time, keyed by sender rank."""
+
+    def close(self) -> None:
+        """Release sockets, servers and process groups. Idempotent."""
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def snapshot_nbytes(snapshot: Mapping[str, torch.Tensor]) -> int:
+    """Payload size of a snapshot in bytes (sum of tensor storage actually used)."""
+    return sum(t.numel() * t.element_size() for t in snapshot.values())

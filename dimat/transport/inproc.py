@@ -1,0 +1,67 @@
+"""In-process transport: every agent lives in one Python process and shares one mailbox.
+
+Snapshots are cloned on ``post`` so that an agent mutating its model after posting (local training) cannot change
+what its neighbours receive for that round (Jacobi-style rounds: everyone merges the round-r pre-merge snapshots).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Sequence
+
+import torch
+
+from dimat.transport.base import Snapshot, Transport, snapshot_nbytes
+
+
+class Mailbox:
+    """Shared store of posted snapshots: ``(round, sender) -> snapshot``. Old rounds are dropped as rounds advance."""
+
+    def __init__(self) -> None:
+        self._posts: Dict[tuple, Snapshot] = {}
+
+    def put(self, round: int, sender: int, snapshot: Snapshot) -> None:
+        self._posts[(round, sender)] = snapshot
+        for key in [k for k in self._posts if k[0] < round - 1]:
+            del self._posts[key]
+
+    def get(self, round: int, sender: int) -> Snapshot | None:
+        return self._posts.get((round, sender))
+
+
+class InProcTransport(Transport):
+    """One agent's view of a shared :class:`Mailbox`.
+
+    Parameters
+    ----------
+    rank : this agent's index.
+    neighbors : ranks this agent receives from (not including itself).
+    mailbox : the mailbox shared by all agents of the run.
+    """
+
+    def __init__(self, rank: int, neighbors: Sequence[int], mailbox: Mailbox):
+        self.rank = rank
+        self.neighbors: List[int] = [int(j) for j in neighbors if int(j) != rank]
+        self.mailbox = mailbox
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def post(self, round: int, snapshot: Mapping[str, torch.Tensor]) -> None:
+        frozen = {k: v.detach().clone() for k, v in snapshot.items()}
+        self.mailbox.put(round, self.rank, frozen)
+        # Count what a real network would carry: one copy per neighbour that reads it (symmetric graphs).
+        self.bytes_sent += snapshot_nbytes(frozen) * len(self.neighbors)
+
+    def collect(self, round: int) -> Dict[int, Snapshot]:
+        got: Dict[int, Snapshot] = {}
+        for j in self.neighbors:
+            snap = self.mailbox.get(round, j)
+            if snap is not None:
+                got[j] = snap
+                self.bytes_received += snapshot_nbytes(snap)
+        return got
+
+
+def make_inproc(neighbors: Sequence[Sequence[int]]) -> List[InProcTransport]:
+    """One transport per agent over a fresh shared mailbox; ``neighbors[i]`` are agent i's neighbours."""
+    box = Mailbox()
+    return [InProcTransport(i, nb, box) for i, nb in enumerate(neighbors)]
