@@ -1,0 +1,232 @@
+"""Merge operators: combine an agent's model with its neighbours' models into one new model.
+
+Three operators share one signature, ``fn(models, weights, batches=None, reset_bn=..., stat_batches=None)``:
+
+* :func:`average` (``"wa"``): weighted average of every floating-point tensor, no alignment.
+* :func:`weight_match` (``"wm"``): Git Re-Basin weight matching aligns every neighbour to ``models[0]``, then averages.
+* :func:`activation_match` (``"dimat"``): DIMAT aligns every neighbour to ``models[0]`` by correlating activations on
+  the agent's own batches, then averages.
+
+``models[0]`` is always the agent's own model: the basis every neighbour is aligned to, and the source of integer
+buffers (``num_batches_tracked``). Each operator returns a NEW module; the inputs are never mutated. The groups of
+axes that may be permuted come from :func:`dimat.permutation.derive` (cached per architecture and input shape).
+:data:`METHODS` maps config names to operators; :func:`get` looks one up.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["average", "weight_match", "activation_match", "reset_bn_stats", "METHODS", "get"]
+
+Batches = Iterable[Any]
+
+
+# ----------------------------------------------------------------------------------------------- input checking
+def _check_models(models: Sequence[nn.Module]) -> List[Dict[str, torch.Tensor]]:
+    """State dicts of ``models``; ValueError (naming model index and tensor) unless all share one architecture."""
+    if isinstance(models, nn.Module) or len(models) == 0:
+        raise ValueError("models must be a non-empty sequence of nn.Module (models[0] is the agent's own model)")
+    states = []
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise ValueError(f"model {i} is a {type(m).__name__}, not an nn.Module")
+        states.append(m.state_dict())
+    ref = states[0]
+    ref_types = [(n, type(mod)) for n, mod in models[0].named_modules()]
+    for i, sd in enumerate(states):
+        if i > 0:
+            missing = [k for k in ref if k not in sd]
+            extra = [k for k in sd if k not in ref]
+            if missing or extra:
+                name = (missing or extra)[0]
+                raise ValueError(
+                    f"model {i} has a different architecture from model 0: tensor {name!r} is "
+                    f"{'missing from' if missing else 'only in'} model {i}"
+                )
+            types = [(n, type(mod)) for n, mod in models[i].named_modules()]
+            if types != ref_types:
+                bad = next((a[0] for a, b in zip(types, ref_types) if a != b), "")
+                raise ValueError(f"model {i} has a different architecture from model 0 (module {bad!r})")
+        for name, t in sd.items():
+            if t.shape != ref[name].shape or t.dtype != ref[name].dtype:
+                raise ValueError(
+                    f"model {i}: tensor {name!r} has shape {tuple(t.shape)} ({t.dtype}), but model 0 has "
+                    f"{tuple(ref[name].shape)} ({ref[name].dtype})"
+                )
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"model {i}: tensor {name!r} contains NaN or Inf")
+    return states
+
+
+def _check_weights(weights: Sequence[float], n: int) -> List[float]:
+    """Weights renormalised to sum to 1; ValueError on a wrong length, a negative, non-finite or all-zero list."""
+    try:
+        w = [float(x) for x in weights]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"weights must be a sequence of {n} numbers: {e}") from None
+    if len(w) != n:
+        raise ValueError(f"got {len(w)} weights for {n} models; give one weight per model")
+    for i, x in enumerate(w):
+        if not math.isfinite(x) or x < 0:
+            raise ValueError(f"weight {i} (for model {i}) is {x}; weights must be finite and non-negative")
+    total = sum(w)
+    if total <= 0:
+        raise ValueError("weights sum to 0; at least one model needs a positive weight")
+    return [x / total for x in w]
+
+
+def _check(models: Sequence[nn.Module], weights: Sequence[float]):
+    states = _check_models(models)
+    return states, _check_weights(weights, len(states))
+
+
+# --------------------------------------------------------------------------------------------------- batches
+def batch_input(batch: Any) -> torch.Tensor:
+    """The input tensor of a batch that is either a tensor or an ``(input, target, ...)`` pair."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise ValueError(f"a batch must be an input tensor or an (input, target) pair, got {type(batch).__name__}")
+
+
+def iter_inputs(batches: Batches, limit: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """Yield the input tensors of the first ``limit`` batches (all when None); ValueError if there are none."""
+    if batches is None:
+        raise ValueError("batches is None; this operation needs a non-empty iterable of input batches")
+    if limit is not None and limit < 1:
+        raise ValueError(f"the number of batches must be >= 1 or None, got {limit}")
+    n = 0
+    for batch in batches:
+        if limit is not None and n >= limit:
+            break
+        x = batch_input(batch)
+        if x.shape[0] == 0:
+            continue
+        n += 1
+        yield x
+    if n == 0:
+        raise ValueError("batches is empty: need at least one non-empty batch of inputs")
+
+
+# ------------------------------------------------------------------------------------------- combining tensors
+def _weighted_sum(states: Sequence[Dict[str, torch.Tensor]], weights: Sequence[float]) -> Dict[str, torch.Tensor]:
+    """Weighted sum of every floating-point tensor; every other tensor is copied from ``states[0]``."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, t0 in states[0].items():
+        if t0.is_floating_point():
+            acc = torch.zeros_like(t0, dtype=torch.float64)
+            for sd, w in zip(states, weights):
+                if w:
+                    acc.add_(sd[name].detach().to(torch.float64), alpha=w)
+            out[name] = acc.to(t0.dtype)
+        else:
+            out[name] = t0.detach().clone()
+    return out
+
+
+def _new_model(template: nn.Module, state: Dict[str, torch.Tensor]) -> nn.Module:
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    return model
+
+
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+@torch.no_grad()
+def reset_bn_stats(model: nn.Module, batches: Batches, num_batches: Optional[int] = None) -> nn.Module:
+    """Recompute every BatchNorm layer's running mean and variance on ``batches``, in place.
+
+    The forward passes run in train mode with ``momentum=None`` (a cumulative average over the batches), without
+    gradients; afterwards each layer's momentum and the model's train/eval mode are restored. Models without
+    BatchNorm are left untouched.
+
+    Parameters
+    ----------
+    model : the module to repair (modified in place and returned).
+    batches : re-iterable of input tensors or ``(input, target)`` pairs.
+    num_batches : use only the first ``num_batches`` batches (None: all).
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
+    if not bns:
+        return model
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    device = _device_of(model)
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    try:
+        model.train()
+        for x in iter_inputs(batches, num_batches):
+            model(x.to(device))
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+        model.train(was_training)
+    return model
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _finish(template: nn.Module, state, batches, reset_bn: bool, stat_batches) -> nn.Module:
+    merged = _new_model(template, state)
+    if reset_bn and batches is not None:
+        reset_bn_stats(merged, batches, stat_batches)
+    return merged
+
+
+# ------------------------------------------------------------------------------------------------- operators
+def average(
+    models: Sequence[nn.Module],
+    weights: Sequence[float],
+    batches: Optional[Batches] = None,
+    reset_bn: bool = False,
+    stat_batches: Optional[int] = None,
+) -> nn.Module:
+    """WA: the weighted average of every floating-point tensor, without alignment.
+
+    Parameters
+    ----------
+    models : ``models[0]`` is the agent's own model (integer buffers come from it); all share one architecture.
+    weights : one non-negative weight per model, renormalised to sum to 1.
+    batches : optional re-iterable of input tensors or ``(input, target)`` pairs, used only for the BN reset.
+    reset_bn : when true (and ``batches`` is given), recompute BatchNorm statistics of the result on ``batches``.
+    stat_batches : number of batches used for the BN reset (None: all).
+
+    Returns
+    -------
+    A new module; the inputs are not modified.
+    """
+    states, w = _check(models, weights)
+    if reset_bn and batches is not None:
+        next(iter_inputs(batches, 1))  # an empty iterable is an error before any work is done
+    return _finish(models[0], _weighted_sum(states, w), batches, reset_bn, stat_batches)
+
+
+MergeFn = Callable[..., nn.Module]
+
+#: config name -> merge operator; every entry accepts ``fn(models, weights, batches=, reset_bn=, stat_batches=)``.
+METHODS: Dict[str, MergeFn] = {"wa": average}
+
+
+def get(name: str) -> MergeFn:
+    """The merge operator registered under ``name`` (see :data:`METHODS`); ValueError listing the valid names."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown merge method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
