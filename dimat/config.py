@@ -1,0 +1,323 @@
+"""Run configuration: one nested schema of defaults, loaded from YAML, overridden by ``--set key.sub=value``.
+
+:data:`DEFAULTS` is the whole schema: every valid key with its default value. A key's type is the type of its
+default (an ``int`` default also accepts nothing but ints, a ``float`` default accepts ints and floats); keys whose
+default is ``None`` or that accept several types are listed in :data:`TYPES`. Adding a key to :data:`DEFAULTS`
+(and, only for such keys, to :data:`TYPES`) is the only step needed to make it a valid config key.
+
+A config that holds only ``agents`` and ``rounds`` runs: everything else has a default. An unknown key is a
+:class:`~dimat.errors.UserError` that names the file and suggests the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from dimat.errors import UserError
+
+__all__ = ["DEFAULTS", "TYPES", "Config", "load_config", "resolve", "flatten", "diff", "OPTIMIZERS", "TRANSPORTS"]
+
+OPTIMIZERS = ("sgd", "msgd", "adam")
+TRANSPORTS = ("inproc", "grpc", "torch")
+
+#: The schema: every valid key and its default. Comments give units and meaning (see docs/config.md).
+DEFAULTS: Dict[str, Any] = {
+    "seed": 0,  # agent k uses seed + k for its init and data order
+    "agents": 5,  # number of agents N; must equal the topology's size
+    "rounds": 10,  # merge rounds R
+    "topology": "ring",  # a kind name (ring, fc, torus, ...) or a path to a topology file
+    "topology_seed": None,  # seed for random topologies (None: use `seed`)
+    "data": {
+        "dataset": "digits",  # digits | synthetic | a path to an .npz file
+        "partition": "iid",  # iid | classes | dirichlet:ALPHA
+        "flip": False,  # random horizontal flips of training images (augmentation)
+    },
+    "model": {
+        "name": "mlp",  # a zoo model: mlp, cnn, vgg16, resnet20, resnet50
+        "width": 1.0,  # multiplier on every hidden width
+    },
+    "train": {
+        "optimizer": "adam",  # sgd | msgd (momentum 0.9) | adam
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "epochs": 2,  # local epochs E per round
+        "batch_size": 100,
+        "pretrain_epochs": 0,  # local epochs before the first merge
+        "keep_optimizer_state": False,  # False: a fresh optimizer every round (the reference)
+    },
+    "merge": {
+        "method": "dimat",  # dimat | wa | wm | none
+        "stat_batches": 10,  # batches of local data for activation statistics (None: all)
+        "bn_batches": 10,  # batches of local data for the BatchNorm reset (None: all)
+        "reset_bn": True,  # recompute BatchNorm statistics of the merged model on local data
+    },
+    "eval": {
+        "batch_size": 1000,
+    },
+    "transport": {
+        "name": "inproc",  # inproc (dimat run) | grpc | torch (dimat launch / dimat agent)
+        "deadline_s": 60.0,  # seconds an agent waits for its neighbours' snapshots per round
+    },
+    "out": None,  # run folder (None: runs/<config file stem>); `--out` overrides
+}
+
+#: Accepted types of keys whose default is None or that accept more than the default's type.
+TYPES: Dict[str, Tuple[type, ...]] = {
+    "topology": (str,),
+    "topology_seed": (int, type(None)),
+    "model.width": (int, float),
+    "merge.stat_batches": (int, type(None)),
+    "merge.bn_batches": (int, type(None)),
+    "out": (str, type(None)),
+}
+
+
+class Config(dict):
+    """A resolved config: a nested dict that also allows attribute access (``cfg.train.lr``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain nested ``dict`` copy (for YAML/JSON output)."""
+        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
+
+    @classmethod
+    def wrap(cls, d: Mapping[str, Any]) -> "Config":
+        return cls({k: cls.wrap(v) if isinstance(v, Mapping) else v for k, v in d.items()})
+
+
+# ----------------------------------------------------------------------------------------------- flat keys
+def flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (leaves only)."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and key not in TYPES:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _sections() -> set:
+    return {k for k, v in _walk(DEFAULTS) if isinstance(v, Mapping)}
+
+
+def _walk(d: Mapping[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    for k, v in d.items():
+        yield prefix + k, v
+        if isinstance(v, Mapping):
+            yield from _walk(v, prefix + k + ".")
+
+
+def _suggest(key: str) -> str:
+    valid = [k for k, _ in _walk(DEFAULTS)]
+    # Compare both the full dotted key and its last part, so 'metod' finds 'merge.method'.
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not near:
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
+        near = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _unknown(where: str, key: str) -> UserError:
+    return UserError(f"{where}: unknown key {key!r}{_suggest(key)}")
+
+
+# --------------------------------------------------------------------------------------------------- checks
+def _accepted(key: str) -> Tuple[type, ...]:
+    if key in TYPES:
+        return TYPES[key]
+    default = _default(key)
+    if default is None:
+        return (str, int, float, bool, type(None))
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, float):
+        return (int, float)
+    return (type(default),)
+
+
+def _default(key: str) -> Any:
+    node: Any = DEFAULTS
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _type_name(types: Sequence[type]) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _check_type(where: str, key: str, value: Any) -> Any:
+    types = _accepted(key)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        raise UserError(f"{where}: key {key!r} must be {_type_name(types)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: key {key!r} must be finite, got {value!r}")
+    if isinstance(_default(key), float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # so that "lr: 1" and "lr: 1.0" resolve to the same config
+    return value
+
+
+def _merge_into(base: Dict[str, Any], data: Mapping[str, Any], where: str, prefix: str = "") -> None:
+    sections = _sections()
+    for k, v in data.items():
+        if not isinstance(k, str):
+            raise UserError(f"{where}: key {k!r} is not a string")
+        key = prefix + k
+        if key in sections:
+            if not isinstance(v, Mapping):
+                raise UserError(f"{where}: key {key!r} is a section; give a mapping of its keys, got {v!r}")
+            _merge_into(base[k], v, where, key + ".")
+            continue
+        if k not in base:
+            raise _unknown(where, key)
+        base[k] = _check_type(where, key, v)
+
+
+def _set(base: Dict[str, Any], assignment: str) -> None:
+    where = f"--set {assignment}"
+    key, eq, text = assignment.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise UserError(f"{where}: expected KEY=VALUE, e.g. --set train.lr=0.01")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: value is not valid YAML ({_first_line(e)})") from None
+    node = base
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise _unknown("--set", key)
+        node = node[part]
+    if parts[-1] not in node:
+        raise _unknown("--set", key)
+    if isinstance(node[parts[-1]], dict):
+        raise UserError(f"{where}: {key!r} is a section; set one of its keys, e.g. {key}.{next(iter(node[parts[-1]]))}")
+    node[parts[-1]] = _check_type("--set", key, value)
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _check_values(where: str, c: Dict[str, Any]) -> None:
+    """Range and choice checks that need no other module (datasets, models and topologies are checked at run)."""
+
+    def bad(key: str, msg: str) -> UserError:
+        return UserError(f"{where}: key {key!r} {msg}")
+
+    f = flatten(c)
+    for key in ("agents", "rounds", "train.batch_size", "eval.batch_size"):
+        if f[key] < 1:
+            raise bad(key, f"must be >= 1, got {f[key]}")
+    for key in ("train.epochs", "train.pretrain_epochs", "train.weight_decay"):
+        if f[key] < 0:
+            raise bad(key, f"must be >= 0, got {f[key]}")
+    for key in ("merge.stat_batches", "merge.bn_batches"):
+        if f[key] is not None and f[key] < 1:
+            raise bad(key, f"must be >= 1 or null (all batches), got {f[key]}")
+    if not f["train.lr"] > 0:
+        raise bad("train.lr", f"must be > 0, got {f['train.lr']}")
+    if not f["model.width"] > 0:
+        raise bad("model.width", f"must be > 0, got {f['model.width']}")
+    if not f["transport.deadline_s"] > 0:
+        raise bad("transport.deadline_s", f"must be > 0 seconds, got {f['transport.deadline_s']}")
+    if f["train.optimizer"] not in OPTIMIZERS:
+        raise bad("train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {f['train.optimizer']!r}")
+    if f["transport.name"] not in TRANSPORTS:
+        raise bad("transport.name", f"must be one of {', '.join(TRANSPORTS)}, got {f['transport.name']!r}")
+    methods = known_methods()
+    if f["merge.method"] not in methods:
+        raise bad("merge.method", f"must be one of {', '.join(methods)}, got {f['merge.method']!r}")
+    if not f["topology"]:
+        raise bad("topology", "must be a topology kind or a file path, got an empty string")
+
+
+def known_methods() -> List[str]:
+    """Merge methods a config may name: the merge registry plus ``none`` (local training only)."""
+    from dimat import merge
+
+    return sorted(set(merge.METHODS) | {"none"})
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def resolve(data: Optional[Mapping[str, Any]] = None, overrides: Iterable[str] = (), where: str = "config",
+            stem: str = "run") -> Config:
+    """Defaults, updated by ``data`` (a nested mapping, e.g. parsed YAML) and then by ``KEY=VALUE`` overrides.
+
+    Parameters
+    ----------
+    data : nested mapping of config keys (unknown keys are an error).
+    overrides : ``"a.b=value"`` strings; the value is parsed as YAML.
+    where : name used in error messages (usually the file name).
+    stem : name of the default run folder ``runs/<stem>`` when ``out`` is null.
+    """
+    c = copy.deepcopy(DEFAULTS)
+    if data:
+        _merge_into(c, data, where)
+    for a in overrides:
+        _set(c, a)
+    _check_values(where, c)
+    if c["out"] is None:
+        c["out"] = str(Path("runs") / stem)
+    return Config.wrap(c)
+
+
+def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config file, apply ``--set`` overrides, check and resolve it.
+
+    Parameters
+    ----------
+    path : YAML file (a mapping of config keys); None for defaults only.
+    overrides : ``"key.sub=value"`` strings, values parsed with ``yaml.safe_load``.
+
+    Raises
+    ------
+    UserError : the file is missing or malformed, a key is unknown, or a value has a wrong type or range.
+    """
+    if path is None:
+        return resolve(None, overrides)
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: cannot read config file ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: malformed YAML: {_first_line(e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise UserError(f"{p}: a config must be a mapping of keys (e.g. 'agents: 5'), got {type(data).__name__}")
+    return resolve(data, overrides, where=str(p), stem=p.stem)
+
+
+def diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Sequence[str] = ("out",)) -> List[str]:
+    """Flat keys whose values differ between two configs (keys in ``ignore`` skipped)."""
+    fa, fb = flatten(a), flatten(b)
+    return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k) != fb.get(k))
+
+
+def dump(cfg: Mapping[str, Any]) -> str:
+    """The config as YAML text, in schema order."""
+    plain = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    return yaml.safe_dump(plain, sort_keys=False)

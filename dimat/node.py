@@ -1,0 +1,183 @@
+"""The embedding API: one agent's merge round, for users who keep full control of their own training.
+
+A :class:`Node` wraps the user's model, the communication graph, the agent's rank, a transport and an iterable of
+local batches. ``node.merge_round(r)`` posts the model's round-r snapshot, collects the neighbours' round-r
+snapshots, merges them with the configured operator and loads the result **in place** into ``node.model`` (the
+same parameter tensors, so an optimizer built on ``node.model.parameters()`` stays valid)::
+
+    node = dimat.Node(model, topology, rank, transport, batches=my_batches, method="dimat")
+    for r in range(rounds):
+        result = node.merge_round(r)        # exchange + merge, model updated in place
+        train_for_a_while(model, optimizer)  # the user's own loop
+
+The in-process runner, ``dimat agent`` and ``dimat launch`` all run their rounds through this class.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dimat import merge as merge_ops
+from dimat.transport.base import Transport
+
+__all__ = ["Node", "MergeResult"]
+
+
+@dataclass
+class MergeResult:
+    """What one merge round did.
+
+    Attributes
+    ----------
+    round : the round number.
+    received : ranks whose round-r snapshot arrived and was merged.
+    missing : neighbour ranks whose snapshot did not arrive in time (their weight was redistributed).
+    weights : rank -> mixing weight used (own rank included; sums to 1).
+    merge_s : seconds spent building neighbour models and merging (including the BatchNorm reset).
+    comm_s : seconds spent posting and collecting snapshots.
+    bytes_sent, bytes_received : payload bytes this round, as counted by the transport.
+    """
+
+    round: int
+    received: List[int] = field(default_factory=list)
+    missing: List[int] = field(default_factory=list)
+    weights: Dict[int, float] = field(default_factory=dict)
+    merge_s: float = 0.0
+    comm_s: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    @property
+    def comm_bytes(self) -> int:
+        """Bytes sent plus bytes received this round."""
+        return self.bytes_sent + self.bytes_received
+
+
+def mixing_matrix(topology: Any) -> np.ndarray:
+    """The N x N mixing matrix pi of a topology object (attribute ``pi``) or of an array-like."""
+    pi = getattr(topology, "pi", topology)
+    pi = np.asarray(pi, dtype=np.float64)
+    if pi.ndim != 2 or pi.shape[0] != pi.shape[1]:
+        raise ValueError(f"the topology's mixing matrix must be square, got shape {pi.shape}")
+    return pi
+
+
+class Node:
+    """One agent of a decentralized merge-and-train run.
+
+    Parameters
+    ----------
+    model : the agent's model; merges are loaded into it in place.
+    topology : a :class:`dimat.topology.Topology` (its ``neighbors(rank)`` and ``pi``), or an N x N mixing
+        matrix, in which case the neighbours are the ranks j != rank with ``pi[rank][j] > 0``.
+    rank : this agent's index in the topology.
+    transport : moves snapshots (:class:`dimat.transport.base.Transport`); unused when ``method="none"``.
+    batches : re-iterable of local ``(input, target)`` batches (or input tensors) for activation statistics and
+        the BatchNorm reset.
+    method : merge operator name from :data:`dimat.merge.METHODS` (``dimat``, ``wa``, ``wm``), or ``none`` for
+        local training only (no exchange at all).
+    stat_batches : number of batches for activation statistics (None: all of ``batches``).
+    bn_batches : number of batches for the BatchNorm reset (None: all of ``batches``).
+    reset_bn : recompute BatchNorm statistics of the merged model on local batches (no-op without BatchNorm).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        topology: Any,
+        rank: int,
+        transport: Optional[Transport],
+        batches: Optional[Iterable[Any]],
+        method: str = "dimat",
+        stat_batches: Optional[int] = None,
+        bn_batches: Optional[int] = None,
+        reset_bn: bool = True,
+    ):
+        pi = mixing_matrix(topology)
+        if not 0 <= rank < len(pi):
+            raise ValueError(f"rank {rank} is outside the topology's {len(pi)} agents")
+        self.model = model
+        self.topology = topology
+        self.rank = int(rank)
+        self.pi_row = pi[rank]
+        if hasattr(topology, "neighbors"):  # a Topology: its connectivity decides, even where a weight is 0
+            self.neighbors: List[int] = list(topology.neighbors(self.rank))
+        else:
+            self.neighbors = [j for j in range(len(pi)) if j != rank and pi[rank][j] > 0]
+        self.method = method
+        self.merge_fn = None if method == "none" else merge_ops.get(method)
+        if self.merge_fn is not None and transport is None:
+            raise ValueError(f"method {method!r} exchanges models: give a transport")
+        self.transport = transport
+        self.batches = batches
+        self.stat_batches = stat_batches
+        self.bn_batches = bn_batches
+        self.reset_bn = reset_bn
+        self._posted: Optional[int] = None
+        self._post_stats = (0.0, 0)  # seconds and bytes of the last post
+
+    # ----------------------------------------------------------------------------------------------- exchange
+    def post(self, r: int) -> None:
+        """Send the model's current weights as this agent's round-``r`` snapshot (once per round)."""
+        if self.merge_fn is None or self._posted == r:
+            return
+        sent0 = self.transport.bytes_sent
+        t0 = time.perf_counter()
+        self.transport.post(r, self.model.state_dict())
+        self._post_stats = (time.perf_counter() - t0, self.transport.bytes_sent - sent0)
+        self._posted = r
+
+    def merge_round(self, r: int) -> MergeResult:
+        """Exchange round-``r`` snapshots with the neighbours and merge them into ``self.model`` in place.
+
+        Posts first unless :meth:`post` was already called for ``r``. The own model's weight and the weights of
+        the snapshots that arrived are taken from ``pi[rank]`` and renormalised to sum to 1. When no neighbour
+        snapshot arrived, the model is left unchanged.
+        """
+        result = MergeResult(round=r, weights={self.rank: 1.0})
+        if self.merge_fn is None:
+            return result
+        self.post(r)
+        post_s, sent = self._post_stats
+        recv0 = self.transport.bytes_received
+        t0 = time.perf_counter()
+        snapshots = self.transport.collect(r)
+        result.comm_s = post_s + time.perf_counter() - t0
+        result.bytes_sent, result.bytes_received = sent, self.transport.bytes_received - recv0
+        result.received = sorted(j for j in snapshots if j in self.neighbors)
+        result.missing = [j for j in self.neighbors if j not in snapshots]
+        ranks = [self.rank] + result.received
+        raw = [float(self.pi_row[j]) for j in ranks]
+        total = sum(raw)
+        if total <= 0:  # e.g. a zero self-weight and no neighbour arrived: keep what we have
+            raw, total = [1.0] * len(ranks), float(len(ranks))
+        result.weights = {j: w / total for j, w in zip(ranks, raw)}
+        if not result.received:
+            return result
+        t0 = time.perf_counter()
+        self._merge([snapshots[j] for j in result.received], [result.weights[j] for j in ranks])
+        result.merge_s = time.perf_counter() - t0
+        return result
+
+    # -------------------------------------------------------------------------------------------------- merge
+    def _neighbor_model(self, snapshot: Dict[str, torch.Tensor]) -> nn.Module:
+        # load_state_dict copies into the clone's own tensors: the received snapshot is never written to.
+        m = copy.deepcopy(self.model)
+        m.load_state_dict(snapshot)
+        return m
+
+    @torch.no_grad()
+    def _merge(self, snapshots: Sequence[Dict[str, torch.Tensor]], weights: Sequence[float]) -> None:
+        models = [self.model] + [self._neighbor_model(s) for s in snapshots]
+        # The BN reset is done here rather than in the operator so that it has its own batch budget.
+        merged = self.merge_fn(models, weights, batches=self.batches, reset_bn=False, stat_batches=self.stat_batches)
+        if self.reset_bn and self.batches is not None:
+            merge_ops.reset_bn_stats(merged, self.batches, self.bn_batches)
+        self.model.load_state_dict(merged.state_dict())

@@ -1,0 +1,263 @@
+"""Build agents from a config and drive the round loop; ``run`` is the in-process simulation behind ``dimat run``.
+
+The pieces are public so that the multi-process runner reuses them for one agent:
+
+* :func:`prepare` checks everything that can be wrong with the input (topology, dataset, partition, model,
+  method, transport) and loads what every agent needs, before any file is written.
+* :func:`build_agent` makes agent ``rank``: its model (seed + rank), data, RNG, optimizer factory and
+  :class:`~dimat.node.Node` over a given transport.
+* :func:`drive` runs pretraining and the rounds for a list of local agents, with checkpoints, metrics and resume.
+* :func:`run` puts them together for N agents over in-process transports and writes the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from dimat import checkpoint, models
+from dimat.config import Config, diff, dump, flatten
+from dimat.data import Batches, Dataset, load_dataset, partition_dataset
+from dimat.errors import UserError
+from dimat.loop import Agent, pretrain, restore_agent, run_round
+from dimat.metrics import MetricsWriter, atomic_write_text, read_metrics, summarize
+from dimat.node import Node
+from dimat.topology import Topology
+from dimat.train import optimizer_factory
+from dimat.transport.base import Transport
+
+__all__ = ["Setup", "prepare", "build_agent", "drive", "run", "check_run_dir"]
+
+#: files a run folder holds; their presence marks a folder as a run
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+
+
+@dataclass
+class Setup:
+    """What every agent of a run shares: the topology, the dataset and the partition (train, test) indices."""
+
+    topology: Topology
+    dataset: Dataset
+    parts: List[tuple]
+
+
+def _topology(cfg: Mapping[str, Any]) -> Topology:
+    seed = cfg["topology_seed"] if cfg["topology_seed"] is not None else cfg["seed"]
+    with warnings.catch_warnings():
+        # Legal but noteworthy graphs (disconnected, asymmetric) are reported once here, not per agent.
+        warnings.simplefilter("always")
+        return Topology.from_spec(cfg["topology"], cfg["agents"], seed=seed)
+
+
+def _check_model(cfg: Mapping[str, Any], ds: Dataset) -> None:
+    m = _build_model(cfg, ds)
+    try:
+        with torch.no_grad():
+            m.eval()(ds.x_train[:2])
+    except RuntimeError as e:
+        raise UserError(f"model.name: model {cfg['model']['name']!r} cannot run on dataset "
+                        f"{cfg['data']['dataset']!r} ({' '.join(str(e).split())[:200]})") from None
+
+
+def _build_model(cfg: Mapping[str, Any], ds: Dataset) -> torch.nn.Module:
+    return models.build(cfg["model"]["name"], ds.num_classes, width=cfg["model"]["width"],
+                        in_channels=ds.in_channels, image_size=ds.image_size)
+
+
+def prepare(cfg: Mapping[str, Any]) -> Setup:
+    """Check the inputs a config names and load the shared pieces of a run; writes nothing.
+
+    Raises
+    ------
+    UserError : unknown or malformed topology, dataset, partition or model; a topology whose size differs from
+        ``agents``; a flip augmentation on data that are not images.
+    """
+    topo = _topology(cfg)
+    if topo.num_agents != cfg["agents"]:
+        raise UserError(f"agents: the run has {cfg['agents']} agents but topology {cfg['topology']!r} has "
+                        f"{topo.num_agents}")
+    ds = load_dataset(cfg["data"]["dataset"], seed=cfg["seed"])
+    if cfg["data"]["flip"] and not ds.is_image:
+        raise UserError(f"data.flip: dataset {cfg['data']['dataset']!r} is not a set of natural images "
+                        f"(a mirrored sample is another class or none); set data.flip to false")
+    parts = partition_dataset(ds, cfg["agents"], cfg["data"]["partition"], seed=cfg["seed"])
+    _check_model(cfg, ds)
+    return Setup(topo, ds, parts)
+
+
+def build_agent(cfg: Mapping[str, Any], setup: Setup, rank: int, transport: Optional[Transport]) -> Agent:
+    """Agent ``rank`` of the run: model initialised with seed + rank, its data partition and a Node."""
+    ds = setup.dataset
+    train_idx, test_idx = setup.parts[rank]
+    torch.manual_seed(cfg["seed"] + rank)  # different inits per agent (ALGORITHM.md section 2)
+    model = _build_model(cfg, ds)
+    # Merge statistics and BN resets read the first batches of this fixed random order: the rows of a dataset
+    # are often sorted by class, and the first rows of a sorted partition would show the merge one class only.
+    order = np.random.default_rng([cfg["seed"], rank, 2]).permutation(train_idx)
+    local = Batches(ds.x_train, ds.y_train, order, batch_size=cfg["train"]["batch_size"])
+    m = cfg["merge"]
+    node = Node(model, setup.topology, rank, transport, local, method=m["method"], stat_batches=m["stat_batches"],
+                bn_batches=m["bn_batches"], reset_bn=m["reset_bn"])
+    t = cfg["train"]
+    train_idx_t, test_idx_t = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    return Agent(
+        rank=rank,
+        node=node,
+        train=(ds.x_train[train_idx_t], ds.y_train[train_idx_t]),
+        test=(ds.x_test, ds.y_test),
+        local_test=(ds.x_test[test_idx_t], ds.y_test[test_idx_t]),
+        make_optimizer=optimizer_factory(t["optimizer"], t["lr"], t["weight_decay"]),
+        generator=torch.Generator().manual_seed(cfg["seed"] + rank),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+def check_run_dir(cfg: Config, out: Path, resume: bool) -> None:
+    """UserError unless ``out`` may hold this run: new (or empty) without ``--resume``; same config with it."""
+    existing = [f for f in RUN_FILES if (out / f).exists()]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out must be a folder, but a file of that name exists")
+    if not resume:
+        if existing:
+            raise UserError(f"{out}: already holds a run ({', '.join(existing)}); pass --resume to continue it "
+                            f"or choose another --out")
+        return
+    cfg_file = out / "config.yaml"
+    if not cfg_file.exists():
+        raise UserError(f"{out}: no run to resume (config.yaml not found)")
+    try:
+        old = yaml.safe_load(cfg_file.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{cfg_file}: malformed YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(old, Mapping):
+        raise UserError(f"{cfg_file}: not a run config (expected a mapping)")
+    changed = diff(old, cfg.to_dict())
+    if changed:
+        k = changed[0]
+        raise UserError(f"{cfg_file}: --resume needs the same config as the interrupted run, but key {k!r} was "
+                        f"{flatten(old).get(k)!r} and is now {flatten(cfg.to_dict()).get(k)!r}")
+
+
+def _progress(total: int, initial: int, desc: str, quiet: bool, leave: bool = True):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="round" if leave else "step", leave=leave,
+                disable=quiet or not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True)
+
+
+def drive(
+    cfg: Mapping[str, Any],
+    agents: Sequence[Agent],
+    run_dir: Path,
+    metrics_path: Path,
+    resume: bool = False,
+    quiet: bool = False,
+    stop_after_round: Optional[int] = None,
+) -> bool:
+    """Pretrain (unless resumed past it) and run every remaining round for the local ``agents``.
+
+    Parameters
+    ----------
+    cfg : the resolved config.
+    agents : the agents of this process.
+    run_dir : checkpoints go to ``run_dir/checkpoints``.
+    metrics_path : the JSON-lines file the agents' records are appended to.
+    resume : restore the agents from the latest round they all completed and drop later records from
+        ``metrics_path``; start from scratch when there is no checkpoint yet.
+    quiet : no progress bars.
+    stop_after_round : return after this round, as if interrupted (for tests of resume).
+
+    Returns
+    -------
+    True when all rounds are done, False when stopped early.
+    """
+    ckpt_dir = run_dir / "checkpoints"
+    done = -2  # the last completed step: -2 nothing, -1 pretraining, r >= 0 round r
+    if resume:
+        last = checkpoint.resume_round(ckpt_dir, [a.rank for a in agents])
+        if last is not None:
+            for a in agents:
+                restore_agent(a, checkpoint.load(ckpt_dir, a.rank, last))
+            done = last
+        MetricsWriter.truncate_after(metrics_path, done)
+    rounds = cfg["rounds"]
+    with MetricsWriter(metrics_path) as writer:
+        inner = _progress(len(agents), 0, "agents", quiet, leave=False)
+        outer = _progress(rounds, max(done + 1, 0), "rounds", quiet)
+        try:
+            if done < -1 and cfg["train"]["pretrain_epochs"] > 0:
+                inner.set_description("pretrain")
+                pretrain(agents, cfg, writer, ckpt_dir, progress=inner.update)
+            for r in range(max(done + 1, 0), rounds):
+                inner.reset(total=len(agents) * (2 if r < rounds - 1 else 1))
+                inner.set_description(f"round {r}")
+                results = run_round(agents, r, cfg, writer, ckpt_dir, progress=inner.update)
+                outer.update(1)
+                missing = sum(len(x.missing) for x in results)
+                if missing:
+                    outer.set_postfix(missing=missing)
+                if stop_after_round is not None and stop_after_round <= r < rounds - 1:
+                    return False
+        finally:
+            inner.close()
+            outer.close()
+    return True
+
+
+def run(
+    cfg: Config,
+    out_dir: Optional[str | Path] = None,
+    resume: bool = False,
+    quiet: bool = False,
+    stop_after_round: Optional[int] = None,
+) -> Optional[Dict[str, Any]]:
+    """Run the in-process simulation of ``cfg`` and write its run folder.
+
+    Parameters
+    ----------
+    cfg : a resolved config (:func:`dimat.config.load_config`).
+    out_dir : run folder (default ``cfg.out``); receives ``config.yaml``, ``metrics.jsonl``, ``summary.json``
+        and ``checkpoints/agent-K.pt``.
+    resume : continue the run in ``out_dir`` from its last complete round (the config must be the same).
+    quiet : no progress bars.
+    stop_after_round : stop after this round without a summary, as an interruption would (for tests).
+
+    Returns
+    -------
+    The summary (also written to ``summary.json``), or None when stopped early.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir if out_dir is not None else cfg["out"])
+    if cfg["transport"]["name"] != "inproc":
+        raise UserError(f"transport.name: 'dimat run' simulates every agent in one process (inproc); run "
+                        f"{cfg['transport']['name']!r} transports with 'dimat launch'")
+    setup = prepare(cfg)  # every input error surfaces here, before anything is written
+    check_run_dir(cfg, out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_text(out / "config.yaml", dump(cfg))
+    from dimat.transport.inproc import make_inproc
+
+    transports = make_inproc([setup.topology.neighbors(k) for k in range(cfg["agents"])])
+    agents = [build_agent(cfg, setup, k, transports[k]) for k in range(cfg["agents"])]
+    try:
+        done = drive(cfg, agents, out, out / "metrics.jsonl", resume=resume, quiet=quiet,
+                     stop_after_round=stop_after_round)
+    finally:
+        for t in transports:
+            t.close()
+    if not done:
+        return None
+    summary = summarize(read_metrics([out / "metrics.jsonl"]), cfg["merge"]["method"], cfg["agents"],
+                        cfg["rounds"], wall_s=time.perf_counter() - t0)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

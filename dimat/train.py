@@ -1,0 +1,129 @@
+"""Local training and evaluation on in-memory tensors (plain tensor batching: no DataLoader, no worker processes).
+
+An agent's data is a pair of tensors ``(x, y)``; :class:`TensorBatches` turns it into a re-iterable of
+``(input, target)`` batches, which is also what the merge operators take as local data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["TensorBatches", "make_optimizer", "optimizer_factory", "train_epochs", "evaluate"]
+
+#: momentum of the ``msgd`` optimizer
+MSGD_MOMENTUM = 0.9
+
+
+class TensorBatches:
+    """A re-iterable of ``(x[i:i+b], y[i:i+b])`` batches in a fixed order (the order of the rows).
+
+    Parameters
+    ----------
+    x, y : inputs and integer targets, same first dimension.
+    batch_size : rows per batch (the last batch may be smaller).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.x, self.y, self.batch_size = x, y, int(batch_size)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.x), self.batch_size):
+            yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """``sgd``, ``msgd`` (SGD with momentum 0.9) or ``adam``; ValueError for another name."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "msgd":
+        return torch.optim.SGD(params, lr=lr, momentum=MSGD_MOMENTUM, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of sgd, msgd, adam")
+
+
+def optimizer_factory(name: str, lr: float, weight_decay: float = 0.0) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    """A function ``model -> optimizer`` over the model's parameters (checked now, built later)."""
+    make_optimizer(name, [torch.zeros(1, requires_grad=True)], lr, weight_decay)  # fail early on a bad name
+    return lambda model: make_optimizer(name, model.parameters(), lr, weight_decay)
+
+
+def _flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the images (N, C, H, W) left-right."""
+    mask = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
+
+
+def train_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    flip: bool = False,
+) -> float:
+    """Train ``model`` in place for ``epochs`` passes over ``(x, y)`` with cross-entropy; shuffled every epoch.
+
+    Parameters
+    ----------
+    generator : the agent's RNG: it alone decides the shuffling and the flips, so runs are reproducible.
+    flip : mirror a random half of every batch left-right (images only).
+
+    Returns
+    -------
+    Mean training loss over all batches seen (nan when there were none).
+    """
+    device = next(model.parameters()).device
+    model.train()
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            xb, yb = x[idx], y[idx]
+            if flip and xb.dim() == 4:
+                xb = _flip(xb, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            count += 1
+    return total / count if count else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> Tuple[float, float]:
+    """Accuracy (fraction in [0, 1]) and mean cross-entropy of ``model`` on ``(x, y)``; (nan, nan) if empty.
+
+    The model is evaluated in eval mode and its previous mode restored.
+    """
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    try:
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+            out = model(xb)
+            loss += float(F.cross_entropy(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(x), loss / len(x)
