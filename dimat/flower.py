@@ -1,0 +1,251 @@
+"""Flower integration: FedAvg whose server-side aggregation is a dimat merge (activation matching by default).
+
+Two layers:
+
+* :class:`ModelAggregator` needs only torch and numpy. It turns each client's list of NumPy arrays back into a
+  model, merges the models with a :mod:`dimat.merge` operator weighted by the clients' example counts, and returns
+  the merged model as a list of arrays again.
+* :class:`DimatFedAvg` (needs ``flwr``, ``pip install 'dimat[flower]'``) subclasses Flower's
+  ``flwr.server.strategy.FedAvg`` and replaces only ``aggregate_fit``, so it goes wherever FedAvg goes: sampling,
+  configuration, evaluation and metrics aggregation are FedAvg's. It is created on first access, so importing
+  this module never imports flwr.
+
+Wire format: clients send ``[v.cpu().numpy() for v in model.state_dict().values()]`` (the usual Flower PyTorch
+convention, BatchNorm buffers included) and load what they receive with
+``model.load_state_dict(dict(zip(model.state_dict().keys(), map(torch.as_tensor, arrays))))``. The server needs a
+model of the same architecture (the *template*) to know the tensor names and the order.
+
+Which basis: activation matching aligns every client to one reference model and the result lives in that model's
+permutation basis (every basis computes the same function). The reference is the client with the most examples;
+ties go to the first client in ``results`` order (:class:`DimatFedAvg` sorts results by client id first, so a
+round does not depend on arrival order).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from dimat import merge
+
+__all__ = ["ModelAggregator", "state_to_ndarrays", "ndarrays_to_state", "FLOWER_HINT"]
+
+log = logging.getLogger(__name__)
+
+#: Message of the ImportError raised when the flwr-dependent part is used without flwr installed.
+FLOWER_HINT = "dimat.flower.DimatFedAvg needs Flower: pip install 'dimat[flower]' (or pip install flwr)"
+
+NDArrays = List[np.ndarray]
+ModelSource = Union[nn.Module, Callable[[], nn.Module]]
+
+
+# ------------------------------------------------------------------------------------------------ wire format
+def state_to_ndarrays(model: Union[nn.Module, Dict[str, torch.Tensor]]) -> NDArrays:
+    """A model (or state_dict) as Flower sends it: one NumPy array per state_dict entry, in state_dict order."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    return [t.detach().cpu().numpy() for t in state.values()]
+
+
+def ndarrays_to_state(template: nn.Module, arrays: Sequence[Any], who: str = "client") -> Dict[str, torch.Tensor]:
+    """Rebuild a state_dict from Flower arrays, in the order of ``template.state_dict()``.
+
+    Each array is cast to the dtype of the template's tensor (a client that sends float64 still loads).
+    ValueError (naming ``who`` and the tensor) on a wrong number of arrays or a wrong shape.
+    """
+    names = list(template.state_dict().items())
+    if len(arrays) != len(names):
+        raise ValueError(
+            f"{who} sent {len(arrays)} arrays, but the model template has {len(names)} state_dict entries; clients "
+            "must send [v.cpu().numpy() for v in model.state_dict().values()] for the same architecture"
+        )
+    state: Dict[str, torch.Tensor] = {}
+    for (name, ref), a in zip(names, arrays):
+        t = torch.as_tensor(np.asarray(a))
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"{who}: array for {name!r} has shape {tuple(t.shape)}, the model template expects {tuple(ref.shape)}"
+            )
+        state[name] = t.to(dtype=ref.dtype, device=ref.device)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+class ModelAggregator:
+    """Merge client models on the server with a :mod:`dimat.merge` operator, weighted by example counts.
+
+    Parameters
+    ----------
+    model : the architecture clients train: an ``nn.Module`` or a zero-argument factory returning one. Only its
+        structure, tensor names and dtypes are used (its weights are never read into a result).
+    calibration : batches held by the server (a list or a DataLoader of input tensors or ``(input, target)`` pairs;
+        a single tensor counts as one batch). Activation matching computes its statistics on them, and BatchNorm
+        statistics of the merged model are recomputed on them. Must be re-iterable: it is used every round.
+    method : a :data:`dimat.merge.METHODS` name (``"dimat"``, ``"wm"``, ``"wa"``). None (default): ``"dimat"``
+        when ``calibration`` is given, otherwise ``"wa"`` (plain weighted averaging, FedAvg's arithmetic).
+    reset_bn : recompute BatchNorm running statistics of the merged model on ``calibration`` (ignored without it).
+    stat_batches : number of calibration batches used for statistics and the BatchNorm reset (None: all).
+    """
+
+    def __init__(
+        self,
+        model: ModelSource,
+        calibration: Optional[Iterable[Any]] = None,
+        method: Optional[str] = None,
+        reset_bn: bool = True,
+        stat_batches: Optional[int] = None,
+    ) -> None:
+        self.template = _template(model)
+        self.calibration = _calibration(calibration)
+        self.method = method if method is not None else ("dimat" if self.calibration is not None else "wa")
+        self._merge = merge.get(self.method)
+        if self.method == "dimat" and self.calibration is None:
+            raise ValueError("method 'dimat' (activation matching) needs calibration batches held by the server")
+        if stat_batches is not None and (not isinstance(stat_batches, int) or stat_batches < 1):
+            raise ValueError(f"stat_batches must be a positive int or None, got {stat_batches!r}")
+        self.reset_bn = bool(reset_bn)
+        self.stat_batches = stat_batches
+
+    def aggregate(self, results: Sequence[Tuple[Sequence[Any], int]]) -> NDArrays:
+        """Merge ``[(arrays, num_examples), ...]`` (one pair per client) into one model's arrays.
+
+        The client with the most examples is the reference every other client is aligned to (ties: the first).
+        ValueError on no results, a negative or non-integer count, counts that sum to 0, or arrays that do not fit
+        the template.
+        """
+        if len(results) == 0:
+            raise ValueError("no client results to aggregate")
+        counts = [_count(n, i) for i, (_, n) in enumerate(results)]
+        if sum(counts) == 0:
+            raise ValueError("every client reported num_examples=0; nothing to weight the merge by")
+        order = _reference_first(counts)
+        models = [self._model(results[i][0], f"client {i}") for i in order]
+        merged = self._merge(
+            models,
+            [counts[i] for i in order],
+            batches=self.calibration,
+            reset_bn=self.reset_bn and self.calibration is not None,
+            stat_batches=self.stat_batches,
+        )
+        return state_to_ndarrays(merged)
+
+    def _model(self, arrays: Sequence[Any], who: str) -> nn.Module:
+        model = copy.deepcopy(self.template)
+        model.load_state_dict(ndarrays_to_state(self.template, arrays, who))
+        return model
+
+
+def _template(model: ModelSource) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise ValueError(f"model must be an nn.Module or a factory returning one, got {type(model).__name__}")
+        model = model()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _calibration(batches: Optional[Iterable[Any]]) -> Optional[Iterable[Any]]:
+    if batches is None:
+        return None
+    if isinstance(batches, torch.Tensor):
+        return [batches]
+    if not isinstance(batches, Iterable):
+        raise ValueError(f"calibration must be an iterable of batches, got {type(batches).__name__}")
+    if iter(batches) is batches:
+        raise ValueError(
+            "calibration is a one-shot iterator; pass something re-iterable (a list of batches or a DataLoader), "
+            "it is read every round"
+        )
+    return batches
+
+
+def _count(n: Any, i: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"client {i} reported num_examples={n!r}; it must be a non-negative integer")
+    return int(n)
+
+
+def _reference_first(counts: Sequence[int]) -> List[int]:
+    """Client indices with the reference (most examples, first on ties) first, the others in their order."""
+    ref = max(range(len(counts)), key=lambda i: (counts[i], -i))
+    return [ref] + [i for i in range(len(counts)) if i != ref]
+
+
+# --------------------------------------------------------------------------------------- flwr-dependent part
+_CLASSES: Dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: build the flwr subclass on first access so that `import dimat.flower` works without flwr.
+    if name == "DimatFedAvg":
+        if name not in _CLASSES:
+            _CLASSES[name] = _build_dimat_fedavg()
+        return _CLASSES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _import_flwr():
+    try:
+        from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+        from flwr.server.strategy import FedAvg
+    except ImportError as e:
+        raise ImportError(f"{FLOWER_HINT} ({e})") from e
+    return FedAvg, ndarrays_to_parameters, parameters_to_ndarrays
+
+
+def _build_dimat_fedavg() -> type:
+    FedAvg, ndarrays_to_parameters, parameters_to_ndarrays = _import_flwr()
+
+    class DimatFedAvg(FedAvg):
+        """Flower FedAvg whose aggregation merges client models with dimat (activation matching by default).
+
+        Everything but ``aggregate_fit`` is FedAvg's, so it replaces FedAvg wherever FedAvg is used.
+
+        Parameters
+        ----------
+        model : the clients' architecture (``nn.Module`` or zero-argument factory); see :class:`ModelAggregator`.
+        calibration : batches held by the server for activation statistics and the BatchNorm reset. Without it the
+            strategy falls back to weighted averaging (FedAvg's arithmetic).
+        method, reset_bn, stat_batches : as in :class:`ModelAggregator`.
+        **kwargs : every FedAvg keyword (``min_fit_clients``, ``initial_parameters``, ``evaluate_fn``, ...).
+        """
+
+        def __init__(
+            self,
+            *,
+            model: ModelSource,
+            calibration: Optional[Iterable[Any]] = None,
+            method: Optional[str] = None,
+            reset_bn: bool = True,
+            stat_batches: Optional[int] = None,
+            **kwargs: Any,
+        ) -> None:
+            super().__init__(**kwargs)
+            self.aggregator = ModelAggregator(model, calibration, method, reset_bn, stat_batches)
+
+        def __repr__(self) -> str:
+            return f"DimatFedAvg(method={self.aggregator.method!r}, accept_failures={self.accept_failures})"
+
+        def aggregate_fit(self, server_round, results, failures):
+            """Merge the clients' models, weighted by ``FitRes.num_examples``; metrics as in FedAvg."""
+            if not results:
+                return None, {}
+            if not self.accept_failures and failures:
+                return None, {}
+            # Sort by client id so that the reference client (and so the result) does not depend on arrival order.
+            results = sorted(results, key=lambda r: str(getattr(r[0], "cid", "")))
+            pairs = [(parameters_to_ndarrays(res.parameters), res.num_examples) for _, res in results]
+            arrays = self.aggregator.aggregate(pairs)
+            log.info("round %s: merged %d client models with %r", server_round, len(pairs), self.aggregator.method)
+            metrics: Dict[str, Any] = {}
+            if self.fit_metrics_aggregation_fn:
+                metrics = self.fit_metrics_aggregation_fn([(res.num_examples, res.metrics) for _, res in results])
+            return ndarrays_to_parameters(arrays), metrics
+
+    DimatFedAvg.__module__ = __name__
+    return DimatFedAvg

@@ -1,0 +1,315 @@
+"""Tests for dimat.flower: the server-side aggregation (no flwr needed) and the FedAvg subclass (flwr needed)."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dimat import flower, merge
+from dimat.flower import ModelAggregator, ndarrays_to_state, state_to_ndarrays
+
+HAS_DIMAT = "dimat" in merge.METHODS
+needs_dimat = pytest.mark.skipif(not HAS_DIMAT, reason="merge.activation_match not available yet")
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+def make_model(seed: int) -> nn.Module:
+    """A small MLP with BatchNorm whose running statistics are not the defaults (so buffers are checked too)."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 3))
+    with torch.no_grad():
+        m.train()
+        for _ in range(3):
+            m(torch.randn(64, 6) * 2 + 0.5)
+    return m.eval()
+
+
+def permuted(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``model`` with both hidden layers' units shuffled: the same function, different weights."""
+    g = torch.Generator().manual_seed(seed)
+    m = copy.deepcopy(model)
+    p1, p2 = torch.randperm(16, generator=g), torch.randperm(10, generator=g)
+    with torch.no_grad():
+        m[0].weight.copy_(m[0].weight[p1])
+        m[0].bias.copy_(m[0].bias[p1])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(m[1], name).copy_(getattr(m[1], name)[p1])
+        m[3].weight.copy_(m[3].weight[p2][:, p1])
+        m[3].bias.copy_(m[3].bias[p2])
+        m[5].weight.copy_(m[5].weight[:, p2])
+    return m
+
+
+CALIBRATION = [torch.randn(64, 6, generator=torch.Generator().manual_seed(i)) * 2 + 0.5 for i in range(3)]
+
+
+def as_model(arrays) -> nn.Module:
+    m = make_model(0)
+    m.load_state_dict(ndarrays_to_state(m, arrays))
+    return m
+
+
+def max_diff(a: nn.Module, b: nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module, atol: float = 1e-5) -> None:
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def results_of(models, counts):
+    return [(state_to_ndarrays(m), n) for m, n in zip(models, counts)]
+
+
+# ------------------------------------------------------------------------------------------------ wire format
+def test_wire_format_round_trip_keeps_buffers_and_dtypes():
+    m = make_model(1)
+    arrays = state_to_ndarrays(m)
+    assert len(arrays) == len(m.state_dict())  # BN running stats and num_batches_tracked included
+    state = ndarrays_to_state(make_model(2), arrays)
+    for k, v in m.state_dict().items():
+        assert state[k].dtype == v.dtype and torch.equal(state[k], v), k
+
+
+def test_wire_format_casts_float64_arrays_to_the_template_dtype():
+    m = make_model(1)
+    arrays = [a.astype(np.float64) if a.dtype == np.float32 else a for a in state_to_ndarrays(m)]
+    state = ndarrays_to_state(m, arrays)
+    assert state["0.weight"].dtype == torch.float32
+
+
+def test_wire_format_rejects_wrong_count_and_shape():
+    m = make_model(1)
+    arrays = state_to_ndarrays(m)
+    with pytest.raises(ValueError, match="client 3 sent 10 arrays.*11 state_dict entries"):
+        ndarrays_to_state(m, arrays[:-1], "client 3")
+    arrays[0] = arrays[0][:, :5]
+    with pytest.raises(ValueError, match=r"'0.weight' has shape \(16, 5\).*expects \(16, 6\)"):
+        ndarrays_to_state(m, arrays)
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+@needs_dimat
+@pytest.mark.parametrize("method", ["dimat", "wa"])
+def test_identical_clients_give_that_client_back(method):
+    m = make_model(3)
+    agg = ModelAggregator(make_model(0), calibration=CALIBRATION, method=method, reset_bn=False)
+    out = as_model(agg.aggregate(results_of([m, m, m], [10, 20, 30])))
+    assert_same_weights(out, m, atol=1e-6)
+
+
+@needs_dimat
+def test_permuted_copies_give_the_model_back_with_activation_matching_but_not_with_fedavg():
+    m = make_model(4)
+    clients = [m, permuted(m, 1), permuted(m, 2)]
+    x = torch.cat(CALIBRATION)
+    for c in clients[1:]:  # the test fixture really is a re-parameterisation
+        torch.testing.assert_close(c(x), m(x), rtol=0, atol=1e-5)
+    dimat_out = as_model(ModelAggregator(make_model(0), CALIBRATION, reset_bn=False).aggregate(results_of(clients, [5, 5, 5])))
+    assert_same_weights(dimat_out, m, atol=1e-5)
+    fedavg_out = as_model(ModelAggregator(make_model(0)).aggregate(results_of(clients, [5, 5, 5])))
+    assert max_diff(fedavg_out, m) > 0.05
+    assert float((fedavg_out(x) - m(x)).abs().max()) > 0.05  # and averaging unaligned units changes the function
+
+
+@needs_dimat
+def test_permuted_copies_with_bn_reset_give_the_model_with_recomputed_statistics():
+    m = make_model(4)
+    out = as_model(ModelAggregator(make_model(0), CALIBRATION).aggregate(results_of([m, permuted(m, 1)], [3, 3])))
+    expected = merge.reset_bn_stats(copy.deepcopy(m), CALIBRATION)
+    assert_same_weights(out, expected, atol=1e-5)
+    assert not torch.allclose(expected[1].running_mean, m[1].running_mean)  # the reset did change something
+
+
+@needs_dimat
+def test_reference_is_the_client_with_most_examples():
+    m = make_model(5)
+    clients = [permuted(m, 1), m, permuted(m, 2)]
+    out = as_model(ModelAggregator(make_model(0), CALIBRATION, reset_bn=False).aggregate(results_of(clients, [2, 9, 4])))
+    assert_same_weights(out, m, atol=1e-5)
+
+
+def test_without_calibration_falls_back_to_weighted_average_by_example_counts():
+    a, b = make_model(6), make_model(7)
+    agg = ModelAggregator(make_model(0))
+    assert agg.method == "wa"
+    out = agg.aggregate(results_of([a, b], [30, 10]))
+    for got, (k, va) in zip(out, a.state_dict().items()):
+        vb = b.state_dict()[k]
+        if va.is_floating_point():
+            np.testing.assert_allclose(got, (0.75 * va.double() + 0.25 * vb.double()).numpy(), rtol=0, atol=1e-6)
+        else:  # integer buffers come from the reference client (most examples)
+            assert got == va.numpy()
+
+
+def test_default_method_is_activation_matching_when_calibration_is_given():
+    if HAS_DIMAT:
+        assert ModelAggregator(make_model(0), CALIBRATION).method == "dimat"
+    assert ModelAggregator(make_model(0), CALIBRATION, method="wa").method == "wa"
+
+
+def test_model_factory_and_single_tensor_calibration_are_accepted():
+    agg = ModelAggregator(lambda: make_model(0), calibration=torch.cat(CALIBRATION), method="wa")
+    assert isinstance(agg.template, nn.Module) and len(agg.calibration) == 1
+    m = make_model(8)
+    out = as_model(agg.aggregate(results_of([m, m], [1, 1])))
+    expected = merge.reset_bn_stats(copy.deepcopy(m), [torch.cat(CALIBRATION)])
+    assert_same_weights(out, expected, atol=1e-6)
+
+
+def test_aggregation_does_not_modify_the_client_arrays():
+    m = make_model(9)
+    results = results_of([m, permuted(m, 3)], [1, 1])
+    before = [[a.copy() for a in arrays] for arrays, _ in results]
+    ModelAggregator(make_model(0), CALIBRATION, method="dimat" if HAS_DIMAT else "wa").aggregate(results)
+    for (arrays, _), old in zip(results, before):
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, old))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(model=42), "nn.Module or a factory"),
+        (dict(model=lambda: 42), "factory returned a int"),
+        (dict(calibration=iter(CALIBRATION)), "one-shot iterator"),
+        (dict(calibration=5), "iterable of batches"),
+        (dict(method="nope"), "unknown merge method 'nope'"),
+        (dict(stat_batches=0), "stat_batches must be a positive int"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    kwargs = {"model": make_model(0), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ModelAggregator(**kwargs)
+
+
+@needs_dimat
+def test_activation_matching_without_calibration_is_an_error():
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        ModelAggregator(make_model(0), method="dimat")
+
+
+@pytest.mark.parametrize(
+    "counts, match",
+    [([1, -1], "client 1 reported num_examples=-1"), ([0, 0], "num_examples=0"), ([1, 2.5], "num_examples=2.5")],
+)
+def test_bad_example_counts(counts, match):
+    m = make_model(0)
+    with pytest.raises(ValueError, match=match):
+        ModelAggregator(make_model(0)).aggregate(results_of([m, m], counts))
+
+
+def test_no_results_and_wrong_architecture_are_errors():
+    agg = ModelAggregator(make_model(0))
+    with pytest.raises(ValueError, match="no client results"):
+        agg.aggregate([])
+    other = nn.Sequential(nn.Linear(6, 3))
+    with pytest.raises(ValueError, match="client 1 sent 2 arrays"):
+        agg.aggregate([(state_to_ndarrays(make_model(1)), 1), (state_to_ndarrays(other), 1)])
+
+
+def test_missing_flwr_gives_an_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flwr", None)  # makes `import flwr...` raise ImportError
+    monkeypatch.setattr(flower, "_CLASSES", {})
+    with pytest.raises(ImportError, match=r"pip install 'dimat\[flower\]'"):
+        flower.DimatFedAvg
+    with pytest.raises(AttributeError):
+        flower.NoSuchThing
+
+
+# ------------------------------------------------------------------------------------ the flwr FedAvg subclass
+@pytest.fixture
+def fl():
+    return pytest.importorskip("flwr", reason="flwr not installed (pip install 'dimat[flower]')")
+
+
+def fit_results(models, counts, cids=None):
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.server.client_proxy import ClientProxy
+
+    class Proxy(ClientProxy):  # only .cid is used by aggregate_fit
+        get_properties = get_parameters = fit = evaluate = reconnect = None
+
+    cids = cids or [str(i) for i in range(len(models))]
+    return [
+        (Proxy(cid), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(state_to_ndarrays(m)), n, {"loss": float(n)}))
+        for cid, m, n in zip(cids, models, counts)
+    ]
+
+
+def parameters_model(parameters) -> nn.Module:
+    from flwr.common import parameters_to_ndarrays
+
+    return as_model(parameters_to_ndarrays(parameters))
+
+
+def test_strategy_is_a_fedavg(fl):
+    from flwr.server.strategy import FedAvg
+
+    s = flower.DimatFedAvg(model=make_model(0), min_fit_clients=3, fraction_evaluate=0.0)
+    assert isinstance(s, FedAvg) and s.min_fit_clients == 3 and s.aggregator.method == "wa"
+
+
+@needs_dimat
+def test_strategy_aggregate_fit_identical_and_permuted_clients(fl):
+    from flwr.server.strategy import FedAvg
+
+    m = make_model(10)
+    s = flower.DimatFedAvg(model=make_model(0), calibration=CALIBRATION, reset_bn=False)
+    params, _ = s.aggregate_fit(1, fit_results([m, m, m], [4, 4, 4]), [])
+    assert_same_weights(parameters_model(params), m, atol=1e-6)
+
+    clients = [m, permuted(m, 1), permuted(m, 2)]
+    results = fit_results(clients, [4, 4, 4])
+    params, _ = s.aggregate_fit(1, results, [])
+    assert_same_weights(parameters_model(params), m, atol=1e-5)
+    fedavg_params, _ = FedAvg().aggregate_fit(1, fit_results(clients, [4, 4, 4]), [])
+    assert max_diff(parameters_model(fedavg_params), m) > 0.05
+
+
+@needs_dimat
+def test_strategy_result_does_not_depend_on_arrival_order(fl):
+    m = make_model(11)
+    clients = [m, permuted(m, 1), permuted(m, 2)]
+    s = flower.DimatFedAvg(model=make_model(0), calibration=CALIBRATION)
+    results = fit_results(clients, [4, 4, 4])
+    first, _ = s.aggregate_fit(2, results, [])
+    random.Random(0).shuffle(results)
+    second, _ = s.aggregate_fit(2, results, [])
+    assert first.tensors == second.tensors
+
+
+def test_strategy_failures_and_metrics_follow_fedavg(fl):
+    m = make_model(12)
+    s = flower.DimatFedAvg(model=make_model(0), accept_failures=False)
+    assert s.aggregate_fit(1, fit_results([m, m], [1, 1]), [RuntimeError("client lost")]) == (None, {})
+    assert s.aggregate_fit(1, [], []) == (None, {})
+    s = flower.DimatFedAvg(
+        model=make_model(0), fit_metrics_aggregation_fn=lambda ms: {"loss": sum(n * d["loss"] for n, d in ms)}
+    )
+    _, metrics = s.aggregate_fit(1, fit_results([m, m], [1, 3]), [])
+    assert metrics == {"loss": 10.0}
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower" / "run.py"
+
+
+def test_flower_example_runs_to_completion(fl, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("flower_example", EXAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    history = mod.main(["--clients", "3", "--rounds", "2", "--epochs", "1", "--strategy", "both"])
+    out = capsys.readouterr().out
+    assert "dimat" in out and "fedavg" in out
+    for name, accs in history.items():
+        assert len(accs) == 3 and all(0.0 <= a <= 1.0 for a in accs), (name, accs)
