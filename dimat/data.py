@@ -5,7 +5,8 @@
 ``digits``
     scikit-learn's bundled 8x8 digits (1 x 8 x 8, values 0..16), a fixed stratified 80/20 split. The default.
 ``synthetic`` or ``synthetic:classes=K,features=F,train=N,test=M,spread=S``
-    Gaussian clusters in R^F drawn with the run's seed (defaults 10 classes, 32 features, 2000/500 samples).
+    Gaussian clusters in R^F drawn with the run's seed: unit-norm class centres, isotropic noise whose norm is
+    about S (defaults 10 classes, 32 features, 2000/500 samples, S = 1.5: ~95 % for a linear model).
 ``npz:PATH``
     arrays ``x_train, y_train, x_test, y_test``: uint8 images (N, H, W, C) or (N, H, W), or flat features
     (N, F); other arrays (e.g. ``classes``) are ignored.
@@ -136,7 +137,7 @@ def _digits() -> Dataset:
 
 
 def _synthetic(arg: str, seed: int) -> Dataset:
-    opts = {"classes": 10, "features": 32, "train": 2000, "test": 500, "spread": 1.0}
+    opts = {"classes": 10, "features": 32, "train": 2000, "test": 500, "spread": 1.5}
     for item in filter(None, (a.strip() for a in arg.split(","))):
         key, eq, val = item.partition("=")
         if key not in opts or not eq:
@@ -151,14 +152,15 @@ def _synthetic(arg: str, seed: int) -> Dataset:
         raise UserError(f"dataset 'synthetic:{arg}': need classes >= 2, features >= 1, train >= classes, "
                         f"test >= 1, spread > 0")
     rng = np.random.default_rng(seed)
-    # unit-norm class centres scaled so neighbouring clusters overlap a little: learnable, not trivial
+    # unit-norm class centres, isotropic noise of expected norm ~`spread`: at the defaults the clusters
+    # overlap enough that a linear model reaches about 95 % test accuracy, not 100 %
     centres = rng.normal(size=(k, f))
-    centres *= 2.0 / np.linalg.norm(centres, axis=1, keepdims=True)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
 
     def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
         y = np.arange(n) % k
         rng.shuffle(y)
-        x = centres[y] + rng.normal(scale=opts["spread"] / math.sqrt(f) * 1.5, size=(n, f))
+        x = centres[y] + rng.normal(scale=opts["spread"] / math.sqrt(f), size=(n, f))
         return x.astype(np.float32)[:, :, None, None], y.astype(np.int64)
 
     xtr, ytr = draw(ntr)
