@@ -239,10 +239,14 @@ def _class_dirs(root: Path) -> list[str]:
 
 
 def _read_images(root: Path, classes: Sequence[str], only: Optional[Sequence[str]] = None):
+    """Images under ``root/<class>/`` -> float32 (N, C, H, W) in [0, 1] and labels (the index in ``classes``).
+
+    C is 1 when every image is grayscale, else 3 (grayscale images are repeated, alpha is dropped).
+    """
     from PIL import Image, UnidentifiedImageError
 
-    xs, ys = [], []
-    first: Optional[tuple[Path, tuple[int, int], str]] = None
+    arrays, ys = [], []
+    first: Optional[tuple[Path, tuple[int, int]]] = None
     for label, name in enumerate(classes):
         if only is not None and name not in only:
             continue
@@ -253,26 +257,22 @@ def _read_images(root: Path, classes: Sequence[str], only: Optional[Sequence[str
         for f in files:
             try:
                 with Image.open(f) as im:
-                    im.load()
-                    mode = "L" if im.mode in ("1", "L", "I;16", "I", "F") else "RGB"
-                    arr = np.asarray(im.convert(mode))
-            except (OSError, UnidentifiedImageError) as e:
+                    gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+                    arr = np.asarray(im.convert("L" if gray else "RGB"))
+            except (OSError, UnidentifiedImageError, ValueError) as e:
                 raise UserError(f"{f}: cannot read image ({e})") from None
             if first is None:
-                first = (f, arr.shape[:2], mode)
+                first = (f, arr.shape[:2])
             if arr.shape[:2] != first[1]:
                 raise UserError(f"{f}: image is {arr.shape[1]}x{arr.shape[0]} but {first[0]} is "
                                 f"{first[1][1]}x{first[1][0]}; all images must have one size")
-            if mode != first[2]:
-                arr = np.asarray(Image.fromarray(arr).convert(first[2]))
-            xs.append(arr)
+            arrays.append(arr)
             ys.append(label)
-    assert first is not None
+    assert first is not None  # _class_dirs found folders and each holds files
     if first[1][0] != first[1][1]:
         raise UserError(f"{first[0]}: image is {first[1][1]}x{first[1][0]}; only square images are supported")
-    x = np.stack(xs)
-    if x.ndim == 3:
-        x = x[..., None]
+    channels = 3 if any(a.ndim == 3 for a in arrays) else 1
+    x = np.stack([a[..., None].repeat(channels, axis=-1) if a.ndim == 2 else a for a in arrays])
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32) / 255.0, np.array(ys, np.int64)
 
 

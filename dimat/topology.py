@@ -195,8 +195,10 @@ class Topology:
 
     def _warn(self, source: str) -> None:
         if not self.is_symmetric():
+            what = ("the graph is directed (connectivity is not symmetric)" if not np.array_equal(self._c, self._c.T)
+                    else "pi is not symmetric")
             why = "" if self.is_doubly_stochastic() else "; its columns do not sum to 1, so mixing drifts from the average model"
-            warnings.warn(f"{source}: pi is not symmetric{why}", TopologyWarning, stacklevel=3)
+            warnings.warn(f"{source}: {what}{why}", TopologyWarning, stacklevel=3)
         comps = self.components()
         if len(comps) > 1:
             warnings.warn(f"{source}: the graph is disconnected ({len(comps)} components)",
@@ -241,7 +243,7 @@ class Topology:
     def from_spec(cls, spec: str, num_agents: int, seed: int = 0) -> "Topology":
         """A kind name (``"ring"``) or a path to a .json/.yaml/.yml file whose size must be ``num_agents``."""
         s = str(spec)
-        if Path(s).suffix.lower() in _SUFFIXES or os.sep in s or Path(s).exists():
+        if s.lower() not in _BUILDERS and (Path(s).suffix.lower() in _SUFFIXES or os.sep in s or Path(s).exists()):
             topo = cls.load(s)
             if topo.num_agents != num_agents:
                 raise UserError(f"{s}: field 'num_agents': the file has {topo.num_agents} agents but the run "

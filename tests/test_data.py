@@ -173,6 +173,15 @@ def test_imagefolder_single_folder_split_and_grayscale(tmp_path):
     assert np.bincount(ds.y_test.numpy()).tolist() == [2, 2, 2]  # fixed stratified 80/20
 
 
+def test_imagefolder_mixed_gray_and_color_gives_rgb(tmp_path):
+    _png(tmp_path / "a" / "0.png", mode="L", value=200)
+    _png(tmp_path / "a" / "1.png", mode="L", value=100)
+    _png(tmp_path / "b" / "0.png", value=30)
+    _png(tmp_path / "b" / "1.png", value=90)
+    ds = load_dataset(f"imagefolder:{tmp_path}")
+    assert ds.in_channels == 3 and ds.num_classes == 2 and len(ds.y_train) + len(ds.y_test) == 4
+
+
 def test_imagefolder_bad_contents(tmp_path):
     _png(tmp_path / "a" / "0.png")
     _png(tmp_path / "a" / "1.png", size=(5, 5))

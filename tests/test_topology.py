@@ -127,6 +127,13 @@ def test_disconnected_and_asymmetric_warn():
     assert not t.is_symmetric() and t.is_connected()
 
 
+def test_directed_graph_warns_as_directed():
+    c = [[1, 1, 0], [0, 1, 1], [1, 0, 1]]
+    with pytest.warns(TopologyWarning, match=r"directed \(connectivity is not symmetric\)$"):
+        t = Topology(c, np.array(c) / 2)  # a circulant: doubly stochastic, so no drift warning
+    assert t.is_connected() and t.spectral_gap() == pytest.approx(1 - 0.5)
+
+
 def test_record_is_read_only():
     t = _build("ring", 4)
     with pytest.raises(ValueError):
@@ -283,6 +290,11 @@ def test_cli_make_prints_and_writes(tmp_path, capsys):
     assert Topology.load(out) == _build("random", 6, seed=2, p=0.2)
     assert cli_main(["topology", "show", str(out)]) == 0
     shown = capsys.readouterr().out
+    assert "connected: yes" in shown and "spectral gap" in shown
+    assert cli_main(["topology", "make", "torus", "-n", "6", "--format", "yaml"]) == 0
+    import yaml
+
+    assert yaml.safe_load(capsys.readouterr().out)["num_agents"] == 6
     assert "connected: yes" in shown and "spectral gap" in shown
 
 

@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make.add_argument("--agents", "-n", type=int, required=True, metavar="N", help="number of agents")
     make.add_argument("--seed", type=int, default=0, help="seed for 'random' (default 0)")
     make.add_argument("-o", "--output", metavar="FILE", help="write here instead of printing (format by suffix)")
+    make.add_argument("--format", choices=("json", "yaml"), default="json", help="format when printing (default json)")
     make.add_argument("--p", type=float, default=None, help="'random': edge probability (default 2 ln N / N)")
     make.add_argument("--rows", type=int, default=None, help="'torus': number of rows (must divide N)")
     make.add_argument("--hubs", type=int, default=None, help="'bipartite': size of the small side (default 2)")
@@ -59,7 +60,7 @@ def _make(args: argparse.Namespace) -> int:
         print(f"wrote {args.output} ({topo.graph_type}, {topo.num_agents} agents, "
               f"spectral gap {topo.spectral_gap():.4f})")
     else:
-        sys.stdout.write(topo.dumps("json"))
+        sys.stdout.write(topo.dumps(args.format))
     return 0
 
 
