@@ -1,0 +1,235 @@
+"""One agent of a multi-process run: set it up from the config and its rank, run its rounds, rejoin after a crash.
+
+This is what ``dimat agent`` runs, in its own process, over the gRPC or the torch.distributed transport. The
+agent is built exactly as ``dimat run`` builds agent ``rank`` (:func:`dimat.runner.build_agent`: same seed, data
+partition and order), and every round is :func:`dimat.loop.run_round` with a list of one agent, so a
+multi-process run whose exchanges all arrive in time computes what ``dimat run`` computes.
+
+Files (``OUT`` is the run folder, shared by all local agents; on several hosts each host has its own)::
+
+    OUT/config.yaml              written by the first agent (or the launcher); later agents check theirs equals it
+    OUT/metrics/agent-K.jsonl    this agent's metrics records, one line per phase as it ends
+    OUT/checkpoints/agent-K.pt   this agent's last complete round
+
+Resume and rejoin (``--resume``)
+--------------------------------
+The agent restores its last complete round ``c`` from its checkpoint and drops its metrics records of later
+rounds. Over gRPC it then asks its neighbours' Status RPC (each answer bounded by the deadline) where they are,
+and continues from ``max(c + 1, j_collected + 1)`` over the neighbours ``j`` that answered: the round they are
+collecting now, or the next one if they are already training. The rounds it missed are **skipped**, not replayed:
+replaying them alone would put it further behind (each round costs its training time) while its neighbours,
+which have skipped it meanwhile, move on; it rejoins with its round-``c`` model, which the next merge pulls
+back towards its neighbours. When no neighbour answers (all down, or the run is over) it continues from
+``c + 1`` and every collect is bounded by the deadline. Over torch.distributed every agent of the job restarts
+together, so they agree on the latest round all of them have completed and continue from there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import yaml
+
+from dimat import checkpoint, launcher
+from dimat.config import Config, diff, dump, flatten
+from dimat.errors import UserError
+from dimat.loop import Agent, pretrain, restore_agent, run_round
+from dimat.metrics import MetricsWriter, atomic_write_text
+from dimat.runner import Setup, build_agent, prepare
+from dimat.transport.base import Transport
+
+__all__ = ["run_agent", "claim_run_dir", "rejoin_round", "peers_for"]
+
+#: Config keys that may differ between the run folder's config.yaml and an agent's config.
+_LOCAL_KEYS = ("out",)
+
+
+def run_agent(
+    cfg: Config,
+    rank: int,
+    transport: str,
+    out_dir: str | Path,
+    peers_file: Optional[str | Path] = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> int:
+    """Run agent ``rank`` of ``cfg`` over ``transport`` (``grpc`` or ``torch``) until its last round.
+
+    Parameters
+    ----------
+    cfg : the resolved config (the same for every agent of the run).
+    rank : this agent's index 0..N-1.
+    transport : ``grpc`` (peers from ``peers_file`` or the topology file) or ``torch`` (torch.distributed from
+        the environment that torchrun or ``dimat launch`` sets).
+    out_dir : the run folder.
+    peers_file : gRPC: JSON file ``{"peers": {"0": "host:port", ...}}``.
+    resume : restore the last checkpoint, then rejoin (see the module docstring).
+    log : where one progress line per round goes (stdout, i.e. ``OUT/logs/agent-K.log`` under the launcher).
+
+    Returns
+    -------
+    0 (errors raise: :class:`UserError` for bad input).
+    """
+    if rank >= cfg["agents"]:
+        raise UserError(f"--rank {rank} is out of range: the config has {cfg['agents']} agents (ranks 0.."
+                        f"{cfg['agents'] - 1})")
+    cfg = _with_transport(cfg, transport)
+    setup = prepare(cfg)  # every input error surfaces before anything is written
+    peers = peers_for(cfg, setup, peers_file) if transport == "grpc" else None
+    out = Path(out_dir)
+    claim_run_dir(cfg, out, rank, resume)
+    t0 = time.perf_counter()
+    with _open_transport(cfg, setup, rank, transport, peers) as t:
+        agent = build_agent(cfg, setup, rank, t)
+        last = _restore(cfg, agent, out, t, transport) if resume else None
+        first = max(0, (last if last is not None else -2) + 1)
+        if resume and transport == "grpc":
+            first = rejoin_round(t, setup.topology.neighbors(rank), first, log)
+        _run_rounds(cfg, agent, out, last, first, resume, log)
+    log(f"agent {rank}: done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _with_transport(cfg: Config, transport: str) -> Config:
+    c = Config.wrap(cfg.to_dict())
+    c["transport"]["name"] = transport
+    return c
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+
+
+def claim_run_dir(cfg: Config, out: Path, rank: int, resume: bool) -> None:
+    """Check that agent ``rank`` may write into ``out`` and record the config there if nobody has yet.
+
+    Several agents (or the launcher) share ``out``, so ``config.yaml`` is written by whoever comes first
+    (atomically; the contents are the same) and compared by the others. Without ``resume`` the agent's own files
+    must not exist yet; with it, ``config.yaml`` must exist and describe the same run.
+
+    Raises
+    ------
+    UserError : ``out`` is a file; it holds a run of another config; this agent already ran there (without
+        ``resume``); there is nothing to resume.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out must be a folder, but a file of that name exists")
+    cfg_file = out / "config.yaml"
+    mine = [p for p in (launcher.agent_metrics_path(out, rank), checkpoint.path_for(out / "checkpoints", rank))
+            if p.exists()]
+    if resume and not cfg_file.exists():
+        raise UserError(f"{out}: no run to resume (config.yaml not found)")
+    if not resume and mine:
+        raise UserError(f"{out}: agent {rank} already ran here ({mine[0]}); pass --resume to continue it or "
+                        f"choose another --out")
+    if cfg_file.exists():
+        _check_same_config(cfg, cfg_file)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg_file, dump(cfg))
+    (out / "metrics").mkdir(parents=True, exist_ok=True)
+
+
+def _check_same_config(cfg: Config, cfg_file: Path) -> None:
+    try:
+        old = yaml.safe_load(cfg_file.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{cfg_file}: malformed YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(old, Mapping):
+        raise UserError(f"{cfg_file}: not a run config (expected a mapping)")
+    changed = diff(old, cfg.to_dict(), ignore=_LOCAL_KEYS)
+    if changed:
+        k = changed[0]
+        raise UserError(f"{cfg_file}: this run folder holds a run whose {k!r} is {flatten(old).get(k)!r}, but this "
+                        f"agent's config says {flatten(cfg.to_dict()).get(k)!r}; every agent must run the same config")
+
+
+# ---------------------------------------------------------------------------------------------- transport
+
+
+def peers_for(cfg: Config, setup: Setup, peers_file: Optional[str | Path]) -> Dict[int, str]:
+    """The gRPC address of every rank: from ``peers_file`` if given, else from the topology file's ``peers``."""
+    if peers_file is not None:
+        return launcher.read_peers(peers_file, n=cfg["agents"])
+    if setup.topology.peers:
+        return setup.topology.peers
+    raise UserError(f"transport grpc needs every agent's address: pass --peers FILE, or give the topology file "
+                    f"({cfg['topology']!r}) a 'peers' field")
+
+
+def _open_transport(cfg: Config, setup: Setup, rank: int, name: str, peers: Optional[Dict[int, str]]) -> Transport:
+    from dimat.transport import make_transport
+
+    return make_transport(name, cfg, rank=rank, topology=setup.topology, peers=peers)
+
+
+# ---------------------------------------------------------------------------------------------- resume / rejoin
+
+
+def _restore(cfg: Config, agent: Agent, out: Path, t: Transport, transport: str) -> Optional[int]:
+    """Restore the checkpoint to continue from; returns its round (None: none, start from scratch)."""
+    ckpt_dir = out / "checkpoints"
+    last = checkpoint.resume_round(ckpt_dir, [agent.rank])
+    if transport == "torch":
+        last = _agree_min(t, last)
+    if last is not None:
+        restore_agent(agent, checkpoint.load(ckpt_dir, agent.rank, last))
+    # Records of rounds after the checkpoint describe a model we no longer have.
+    MetricsWriter.truncate_after(launcher.agent_metrics_path(out, agent.rank), last if last is not None else -2)
+    return last
+
+
+def _agree_min(t: Transport, last: Optional[int]) -> Optional[int]:
+    """The latest round every agent of a torch.distributed job has completed (the minimum over the job)."""
+    agree = getattr(t, "agree_min", None)
+    if agree is None:
+        return last
+    value = agree(-2 if last is None else int(last))
+    return None if value < -1 else value
+
+
+def rejoin_round(t: Transport, neighbors: Sequence[int], first: int, log: Callable[[str], None] = print) -> int:
+    """The round a restarted agent continues from: ``first``, or later if its live neighbours are further on.
+
+    Asks each neighbour's Status (``t.peer_status(j)``, bounded by the transport's deadline); a neighbour that
+    does not answer is ignored. A neighbour that has collected round ``c`` posts ``c + 1`` next, so that is the
+    earliest round in which our snapshot still reaches it and its snapshot reaches us.
+    """
+    status = getattr(t, "peer_status", None)
+    if status is None:
+        return first
+    rounds = {}
+    for j in neighbors:
+        try:
+            s = status(j)
+        except Exception as e:  # a neighbour that is down or slow is simply not asked again
+            log(f"agent {t.rank}: neighbour {j} did not answer Status ({type(e).__name__}: {e})")
+            continue
+        if s is not None:
+            rounds[j] = int(s.latest_collected_round) + 1
+    start = max([first] + list(rounds.values()))
+    if start > first:
+        log(f"agent {t.rank}: rejoining at round {start} (neighbours' next rounds {rounds}); skipping rounds "
+            f"{first}..{start - 1}")
+    return start
+
+
+# ---------------------------------------------------------------------------------------------- rounds
+
+
+def _run_rounds(cfg: Config, agent: Agent, out: Path, last: Optional[int], first: int, resume: bool,
+                log: Callable[[str], None]) -> None:
+    ckpt_dir = out / "checkpoints"
+    with MetricsWriter(launcher.agent_metrics_path(out, agent.rank)) as writer:
+        if last is None and cfg["train"]["pretrain_epochs"] > 0:
+            pretrain([agent], cfg, writer, ckpt_dir)
+            log(f"agent {agent.rank}: pretrained {cfg['train']['pretrain_epochs']} epochs")
+        for r in range(first, cfg["rounds"]):
+            res = run_round([agent], r, cfg, writer, ckpt_dir)[0]
+            missing = f", missing {res.missing} (deadline)" if res.missing else ""
+            log(f"agent {agent.rank}: round {r + 1}/{cfg['rounds']}: merged with {res.received}{missing}; "
+                f"comm {res.comm_s:.2f} s, merge {res.merge_s:.2f} s")

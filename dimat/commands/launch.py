@@ -1,0 +1,52 @@
+"""``dimat launch CONFIG --transport grpc|torch [--agents N] [--out DIR]``: N local agent processes, one per agent.
+
+Starts ``dimat agent`` N times on free local ports, writes ``OUT/peers.json`` and ``OUT/pids/agent-K.pid``, copies
+the agents' metrics lines into ``OUT/metrics.jsonl`` as their rounds finish, waits, and writes ``OUT/summary.json``
+as ``dimat run`` does. See docs/multiprocess.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run each agent in its own local process, over gRPC or torch.distributed"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG", help="YAML config file")
+    parser.add_argument("--transport", choices=("grpc", "torch"), default=None,
+                        help="how agents exchange models (default: the config's transport.name)")
+    parser.add_argument("--agents", type=int, default=None, metavar="N",
+                        help="number of agent processes (overrides the config's 'agents')")
+    parser.add_argument("--out", default=None, metavar="DIR", help="run folder (default: the config's 'out')")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config key, e.g. --set transport.deadline_s=5 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="restart every agent from its last checkpoint")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop the agents after this many seconds (default: wait as long as they run; each "
+                             "round is bounded by transport.deadline_s)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from dimat import launcher
+    from dimat.config import load_config
+    from dimat.errors import UserError
+
+    overrides = list(args.overrides)
+    if args.agents is not None:
+        if args.agents < 1:
+            raise UserError(f"--agents must be >= 1, got {args.agents}")
+        overrides.append(f"agents={args.agents}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    cfg = load_config(args.config, overrides)
+    transport = args.transport or cfg.transport.name
+    if transport not in ("grpc", "torch"):
+        raise UserError(f"{args.config}: transport.name is {transport!r}; dimat launch needs "
+                        f"--transport grpc or --transport torch")
+    result = launcher.launch(cfg, transport, args.out or cfg.out, timeout=args.timeout, resume=args.resume)
+    if result.summary is not None:
+        s = result.summary
+        print(f"dimat launch: final mean test accuracy {s['final_mean_acc']} (min {s['final_min_acc']}, "
+              f"max {s['final_max_acc']}); {result.out_dir / 'summary.json'}")
+    return 0 if result.ok else 1

@@ -1,0 +1,343 @@
+"""Tests of dimat/launcher.py and the `dimat launch` / `dimat agent` command lines (process management with small
+stand-in processes; the real multi-process runs are at the end of this file and in test_fault.py/test_torchrun.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dimat import launcher
+from dimat.cli import main as cli_main
+from dimat.commands.agent import resolve_rank, resolve_transport
+from dimat.errors import UserError
+
+PY = sys.executable
+
+
+# ------------------------------------------------------------------------------------------------ ports
+
+
+def test_free_ports_are_distinct_and_bindable():
+    ports = launcher.free_ports(8)
+    assert len(set(ports)) == 8
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
+def test_free_ports_rejects_negative():
+    with pytest.raises(ValueError):
+        launcher.free_ports(-1)
+
+
+def test_is_addr_in_use_recognises_bind_errors():
+    with socket.socket() as a:
+        a.bind(("127.0.0.1", 0))
+        a.listen()
+        with socket.socket() as b, pytest.raises(OSError) as info:
+            b.bind(("127.0.0.1", a.getsockname()[1]))
+    assert launcher.is_addr_in_use(info.value)
+    assert launcher.is_addr_in_use(RuntimeError("Failed to bind to address 127.0.0.1:5000"))
+    assert not launcher.is_addr_in_use(RuntimeError("connection refused"))
+
+
+# ------------------------------------------------------------------------------------------------ peers file
+
+
+def test_peers_round_trip(tmp_path):
+    p = tmp_path / "peers.json"
+    launcher.write_peers(p, {1: "10.0.0.2:7001", 0: "10.0.0.1:7000"})
+    assert json.loads(p.read_text()) == {"peers": {"0": "10.0.0.1:7000", "1": "10.0.0.2:7001"}}
+    assert launcher.read_peers(p, n=2) == {0: "10.0.0.1:7000", 1: "10.0.0.2:7001"}
+
+
+def test_peers_bare_mapping_and_ipv6(tmp_path):
+    p = tmp_path / "peers.json"
+    p.write_text(json.dumps({"0": "[::1]:7000", "1": "host-b:7000"}))
+    assert launcher.read_peers(p) == {0: "[::1]:7000", 1: "host-b:7000"}
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("{not json", "cannot read peers file"),
+        ("[1, 2]", "field 'peers'"),
+        ('{"peers": {}}', "non-empty mapping"),
+        ('{"peers": {"a": "h:1"}}', "rank 'a' is not an integer"),
+        ('{"peers": {"0": "h:1", "2": "h:2"}}', r"ranks must be 0..1"),
+        ('{"peers": {"0": "nohostport"}}', "peers.0"),
+        ('{"peers": {"0": ":7000"}}', "missing host"),
+        ('{"peers": {"0": "h:0"}}', "port must be 1..65535"),
+        ('{"peers": {"0": "h:99999"}}', "port must be 1..65535"),
+        ('{"peers": {"0": 7000}}', "peers.0"),
+    ],
+)
+def test_peers_bad_input(tmp_path, body, match):
+    p = tmp_path / "peers.json"
+    p.write_text(body)
+    with pytest.raises(UserError, match=match) as info:
+        launcher.read_peers(p)
+    assert str(p) in str(info.value)
+
+
+def test_peers_missing_file_and_wrong_count(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        launcher.read_peers(tmp_path / "nope.json")
+    p = tmp_path / "peers.json"
+    launcher.write_peers(p, {0: "h:1", 1: "h:2"})
+    with pytest.raises(UserError, match="2 peers for a config with 4 agents"):
+        launcher.read_peers(p, n=4)
+
+
+# ------------------------------------------------------------------------------------------------ metrics follower
+
+
+def _append(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def test_follower_copies_only_complete_lines_as_they_appear(tmp_path):
+    f = launcher.MetricsFollower(tmp_path, range(2))
+    assert f.poll() == [] and (tmp_path / "metrics.jsonl").read_text() == ""
+    a0, a1 = launcher.agent_metrics_path(tmp_path, 0), launcher.agent_metrics_path(tmp_path, 1)
+    _append(a0, '{"round": 0, "agent": 0}\n{"round": 1, "ag')
+    _append(a1, '{"round": 0, "agent": 1}\n')
+    got = f.poll()
+    assert sorted(r["agent"] for r in got) == [0, 1]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    _append(a0, 'ent": 0}\n')
+    assert f.poll() == [{"round": 1, "agent": 0}]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"round": 0, "agent": 0}, {"round": 0, "agent": 1}, {"round": 1, "agent": 0}]
+    assert f.poll() == []
+
+
+def test_follower_survives_an_agent_rewriting_its_file_on_resume(tmp_path):
+    f = launcher.MetricsFollower(tmp_path, [0])
+    p = launcher.agent_metrics_path(tmp_path, 0)
+    _append(p, "".join(json.dumps({"round": r, "agent": 0}) + "\n" for r in range(3)))
+    assert len(f.poll()) == 3
+    # The resumed agent keeps rounds 0..1 in a new file (atomic replace), then appends round 3.
+    tmp = p.with_name("tmp")
+    tmp.write_text("".join(json.dumps({"round": r, "agent": 0}) + "\n" for r in range(2)))
+    os.replace(tmp, p)
+    _append(p, json.dumps({"round": 3, "agent": 0}) + "\n")
+    assert f.poll() == [{"round": 3, "agent": 0}]
+    rounds = [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2, 3]
+
+
+def test_follower_fresh_truncates_target(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("old\n")
+    launcher.MetricsFollower(tmp_path, [0])
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+def _sleeper(seconds: float, code: int = 0) -> list:
+    return [PY, "-c", f"import time, sys; time.sleep({seconds}); sys.exit({code})"]
+
+
+def test_spawn_writes_pid_and_log_and_wait_collects_status(tmp_path):
+    agents = [launcher.spawn_agent(0, [PY, "-c", "print('hello from 0')"], tmp_path),
+              launcher.spawn_agent(1, _sleeper(0.3, 3), tmp_path)]
+    assert launcher.read_pid_file(tmp_path, 0) == agents[0].pid
+    res = launcher.wait_agents(agents, tmp_path, timeout=30)
+    assert res.returncodes == {0: 0, 1: 3}
+    assert not res.ok and res.failed() == [1] and not res.timed_out
+    assert "hello from 0" in launcher.log_path(tmp_path, 0).read_text()
+
+
+def test_wait_times_out_and_stops_agents(tmp_path):
+    agents = [launcher.spawn_agent(k, _sleeper(60), tmp_path) for k in range(2)]
+    t0 = time.monotonic()
+    res = launcher.wait_agents(agents, tmp_path, timeout=0.5)
+    assert res.timed_out and not res.ok
+    assert time.monotonic() - t0 < 20
+    assert all(not a.alive() for a in agents)
+    assert res.returncodes == {0: -signal.SIGTERM, 1: -signal.SIGTERM}
+
+
+def test_fail_fast_stops_the_others(tmp_path):
+    agents = [launcher.spawn_agent(0, _sleeper(0.1, 1), tmp_path), launcher.spawn_agent(1, _sleeper(60), tmp_path)]
+    res = launcher.wait_agents(agents, tmp_path, timeout=30, fail_fast=True)
+    assert res.returncodes[0] == 1 and res.returncodes[1] == -signal.SIGTERM
+    assert not agents[1].alive()
+
+
+def test_without_fail_fast_the_others_run_on(tmp_path):
+    agents = [launcher.spawn_agent(0, _sleeper(0.0, 1), tmp_path), launcher.spawn_agent(1, _sleeper(0.6), tmp_path)]
+    res = launcher.wait_agents(agents, tmp_path, timeout=30, fail_fast=False)
+    assert res.returncodes == {0: 1, 1: 0}
+
+
+def test_port_clash_stops_everyone(tmp_path):
+    agents = [launcher.spawn_agent(0, _sleeper(0.0, launcher.EXIT_PORT_IN_USE), tmp_path),
+              launcher.spawn_agent(1, _sleeper(60), tmp_path)]
+    res = launcher.wait_agents(agents, tmp_path, timeout=30)
+    assert res.port_in_use and not agents[1].alive()
+
+
+def test_wait_follows_an_agent_restarted_through_its_pid_file(tmp_path):
+    """Agent 1 is killed; a replacement (not our child) writes the pid file and exits 0: the launcher reports 0."""
+    agents = [launcher.spawn_agent(0, _sleeper(1.5), tmp_path), launcher.spawn_agent(1, _sleeper(60), tmp_path)]
+    os.kill(agents[1].pid, signal.SIGKILL)
+    script = (f"import time; from dimat import launcher; launcher.write_pid_file({str(tmp_path)!r}, 1); "
+              f"time.sleep(0.8); launcher.write_exit_file({str(tmp_path)!r}, 1, 0)")
+    replacement = subprocess.Popen([PY, "-c", script])
+    try:
+        res = launcher.wait_agents(agents, tmp_path, timeout=30)
+    finally:
+        replacement.wait(timeout=30)
+    assert res.returncodes == {0: 0, 1: 0}
+    assert agents[1].restarts == 1 and agents[1].pid == replacement.pid
+
+
+def test_killed_replacement_reports_unknown_status(tmp_path):
+    agents = [launcher.spawn_agent(0, _sleeper(1.0), tmp_path), launcher.spawn_agent(1, _sleeper(60), tmp_path)]
+    os.kill(agents[1].pid, signal.SIGKILL)
+    script = f"import time; from dimat import launcher; launcher.write_pid_file({str(tmp_path)!r}, 1); time.sleep(60)"
+    replacement = subprocess.Popen([PY, "-c", script])
+    try:
+        deadline = time.monotonic() + 20
+        while launcher.read_pid_file(tmp_path, 1) != replacement.pid and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # let the launcher adopt it
+        replacement.kill()
+        res = launcher.wait_agents(agents, tmp_path, timeout=30)
+    finally:
+        replacement.kill()
+        replacement.wait(timeout=30)
+    assert res.returncodes[0] == 0 and res.returncodes[1] in (None, -signal.SIGKILL)
+    assert not res.ok
+
+
+def test_stop_agents_escalates_to_sigkill(tmp_path):
+    stubborn = [PY, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                          "print('ready', flush=True); time.sleep(60)"]
+    a = launcher.spawn_agent(0, stubborn, tmp_path)
+    deadline = time.monotonic() + 20
+    while "ready" not in launcher.log_path(tmp_path, 0).read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.stop_agents([a], grace=0.3)
+    assert a.popen.returncode == -signal.SIGKILL
+
+
+def test_pid_and_exit_files(tmp_path):
+    launcher.write_exit_file(tmp_path, 3, 0)
+    launcher.write_pid_file(tmp_path, 3, 12345)
+    assert launcher.read_pid_file(tmp_path, 3) == 12345
+    assert launcher.read_exit_file(tmp_path, 3) is None  # a new pid forgets the old exit status
+    launcher.write_exit_file(tmp_path, 3, 7)
+    assert launcher.read_exit_file(tmp_path, 3) == 7
+    assert launcher.read_pid_file(tmp_path, 9) is None
+
+
+def test_agent_argv_and_torch_env():
+    argv = launcher.agent_argv("c.yaml", 2, "grpc", "out", "out/peers.json", resume=True)
+    assert argv[1:] == ["-m", "dimat", "agent", "c.yaml", "--rank", "2", "--transport", "grpc", "--out", "out",
+                        "--peers", "out/peers.json", "--resume"]
+    env = launcher.torch_env(2, 4, 29500, base={})
+    assert env["RANK"] == "2" and env["WORLD_SIZE"] == "4" and env["MASTER_PORT"] == "29500"
+    assert env["MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_tail(tmp_path):
+    p = tmp_path / "x.log"
+    p.write_text("".join(f"line {i}\n" for i in range(100)))
+    assert launcher.tail(p, 2) == "line 98\nline 99"
+    assert launcher.tail(tmp_path / "missing") == ""
+
+
+# ------------------------------------------------------------------------------------------------ CLI arguments
+
+
+def test_resolve_rank():
+    assert resolve_rank(3, env={}) == 3
+    assert resolve_rank(None, env={"RANK": "2"}) == 2
+    assert resolve_rank(2, env={"RANK": "2"}) == 2
+    with pytest.raises(UserError, match="disagrees"):
+        resolve_rank(1, env={"RANK": "2"})
+    with pytest.raises(UserError, match="--rank K"):
+        resolve_rank(None, env={})
+    with pytest.raises(UserError, match="not an integer"):
+        resolve_rank(None, env={"RANK": "x"})
+    with pytest.raises(UserError, match=">= 0"):
+        resolve_rank(-1, env={})
+
+
+def test_resolve_transport():
+    assert resolve_transport("grpc", "torch", env={}) == "grpc"
+    assert resolve_transport(None, "inproc", env={"TORCHELASTIC_RUN_ID": "x"}) == "torch"
+    assert resolve_transport(None, "grpc", env={}) == "grpc"
+    with pytest.raises(UserError, match="--transport grpc or --transport torch"):
+        resolve_transport(None, "inproc", env={})
+
+
+def _config(tmp_path: Path, **extra) -> Path:
+    body = {"agents": 2, "rounds": 1, "data": {"dataset": "synthetic"}, "model": {"width": 0.1},
+            "merge": {"method": "wa"}}
+    body.update(extra)
+    p = tmp_path / "c.yaml"
+    p.write_text(json.dumps(body))
+    return p
+
+
+def test_launch_needs_a_multiprocess_transport(tmp_path, capsys):
+    assert cli_main(["launch", str(_config(tmp_path)), "--out", str(tmp_path / "o")]) == 2
+    assert "--transport grpc or --transport torch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, match", [(["--agents", "0"], "--agents must be >= 1"),
+                                          (["--timeout", "0"], "--timeout must be > 0"),
+                                          (["--set", "nokey=1"], "unknown key")])
+def test_launch_bad_flags(tmp_path, capsys, flags, match):
+    rc = cli_main(["launch", str(_config(tmp_path)), "--transport", "grpc", "--out", str(tmp_path / "o")] + flags)
+    assert rc == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "o" / "pids").exists()
+
+
+def test_agent_bad_rank(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    rc = cli_main(["agent", str(_config(tmp_path)), "--rank", "5", "--transport", "grpc", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "out of range" in capsys.readouterr().err
+    assert launcher.read_exit_file(tmp_path / "o", 5) == 2
+
+
+def test_agent_grpc_without_peers(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    rc = cli_main(["agent", str(_config(tmp_path)), "--rank", "0", "--transport", "grpc", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--peers FILE" in capsys.readouterr().err
+
+
+def test_agent_refuses_a_run_folder_of_another_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "config.yaml").write_text("agents: 2\nrounds: 7\n")
+    peers = tmp_path / "peers.json"
+    launcher.write_peers(peers, {0: "127.0.0.1:1", 1: "127.0.0.1:2"})
+    rc = cli_main(["agent", str(_config(tmp_path)), "--rank", "0", "--transport", "grpc", "--out", str(out),
+                   "--peers", str(peers)])
+    assert rc == 2 and "every agent must run the same config" in capsys.readouterr().err
+
+
+def test_agent_resume_needs_a_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    peers = tmp_path / "peers.json"
+    launcher.write_peers(peers, {0: "127.0.0.1:1", 1: "127.0.0.1:2"})
+    rc = cli_main(["agent", str(_config(tmp_path)), "--rank", "0", "--transport", "grpc", "--out", str(tmp_path / "o"),
+                   "--peers", str(peers), "--resume"])
+    assert rc == 2 and "no run to resume" in capsys.readouterr().err
