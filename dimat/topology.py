@@ -125,7 +125,9 @@ class Topology:
 
     def with_peers(self, peers: Optional[Mapping[Any, str]]) -> "Topology":
         """A copy with another ``peers`` map."""
-        return Topology(self._c, self._pi, self._graph_type, peers, meta=self._meta)
+        with warnings.catch_warnings():  # this graph was reported on when it was made
+            warnings.simplefilter("ignore", TopologyWarning)
+            return Topology(self._c, self._pi, self._graph_type, peers, meta=self._meta)
 
     def __repr__(self) -> str:
         return f"Topology({self._graph_type!r}, num_agents={self.num_agents})"
@@ -197,7 +199,8 @@ class Topology:
         if not self.is_symmetric():
             what = ("the graph is directed (connectivity is not symmetric)" if not np.array_equal(self._c, self._c.T)
                     else "pi is not symmetric")
-            why = "" if self.is_doubly_stochastic() else "; its columns do not sum to 1, so mixing drifts from the average model"
+            why = ("" if self.is_doubly_stochastic()
+                   else "; its columns do not sum to 1, so mixing drifts from the average model")
             warnings.warn(f"{source}: {what}{why}", TopologyWarning, stacklevel=3)
         comps = self.components()
         if len(comps) > 1:
@@ -212,11 +215,17 @@ class Topology:
         Parameters
         ----------
         kind : str
-            One of :data:`KINDS`: ``fc``, ``ring``, ``bipartite`` (``hubs``, default 2 (1 for two agents): the last
-            ``hubs`` agents form one side, as in the DIMAT reference), ``disconnected``, ``torus`` (``rows``: default the largest
-            divisor of N not above sqrt(N); prime N gives a ring), ``exponential`` (i linked with i +- 2^k;
-            ``directed=True`` gives the one-way graph i -> i + 2^k with uniform weights), ``random``
-            (Erdos-Renyi, ``p`` default ``min(1, 2 ln N / N)``, components joined by random edges).
+            One of :data:`KINDS`:
+
+            - ``fc``, ``ring``, ``disconnected``;
+            - ``bipartite`` (option ``hubs``, default 2, or 1 for two agents): the last ``hubs`` agents form one
+              side and every other agent the other side, as in the DIMAT reference's "Bipar";
+            - ``torus`` (option ``rows``, default the largest divisor of N not above sqrt(N)): a 2-D grid with
+              wrap-around; a prime N gives a ring;
+            - ``exponential``: i linked with i +- 2^k; option ``directed=True`` gives the one-way graph
+              i -> i + 2^k with uniform weights (doubly stochastic, not symmetric);
+            - ``random`` (option ``p``, default ``min(1, 2 ln N / N)``): Erdos-Renyi with ``seed``, its
+              components then joined by random edges so that it is connected.
         num_agents : int
             N >= 1.
         seed : int
@@ -224,7 +233,8 @@ class Topology:
         """
         kind_l = str(kind).lower()
         if kind_l not in _BUILDERS:
-            raise UserError(f"unknown topology kind {kind!r}; choose one of {', '.join(KINDS)} or give a .json/.yaml file")
+            raise UserError(f"unknown topology kind {kind!r}; choose one of {', '.join(KINDS)} "
+                            f"or give a .json/.yaml file")
         if isinstance(num_agents, bool) or not isinstance(num_agents, (int, np.integer)) or num_agents < 1:
             raise UserError(f"topology {kind_l!r}: number of agents must be an integer >= 1, got {num_agents!r}")
         n = int(num_agents)
@@ -308,7 +318,7 @@ class Topology:
     def dumps(self, fmt: str = "json") -> str:
         """The file text in ``fmt`` (``"json"`` or ``"yaml"``)."""
         if fmt == "json":
-            return json.dumps(self.to_dict(), indent=4) + "\n"
+            return json.dumps(self.to_dict(), indent=4, default=str) + "\n"
         if fmt == "yaml":
             import yaml
 
