@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.fx as fx
 from torch import nn
 
-__all__ = ["average", "weight_match", "activation_match", "reset_bn_stats", "METHODS", "get"]
+from dimat import permutation, stats
+from dimat.permutation import PermutationSpec
+
+__all__ = ["average", "weight_match", "activation_match", "reset_bn_stats", "spec_for", "METHODS", "get"]
 
 Batches = Iterable[Any]
 
@@ -218,10 +223,226 @@ def average(
     return _finish(models[0], _weighted_sum(states, w), batches, reset_bn, stat_batches)
 
 
+# ------------------------------------------------------------------------------------- groups, cached per arch
+_SPEC_CACHE: "OrderedDict[tuple, Tuple[PermutationSpec, fx.Graph]]" = OrderedDict()
+_SPEC_CACHE_SIZE = 16
+
+
+def _arch_key(model: nn.Module, state: Dict[str, torch.Tensor], x: torch.Tensor) -> tuple:
+    return (
+        type(model).__module__,
+        type(model).__qualname__,
+        tuple((k, tuple(v.shape), v.dtype) for k, v in state.items()),
+        tuple((n, type(m).__name__) for n, m in model.named_modules()),
+        tuple(x.shape[1:]),
+        x.dtype,
+    )
+
+
+def spec_for(model: nn.Module, example_input: torch.Tensor) -> Tuple[PermutationSpec, fx.Graph]:
+    """The model's permutation groups and fx graph, derived (and self-tested) once per architecture and input shape."""
+    key = _arch_key(model, model.state_dict(), example_input)
+    hit = _SPEC_CACHE.get(key)
+    if hit is not None:
+        _SPEC_CACHE.move_to_end(key)
+        return hit
+    example = example_input[:2]
+    spec = permutation.derive(model, example)
+    try:
+        graph = permutation.trace(copy.deepcopy(model)).graph
+    except Exception:  # derive already warned; nothing is permuted
+        graph = fx.Graph()
+    _SPEC_CACHE[key] = (spec, graph)
+    while len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
+        _SPEC_CACHE.popitem(last=False)
+    return spec, graph
+
+
+def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, stat_batches, profile):
+    t = time.perf_counter()
+    aligned = [states[0]] + [
+        permutation.apply_permutation(sd, spec, perms) if perms else sd
+        for sd, perms in zip(states[1:], perms_per_model)
+    ]
+    merged = _new_model(models[0], _weighted_sum(aligned, w))
+    t_apply = time.perf_counter() - t
+    t = time.perf_counter()
+    if reset_bn and batches is not None:
+        reset_bn_stats(merged, batches, stat_batches)
+    if profile is not None:
+        profile["apply_s"] = t_apply
+        profile["bn_reset_s"] = time.perf_counter() - t
+    return merged
+
+
+def _first_input(batches: Batches) -> torch.Tensor:
+    return next(iter_inputs(batches, 1))
+
+
+def activation_match(
+    models: Sequence[nn.Module],
+    weights: Sequence[float],
+    batches: Batches,
+    reset_bn: bool = True,
+    stat_batches: Optional[int] = None,
+    profile: Optional[Dict[str, float]] = None,
+) -> nn.Module:
+    """DIMAT: align every neighbour to ``models[0]`` by activation correlation on local batches, then average.
+
+    For each neighbour j and each permutable group, the Pearson correlation between ``models[0]``'s and
+    ``models[j]``'s units at the group's activation sites (eval mode, streaming float64 statistics) feeds a linear
+    assignment (scipy ``linear_sum_assignment``, maximise); the permutation is applied to every axis of the group,
+    the aligned models are averaged with ``weights``, and BatchNorm statistics are recomputed on ``batches``.
+
+    Parameters
+    ----------
+    models : ``models[0]`` is the agent's own model (the basis; integer buffers come from it), then neighbours.
+    weights : one non-negative weight per model, renormalised to sum to 1.
+    batches : re-iterable of input tensors or ``(input, target)`` pairs from the agent's own data.
+    reset_bn : recompute BatchNorm running statistics of the result on the batches (momentum restored after).
+    stat_batches : number of batches used for the statistics and the BN reset (None: all).
+    profile : optional dict that receives the seconds spent: ``stats_s``, ``assign_s``, ``apply_s``,
+        ``bn_reset_s``.
+
+    Returns
+    -------
+    A new module; the inputs are not modified.
+    """
+    states, w = _check(models, weights)
+    device = _device_of(models[0])
+    example = _first_input(batches).to(device)
+    spec, graph = spec_for(models[0], example)
+    groups = spec.permutable
+    todo = [j for j in range(1, len(models)) if w[j] > 0]  # a neighbour with weight 0 needs no alignment
+    t = time.perf_counter()
+    corrs: List[Dict[int, torch.Tensor]] = []
+    if groups and todo:
+        inputs = (x.to(device) for x in iter_inputs(batches, stat_batches))
+        corrs = stats.collect_correlations([models[0]] + [models[j] for j in todo], spec, graph, inputs, groups)
+    t_stats = time.perf_counter() - t
+    t = time.perf_counter()
+    perms: List[Dict[int, torch.Tensor]] = [{} for _ in models[1:]]
+    for j, corr in zip(todo, corrs):
+        perms[j - 1] = {gi: stats.match(c) for gi, c in corr.items()}
+    if profile is not None:
+        profile["stats_s"] = t_stats
+        profile["assign_s"] = time.perf_counter() - t
+    return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile)
+
+
+# ------------------------------------------------------------------------------------------ weight matching
+def _unit_rows(t: torch.Tensor, a: permutation.AxisSlice) -> torch.Tensor:
+    """The entries of tensor ``t`` owned by each unit of axis slice ``a``, one row per unit (float64)."""
+    x = t.movedim(a.axis, 0)[a.offset: a.offset + a.units * a.block]
+    return x.reshape(a.units, -1).double()
+
+
+def _permute_except(t: torch.Tensor, slices, perms: Dict[int, torch.Tensor], skip) -> torch.Tensor:
+    """``t`` with the current permutation of every group applied to its axes, except the axis slice ``skip``."""
+    for gi, a in slices:
+        if a == skip:
+            continue
+        p = perms[gi]
+        idx = torch.arange(t.shape[a.axis])
+        idx[a.offset: a.offset + a.units * a.block] = (
+            a.offset + p[:, None] * a.block + torch.arange(a.block)[None, :]
+        ).reshape(-1)
+        t = t.index_select(a.axis, idx)
+    return t
+
+
+def _weight_matching_perms(
+    s0: Dict[str, torch.Tensor],
+    sj: Dict[str, torch.Tensor],
+    spec: PermutationSpec,
+    groups: Sequence[int],
+    names: set,
+    max_sweeps: int = 100,
+    seed: int = 0,
+) -> Dict[int, torch.Tensor]:
+    """Git Re-Basin coordinate descent: per group, assign on sum over its axes of W0 Wj^T until no improvement."""
+    slices_of: Dict[str, List[Tuple[int, permutation.AxisSlice]]] = {}
+    for gi in groups:
+        for a in spec.groups[gi].axes:
+            if a.tensor in names:
+                slices_of.setdefault(a.tensor, []).append((gi, a))
+    perms = {gi: torch.arange(spec.groups[gi].size) for gi in groups}
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(max_sweeps):
+        improved = False
+        for k in torch.randperm(len(groups), generator=gen).tolist():
+            gi = groups[k]
+            n = spec.groups[gi].size
+            cost = torch.zeros(n, n, dtype=torch.float64)
+            for a in spec.groups[gi].axes:
+                if a.tensor not in names:
+                    continue
+                other = _permute_except(sj[a.tensor], slices_of[a.tensor], perms, a)
+                cost += _unit_rows(s0[a.tensor], a) @ _unit_rows(other, a).T
+            new = stats.match(cost)
+            ar = torch.arange(n)
+            if float(cost[ar, new].sum()) > float(cost[ar, perms[gi]].sum()) + 1e-12 * float(cost.abs().max()):
+                perms[gi] = new
+                improved = True
+        if not improved:
+            break
+    return perms
+
+
+def weight_match(
+    models: Sequence[nn.Module],
+    weights: Sequence[float],
+    batches: Optional[Batches] = None,
+    reset_bn: bool = True,
+    stat_batches: Optional[int] = None,
+    example_input: Optional[torch.Tensor] = None,
+    profile: Optional[Dict[str, float]] = None,
+) -> nn.Module:
+    """WM: align every neighbour to ``models[0]`` by Git Re-Basin weight matching, then average.
+
+    Coordinate descent over the permutable groups (random order, at most 100 sweeps): each step solves a linear
+    assignment on the sum over the group's parameter axes of ``W_0 W_j^T``, until a sweep brings no improvement.
+
+    Parameters
+    ----------
+    models, weights : as in :func:`activation_match`.
+    batches : re-iterable of inputs or ``(input, target)`` pairs; gives the input shape for deriving the groups and
+        the data for the BN reset. Without batches, ``example_input`` must give an input batch and no BN reset runs.
+    reset_bn : recompute BatchNorm statistics of the result on ``batches`` (when given).
+    stat_batches : number of batches used for the BN reset (None: all).
+    example_input : an input batch for deriving the groups when ``batches`` is None.
+    profile : optional dict that receives ``assign_s``, ``apply_s``, ``bn_reset_s`` (seconds).
+
+    Returns
+    -------
+    A new module; the inputs are not modified.
+    """
+    states, w = _check(models, weights)
+    device = _device_of(models[0])
+    if batches is not None:
+        example = _first_input(batches)
+    elif example_input is not None:
+        example = example_input
+    else:
+        raise ValueError("weight_match needs batches or an example_input to derive the permutation groups")
+    spec, _ = spec_for(models[0], example.to(device))
+    names = {n for n, _ in models[0].named_parameters()}
+    t = time.perf_counter()
+    perms: List[Dict[int, torch.Tensor]] = [{} for _ in models[1:]]
+    if spec.permutable:
+        for j in range(1, len(models)):
+            if w[j] > 0:
+                perms[j - 1] = _weight_matching_perms(states[0], states[j], spec, spec.permutable, names)
+    if profile is not None:
+        profile["stats_s"] = 0.0
+        profile["assign_s"] = time.perf_counter() - t
+    return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile)
+
+
 MergeFn = Callable[..., nn.Module]
 
 #: config name -> merge operator; every entry accepts ``fn(models, weights, batches=, reset_bn=, stat_batches=)``.
-METHODS: Dict[str, MergeFn] = {"wa": average}
+METHODS: Dict[str, MergeFn] = {"dimat": activation_match, "wa": average, "wm": weight_match}
 
 
 def get(name: str) -> MergeFn:

@@ -1,0 +1,184 @@
+"""Streaming activation statistics at the permutation groups' activation sites (the DIMAT matching signal).
+
+For the agent's model M_0 and each neighbour M_j, one eval-mode forward pass per batch records every site of
+every group at once (a torch.fx copy of the graph that returns the site values). Per neighbour, per group and per
+site we keep float64 running means, variances and the C x C cross-covariance between M_0's and M_j's units,
+merged batch by batch with Chan's parallel formulas (each batch is centred on its own mean first, so no
+catastrophic cancellation). Memory is O(k * C^2) per group; the joint kC x kC matrix is never built.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from dimat.permutation import PermutationSpec, Site
+
+__all__ = ["CrossStats", "unit_features", "site_module", "collect_correlations", "eval_mode"]
+
+
+class CrossStats:
+    """Running mean and variance of two feature sets a, b (C units each) and their cross-covariance.
+
+    ``update(a, b)`` takes ``[samples, C]`` tensors; :meth:`correlation` returns the C x C Pearson correlation
+    with rows for ``a``'s units, columns for ``b``'s; a unit with zero variance (dead) correlates 0 with all.
+    """
+
+    def __init__(self, units: int):
+        self.n = 0
+        self.mean_a = torch.zeros(units, dtype=torch.float64)
+        self.mean_b = torch.zeros(units, dtype=torch.float64)
+        self.m2_a = torch.zeros(units, dtype=torch.float64)
+        self.m2_b = torch.zeros(units, dtype=torch.float64)
+        self.cross = torch.zeros(units, units, dtype=torch.float64)
+
+    def update(self, a: torch.Tensor, b: torch.Tensor, a_centred: Tuple[torch.Tensor, torch.Tensor] = None) -> None:
+        """Add a batch of samples; ``a_centred`` optionally gives ``(a - mean(a), mean(a))`` computed once."""
+        m = a.shape[0]
+        if m == 0:
+            return
+        if a_centred is None:
+            mu_a = a.mean(0)
+            ca = a - mu_a
+        else:
+            ca, mu_a = a_centred
+        mu_b = b.mean(0)
+        cb = b - mu_b
+        cross = (ca.T @ cb).double()
+        m2_a = (ca * ca).sum(0).double()
+        m2_b = (cb * cb).sum(0).double()
+        mu_a, mu_b = mu_a.double(), mu_b.double()
+        n = self.n
+        tot = n + m
+        da, db = mu_a - self.mean_a, mu_b - self.mean_b
+        f = n * m / tot
+        self.cross += cross + f * torch.outer(da, db)
+        self.m2_a += m2_a + f * da * da
+        self.m2_b += m2_b + f * db * db
+        self.mean_a += da * (m / tot)
+        self.mean_b += db * (m / tot)
+        self.n = tot
+
+    def correlation(self) -> torch.Tensor:
+        """C x C Pearson correlation (float64); 0 wherever either unit has (numerically) zero variance."""
+        n = max(self.n, 1)
+        std_a = (self.m2_a / n).clamp_min(0).sqrt()
+        std_b = (self.m2_b / n).clamp_min(0).sqrt()
+        live_a = std_a > 1e-9 * (float(std_a.max()) + 1e-30)
+        live_b = std_b > 1e-9 * (float(std_b.max()) + 1e-30)
+        denom = torch.outer(torch.where(live_a, std_a, 1.0), torch.where(live_b, std_b, 1.0))
+        corr = (self.cross / n) / denom
+        corr[~live_a, :] = 0.0
+        corr[:, ~live_b] = 0.0
+        return corr
+
+
+def unit_features(value: torch.Tensor, site: Site) -> torch.Tensor:
+    """The site's units as a ``[samples, units]`` matrix: every other dimension (and the block) is a sample."""
+    x = value.movedim(site.dim, -1)
+    x = x[..., site.offset: site.offset + site.units * site.block]
+    x = x.reshape(-1, site.units, site.block).transpose(1, 2)
+    return x.reshape(-1, site.units).float()
+
+
+def site_module(model: nn.Module, graph: fx.Graph, nodes: Sequence[str]) -> fx.GraphModule:
+    """A module sharing ``model``'s parameters that returns the values of graph ``nodes`` (a tuple).
+
+    ``graph`` is a torch.fx trace of the same architecture; nodes no site needs are removed, so the forward pass
+    stops at the last site.
+    """
+    g = fx.Graph()
+    env: Dict[str, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        env[node.name] = g.node_copy(node, lambda n: env[n.name])
+    g.output(tuple(env[n] for n in nodes))
+    gm = fx.GraphModule(model, g)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+class eval_mode:
+    """Context manager: put modules in eval mode, restoring each submodule's own flag afterwards."""
+
+    def __init__(self, *modules: nn.Module):
+        self.modules = modules
+        self.flags: List[Tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> "eval_mode":
+        for m in self.modules:
+            self.flags += [(sub, sub.training) for sub in m.modules()]
+            m.eval()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sub, flag in self.flags:
+            sub.training = flag
+
+
+@torch.no_grad()
+def collect_correlations(
+    models: Sequence[nn.Module],
+    spec: PermutationSpec,
+    graph: fx.Graph,
+    inputs: Iterable[torch.Tensor],
+    groups: Sequence[int],
+) -> List[Dict[int, torch.Tensor]]:
+    """Per neighbour ``j = 1..k``, per group: the unit correlation between ``models[0]`` and ``models[j]``.
+
+    Each group's correlation is the mean over its activation sites of the per-site Pearson correlations.
+
+    Parameters
+    ----------
+    models : ``models[0]`` is the basis; the others are the neighbours (none is modified; modes are restored).
+    spec, graph : the architecture's groups and its torch.fx graph (node names match ``Site.node``).
+    inputs : input tensors (already limited to the statistics batches), on the models' device.
+    groups : indices of the groups to match.
+
+    Returns
+    -------
+    A list of length ``len(models) - 1`` of ``{group index: C x C float64 correlation}`` (rows: models[0]'s units).
+    """
+    sites: List[Tuple[int, Site]] = [(gi, s) for gi in groups for s in spec.groups[gi].sites]
+    nodes = list(dict.fromkeys(s.node for _, s in sites))
+    slot = {n: i for i, n in enumerate(nodes)}
+    mods = [site_module(m, graph, nodes) for m in models]
+    stats = [[CrossStats(s.units) for _, s in sites] for _ in models[1:]]
+    with eval_mode(*models, *mods):
+        for x in inputs:
+            vals0 = mods[0](x)
+            feats0 = []
+            for _, s in sites:
+                a = unit_features(vals0[slot[s.node]], s)
+                mu = a.mean(0)
+                feats0.append((a, (a - mu, mu)))
+            for j, mod in enumerate(mods[1:]):
+                vals = mod(x)
+                for (a, centred), (_, s), st in zip(feats0, sites, stats[j]):
+                    st.update(a, unit_features(vals[slot[s.node]], s), centred)
+    out: List[Dict[int, torch.Tensor]] = []
+    for per_site in stats:
+        corr: Dict[int, torch.Tensor] = {}
+        count: Dict[int, int] = {}
+        for (gi, _), st in zip(sites, per_site):
+            c = st.correlation()
+            corr[gi] = corr[gi] + c if gi in corr else c
+            count[gi] = count.get(gi, 0) + 1
+        out.append({gi: c / count[gi] for gi, c in corr.items()})
+    return out
+
+
+def match(corr: torch.Tensor) -> torch.Tensor:
+    """The permutation maximising the summed correlation: unit i of the basis takes neighbour unit ``perm[i]``."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(np.asarray(corr.cpu(), dtype=np.float64), maximize=True)
+    perm = np.empty(len(rows), dtype=np.int64)
+    perm[rows] = cols
+    return torch.from_numpy(perm)
