@@ -52,10 +52,15 @@ DEFAULTS: Dict[str, Any] = {
         "keep_optimizer_state": False,  # False: a fresh optimizer every round (the reference)
     },
     "merge": {
-        "method": "dimat",  # dimat | wa | wm | none
+        "method": "dimat",  # dimat | wa | wm | none | cdsgd | cdmsgd | dpsgd | sgp | centralised
         "stat_batches": 10,  # batches of local data for activation statistics (None: all)
         "bn_batches": 10,  # batches of local data for the BatchNorm reset (None: all)
         "reset_bn": True,  # recompute BatchNorm statistics of the merged model on local data
+    },
+    "gossip": {  # the gradient-gossip baselines (merge.method cdsgd, cdmsgd, dpsgd, sgp); see dimat/gossip.py
+        "comm_every": 1,  # local steps between two exchanges
+        "momentum": 0.9,  # CDMSGD's Nesterov momentum
+        "lr": None,  # learning rate of the gossip steps (None: train.lr)
     },
     "eval": {
         "batch_size": 1000,
@@ -74,12 +79,18 @@ TYPES: Dict[str, Tuple[type, ...]] = {
     "model.width": (int, float),
     "merge.stat_batches": (int, type(None)),
     "merge.bn_batches": (int, type(None)),
+    "gossip.lr": (int, float, type(None)),
     "out": (str, type(None)),
 }
 
 
 class Config(dict):
-    """A resolved config: a nested dict that also allows attribute access (``cfg.train.lr``)."""
+    """A resolved config: a nested dict that also allows attribute access (``cfg.train.lr``).
+
+    ``source`` names where it came from (the YAML file), for error messages about its values.
+    """
+
+    source: str = "config"
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -158,7 +169,8 @@ def _default(key: str) -> Any:
 
 def _type_name(types: Sequence[type]) -> str:
     names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    return " or ".join(names.get(t, t.__name__) for t in types)
+    shown = [t for t in types if not (t is int and float in types)]  # "a number" covers the integers
+    return " or ".join(names.get(t, t.__name__) for t in shown)
 
 
 def _check_type(where: str, key: str, value: Any) -> Any:
@@ -213,6 +225,10 @@ def _set(base: Dict[str, Any], assignment: str) -> None:
 
 
 def _first_line(e: Exception) -> str:
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:  # PyYAML's own text repeats the source as "<unicode string>"; say where, then what
+        what = "; ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
     return " ".join(str(e).split())
 
 
@@ -232,6 +248,12 @@ def _check_values(where: str, c: Dict[str, Any]) -> None:
     for key in ("merge.stat_batches", "merge.bn_batches"):
         if f[key] is not None and f[key] < 1:
             raise bad(key, f"must be >= 1 or null (all batches), got {f[key]}")
+    if f["gossip.comm_every"] < 1:
+        raise bad("gossip.comm_every", f"must be >= 1 local step, got {f['gossip.comm_every']}")
+    if not 0 < f["gossip.momentum"] < 1:
+        raise bad("gossip.momentum", f"must be in (0, 1), got {f['gossip.momentum']}")
+    if f["gossip.lr"] is not None and not f["gossip.lr"] > 0:
+        raise bad("gossip.lr", f"must be > 0 or null (train.lr), got {f['gossip.lr']}")
     if not f["train.lr"] > 0:
         raise bad("train.lr", f"must be > 0, got {f['train.lr']}")
     if not f["model.width"] > 0:
@@ -250,10 +272,10 @@ def _check_values(where: str, c: Dict[str, Any]) -> None:
 
 
 def known_methods() -> List[str]:
-    """Merge methods a config may name: the merge registry plus ``none`` (local training only)."""
-    from dimat import merge
+    """Methods a config may name: the merge registry, ``none`` (local training only) and the gossip baselines."""
+    from dimat import gossip, merge
 
-    return sorted(set(merge.METHODS) | {"none"})
+    return sorted(set(merge.METHODS) | {"none"} | set(gossip.METHODS))
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -276,7 +298,9 @@ def resolve(data: Optional[Mapping[str, Any]] = None, overrides: Iterable[str] =
     _check_values(where, c)
     if c["out"] is None:
         c["out"] = str(Path("runs") / stem)
-    return Config.wrap(c)
+    cfg = Config.wrap(c)
+    cfg.source = where
+    return cfg
 
 
 def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> Config:

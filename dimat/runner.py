@@ -16,9 +16,10 @@ import json
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,13 +65,22 @@ def _check_model(cfg: Mapping[str, Any], ds: Dataset) -> None:
         with torch.no_grad():
             m.eval()(ds.x_train[:2])
     except RuntimeError as e:
-        raise UserError(f"model.name: model {cfg['model']['name']!r} cannot run on dataset "
+        raise UserError(f"model {cfg['model']['name']!r} cannot run on dataset "
                         f"{cfg['data']['dataset']!r} ({' '.join(str(e).split())[:200]})") from None
 
 
 def _build_model(cfg: Mapping[str, Any], ds: Dataset) -> torch.nn.Module:
     return models.build(cfg["model"]["name"], ds.num_classes, width=cfg["model"]["width"],
                         in_channels=ds.in_channels, image_size=ds.image_size)
+
+
+@contextmanager
+def _field(cfg: Mapping[str, Any], key: str) -> Iterator[None]:
+    """Prefix a UserError raised while using config key ``key`` with the config file and the key."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"{getattr(cfg, 'source', 'config')}: {key}: {e}") from None
 
 
 def prepare(cfg: Mapping[str, Any]) -> Setup:
@@ -81,16 +91,20 @@ def prepare(cfg: Mapping[str, Any]) -> Setup:
     UserError : unknown or malformed topology, dataset, partition or model; a topology whose size differs from
         ``agents``; a flip augmentation on data that are not images.
     """
-    topo = _topology(cfg)
-    if topo.num_agents != cfg["agents"]:
-        raise UserError(f"agents: the run has {cfg['agents']} agents but topology {cfg['topology']!r} has "
-                        f"{topo.num_agents}")
-    ds = load_dataset(cfg["data"]["dataset"], seed=cfg["seed"])
-    if cfg["data"]["flip"] and not ds.is_image:
-        raise UserError(f"data.flip: dataset {cfg['data']['dataset']!r} is not a set of natural images "
-                        f"(a mirrored sample is another class or none); set data.flip to false")
-    parts = partition_dataset(ds, cfg["agents"], cfg["data"]["partition"], seed=cfg["seed"])
-    _check_model(cfg, ds)
+    with _field(cfg, "topology"):
+        topo = _topology(cfg)
+        if topo.num_agents != cfg["agents"]:
+            raise UserError(f"the topology has {topo.num_agents} agents but key 'agents' is {cfg['agents']}")
+    with _field(cfg, "data.dataset"):
+        ds = load_dataset(cfg["data"]["dataset"], seed=cfg["seed"])
+    with _field(cfg, "data.flip"):
+        if cfg["data"]["flip"] and not ds.is_image:
+            raise UserError(f"dataset {cfg['data']['dataset']!r} is not a set of natural images (a mirrored "
+                            f"sample is another class or none); set data.flip to false")
+    with _field(cfg, "data.partition"):
+        parts = partition_dataset(ds, cfg["agents"], cfg["data"]["partition"], seed=cfg["seed"])
+    with _field(cfg, "model.name"):
+        _check_model(cfg, ds)
     return Setup(topo, ds, parts)
 
 
@@ -238,7 +252,7 @@ def run(
     t0 = time.perf_counter()
     out = Path(out_dir if out_dir is not None else cfg["out"])
     if cfg["transport"]["name"] != "inproc":
-        raise UserError(f"transport.name: 'dimat run' simulates every agent in one process (inproc); run "
+        raise UserError(f"{cfg.source}: transport.name: 'dimat run' simulates every agent in one process (inproc); run "
                         f"{cfg['transport']['name']!r} transports with 'dimat launch'")
     setup = prepare(cfg)  # every input error surfaces here, before anything is written
     check_run_dir(cfg, out, resume)
@@ -247,17 +261,22 @@ def run(
         atomic_write_text(out / "config.yaml", dump(cfg))
     from dimat.transport.inproc import make_inproc
 
+    from dimat import gossip
+
     transports = make_inproc([setup.topology.neighbors(k) for k in range(cfg["agents"])])
-    agents = [build_agent(cfg, setup, k, transports[k]) for k in range(cfg["agents"])]
+    if gossip.handles(cfg["merge"]["method"]):  # gradient-gossip baselines and centralised: a step-level loop
+        agents, driver = gossip.build_agents(cfg, setup, transports), gossip.drive
+    else:
+        agents, driver = [build_agent(cfg, setup, k, transports[k]) for k in range(cfg["agents"])], drive
     try:
-        done = drive(cfg, agents, out, out / "metrics.jsonl", resume=resume, quiet=quiet,
-                     stop_after_round=stop_after_round)
+        done = driver(cfg, agents, out, out / "metrics.jsonl", resume=resume, quiet=quiet,
+                      stop_after_round=stop_after_round)
     finally:
         for t in transports:
             t.close()
     if not done:
         return None
-    summary = summarize(read_metrics([out / "metrics.jsonl"]), cfg["merge"]["method"], cfg["agents"],
+    summary = summarize(read_metrics([out / "metrics.jsonl"]), cfg["merge"]["method"], len(agents),
                         cfg["rounds"], wall_s=time.perf_counter() - t0)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,46 +1,21 @@
 """Local training and evaluation on in-memory tensors (plain tensor batching: no DataLoader, no worker processes).
 
-An agent's data is a pair of tensors ``(x, y)``; :class:`TensorBatches` turns it into a re-iterable of
-``(input, target)`` batches, which is also what the merge operators take as local data.
+An agent's data is a pair of tensors ``(x, y)``, shuffled every epoch by the agent's own ``torch.Generator`` so
+that a run (and a resumed run) is reproducible.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["TensorBatches", "make_optimizer", "optimizer_factory", "train_epochs", "evaluate"]
+__all__ = ["make_optimizer", "optimizer_factory", "train_epochs", "evaluate"]
 
 #: momentum of the ``msgd`` optimizer
 MSGD_MOMENTUM = 0.9
-
-
-class TensorBatches:
-    """A re-iterable of ``(x[i:i+b], y[i:i+b])`` batches in a fixed order (the order of the rows).
-
-    Parameters
-    ----------
-    x, y : inputs and integer targets, same first dimension.
-    batch_size : rows per batch (the last batch may be smaller).
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
-        if len(x) != len(y):
-            raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.x, self.y, self.batch_size = x, y, int(batch_size)
-
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(0, len(self.x), self.batch_size):
-            yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size)
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

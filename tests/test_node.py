@@ -1,0 +1,193 @@
+"""dimat.Node: one agent's merge round over a transport, loaded in place."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dimat
+from dimat import merge
+from dimat.node import MergeResult, Node
+from dimat.topology import Topology
+from dimat.transport.base import Transport
+from dimat.transport.inproc import make_inproc
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def bn_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 4, generator=g) * 3 + 1, torch.zeros(16, dtype=torch.long)) for _ in range(n)]
+
+
+def state(m: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def nodes(topo: Topology, make=mlp, method="wa", **kw):
+    ts = make_inproc([topo.neighbors(k) for k in range(topo.num_agents)])
+    return [Node(make(k), topo, k, ts[k], batches(seed=k), method=method, **kw) for k in range(topo.num_agents)]
+
+
+def test_exported_from_package():
+    assert dimat.Node is Node and dimat.MergeResult is MergeResult
+
+
+def test_merge_is_jacobi_weighted_and_in_place():
+    topo = Topology.build("ring", 4)
+    ns = nodes(topo)
+    before = [state(n.model) for n in ns]
+    params = [list(n.model.parameters()) for n in ns]
+    for n in ns:
+        n.post(0)
+    results = [n.merge_round(0) for n in ns]  # agent 1 merges after agent 0 changed: must still see its round-0 post
+    for k, (n, res) in enumerate(zip(ns, results)):
+        assert res.received == topo.neighbors(k) and res.missing == []
+        assert res.weights == pytest.approx(topo.weights(k))
+        for name, t in n.model.state_dict().items():
+            expect = sum(w * before[j][name].double() for j, w in topo.weights(k).items())
+            torch.testing.assert_close(t.double(), expect, atol=1e-6, rtol=0)
+        # the same parameter objects: an optimizer built before the merge still updates the model
+        assert all(p is q for p, q in zip(params[k], n.model.parameters()))
+        assert res.comm_bytes > 0 and res.merge_s >= 0 and res.comm_s >= 0
+
+
+def test_merge_round_posts_once_when_not_posted():
+    topo = Topology.build("fc", 2)
+    ns = nodes(topo)
+    ns[0].post(3)
+    ns[0].post(3)  # a second post of the same round is ignored
+    sent = ns[0].transport.bytes_sent
+    ns[1].merge_round(3)  # posts itself, then collects agent 0's snapshot
+    res = ns[0].merge_round(3)
+    assert ns[0].transport.bytes_sent == sent
+    assert res.received == [1]
+
+
+def test_received_snapshots_are_not_written_to():
+    topo = Topology.build("fc", 3)
+    ns = nodes(topo, make=bn_net)
+    for n in ns:
+        n.post(0)
+    box = ns[0].transport.mailbox
+    posted = {j: state_of(box.get(0, j)) for j in range(3)}
+    for n in ns:
+        n.merge_round(0)
+    for j in range(3):
+        for name, t in box.get(0, j).items():
+            assert torch.equal(t, posted[j][name])
+
+
+def state_of(snap):
+    return {k: v.clone() for k, v in snap.items()}
+
+
+class Lossy(Transport):
+    """Delivers only the snapshots of the given senders (the others are 'down')."""
+
+    def __init__(self, rank, snaps):
+        self.rank, self.snaps, self.posted = rank, snaps, []
+        self.bytes_sent = self.bytes_received = 0
+
+    def post(self, round, snapshot):
+        self.posted.append(round)
+
+    def collect(self, round):
+        return dict(self.snaps)
+
+
+def test_missing_neighbour_weights_are_renormalised():
+    topo = Topology.build("fc", 3)  # pi[0] = 1/3 each
+    own, other = mlp(0), mlp(1)
+    node = Node(own, topo, 0, Lossy(0, {2: state(other)}), batches(), method="wa")
+    before = state(own)
+    res = node.merge_round(0)
+    assert res.received == [2] and res.missing == [1]
+    assert res.weights == pytest.approx({0: 0.5, 2: 0.5})
+    for name, t in own.state_dict().items():
+        torch.testing.assert_close(t, (before[name] + state(other)[name]) / 2)
+
+
+def test_nothing_arrived_leaves_model_unchanged():
+    topo = Topology.build("ring", 3)
+    m = mlp(0)
+    before = state(m)
+    res = Node(m, topo, 0, Lossy(0, {}), batches(), method="wa").merge_round(0)
+    assert res.received == [] and res.missing == [1, 2] and res.weights == {0: 1.0}
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_snapshot_from_a_non_neighbour_is_ignored():
+    topo = Topology.build("ring", 5)  # 0's neighbours: 1 and 4
+    m = mlp(0)
+    res = Node(m, topo, 0, Lossy(0, {2: state(mlp(2))}), batches(), method="wa").merge_round(0)
+    assert res.received == [] and res.missing == [1, 4]
+
+
+def test_method_none_exchanges_nothing():
+    topo = Topology.build("ring", 3)
+    t = Lossy(0, {1: state(mlp(1))})
+    m = mlp(0)
+    before = state(m)
+    res = Node(m, topo, 0, t, batches(), method="none").merge_round(0)
+    assert t.posted == [] and res.comm_bytes == 0 and res.received == []
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    Node(mlp(0), topo, 0, None, None, method="none").merge_round(0)  # no transport needed
+
+
+def test_bn_statistics_are_recomputed_on_local_batches():
+    topo = Topology.build("fc", 2)
+    ns = nodes(topo, make=bn_net, bn_batches=2)
+    for n in ns:
+        n.post(0)
+    ns[0].merge_round(0)
+    merged = ns[0].model
+    # reference: the same weights, BN statistics averaged over the first 2 local batches
+    ref = bn_net(0)
+    ref.load_state_dict(merged.state_dict())
+    merge.reset_bn_stats(ref, ns[0].batches, 2)
+    bn = merged[1]
+    torch.testing.assert_close(bn.running_mean, ref[1].running_mean)
+    torch.testing.assert_close(bn.running_var, ref[1].running_var)
+    assert bn.momentum == 0.1  # the layer's normal momentum is back for local training
+    feats = torch.cat([merged[0](x) for x, _ in ns[0].batches[:2]])
+    torch.testing.assert_close(bn.running_mean, feats.mean(0).detach(), atol=1e-5, rtol=0)
+
+
+def test_bn_reset_can_be_turned_off():
+    topo = Topology.build("fc", 2)
+    ns = nodes(topo, make=bn_net, reset_bn=False)
+    states = [state(n.model) for n in ns]
+    for n in ns:
+        n.post(0)
+    ns[0].merge_round(0)
+    avg = (states[0]["1.running_mean"] + states[1]["1.running_mean"]) / 2
+    torch.testing.assert_close(ns[0].model[1].running_mean, avg)
+
+
+def test_bad_construction():
+    topo = Topology.build("ring", 3)
+    with pytest.raises(ValueError, match="rank 3"):
+        Node(mlp(0), topo, 3, None, None, method="none")
+    with pytest.raises(ValueError, match="give a transport"):
+        Node(mlp(0), topo, 0, None, None, method="wa")
+    with pytest.raises(ValueError, match="unknown merge method"):
+        Node(mlp(0), topo, 0, Lossy(0, {}), None, method="magic")
+
+
+def test_a_plain_mixing_matrix_works_as_topology():
+    pi = np.array([[0.5, 0.5, 0.0], [0.5, 0.25, 0.25], [0.0, 0.25, 0.75]])
+    node = Node(mlp(0), pi, 1, Lossy(1, {}), None, method="wa")
+    assert node.neighbors == [0, 2]

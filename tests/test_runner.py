@@ -1,0 +1,181 @@
+"""The in-process runner: run folder contents, reproducibility, resume, and the per-agent loop pieces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dimat import checkpoint, merge
+from dimat.config import resolve
+from dimat.errors import UserError
+from dimat.metrics import read_metrics
+from dimat.runner import build_agent, prepare, run
+
+TIMINGS = ("train_s", "merge_s", "comm_s")
+RECORD_KEYS = {"round", "agent", "phase", "test_acc", "test_loss", "local_test_acc", "train_loss", "train_s",
+               "merge_s", "comm_s", "comm_bytes"}
+
+
+def tiny(**over):
+    data = {"agents": 3, "rounds": 3, "data": {"dataset": "synthetic:train=300,test=90,features=16"},
+            "model": {"width": 0.25}, "merge": {"method": "wa", "stat_batches": 2, "bn_batches": 2},
+            "train": {"epochs": 1, "batch_size": 50, "lr": 0.01}}
+    for key, value in over.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            data.setdefault(section, {})[leaf] = value
+        else:
+            data[section] = value
+    return resolve(data)
+
+
+def no_timings(records):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+def test_run_writes_the_run_folder(tmp_path):
+    cfg = tiny(train__pretrain_epochs=1)
+    summary = run(cfg, tmp_path / "r", quiet=True)
+    out = tmp_path / "r"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "summary.json"]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert set(summary) == {"method", "agents", "rounds", "final_mean_acc", "final_min_acc", "final_max_acc",
+                            "per_agent_acc", "wall_s"}
+    assert summary["method"] == "wa" and summary["agents"] == 3 and summary["rounds"] == 3
+    assert summary["final_min_acc"] <= summary["final_mean_acc"] <= summary["final_max_acc"]
+    recs = read_metrics([out / "metrics.jsonl"])
+    # pretrain, then merge + train for rounds 0 and 1, merge only in the last round
+    phases = [(r["round"], r["phase"]) for r in recs if r["agent"] == 0]
+    assert phases == [(-1, "pretrain"), (0, "merge"), (0, "train"), (1, "merge"), (1, "train"), (2, "merge")]
+    assert all(RECORD_KEYS <= set(r) for r in recs)
+    merges = [r for r in recs if r["phase"] == "merge"]
+    assert all(r["comm_bytes"] > 0 and len(r["received"]) == 2 for r in merges)
+    assert all(r["train_loss"] is not None and r["train_s"] > 0 for r in recs if r["phase"] == "train")
+    last = [r["test_acc"] for r in recs if r["round"] == 2]
+    assert summary["per_agent_acc"] == last
+    for k in range(3):
+        assert torch.load(out / "checkpoints" / f"agent-{k}.pt", weights_only=True)["round"] == 2
+    assert "rounds: 3" in (out / "config.yaml").read_text()
+
+
+def test_training_improves_accuracy(tmp_path):
+    summary = run(tiny(train__epochs=5), tmp_path / "r", quiet=True)
+    first = [r["test_acc"] for r in read_metrics([tmp_path / "r/metrics.jsonl"]) if r["round"] == 0]
+    assert summary["final_mean_acc"] > 0.5  # 10 classes: chance is 0.1
+    assert summary["final_mean_acc"] > sum(first) / len(first) + 0.2
+
+
+def test_identical_runs_give_identical_results(tmp_path):
+    cfg = tiny(train__optimizer="msgd", train__keep_optimizer_state=True)
+    a = run(cfg, tmp_path / "a", quiet=True)
+    b = run(cfg, tmp_path / "b", quiet=True)
+    a.pop("wall_s"), b.pop("wall_s")  # the only field allowed to differ
+    assert a == b
+    ra, rb = (read_metrics([tmp_path / d / "metrics.jsonl"]) for d in "ab")
+    assert no_timings(ra) == no_timings(rb)
+
+
+def test_agents_differ_by_seed(tmp_path):
+    cfg = tiny(merge__method="none")  # no transport needed
+    setup = prepare(cfg)
+    a0, a1 = (build_agent(cfg, setup, k, None) for k in (0, 1))
+    assert not torch.equal(next(a0.model.parameters()), next(a1.model.parameters()))
+    cfg5 = tiny(merge__method="none", seed=5)
+    other = build_agent(cfg5, prepare(cfg5), 0, None)
+    assert not torch.equal(next(a0.model.parameters()), next(other.model.parameters()))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_resume_equals_uninterrupted(tmp_path, keep):
+    cfg = tiny(rounds=4, train__pretrain_epochs=1, train__keep_optimizer_state=keep, train__optimizer="adam")
+    full = run(cfg, tmp_path / "full", quiet=True)
+
+    out = tmp_path / "cut"
+    assert run(cfg, out, quiet=True, stop_after_round=1) is None
+    assert not (out / "summary.json").exists()
+    # Simulate an interruption inside round 2: a record of round 2 was written, and agent 0's checkpoint was
+    # already replaced by a (bogus) round-2 one while the others still hold round 1.
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"round": 2, "agent": 0, "phase": "merge", "test_acc": 0.0}) + "\n")
+        f.write('{"round": 2, "agent": 1, "pha')  # torn line
+    bogus = torch.load(out / "checkpoints/agent-0.pt", weights_only=True)
+    bogus["round"] = 2
+    checkpoint.save(out / "checkpoints", 0, bogus)
+    assert checkpoint.resume_round(out / "checkpoints", range(3)) == 1
+
+    resumed = run(cfg, out, resume=True, quiet=True)
+    full.pop("wall_s"), resumed.pop("wall_s")
+    assert resumed == full
+    assert no_timings(read_metrics([out / "metrics.jsonl"])) == no_timings(read_metrics([tmp_path / "full/metrics.jsonl"]))
+
+
+def test_resume_from_nothing_starts_over(tmp_path):
+    cfg = tiny(rounds=2)
+    out = tmp_path / "r"
+    run(cfg, out, quiet=True, stop_after_round=0)
+    for p in (out / "checkpoints").iterdir():
+        p.unlink()
+    resumed = run(cfg, out, resume=True, quiet=True)
+    again = run(cfg, tmp_path / "again", quiet=True)
+    resumed.pop("wall_s"), again.pop("wall_s")
+    assert resumed == again
+
+
+def test_resume_of_a_finished_run_rewrites_the_same_summary(tmp_path):
+    cfg = tiny(rounds=2)
+    first = run(cfg, tmp_path / "r", quiet=True)
+    second = run(cfg, tmp_path / "r", resume=True, quiet=True)
+    first.pop("wall_s"), second.pop("wall_s")
+    assert first == second
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    cfg = tiny(rounds=2)
+    run(cfg, tmp_path / "r", quiet=True, stop_after_round=0)
+    with pytest.raises(UserError, match=r"config.yaml: --resume needs the same config .* key 'train.lr'"):
+        run(tiny(rounds=2, train__lr=0.5), tmp_path / "r", resume=True, quiet=True)
+    moved = tiny(rounds=2, out="elsewhere")  # `out` may differ
+    assert run(moved, tmp_path / "r", resume=True, quiet=True) is not None
+
+
+def test_resume_needs_a_run_folder(tmp_path):
+    with pytest.raises(UserError, match="no run to resume"):
+        run(tiny(), tmp_path / "none", resume=True, quiet=True)
+    assert not (tmp_path / "none").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    run(tiny(rounds=1), tmp_path / "r", quiet=True)
+    before = (tmp_path / "r/metrics.jsonl").read_text()
+    with pytest.raises(UserError, match="already holds a run"):
+        run(tiny(rounds=1), tmp_path / "r", quiet=True)
+    assert (tmp_path / "r/metrics.jsonl").read_text() == before
+
+
+def test_method_none_trains_locally_without_traffic(tmp_path):
+    run(tiny(merge__method="none", rounds=2), tmp_path / "r", quiet=True)
+    recs = read_metrics([tmp_path / "r/metrics.jsonl"])
+    assert all(r["comm_bytes"] == 0 for r in recs)
+    assert all(r["received"] == [] for r in recs if r["phase"] == "merge")
+
+
+@pytest.mark.parametrize("method", sorted(m for m in merge.METHODS if m != "wa"))
+def test_every_registered_method_runs_on_a_bn_model(tmp_path, method):
+    cfg = tiny(rounds=2, merge__method=method, model={"name": "cnn", "width": 0.25},
+               data={"dataset": "digits", "partition": "iid"})
+    summary = run(cfg, tmp_path / "r", quiet=True)
+    assert summary["method"] == method and len(summary["per_agent_acc"]) == 3
+
+
+def test_a_transport_other_than_inproc_is_refused(tmp_path):
+    with pytest.raises(UserError, match="transport.name"):
+        run(tiny(transport={"name": "grpc"}), tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r").exists()
+
+
+def test_flip_on_non_images_is_refused(tmp_path):
+    with pytest.raises(UserError, match="data.flip"):
+        run(tiny(data={"dataset": "digits", "flip": True}), tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r").exists()
