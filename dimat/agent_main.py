@@ -86,7 +86,7 @@ def run_agent(
     t0 = time.perf_counter()
     with _open_transport(cfg, setup, rank, transport, peers) as t:
         agent = build_agent(cfg, setup, rank, t)
-        last = _restore(cfg, agent, out, t, transport) if resume else None
+        last = _restore(cfg, agent, out, t, transport, log) if resume else None
         first = max(0, (last if last is not None else -2) + 1)
         if resume and transport == "grpc":
             first = rejoin_round(t, setup.topology.neighbors(rank), first, log)
@@ -170,7 +170,8 @@ def _open_transport(cfg: Config, setup: Setup, rank: int, name: str, peers: Opti
 # ---------------------------------------------------------------------------------------------- resume / rejoin
 
 
-def _restore(cfg: Config, agent: Agent, out: Path, t: Transport, transport: str) -> Optional[int]:
+def _restore(cfg: Config, agent: Agent, out: Path, t: Transport, transport: str, log: Callable[[str], None]
+             ) -> Optional[int]:
     """Restore the checkpoint to continue from; returns its round (None: none, start from scratch)."""
     ckpt_dir = out / "checkpoints"
     last = checkpoint.resume_round(ckpt_dir, [agent.rank])
@@ -178,6 +179,9 @@ def _restore(cfg: Config, agent: Agent, out: Path, t: Transport, transport: str)
         last = _agree_min(t, last)
     if last is not None:
         restore_agent(agent, checkpoint.load(ckpt_dir, agent.rank, last))
+        log(f"agent {agent.rank}: restored round {last} from {ckpt_dir}")
+    else:
+        log(f"agent {agent.rank}: no checkpoint in {ckpt_dir}; starting from scratch")
     # Records of rounds after the checkpoint describe a model we no longer have.
     MetricsWriter.truncate_after(launcher.agent_metrics_path(out, agent.rank), last if last is not None else -2)
     return last
