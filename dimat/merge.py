@@ -279,6 +279,29 @@ def _first_input(batches: Batches) -> torch.Tensor:
     return next(iter_inputs(batches, 1))
 
 
+#: weight of the parameter tie-break next to correlations in [-1, 1]: it only decides between units whose
+#: correlations tie, e.g. units that never fire on the statistics batches (correlation 0 with everything).
+_TIE_BREAK = 1e-6
+
+
+def _unit_distance(s0: Dict[str, torch.Tensor], sj: Dict[str, torch.Tensor], group) -> torch.Tensor:
+    """Normalised squared distance between units of two models by their per-unit 1-D tensors (biases, BN entries)."""
+    cols0, colsj = [], []
+    for a in group.axes:
+        t0 = s0[a.tensor]
+        if t0.dim() != 1 or a.block != 1 or not t0.is_floating_point():
+            continue
+        v0 = t0[a.offset: a.offset + a.units].double()
+        vj = sj[a.tensor][a.offset: a.offset + a.units].double()
+        scale = float(torch.cat([v0, vj]).std()) + 1e-12
+        cols0.append(v0 / scale)
+        colsj.append(vj / scale)
+    if not cols0:
+        return torch.zeros(group.size, group.size, dtype=torch.float64)
+    d = torch.cdist(torch.stack(cols0, 1), torch.stack(colsj, 1)) ** 2
+    return d / (float(d.max()) + 1e-30)
+
+
 def activation_match(
     models: Sequence[nn.Module],
     weights: Sequence[float],
@@ -323,7 +346,10 @@ def activation_match(
     t = time.perf_counter()
     perms: List[Dict[int, torch.Tensor]] = [{} for _ in models[1:]]
     for j, corr in zip(todo, corrs):
-        perms[j - 1] = {gi: stats.match(c) for gi, c in corr.items()}
+        perms[j - 1] = {
+            gi: stats.match(c - _TIE_BREAK * _unit_distance(states[0], states[j], spec.groups[gi]))
+            for gi, c in corr.items()
+        }
     if profile is not None:
         profile["stats_s"] = t_stats
         profile["assign_s"] = time.perf_counter() - t

@@ -343,7 +343,9 @@ class _Deriver:
         touched = [a for a in _arg_nodes(node) if self.layout.get(a.name) is not None]
         if touched:
             what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-            self.notes.append(f"{node.op} {what} ({node.name}): {why}; groups of its inputs frozen")
+            if node.op == "call_module":
+                what = f"{what} ({type(self.gm.get_submodule(node.target)).__name__})"
+            self.notes.append(f"{node.op} {what}: {why}; groups of its inputs frozen")
         self.freeze_inputs(node, f"{why} at {node.name}")
 
     def visit(self, node: fx.Node) -> Optional[_Layout]:
@@ -811,7 +813,8 @@ def derive(model: nn.Module, example_input: torch.Tensor, self_test: bool = True
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
     except Exception as e:
-        msg = f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); nothing is permuted"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {first}); nothing is permuted"
         warnings.warn(msg, stacklevel=2)
         return PermutationSpec(groups=(), warnings=(msg,))
     d = _Deriver(gm, set(state))

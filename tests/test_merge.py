@@ -1,0 +1,433 @@
+"""Tests for dimat.merge: identity merges of hand-permuted copies, WA/DIMAT/WM agreement, BN reset, bad input.
+
+The permuted copies are made by this file's own code (per architecture, written out by hand), never by dimat, so
+an error in the derived groups cannot hide behind the same error in the permutation used to test it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dimat import merge, models, stats
+
+
+# --------------------------------------------------------------------------- hand-written permutations
+def _perm(n, gen):
+    p = torch.randperm(n, generator=gen)
+    return torch.roll(p, 1) if n > 1 and bool((p == torch.arange(n)).all()) else p
+
+
+@torch.no_grad()
+def _out(layer, p):
+    layer.weight.copy_(layer.weight[p])
+    if getattr(layer, "bias", None) is not None:
+        layer.bias.copy_(layer.bias[p])
+
+
+@torch.no_grad()
+def _bn(bn, p):
+    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        t.copy_(t[p])
+
+
+@torch.no_grad()
+def _in(layer, p, block=1):
+    idx = (p[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
+    layer.weight.copy_(layer.weight[:, idx])
+
+
+def _chain(convs, bns, p_in, p_out, gen):
+    """Permute a conv-BN chain: every inner output gets a fresh permutation, the last one gets ``p_out``."""
+    p = p_in
+    for k, (conv, bn) in enumerate(zip(convs, bns)):
+        _in(conv, p)
+        p = p_out if k == len(convs) - 1 else _perm(conv.out_channels, gen)
+        _out(conv, p)
+        _bn(bn, p)
+
+
+def _permute_resnet(m, gen):
+    s = _perm(m.conv1.out_channels, gen)
+    _out(m.conv1, s)
+    _bn(m.bn1, s)
+    for block in m.layers:
+        convs = [c for c in (block.conv1, block.conv2, getattr(block, "conv3", None)) if c is not None]
+        bns = [b for b in (block.bn1, block.bn2, getattr(block, "bn3", None)) if b is not None]
+        s_out = s if isinstance(block.shortcut, nn.Identity) else _perm(convs[-1].out_channels, gen)
+        if not isinstance(block.shortcut, nn.Identity):
+            _in(block.shortcut[0], s)
+            _out(block.shortcut[0], s_out)
+            _bn(block.shortcut[1], s_out)
+        _chain(convs, bns, s, s_out, gen)
+        s = s_out
+    _in(m.fc, s)
+
+
+def _permute_sequential_convs(features, gen):
+    """Conv-BN-ReLU stacks (cnn, vgg16): returns the permutation of the last conv."""
+    p = None
+    layers = list(features)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Conv2d):
+            if p is not None:
+                _in(layer, p)
+            p = _perm(layer.out_channels, gen)
+            _out(layer, p)
+            _bn(layers[i + 1], p)
+    return p
+
+
+def _permute_zoo(name, m, gen):
+    if name == "mlp":
+        p1, p2 = _perm(m.fc1.out_features, gen), _perm(m.fc2.out_features, gen)
+        _out(m.fc1, p1), _in(m.fc2, p1), _out(m.fc2, p2), _in(m.fc3, p2)
+    elif name == "cnn":
+        p = _permute_sequential_convs(m.features, gen)
+        fc1, fc2 = m.classifier[1], m.classifier[3]
+        _in(fc1, p, block=fc1.in_features // len(p))
+        q = _perm(fc1.out_features, gen)
+        _out(fc1, q), _in(fc2, q)
+    elif name == "vgg16":
+        _in(m.classifier, _permute_sequential_convs(m.features, gen))
+    else:
+        _permute_resnet(m, gen)
+
+
+# ------------------------------------------------------------------------------------ user-style models
+class UserMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 16), nn.Tanh())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def permute(self, gen):
+        p, q = _perm(20, gen), _perm(16, gen)
+        _out(self.body[0], p), _in(self.body[2], p), _out(self.body[2], q), _in(self.head, q)
+
+
+class UserConvFlat(nn.Module):
+    """Conv features flattened straight into a Linear: channel c owns inputs [c*HW, (c+1)*HW)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc1 = nn.Linear(6 * 4 * 4, 12)
+        self.fc2 = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.c1(x)))
+        x = nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+        x = x.view(x.size(0), -1)
+        return self.fc2(nn.functional.dropout(torch.relu(self.fc1(x)), 0.5, self.training))
+
+    def permute(self, gen):
+        p, q, r = _perm(8, gen), _perm(6, gen), _perm(12, gen)
+        _out(self.c1, p), _bn(self.bn1, p), _in(self.c2, p), _out(self.c2, q)
+        _in(self.fc1, q, block=16), _out(self.fc1, r), _in(self.fc2, r)
+
+
+class UserResidual(nn.Module):
+    """A residual block with a 1x1 conv-BN projection shortcut (8 -> 12 channels), then global pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+        self.bna = nn.BatchNorm2d(12)
+        self.b = nn.Conv2d(12, 12, 3, padding=1, bias=False)
+        self.bnb = nn.BatchNorm2d(12)
+        self.proj = nn.Sequential(nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12))
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = nn.functional.relu(self.bn0(self.stem(x)))
+        y = torch.relu(self.bna(self.a(x)))
+        y = self.bnb(self.b(y))
+        y = torch.relu(y + self.proj(x))
+        return self.fc(nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+    def permute(self, gen):
+        s, p, t = _perm(8, gen), _perm(12, gen), _perm(12, gen)
+        _out(self.stem, s), _bn(self.bn0, s), _in(self.a, s), _in(self.proj[0], s)
+        _out(self.a, p), _bn(self.bna, p), _in(self.b, p)
+        _out(self.b, t), _bn(self.bnb, t), _out(self.proj[0], t), _bn(self.proj[1], t), _in(self.fc, t)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+ZOO = {
+    "mlp": (dict(in_channels=1, image_size=8), (1, 8, 8)),
+    "cnn": (dict(in_channels=1, image_size=8), (1, 8, 8)),
+    "vgg16": (dict(width=0.25, image_size=16), (3, 16, 16)),
+    "resnet20": (dict(image_size=16), (3, 16, 16)),
+    "resnet50": (dict(width=0.125, image_size=16), (3, 16, 16)),
+}
+USER = {"user_mlp": (UserMLP, (12,)), "user_conv_flat": (UserConvFlat, (3, 8, 8)), "user_residual": (UserResidual, (3, 8, 8))}
+
+
+@torch.no_grad()
+def _randomise_bn(model, gen):
+    """Give BatchNorm layers non-trivial statistics so that mis-aligned merges show in the logits."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+
+
+def _pair(kind):
+    """Model A (eval mode), a hand-permuted copy B, batches, and a probe input."""
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    if kind in ZOO:
+        kw, shape = ZOO[kind]
+        a = models.build(kind, 10, **kw)
+    else:
+        cls, shape = USER[kind]
+        a = cls()
+    _randomise_bn(a, gen)
+    a.eval()
+    b = copy.deepcopy(a)
+    if kind in ZOO:
+        _permute_zoo(kind, b, gen)
+    else:
+        b.permute(gen)
+    batches = [(torch.randn(24, *shape, generator=gen), torch.zeros(24, dtype=torch.long)) for _ in range(3)]
+    probe = torch.randn(16, *shape, generator=gen)
+    return a, b, batches, probe
+
+
+def _rel(y, ref):
+    return float((y - ref).abs().max() / ref.abs().max())
+
+
+def _logits(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+# ------------------------------------------------------------------------------------------ identity merges
+@pytest.mark.parametrize("kind", list(ZOO) + list(USER))
+def test_activation_match_undoes_a_hand_made_permutation(kind):
+    a, b, batches, probe = _pair(kind)
+    ya = _logits(a, probe)
+    assert _rel(_logits(b, probe), ya) < 1e-5  # the hand permutation is a true symmetry
+    merged = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=False)
+    assert _rel(_logits(merged, probe), ya) < 1e-4
+    # not vacuous: plain averaging of the same pair changes the function
+    assert _rel(_logits(merge.average([a, b], [0.5, 0.5]), probe), ya) > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["cnn", "resnet20", "user_residual"])
+def test_weight_match_undoes_a_hand_made_permutation(kind):
+    a, b, batches, probe = _pair(kind)
+    merged = merge.weight_match([a, b], [0.5, 0.5], batches, reset_bn=False)
+    assert _rel(_logits(merged, probe), _logits(a, probe)) < 1e-4
+
+
+def test_three_models_with_uneven_weights():
+    a, b, batches, probe = _pair("user_conv_flat")
+    c = copy.deepcopy(a)
+    c.permute(torch.Generator().manual_seed(99))
+    merged = merge.activation_match([a, b, c], [2, 1, 1], batches, reset_bn=False)
+    assert _rel(_logits(merged, probe), _logits(a, probe)) < 1e-4
+
+
+def test_average_equals_activation_match_with_identity_permutations(monkeypatch):
+    a, b, batches, _ = _pair("resnet20")
+    monkeypatch.setattr(stats, "match", lambda corr: torch.arange(corr.shape[0]))
+    for reset in (False, True):
+        wa = merge.average([a, b], [0.3, 0.7], batches=batches, reset_bn=reset).state_dict()
+        am = merge.activation_match([a, b], [0.3, 0.7], batches, reset_bn=reset).state_dict()
+        assert wa.keys() == am.keys()
+        for k in wa:
+            assert torch.allclose(wa[k], am[k], rtol=1e-6, atol=1e-7), k
+
+
+def test_average_is_the_weighted_mean_and_integer_buffers_come_from_model_0():
+    a, b, _, _ = _pair("cnn")
+    b.features[1].num_batches_tracked.fill_(5)
+    m = merge.get("wa")([a, b], [1, 3])
+    sa, sb, sm = a.state_dict(), b.state_dict(), m.state_dict()
+    for k, v in sm.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, 0.25 * sa[k] + 0.75 * sb[k], atol=1e-6), k
+        else:
+            assert torch.equal(v, sa[k]), k
+    assert m is not a and m is not b
+
+
+# ----------------------------------------------------------------------------------------- side effects
+@pytest.mark.parametrize("method", sorted(merge.METHODS))
+def test_inputs_are_never_mutated(method):
+    a, b, batches, _ = _pair("resnet20")
+    a.train()
+    before = [copy.deepcopy(m.state_dict()) for m in (a, b)]
+    merged = merge.get(method)([a, b], [0.5, 0.5], batches=batches, reset_bn=True, stat_batches=2)
+    for m, sd in zip((a, b), before):
+        assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    assert a.training and not b.training  # modes restored
+    assert merged is not a and merged is not b
+    bns = [m for m in merged.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(bn.momentum == 0.1 for bn in bns)
+
+
+def test_reset_bn_stats_is_the_cumulative_average_and_restores_momentum():
+    model = UserConvFlat()
+    model.bn1.momentum = 0.3
+    model.eval()
+    batches = [torch.randn(10, 3, 8, 8) for _ in range(4)]
+    merge.reset_bn_stats(model, batches, num_batches=3)
+    with torch.no_grad():
+        pre = torch.cat([model.c1(x) for x in batches[:3]])
+    assert torch.allclose(model.bn1.running_mean, pre.mean((0, 2, 3)), atol=1e-5)
+    batch_vars = torch.stack([model.c1(x).detach().var((0, 2, 3)) for x in batches[:3]])
+    assert torch.allclose(model.bn1.running_var, batch_vars.mean(0), rtol=1e-4, atol=1e-6)
+    assert model.bn1.momentum == 0.3 and not model.training
+
+
+def test_groups_are_derived_once_per_architecture(monkeypatch):
+    a, b, batches, _ = _pair("user_mlp")
+    merge._SPEC_CACHE.clear()
+    calls = []
+    real = merge.permutation.derive
+    monkeypatch.setattr(merge.permutation, "derive", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(3):
+        merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=False)
+    assert len(calls) == 1
+
+
+def test_dead_units_give_no_nan():
+    a, b, batches, probe = _pair("user_mlp")
+    with torch.no_grad():
+        a.body[0].bias[:5] = -1e3  # five units that never fire
+    st = stats.CrossStats(4)
+    x = torch.randn(50, 4)
+    x[:, 1] = 0.0
+    st.update(x, x.clone())
+    corr = st.correlation()
+    assert torch.isfinite(corr).all() and corr[1].abs().sum() == 0 and corr[0, 0] == pytest.approx(1.0)
+    merged = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=False)
+    assert all(torch.isfinite(v).all() for v in merged.state_dict().values())
+
+
+def test_streaming_statistics_match_numpy():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 5, generator=gen) * 3 + 10
+    b = a @ torch.randn(5, 5, generator=gen) + torch.randn(300, 5, generator=gen)
+    st = stats.CrossStats(5)
+    for i in range(0, 300, 70):
+        st.update(a[i:i + 70], b[i:i + 70])
+    ref = np.corrcoef(a.double().numpy().T, b.double().numpy().T)[:5, 5:]
+    assert np.allclose(st.correlation().numpy(), ref, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _bad_models():
+    a, b, batches, _ = _pair("cnn")
+    return a, b, batches
+
+
+@pytest.mark.parametrize("method", sorted(merge.METHODS))
+def test_bad_inputs_raise_value_error(method):
+    fn = merge.get(method)
+    a, b, batches = _bad_models()
+
+    def call(models, weights=(0.5, 0.5), bt=batches):
+        return fn(models, list(weights), batches=bt, reset_bn=True)
+
+    with pytest.raises(ValueError, match="model 1 has a different architecture"):
+        call([a, models.build("mlp", 10, in_channels=1, image_size=8)])
+    with pytest.raises(ValueError, match=r"model 1: tensor 'features.0.weight' has shape"):
+        call([a, models.build("cnn", 10, width=0.5, in_channels=1, image_size=8)])
+    for bad in (float("nan"), float("inf")):
+        c = copy.deepcopy(b)
+        with torch.no_grad():
+            c.classifier[1].bias[3] = bad
+        with pytest.raises(ValueError, match=r"model 1: tensor 'classifier.1.bias' contains NaN or Inf"):
+            call([a, c])
+    with pytest.raises(ValueError, match="got 3 weights for 2 models"):
+        call([a, b], (0.2, 0.3, 0.5))
+    with pytest.raises(ValueError, match="weight 1 .* non-negative"):
+        call([a, b], (1.5, -0.5))
+    with pytest.raises(ValueError, match="sum to 0"):
+        call([a, b], (0, 0))
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        call([])
+    with pytest.raises(ValueError, match="batches is empty"):
+        call([a, b], bt=[])
+
+
+def test_unknown_method_lists_the_valid_names():
+    with pytest.raises(ValueError, match="dimat, wa, wm"):
+        merge.get("fedavg")
+
+
+def test_registered_methods_share_the_common_call():
+    a, b, batches, _ = _pair("user_mlp")
+    for name, fn in merge.METHODS.items():
+        out = fn([a, b], [0.5, 0.5], batches=batches, reset_bn=False, stat_batches=1)
+        assert isinstance(out, UserMLP), name
+
+
+# -------------------------------------------------------------------------------- trained models (digits)
+def _digits():
+    datasets = pytest.importorskip("sklearn.datasets")
+    d = datasets.load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(d.target)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[idx[:1400]], y[idx[:1400]], x[idx[1400:]], y[idx[1400:]]
+
+
+def _train_cnn(seed, xtr, ytr, epochs=3):
+    torch.manual_seed(seed)
+    m = models.build("cnn", 10, in_channels=1, image_size=8)
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    m.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(xtr))
+        for i in range(0, len(order), 64):
+            j = order[i:i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(xtr[j]), ytr[j]).backward()
+            opt.step()
+    return m
+
+
+def _accuracy(m, x, y):
+    return float((_logits(m, x).argmax(1) == y).float().mean()) * 100
+
+
+def test_activation_match_beats_average_on_independently_trained_cnns():
+    xtr, ytr, xte, yte = _digits()
+    a, b = _train_cnn(1, xtr, ytr), _train_cnn(2, xtr, ytr)
+    ends = [_accuracy(m, xte, yte) for m in (a, b)]
+    assert min(ends) > 90
+    batches = [(xtr[i:i + 128], ytr[i:i + 128]) for i in range(0, len(xtr), 128)]
+    wa = _accuracy(merge.average([a, b], [0.5, 0.5]), xte, yte)
+    dimat = _accuracy(merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True), xte, yte)
+    assert dimat >= wa + 10, (ends, wa, dimat)
+    assert dimat >= 0.85 * sum(ends) / 2, (ends, dimat)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet20", "user_mlp", "user_conv_flat", "user_residual"])
+def test_the_correlations_alone_recover_the_permutation(kind, monkeypatch):
+    # the parameter tie-break only separates units that never fire; these models have none on the batches
+    monkeypatch.setattr(merge, "_TIE_BREAK", 0.0)
+    a, b, batches, probe = _pair(kind)
+    merged = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=False)
+    assert _rel(_logits(merged, probe), _logits(a, probe)) < 1e-4

@@ -1,0 +1,255 @@
+"""Tests for dimat.permutation: derived groups, the invariance self-test, freezing, apply_permutation, describe."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from dimat import models
+from dimat.permutation import (
+    INVARIANCE_TOL,
+    AxisSlice,
+    PermutationSpec,
+    apply_permutation,
+    check_invariance,
+    derive,
+    random_perms,
+)
+
+# zoo model -> (build kwargs, example input shape); small widths and inputs keep the suite fast
+ZOO = {
+    "mlp": (dict(in_channels=1, image_size=8), (2, 1, 8, 8)),
+    "cnn": (dict(in_channels=1, image_size=8), (2, 1, 8, 8)),
+    "vgg16": (dict(width=0.25, image_size=16), (2, 3, 16, 16)),
+    "resnet20": (dict(image_size=16), (2, 3, 16, 16)),
+    "resnet50": (dict(width=0.125, image_size=16), (2, 3, 16, 16)),
+}
+
+
+def _zoo(name):
+    kw, shape = ZOO[name]
+    torch.manual_seed(0)
+    return models.build(name, 10, **kw), torch.randn(*shape)
+
+
+def _group_of(spec: PermutationSpec, tensor: str, axis: int):
+    hits = [g for g in spec.groups for a in g.axes if a.tensor == tensor and a.axis == axis]
+    assert len(hits) == 1, f"{tensor}[{axis}] is in {len(hits)} groups"
+    return hits[0]
+
+
+@pytest.fixture(scope="module")
+def zoo_specs():
+    out = {}
+    for name in ZOO:
+        model, x = _zoo(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the zoo must derive without any warning
+            out[name] = (model, x, derive(model, x))
+    return out
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_only_logits_are_frozen_and_self_test_passes(zoo_specs, name):
+    model, x, spec = zoo_specs[name]
+    frozen = [g for g in spec.groups if g.frozen]
+    assert len(frozen) == 1 and "network output" in frozen[0].frozen
+    last = [m for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    assert frozen[0].size == last.out_features == 10
+    errors = check_invariance(model, spec, x, seed=3)
+    assert set(errors) == set(spec.permutable) and spec.permutable
+    assert max(errors.values()) < INVARIANCE_TOL
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg16", "resnet50", "cnn"])
+def test_every_conv_output_is_permuted(zoo_specs, name):
+    model, _, spec = zoo_specs[name]
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert convs
+    for n in convs:
+        assert _group_of(spec, f"{n}.weight", 0).permutable, n
+
+
+def test_resnet20_residual_stream_is_one_group_per_stage(zoo_specs):
+    model, _, spec = zoo_specs["resnet20"]
+    stream = _group_of(spec, "conv1.weight", 0)
+    # the stem, every block output of stage 1 and the inputs of stage 2's first block share one permutation
+    names = {a.tensor for a in stream.axes}
+    assert {"layers.0.conv2.weight", "layers.2.conv2.weight", "layers.3.shortcut.0.weight"} <= names
+    assert stream.size == 16 and len(stream.sites) == 4
+    last = _group_of(spec, "fc.weight", 1)
+    assert last is _group_of(spec, "layers.6.shortcut.0.weight", 0) and last.size == 64
+    assert len(spec.permutable) == 3 + 9  # three residual streams and one inner group per block
+
+
+def test_cnn_flatten_gives_each_channel_its_block(zoo_specs):
+    model, _, spec = zoo_specs["cnn"]
+    g = _group_of(spec, "classifier.1.weight", 1)
+    (ax,) = [a for a in g.axes if a.tensor == "classifier.1.weight"]
+    assert ax.block == 2 * 2 and ax.units == 64 and g is _group_of(spec, "features.10.weight", 0)
+
+
+def test_describe_lists_size_axes_and_sites(zoo_specs):
+    _, _, spec = zoo_specs["cnn"]
+    text = spec.describe()
+    assert "group 3 [features.10] size 64, permuted" in text
+    assert "classifier.1.weight[axis 1 block 4]" in text
+    assert "input of classifier.1" in text
+    assert "FROZEN: reaches the network output" in text
+
+
+class ConcatNet(nn.Module):
+    """Two conv branches concatenated along channels, then a conv: torch.cat keeps one segment per branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.bn = nn.BatchNorm2d(10)
+        self.c = nn.Conv2d(10, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1)))
+        x = torch.relu(self.c(x)).mean((2, 3))
+        return self.fc(x)
+
+
+def test_cat_is_split_into_segments():
+    model, x = ConcatNet(), torch.randn(2, 3, 8, 8)
+    spec = derive(model, x)
+    ga, gb = _group_of(spec, "a.weight", 0), _group_of(spec, "b.weight", 0)
+    assert ga.permutable and gb.permutable and ga is not gb
+    assert AxisSlice("c.weight", 1, 0, 4) in ga.axes and AxisSlice("c.weight", 1, 4, 6) in gb.axes
+    assert AxisSlice("bn.running_var", 0, 4, 6) in gb.axes
+    assert _group_of(spec, "c.weight", 0).permutable  # the mean over H, W keeps c's channels
+    assert max(check_invariance(model, spec, x).values()) < INVARIANCE_TOL
+
+
+class GroupedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.dw(torch.relu(self.conv(x))))
+        return self.fc(torch.relu(self.pw(x)).mean((2, 3)))
+
+
+def test_grouped_conv_is_frozen_with_a_warning():
+    model, x = GroupedNet(), torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="grouped convolution"):
+        spec = derive(model, x)
+    assert "grouped convolution" in _group_of(spec, "conv.weight", 0).frozen
+    assert _group_of(spec, "pw.weight", 0).permutable
+
+
+class AttentionNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mid = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h, _ = self.attn(h, h, h)
+        return self.out(torch.relu(self.mid(h)))
+
+
+def test_attention_is_frozen_never_a_crash():
+    model, x = AttentionNet(), torch.randn(2, 5, 4)
+    with pytest.warns(UserWarning, match="MultiheadAttention"):
+        spec = derive(model, x)
+    assert _group_of(spec, "inp.weight", 0).frozen
+    assert _group_of(spec, "mid.weight", 0).permutable  # after the attention, the MLP is still understood
+    assert max(check_invariance(model, spec, x).values()) < INVARIANCE_TOL
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_untraceable_model_warns_and_permutes_nothing():
+    with pytest.warns(UserWarning, match="cannot trace"):
+        spec = derive(Untraceable(), torch.randn(2, 4))
+    assert spec.groups == () and spec.permutable == []
+
+
+class ScaledNet(nn.Module):
+    """A learned per-channel scale used through broadcasting, and a reshape that splits channels (frozen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(6, 1, 1) + 0.5)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)) * self.scale
+        h = torch.relu(self.conv2(h))
+        n, c, hh, ww = h.shape
+        h = h.view(n, 2, c // 2, hh, ww).mean(1)  # channel shuffle-like split: not understood, so frozen
+        return self.fc(h.mean((2, 3)))
+
+
+def test_broadcast_parameter_is_permuted_and_channel_split_is_frozen():
+    model, x = ScaledNet(), torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="splits or interleaves"):
+        spec = derive(model, x)
+    g = _group_of(spec, "conv.weight", 0)
+    assert g.permutable and AxisSlice("scale", 0, 0, 6) in g.axes
+    assert _group_of(spec, "conv2.weight", 0).frozen
+    assert max(check_invariance(model, spec, x).values()) < INVARIANCE_TOL
+
+
+def test_self_test_catches_a_wrong_group(zoo_specs):
+    model, x, spec = zoo_specs["cnn"]
+    gi = spec.permutable[1]
+    g = spec.groups[gi]
+    broken = PermutationSpec(
+        groups=tuple(
+            type(g)(size=g.size, axes=tuple(a for a in g.axes if "running_var" not in a.tensor), sites=g.sites)
+            if i == gi else h
+            for i, h in enumerate(spec.groups)
+        )
+    )
+    assert check_invariance(model, broken, x, groups=[gi])[gi] > 1e-3
+
+
+def test_apply_permutation_roundtrip_and_bad_size(zoo_specs):
+    model, _, spec = zoo_specs["resnet20"]
+    sd = model.state_dict()
+    perms = random_perms(spec, torch.Generator().manual_seed(1))
+    permuted = apply_permutation(sd, spec, perms)
+    assert not torch.equal(permuted["conv1.weight"], sd["conv1.weight"])
+    back = apply_permutation(permuted, spec, {i: torch.argsort(p) for i, p in perms.items()})
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    assert torch.equal(model.state_dict()["conv1.weight"], sd["conv1.weight"])  # input not modified
+    with pytest.raises(ValueError, match="group 0"):
+        apply_permutation(sd, spec, {0: torch.arange(3)})
+
+
+def test_derive_does_not_touch_the_model():
+    model, x = _zoo("cnn")
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    derive(model, x)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
