@@ -26,12 +26,10 @@ together, so they agree on the latest round all of them have completed and conti
 
 from __future__ import annotations
 
-import os
-import sys
+import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import yaml
 
@@ -43,7 +41,9 @@ from dimat.metrics import MetricsWriter, atomic_write_text
 from dimat.runner import Setup, build_agent, prepare
 from dimat.transport.base import Transport
 
-__all__ = ["run_agent", "claim_run_dir", "rejoin_round", "peers_for"]
+__all__ = ["run_agent", "check_multiprocess", "claim_run_dir", "rejoin_round", "peers_for"]
+
+_T0 = time.perf_counter()  # the process's start, for the summary's wall_s
 
 #: Config keys that may differ between the run folder's config.yaml and an agent's config.
 _LOCAL_KEYS = ("out",)
@@ -78,12 +78,12 @@ def run_agent(
     if rank >= cfg["agents"]:
         raise UserError(f"--rank {rank} is out of range: the config has {cfg['agents']} agents (ranks 0.."
                         f"{cfg['agents'] - 1})")
+    check_multiprocess(cfg)
     cfg = _with_transport(cfg, transport)
     setup = prepare(cfg)  # every input error surfaces before anything is written
     peers = peers_for(cfg, setup, peers_file) if transport == "grpc" else None
     out = Path(out_dir)
     claim_run_dir(cfg, out, rank, resume)
-    t0 = time.perf_counter()
     with _open_transport(cfg, setup, rank, transport, peers) as t:
         agent = build_agent(cfg, setup, rank, t)
         last = _restore(cfg, agent, out, t, transport, log) if resume else None
@@ -91,8 +91,21 @@ def run_agent(
         if resume and transport == "grpc":
             first = rejoin_round(t, setup.topology.neighbors(rank), first, log)
         _run_rounds(cfg, agent, out, last, first, resume, log)
-    log(f"agent {rank}: done in {time.perf_counter() - t0:.1f} s")
+        if transport == "torch":
+            _aggregate_after_all(cfg, out, rank, log)
+    log(f"agent {rank}: done in {time.perf_counter() - _T0:.1f} s")
     return 0
+
+
+def check_multiprocess(cfg: Mapping) -> None:
+    """UserError unless ``cfg`` can run one process per agent (the merge methods can; the step-level gossip
+    baselines and the centralised bound run only in ``dimat run``)."""
+    from dimat import gossip
+
+    method = cfg["merge"]["method"]
+    if gossip.handles(method):
+        raise UserError(f"merge.method: {method!r} exchanges models every local step and runs only in 'dimat run'; "
+                        f"one process per agent runs the merge methods (dimat, wm, wa, none)")
 
 
 def _with_transport(cfg: Config, transport: str) -> Config:
@@ -188,12 +201,26 @@ def _restore(cfg: Config, agent: Agent, out: Path, t: Transport, transport: str,
 
 
 def _agree_min(t: Transport, last: Optional[int]) -> Optional[int]:
-    """The latest round every agent of a torch.distributed job has completed (the minimum over the job)."""
-    agree = getattr(t, "agree_min", None)
-    if agree is None:
-        return last
-    value = agree(-2 if last is None else int(last))
+    """The latest round every agent of a torch.distributed job has completed (the minimum over the job).
+
+    Agents of one job finish a round within one round of each other (their exchanges are synchronous), and each
+    keeps its previous checkpoint, so every agent still holds the agreed round.
+    """
+    value = _all_reduce_min(-2 if last is None else int(last))
     return None if value < -1 else value
+
+
+def _all_reduce_min(value: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    # nccl reduces only GPU tensors; gloo only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def rejoin_round(t: Transport, neighbors: Sequence[int], first: int, log: Callable[[str], None] = print) -> int:
@@ -223,6 +250,29 @@ def rejoin_round(t: Transport, neighbors: Sequence[int], first: int, log: Callab
 
 
 # ---------------------------------------------------------------------------------------------- rounds
+
+
+def _aggregate_after_all(cfg: Config, out: Path, rank: int, log: Callable[[str], None]) -> None:
+    """torch.distributed: once every rank is done, rank 0 writes OUT/metrics.jsonl and OUT/summary.json.
+
+    Only when every agent's metrics file is in this OUT (one node, or a shared file system); over several nodes
+    each node keeps its agents' files. (``dimat launch`` aggregates by itself; this is for torchrun.)
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()  # bounded by the process group's timeout
+    paths = [launcher.agent_metrics_path(out, k) for k in range(cfg["agents"])]
+    if rank != 0 or not all(p.exists() for p in paths):
+        return
+    from dimat.metrics import read_metrics
+
+    records = read_metrics(paths)
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    launcher.write_summary(out, cfg, wall_s=time.perf_counter() - _T0)
+    log(f"agent {rank}: wrote {out / 'metrics.jsonl'} and {out / 'summary.json'} for all {cfg['agents']} agents")
+
 
 
 def _run_rounds(cfg: Config, agent: Agent, out: Path, last: Optional[int], first: int, resume: bool,

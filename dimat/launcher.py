@@ -519,6 +519,7 @@ def launch(
     host : address the gRPC servers / the torch rendezvous bind (local agents only).
     echo : where progress lines go.
     """
+    from dimat.agent_main import check_multiprocess
     from dimat.config import Config, dump
     from dimat.runner import check_run_dir, prepare
 
@@ -530,6 +531,7 @@ def launch(
     plain["out"] = str(out)
     plain["transport"] = dict(plain["transport"], name=transport)
     # Input errors surface here once, not N times in N agents' logs; and a finished run is never overwritten.
+    check_multiprocess(plain)
     prepare(plain)
     check_run_dir(Config.wrap(plain), out, resume)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,10 @@ def main(args: argparse.Namespace) -> int:
     result = launcher.launch(cfg, transport, args.out or cfg.out, timeout=args.timeout, resume=args.resume)
     if result.summary is not None:
         s = result.summary
-        print(f"dimat launch: final mean test accuracy {s['final_mean_acc']} (min {s['final_min_acc']}, "
-              f"max {s['final_max_acc']}); {result.out_dir / 'summary.json'}")
+        print(f"dimat launch: run folder {result.out_dir}: final mean accuracy {_pct(s['final_mean_acc'])} "
+              f"(min {_pct(s['final_min_acc'])}, max {_pct(s['final_max_acc'])}) in {s['wall_s']:.1f} s")
     return 0 if result.ok else 1
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
