@@ -26,7 +26,6 @@ together, so they agree on the latest round all of them have completed and conti
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Sequence
@@ -266,10 +265,6 @@ def _aggregate_after_all(cfg: Config, out: Path, rank: int, log: Callable[[str],
     paths = [launcher.agent_metrics_path(out, k) for k in range(cfg["agents"])]
     if rank != 0 or not all(p.exists() for p in paths):
         return
-    from dimat.metrics import read_metrics
-
-    records = read_metrics(paths)
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     launcher.write_summary(out, cfg, wall_s=time.perf_counter() - _T0)
     log(f"agent {rank}: wrote {out / 'metrics.jsonl'} and {out / 'summary.json'} for all {cfg['agents']} agents")
 

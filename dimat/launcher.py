@@ -9,7 +9,8 @@ merges or transports beyond the command line of ``dimat agent``. Layout of a lau
     OUT/pids/agent-K.exit       agent K's exit status, written by the agent as it exits (absent if it was killed)
     OUT/logs/agent-K.log        agent K's stdout and stderr
     OUT/metrics/agent-K.jsonl   agent K's metrics lines, one per line written as its rounds finish
-    OUT/metrics.jsonl           every agent's lines, appended by the launcher as they appear (watch it grow)
+    OUT/metrics.jsonl           every agent's lines, appended by the launcher as they appear (watch it grow);
+                                at the end rewritten sorted as ``dimat run`` writes it
     OUT/checkpoints/agent-K.pt  agent K's last complete round
 
 Every wait here has a deadline: ports are probed with bound sockets, processes are polled, and stopping an agent
@@ -579,10 +580,11 @@ def _start(config_path: Path, transport: str, n: int, out: Path, resume: bool, h
 
 
 def write_summary(out_dir: Path | str, cfg: Mapping, wall_s: float) -> Optional[dict]:
-    """Write ``OUT/summary.json`` from the per-agent metrics files (None, and nothing written, if there are none).
+    """Write the run's final ``metrics.jsonl`` and ``summary.json`` from the per-agent metrics files.
 
-    The per-agent files, not ``metrics.jsonl``, are the source: an agent that resumed has dropped the records of
-    the rounds it lost from its own file.
+    ``metrics.jsonl`` grew in the order the agents wrote their records; it is replaced (atomically) by every
+    agent's records sorted as ``dimat run`` writes them, without the records an agent dropped when it resumed
+    from an earlier checkpoint. Returns the summary (None, and nothing written, when no agent wrote a record).
     """
     from dimat.metrics import atomic_write_text, read_metrics, summarize
 
@@ -591,7 +593,9 @@ def write_summary(out_dir: Path | str, cfg: Mapping, wall_s: float) -> Optional[
     paths = [p for p in paths if p.exists()]
     if not paths:
         return None
-    summary = summarize(read_metrics(paths), cfg["merge"]["method"], int(cfg["agents"]), int(cfg["rounds"]), wall_s)
+    records = read_metrics(paths)
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    summary = summarize(records, cfg["merge"]["method"], int(cfg["agents"]), int(cfg["rounds"]), wall_s)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
