@@ -69,6 +69,7 @@ DEFAULTS: Dict[str, Any] = {
         "name": "inproc",  # inproc (dimat run) | grpc | torch (dimat launch / dimat agent)
         "deadline_s": 60.0,  # seconds an agent waits for its neighbours' snapshots per round
     },
+    "threads": None,  # torch intra-op threads of the process (None: torch's default); results depend on it
     "out": None,  # run folder (None: runs/<config file stem>); `--out` overrides
 }
 
@@ -80,6 +81,7 @@ TYPES: Dict[str, Tuple[type, ...]] = {
     "merge.stat_batches": (int, type(None)),
     "merge.bn_batches": (int, type(None)),
     "gossip.lr": (int, float, type(None)),
+    "threads": (int, type(None)),
     "out": (str, type(None)),
 }
 
@@ -254,6 +256,8 @@ def _check_values(where: str, c: Dict[str, Any]) -> None:
         raise bad("gossip.momentum", f"must be in (0, 1), got {f['gossip.momentum']}")
     if f["gossip.lr"] is not None and not f["gossip.lr"] > 0:
         raise bad("gossip.lr", f"must be > 0 or null (train.lr), got {f['gossip.lr']}")
+    if f["threads"] is not None and f["threads"] < 1:
+        raise bad("threads", f"must be >= 1 or null (torch's default), got {f['threads']}")
     if not f["train.lr"] > 0:
         raise bad("train.lr", f"must be > 0, got {f['train.lr']}")
     if not f["model.width"] > 0:

@@ -90,7 +90,15 @@ def prepare(cfg: Mapping[str, Any]) -> Setup:
     ------
     UserError : unknown or malformed topology, dataset, partition or model; a topology whose size differs from
         ``agents``; a flip augmentation on data that are not images.
+
+    Notes
+    -----
+    Sets torch's thread count to ``threads`` when the config gives one (a process-wide setting). One thread is
+    often much faster for small models on a busy machine, and the count changes floating-point sums, so it is
+    part of what makes two runs identical.
     """
+    if cfg["threads"] is not None:
+        torch.set_num_threads(cfg["threads"])
     with _field(cfg, "topology"):
         topo = _topology(cfg)
         if topo.num_agents != cfg["agents"]:
