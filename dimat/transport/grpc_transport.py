@@ -1,0 +1,587 @@
+"""gRPC transport: one process per agent, each serving on its own host:port; the fault-tolerant transport.
+
+Each agent runs a ``dimat.v1.Peer`` server (proto/dimat.proto) plus the standard ``grpc.health.v1.Health``
+service. ``post(r, snapshot)`` returns at once; background threads stream the snapshot to every neighbour
+(header, then raw bytes in chunks of about 1 MiB), retrying with exponential backoff until the round's deadline.
+Incoming snapshots are authenticated (shared-secret HMAC), validated (manifest against my model, exact byte
+count, SHA-256, finite values) and kept in an inbox by ``(round, sender)``; ``collect(r)`` waits until every
+neighbour's round-r snapshot is there or the deadline passes. A neighbour that is down, late or sends something
+invalid is skipped for that round, with a logged reason (logger ``dimat.transport``) and an entry in
+:attr:`GrpcTransport.rejected`.
+
+Memory: the sender streams straight from the snapshot's tensors (no copy unless compressing or the tensor is
+not a contiguous CPU tensor), the receiver writes each payload into one preallocated buffer and views the tensors
+out of it. So a process holds its model, plus one payload-sized buffer per neighbour snapshot it receives.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dimat.transport import wire
+from dimat.transport._proto import dimat_pb2 as pb
+from dimat.transport._proto import dimat_pb2_grpc as pb_grpc
+from dimat.transport.base import Snapshot, Transport
+
+log = logging.getLogger("dimat.transport")
+
+#: Fully qualified gRPC service name of the peer service (also reported by the health service).
+SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
+_SEND_METHOD = f"/{SERVICE}/SendSnapshot"
+
+#: Status codes after which another attempt cannot succeed (the peer refused what we sent, not the network).
+_PERMANENT = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
+              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.CANCELLED}
+
+
+class Rejection(NamedTuple):
+    """A snapshot (or call) this agent refused: ``round`` and ``sender`` are -1 when not known yet."""
+
+    round: int
+    sender: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Certificate files (PEM) for TLS, and for mutual TLS when ``client_auth`` is set.
+
+    Attributes
+    ----------
+    cert, key : this agent's certificate chain and private key (served, and shown to peers under mTLS).
+    ca : the CA that signed the peers' certificates (verifies servers; under mTLS, clients too).
+    client_auth : mutual TLS: the server demands and verifies a client certificate signed by ``ca``.
+    server_name : the name to expect in peers' certificates instead of the host in their address (e.g. when
+        every agent's certificate is issued for one common name); None: the address's host.
+    """
+
+    cert: Union[str, Path]
+    key: Union[str, Path]
+    ca: Union[str, Path]
+    client_auth: bool = False
+    server_name: Optional[str] = None
+
+    def _read(self, which: str) -> bytes:
+        path = Path(getattr(self, which))
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise ValueError(f"TLS {which} file {path}: {e.strerror}") from None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self._read("key"), self._read("cert"))],
+                                           root_certificates=self._read("ca") if self.client_auth else None,
+                                           require_client_auth=self.client_auth)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        if self.client_auth:
+            return grpc.ssl_channel_credentials(self._read("ca"), self._read("key"), self._read("cert"))
+        return grpc.ssl_channel_credentials(self._read("ca"))
+
+
+class _Inbox:
+    """Validated snapshots by ``(round, sender)``, with a condition variable for ``collect``.
+
+    Snapshots of rounds at or below the last collected round are refused (late); future rounds are kept (a fast
+    neighbour may post r+1 before I collect r), at most ``max_rounds`` per sender, oldest evicted first.
+    """
+
+    def __init__(self, max_rounds: int):
+        self.max_rounds = max_rounds
+        self.floor = -1  # last collected round
+        self._items: Dict[Tuple[int, int], Tuple[Snapshot, wire.Layout]] = {}
+        self._cond = threading.Condition()
+
+    def put(self, round: int, sender: int, snap: Snapshot, layout: wire.Layout) -> Optional[str]:
+        """Store a snapshot; the reason it was not stored, or None."""
+        with self._cond:
+            if round <= self.floor:
+                return f"round {round} arrived after round {self.floor} was collected"
+            self._items[(round, sender)] = (snap, layout)
+            mine = sorted(r for r, s in self._items if s == sender)
+            for r in mine[:-self.max_rounds]:
+                del self._items[(r, sender)]
+                log.info("inbox: dropped round %d from %d (more than %d rounds ahead)", r, sender, self.max_rounds)
+            self._cond.notify_all()
+        return None
+
+    def wait(self, round: int, senders: Sequence[int], deadline: float) -> Dict[int, Tuple[Snapshot, wire.Layout]]:
+        """The ``senders``' round-``round`` items once all are in or at ``deadline`` (time.monotonic)."""
+        with self._cond:
+            while True:
+                got = {s: self._items[(round, s)] for s in senders if (round, s) in self._items}
+                left = deadline - time.monotonic()
+                if len(got) == len(senders) or left <= 0:
+                    return got
+                self._cond.wait(timeout=left)
+
+    def drop_through(self, round: int) -> None:
+        with self._cond:
+            self.floor = max(self.floor, round)
+            for key in [k for k in self._items if k[0] <= round]:
+                del self._items[key]
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class _Outgoing:
+    """One posted snapshot: its layout, its bytes (views), its hash, its deadline and its in-flight calls."""
+
+    def __init__(self, round: int, layout: wire.Layout, pieces, digest: bytes, deadline: float):
+        self.round = round
+        self.layout = layout
+        self.pieces = pieces
+        self.digest = digest
+        self.deadline = deadline
+        self.cancelled = threading.Event()
+        self.calls: Dict[int, grpc.Future] = {}
+        self.futures: List[Future] = []
+        self.lock = threading.Lock()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        with self.lock:
+            for call in self.calls.values():
+                call.cancel()
+
+
+class GrpcTransport(Transport):
+    """One agent's gRPC endpoint: a server for its in-neighbours' snapshots and clients to its out-neighbours.
+
+    Parameters
+    ----------
+    rank : this agent's rank.
+    neighbors : ranks whose snapshots I collect (the topology's ``neighbors(rank)``).
+    peers : rank -> ``"host:port"`` for (at least) every rank in ``send_to``, and my own unless ``listen`` is
+        given.
+    send_to : ranks I send my snapshot to; default ``neighbors`` (undirected graphs). For a directed graph, the
+        ranks ``k`` that list me among their neighbours.
+    listen : ``"host:port"`` to serve on; default ``peers[rank]``. Port 0 picks a free port (see
+        :attr:`address`).
+    template : my model's snapshot (or its :class:`~dimat.transport.wire.Layout`): incoming snapshots must have
+        exactly its tensor names, dtypes and shapes. Default: learnt from my first ``post``; snapshots that arrive
+        before that are checked when collected.
+    secret : shared secret (str or bytes). Every snapshot and Status call must carry an HMAC made with it;
+        wrong or missing gets UNAUTHENTICATED. None: no authentication (logged as a warning).
+    tls : certificates for TLS / mTLS; None: plaintext.
+    compress : None, ``"fp16"`` or ``"bf16"``: cast float32/float64 tensors for the wire (cast back on receipt).
+    deadline_s : seconds (from ``post(r)``, or from ``collect(r)`` when not posted) that a round's sends retry
+        and that ``collect(r)`` waits for the neighbours' snapshots.
+    connect_timeout_s : seconds one connection attempt may take (gRPC's minimum connect timeout), and the
+        default timeout of :meth:`peer_status`.
+    retry_initial_s, retry_max_s, retry_multiplier : exponential backoff between attempts to send to one
+        neighbour (seconds, seconds, factor); the first two also bound gRPC's reconnection backoff, so a
+        neighbour that comes up late is reached within ``retry_max_s`` of it listening.
+    chunk_bytes : payload bytes per stream message (about 1 MiB).
+    max_snapshot_bytes : largest payload accepted, checked before allocating anything.
+    max_header_bytes : largest header accepted (the manifest grows with the number of tensors).
+    max_clock_skew_s : how far a signed timestamp may be from this clock; nonces are remembered this long.
+    inbox_rounds : rounds kept per sender ahead of the last collected round.
+    max_workers : server threads (concurrent incoming calls); default ``2 * len(neighbors) + 4``.
+
+    Attributes
+    ----------
+    address : ``host:port`` actually bound.
+    rejected : recent :class:`Rejection` records (what was refused and why), newest last.
+    rejected_count : total refusals since construction.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        neighbors: Sequence[int],
+        peers: Mapping[int, str],
+        *,
+        send_to: Optional[Sequence[int]] = None,
+        listen: Optional[str] = None,
+        template: Union[Mapping[str, torch.Tensor], wire.Layout, None] = None,
+        secret: Union[str, bytes, None] = None,
+        tls: Optional[TLSConfig] = None,
+        compress: Optional[str] = None,
+        deadline_s: float = 60.0,
+        connect_timeout_s: float = 10.0,
+        retry_initial_s: float = 0.1,
+        retry_max_s: float = 2.0,
+        retry_multiplier: float = 2.0,
+        chunk_bytes: int = 1 << 20,
+        max_snapshot_bytes: int = 16 << 30,
+        max_header_bytes: int = 4 << 20,
+        max_clock_skew_s: float = 300.0,
+        inbox_rounds: int = 2,
+        max_workers: Optional[int] = None,
+    ):
+        self.rank = int(rank)
+        self.neighbors: List[int] = sorted({int(j) for j in neighbors} - {self.rank})
+        self.send_to: List[int] = sorted({int(j) for j in (neighbors if send_to is None else send_to)} - {self.rank})
+        self.peers: Dict[int, str] = {int(k): str(v) for k, v in peers.items()}
+        missing = [j for j in self.send_to if j not in self.peers]
+        if missing:
+            raise ValueError(f"no address for neighbour(s) {missing} in peers")
+        if listen is None:
+            if self.rank not in self.peers:
+                raise ValueError(f"no address to listen on: give listen= or peers[{self.rank}]")
+            listen = self.peers[self.rank]
+        _check_positive(deadline_s=deadline_s, connect_timeout_s=connect_timeout_s, retry_initial_s=retry_initial_s,
+                        retry_max_s=retry_max_s, chunk_bytes=chunk_bytes, max_snapshot_bytes=max_snapshot_bytes,
+                        max_header_bytes=max_header_bytes, max_clock_skew_s=max_clock_skew_s,
+                        inbox_rounds=inbox_rounds)
+        if retry_multiplier < 1:
+            raise ValueError(f"retry_multiplier must be >= 1, got {retry_multiplier}")
+        if compress not in wire.COMPRESS:
+            raise ValueError(f"compress must be one of None, 'fp16', 'bf16', got {compress!r}")
+        if isinstance(secret, str):
+            secret = secret.encode()
+        if secret is not None and not secret:
+            raise ValueError("secret must not be empty (use None for no authentication)")
+        self.compress = None if compress == "none" else compress
+        self.deadline_s = float(deadline_s)
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.retry_initial_s = float(retry_initial_s)
+        self.retry_max_s = float(retry_max_s)
+        self.retry_multiplier = float(retry_multiplier)
+        self.chunk_bytes = int(chunk_bytes)
+        self.max_snapshot_bytes = int(max_snapshot_bytes)
+        self.max_header_bytes = int(max_header_bytes)
+        # Explicit limits: a chunk frame is chunk_bytes plus a few bytes of protobuf framing, so gRPC's 4 MiB
+        # default would refuse exactly-4-MiB chunks.
+        self.max_message_bytes = max(self.chunk_bytes, self.max_header_bytes) + 1024
+        self._secret = secret
+        self._verifier = wire.Verifier(secret, max_clock_skew_s) if secret is not None else None
+        self._tls = tls
+        self._expected: Optional[wire.Layout] = (
+            template if isinstance(template, wire.Layout) or template is None else wire.layout_of(template))
+
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.rejected: Deque[Rejection] = collections.deque(maxlen=1000)
+        self.rejected_count = 0
+        self.latest_posted = -1
+        self._lock = threading.Lock()
+        self._closed = False
+        self._inbox = _Inbox(inbox_rounds)
+        self._outgoing: Dict[int, _Outgoing] = {}
+        self._round_deadline: Dict[int, float] = {}
+        self._channels: Dict[int, grpc.Channel] = {}
+        self._senders = ThreadPoolExecutor(max_workers=max(1, len(self.send_to)),
+                                           thread_name_prefix=f"dimat-send-{self.rank}")
+        if secret is None:
+            log.warning("agent %d: no shared secret: snapshots are accepted from anyone who can connect", self.rank)
+
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=max_workers or 2 * len(self.neighbors) + 4,
+                                                      thread_name_prefix=f"dimat-serve-{self.rank}"),
+                                   options=self._options())
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+            # request_deserializer=None: SendSnapshot frames arrive as raw bytes and are decoded by wire.decode_frame,
+            # which views chunk bytes in place instead of copying them into a protobuf message.
+            "SendSnapshot": grpc.stream_unary_rpc_method_handler(
+                self._on_snapshot, response_serializer=pb.SendReply.SerializeToString),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                self._on_status, request_deserializer=pb.StatusRequest.FromString,
+                response_serializer=pb.StatusReply.SerializeToString),
+        }),))
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        try:
+            if tls is None:
+                port = self._server.add_insecure_port(listen)
+            else:
+                port = self._server.add_secure_port(listen, tls.server_credentials())
+        except RuntimeError as e:
+            raise ValueError(f"agent {self.rank}: cannot listen on {listen}: {e}") from None
+        if port == 0:
+            raise ValueError(f"agent {self.rank}: cannot listen on {listen} (address in use or not local?)")
+        self.address = f"{listen.rsplit(':', 1)[0]}:{port}"
+        self._server.start()
+        for name in ("", SERVICE):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("agent %d: serving on %s (%s, %s)", self.rank, self.address, "TLS" if tls else "plaintext",
+                 "shared secret" if secret else "no secret")
+
+    # ------------------------------------------------------------------------------------------ Transport API
+    def post(self, round: int, snapshot: Mapping[str, torch.Tensor]) -> None:
+        """Start sending my round-``round`` snapshot to ``send_to``; returns once it is hashed.
+
+        The payload's SHA-256 is taken here, so what neighbours receive is the snapshot as it was at this call or
+        nothing (a receiver refuses bytes that changed under the hash). Do not modify the tensors until
+        ``collect(round)`` returns: it also waits (within the deadline) for these sends to finish.
+        """
+        self._check_open()
+        round = int(round)
+        layout = wire.layout_of(snapshot, self.compress)
+        full = layout if self.compress is None else wire.layout_of(snapshot)
+        if self._expected is None:
+            self._expected = full
+        elif full.fingerprint != self._expected.fingerprint:
+            wire.check_against(full, self._expected)  # raises WireError naming the difference
+        pieces = wire.tensor_views(snapshot, layout)
+        digest = wire.payload_sha256(pieces, layout.payload_bytes)
+        deadline = time.monotonic() + self.deadline_s
+        out = _Outgoing(round, layout, pieces, digest, deadline)
+        with self._lock:
+            self._round_deadline[round] = deadline
+            for r, old in list(self._outgoing.items()):
+                if r < round:  # superseded: a newer round is more useful to the neighbours
+                    old.cancel()
+                    del self._outgoing[r]
+            if round in self._outgoing:
+                self._outgoing[round].cancel()
+            self._outgoing[round] = out
+            self.latest_posted = max(self.latest_posted, round)
+            out.futures = [self._senders.submit(self._send_loop, j, out) for j in self.send_to]
+
+    def collect(self, round: int) -> Dict[int, Snapshot]:
+        """Neighbours' round-``round`` snapshots that arrived and passed validation before the deadline.
+
+        Waits until all of :attr:`neighbors` delivered or the deadline passes (``deadline_s`` after
+        ``post(round)``, or after this call if ``round`` was not posted), then until my own round-``round`` sends
+        finish (same deadline). Afterwards snapshots for this round or older are refused as late.
+        """
+        self._check_open()
+        round = int(round)
+        with self._lock:
+            deadline = self._round_deadline.get(round, time.monotonic() + self.deadline_s)
+        got = self._inbox.wait(round, self.neighbors, deadline)
+        with self._lock:
+            out = self._outgoing.get(round)
+        if out is not None:
+            for f in out.futures:
+                try:
+                    f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+                except Exception:  # a send that overran its deadline; cancelled just below
+                    pass
+            out.cancel()
+        self._inbox.drop_through(round)
+        with self._lock:
+            for r in [r for r in self._round_deadline if r <= round]:
+                del self._round_deadline[r]
+            for r in [r for r in self._outgoing if r <= round]:
+                del self._outgoing[r]
+        result: Dict[int, Snapshot] = {}
+        for sender, (snap, layout) in sorted(got.items()):
+            if self._expected is not None and layout.fingerprint != self._expected.fingerprint:
+                try:  # arrived before I knew my own model: check it now
+                    wire.check_against(layout, self._expected)
+                except wire.WireError as e:
+                    self._reject(round, sender, str(e), "collect")
+                    continue
+            result[sender] = snap
+        missing = [j for j in self.neighbors if j not in result]
+        if missing:
+            log.info("agent %d round %d: no snapshot from %s", self.rank, round, missing)
+        return result
+
+    def close(self) -> None:
+        """Stop serving, cancel sends in flight, close channels. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            outs = list(self._outgoing.values())
+            self._outgoing.clear()
+        for out in outs:
+            out.cancel()
+        self._inbox.wake()
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace=0.5).wait(5.0)
+        self._senders.shutdown(wait=True, cancel_futures=True)
+        for ch in self._channels.values():
+            ch.close()
+        self._channels.clear()
+
+    # ------------------------------------------------------------------------------------------------ queries
+    @property
+    def latest_collected(self) -> int:
+        """The last round collected (-1 before the first)."""
+        return self._inbox.floor
+
+    def peer_status(self, peer: int, timeout_s: Optional[float] = None) -> Optional[pb.StatusReply]:
+        """Ask neighbour ``peer`` for its rank and latest posted/collected rounds (e.g. to rejoin after a restart).
+
+        Returns None (logged) when it cannot be reached within ``timeout_s`` (default ``connect_timeout_s``) or
+        refuses.
+        """
+        self._check_open()
+        req = pb.StatusRequest(sender=self.rank)
+        if self._secret is not None:
+            req.auth.CopyFrom(wire.sign(self._secret, wire.status_auth_fields(self.rank)))
+        try:
+            return pb_grpc.PeerStub(self._channel(peer)).Status(req, timeout=timeout_s or self.connect_timeout_s)
+        except grpc.RpcError as e:
+            log.info("agent %d: Status of %d failed: %s %s", self.rank, peer, e.code().name, e.details())
+            return None
+
+    # ------------------------------------------------------------------------------------------------ sending
+    def _send_loop(self, peer: int, out: _Outgoing) -> bool:
+        delay = self.retry_initial_s
+        attempts = 0
+        last = "no attempt"
+        while not out.cancelled.is_set() and not self._closed:
+            remaining = out.deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            attempts += 1
+            ok, retry, last = self._send_once(peer, out, remaining)
+            if ok:
+                return True
+            if not retry:
+                log.warning("agent %d: round %d to %d not delivered: %s", self.rank, out.round, peer, last)
+                return False
+            sleep = min(delay, max(0.0, out.deadline - time.monotonic()))
+            out.cancelled.wait(sleep)
+            delay = min(delay * self.retry_multiplier, self.retry_max_s)
+        if not out.cancelled.is_set() and not self._closed:
+            log.warning("agent %d: round %d to %d not delivered by the deadline after %d attempt(s): %s",
+                        self.rank, out.round, peer, attempts, last)
+        return False
+
+    def _send_once(self, peer: int, out: _Outgoing, remaining: float) -> Tuple[bool, bool, str]:
+        """One attempt: (delivered, worth retrying, what happened)."""
+        channel = self._channel(peer)
+        header = wire.make_header(self.rank, out.round, out.layout, out.digest, self._secret)
+        call = channel.stream_unary(_SEND_METHOD, request_serializer=None,
+                                    response_deserializer=pb.SendReply.FromString)
+        with out.lock:
+            if out.cancelled.is_set():
+                return False, False, "cancelled"
+            # wait_for_ready: a neighbour that is not up yet is waited for (gRPC reconnects with the backoff set
+            # in _options) instead of failing the call at once.
+            fut = call.future(self._frames(header, out), timeout=max(0.001, out.deadline - time.monotonic()),
+                              wait_for_ready=True)
+            out.calls[peer] = fut
+        try:
+            reply = fut.result()
+        except grpc.RpcError as e:
+            code = e.code()
+            return False, code not in _PERMANENT, f"{code.name}: {e.details()}"
+        except grpc.FutureCancelledError:
+            return False, False, "cancelled"
+        finally:
+            with out.lock:
+                out.calls.pop(peer, None)
+        if not reply.accepted:
+            return False, False, f"refused: {reply.reason}"
+        with self._lock:
+            self.bytes_sent += out.layout.payload_bytes
+        return True, False, "delivered"
+
+    def _frames(self, header: pb.SnapshotHeader, out: _Outgoing) -> Iterator[bytes]:
+        yield wire.encode_header(header)
+        for chunk in wire.iter_payload(out.pieces, out.layout.payload_bytes, self.chunk_bytes):
+            if out.cancelled.is_set():
+                return
+            yield wire.encode_chunk(chunk)
+
+    def _channel(self, peer: int) -> grpc.Channel:
+        with self._lock:
+            ch = self._channels.get(peer)
+            if ch is None:
+                if peer not in self.peers:
+                    raise ValueError(f"no address for agent {peer}")
+                opts = self._options()
+                if self._tls is None:
+                    ch = grpc.insecure_channel(self.peers[peer], options=opts)
+                else:
+                    if self._tls.server_name:
+                        opts.append(("grpc.ssl_target_name_override", self._tls.server_name))
+                    ch = grpc.secure_channel(self.peers[peer], self._tls.channel_credentials(), options=opts)
+                self._channels[peer] = ch
+            return ch
+
+    def _options(self) -> List[Tuple[str, int]]:
+        return [("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                # gRPC uses the "min reconnect backoff" as the minimum time one connection attempt may take.
+                ("grpc.min_reconnect_backoff_ms", int(self.connect_timeout_s * 1000)),
+                ("grpc.initial_reconnect_backoff_ms", int(self.retry_initial_s * 1000)),
+                ("grpc.max_reconnect_backoff_ms", int(self.retry_max_s * 1000))]
+
+    # ---------------------------------------------------------------------------------------------- receiving
+    def _on_snapshot(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.SendReply:
+        peer = context.peer()
+        round, sender = -1, -1
+
+        def refuse(reason: str) -> pb.SendReply:
+            self._reject(round, sender, reason, peer)
+            return pb.SendReply(accepted=False, reason=reason)
+
+        try:
+            raw = next(frames, None)
+            if raw is None:
+                return refuse("empty stream")
+            if len(raw) > self.max_header_bytes:
+                return refuse(f"header of {len(raw)} bytes exceeds the limit of {self.max_header_bytes}")
+            header = wire.decode_frame(raw)
+            if not isinstance(header, pb.SnapshotHeader):
+                return refuse("stream does not start with a header")
+            round, sender = int(header.round), int(header.sender)
+            if self._verifier is not None:
+                try:
+                    self._verifier.verify(wire.header_auth_fields(header),
+                                          header.auth if header.HasField("auth") else None)
+                except wire.AuthError as e:
+                    self._reject(round, sender, f"unauthenticated: {e}", peer)
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
+            if sender not in self.neighbors:
+                return refuse(f"sender {sender} is not a neighbour of agent {self.rank}")
+            if round <= self._inbox.floor:
+                return refuse(f"late: round {round} arrived after round {self._inbox.floor} was collected")
+            layout = wire.check_header(header, self._expected, self.max_snapshot_bytes)
+            asm = wire.Assembler(layout, header.payload_sha256)
+            for raw in frames:
+                chunk = wire.decode_frame(raw)
+                if not isinstance(chunk, memoryview):
+                    return refuse("a second header inside the payload")
+                asm.add(chunk)
+            snap = asm.finish()
+        except wire.WireError as e:
+            return refuse(str(e))
+        if self._closed:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down")
+        why = self._inbox.put(round, sender, snap, layout)
+        if why is not None:
+            return refuse(f"late: {why}")
+        with self._lock:
+            self.bytes_received += layout.payload_bytes
+        log.debug("agent %d: round %d from %d accepted (%d bytes)", self.rank, round, sender, layout.payload_bytes)
+        return pb.SendReply(accepted=True)
+
+    def _on_status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        if self._verifier is not None:
+            try:
+                self._verifier.verify(wire.status_auth_fields(request.sender),
+                                      request.auth if request.HasField("auth") else None)
+            except wire.AuthError as e:
+                self._reject(-1, int(request.sender), f"unauthenticated Status call: {e}", context.peer())
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
+        return pb.StatusReply(rank=self.rank, latest_posted_round=self.latest_posted,
+                              latest_collected_round=self._inbox.floor,
+                              fingerprint=self._expected.fingerprint if self._expected is not None else b"")
+
+    def _reject(self, round: int, sender: int, reason: str, where: str) -> None:
+        log.warning("agent %d: refused round %d from %d (%s): %s", self.rank, round, sender, where, reason)
+        with self._lock:
+            self.rejected.append(Rejection(round, sender, reason))
+            self.rejected_count += 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"agent {self.rank}: transport is closed")
+
+
+def _check_positive(**values: float) -> None:
+    for name, v in values.items():
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")

@@ -1,0 +1,533 @@
+"""The snapshot wire format: manifest, fingerprint, payload layout, authentication, chunk framing and validation.
+
+Pure functions and small records shared by the gRPC transport (which streams the payload in chunks) and the
+torch.distributed transport (which sends it as one flat buffer). Nothing here opens a socket.
+
+A snapshot (a ``state_dict``) becomes
+
+* a **manifest**: one :class:`Entry` per tensor in state_dict order (name, dtype, shape, wire dtype, byte offset
+  and byte count in the payload);
+* a **payload**: the tensors' raw bytes laid end to end, each starting at a multiple of :data:`ALIGN` bytes
+  (zero padding between them), optionally cast to float16/bfloat16 on the wire (``compress``);
+* a **fingerprint**: SHA-256 over the ordered ``(name, dtype, shape)`` triples, i.e. the architecture, and the
+  SHA-256 of the payload.
+
+The receiver checks the declared manifest against its own model's manifest and recomputes the layout from it
+*before* allocating anything (:func:`check_header`), writes the chunks into one preallocated buffer
+(:class:`Assembler`), checks the exact byte count and the hash, views the tensors out of that buffer without
+copying (:func:`unpack`) and refuses non-finite values (:func:`check_finite`). Every refusal raises
+:class:`WireError` whose message is the logged reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from dimat.transport._proto import dimat_pb2 as pb
+
+#: Every tensor starts at a multiple of this many payload bytes, so that it can be viewed in place as any dtype.
+ALIGN = 8
+
+#: dtypes a snapshot may hold, by their wire name (torch's name without the ``torch.`` prefix).
+DTYPES: Dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+#: Values of ``compress`` (None: full precision) -> wire dtype of floating tensors.
+COMPRESS = {None: None, "none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+class WireError(ValueError):
+    """A snapshot (or its header) was refused; the message is the reason that gets logged."""
+
+
+class AuthError(WireError):
+    """Wrong or missing shared secret, replayed nonce or stale timestamp."""
+
+
+# ------------------------------------------------------------------------------------------------- manifest
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a snapshot and where its bytes lie in the payload.
+
+    Attributes
+    ----------
+    name : state_dict key.
+    dtype : dtype name in the model (a key of :data:`DTYPES`).
+    shape : tensor shape.
+    wire_dtype : dtype name of the bytes on the wire (differs from ``dtype`` only when compressed).
+    offset : first payload byte of this tensor.
+    nbytes : payload bytes of this tensor (numel times the wire dtype's item size).
+    """
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    wire_dtype: str
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A snapshot's manifest and payload size: everything needed to pack or unpack its payload."""
+
+    entries: Tuple[Entry, ...]
+    payload_bytes: int
+
+    @property
+    def fingerprint(self) -> bytes:
+        """SHA-256 over the ordered ``(name, dtype, shape)`` triples (independent of compression)."""
+        return fingerprint(self.entries)
+
+    @property
+    def full_bytes(self) -> int:
+        """Payload bytes of this manifest without compression (the receiver's bound on a declared size)."""
+        return lay_out([(e.name, e.dtype, e.shape, e.dtype) for e in self.entries]).payload_bytes
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Wire name of a torch dtype; ValueError for dtypes a snapshot cannot carry (complex, quantized...)."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} cannot be sent; supported: {', '.join(DTYPES)}") from None
+
+
+def itemsize(name: str) -> int:
+    return torch.empty((), dtype=DTYPES[name]).element_size()
+
+
+def lay_out(specs: Sequence[Tuple[str, str, Sequence[int], str]]) -> Layout:
+    """The layout of tensors given as ``(name, dtype, shape, wire_dtype)``: aligned offsets, end to end."""
+    entries: List[Entry] = []
+    pos = 0
+    for name, dtype, shape, wire in specs:
+        shape = tuple(int(s) for s in shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        pos = _align(pos)
+        nbytes = numel * itemsize(wire)
+        entries.append(Entry(name, dtype, shape, wire, pos, nbytes))
+        pos += nbytes
+    return Layout(tuple(entries), pos)
+
+
+def _wire_dtype(t: torch.Tensor, compress: Optional[torch.dtype]) -> torch.dtype:
+    """float32/float64 tensors go as ``compress``; a tensor that float16 cannot hold (|x| > 65504) stays exact."""
+    if compress is None or t.dtype not in (torch.float32, torch.float64):
+        return t.dtype
+    if compress == torch.float16 and t.numel() and float(t.detach().abs().max()) > _FP16_MAX:
+        return t.dtype
+    return compress
+
+
+def layout_of(snapshot: Mapping[str, torch.Tensor], compress: Optional[str] = None) -> Layout:
+    """The layout of a snapshot; ``compress`` is None, ``"fp16"`` or ``"bf16"``.
+
+    Raises
+    ------
+    ValueError : a value that is not a tensor, an unsupported dtype or compression.
+    """
+    if compress not in COMPRESS:
+        raise ValueError(f"compress must be one of None, 'fp16', 'bf16', got {compress!r}")
+    wire = COMPRESS[compress]
+    specs = []
+    for name, t in snapshot.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"snapshot entry {name!r} is a {type(t).__name__}, not a tensor")
+        specs.append((name, dtype_name(t.dtype), tuple(t.shape), dtype_name(_wire_dtype(t, wire))))
+    return lay_out(specs)
+
+
+def fingerprint(entries: Sequence[Entry]) -> bytes:
+    """SHA-256 over the ordered ``(name, dtype, shape)`` triples of a manifest: the architecture's identity."""
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(f"{e.name}\0{e.dtype}\0{','.join(map(str, e.shape))}\n".encode())
+    return h.digest()
+
+
+# ------------------------------------------------------------------------------------------- pack / unpack
+def tensor_views(snapshot: Mapping[str, torch.Tensor], layout: Layout) -> List[Tuple[int, memoryview]]:
+    """``(offset, bytes)`` of each tensor as it goes on the wire, without copying where it can.
+
+    A contiguous CPU tensor whose wire dtype is its own dtype is viewed in place; any other (compressed,
+    non-contiguous, on an accelerator) is converted into a new CPU tensor first.
+    """
+    out = []
+    for e in layout.entries:
+        t = snapshot[e.name].detach()
+        wire = DTYPES[e.wire_dtype]
+        if t.device.type != "cpu" or t.dtype != wire or not t.is_contiguous():
+            t = t.to(device="cpu", dtype=wire).contiguous()
+        out.append((e.offset, _bytes_of(t)))
+    return out
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    if t.numel() == 0:
+        return memoryview(b"")
+    # A uint8 view of the same storage: numpy cannot represent bfloat16, bytes are bytes.
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def iter_payload(pieces: Sequence[Tuple[int, memoryview]], payload_bytes: int,
+                 chunk_bytes: int) -> Iterator[memoryview]:
+    """The payload as consecutive chunks of ``chunk_bytes`` (the last may be shorter), padding included.
+
+    Pieces larger than a chunk are sliced without copying; small neighbouring tensors are joined into one chunk.
+    """
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    buf = bytearray()
+    for mv in _with_padding(pieces, payload_bytes):
+        i, n = 0, len(mv)
+        while i < n:
+            if not buf and n - i >= chunk_bytes:
+                yield mv[i:i + chunk_bytes]
+                i += chunk_bytes
+                continue
+            take = min(chunk_bytes - len(buf), n - i)
+            buf += mv[i:i + take]
+            i += take
+            if len(buf) == chunk_bytes:
+                yield memoryview(bytes(buf))
+                buf = bytearray()
+    if buf:
+        yield memoryview(bytes(buf))
+
+
+def _with_padding(pieces: Sequence[Tuple[int, memoryview]], payload_bytes: int) -> Iterator[memoryview]:
+    pos = 0
+    for offset, mv in pieces:
+        if offset > pos:
+            yield memoryview(bytes(offset - pos))
+        yield mv
+        pos = offset + len(mv)
+    if payload_bytes > pos:
+        yield memoryview(bytes(payload_bytes - pos))
+
+
+def payload_sha256(pieces: Sequence[Tuple[int, memoryview]], payload_bytes: int) -> bytes:
+    """SHA-256 of the payload that :func:`iter_payload` yields (padding included), computed without joining it."""
+    h = hashlib.sha256()
+    for mv in _with_padding(pieces, payload_bytes):
+        h.update(mv)
+    return h.digest()
+
+
+def pack(snapshot: Mapping[str, torch.Tensor], layout: Layout,
+         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The payload as one flat uint8 tensor (``out`` is reused when given: same size, uint8, any device)."""
+    if out is None:
+        out = torch.zeros(layout.payload_bytes, dtype=torch.uint8)
+    elif out.dtype != torch.uint8 or out.numel() != layout.payload_bytes:
+        raise ValueError(f"out must be uint8 with {layout.payload_bytes} elements, got {out.dtype} {out.numel()}")
+    for e in layout.entries:
+        if e.nbytes:
+            _view(out, e).copy_(snapshot[e.name].detach())
+    return out
+
+
+def _view(buffer: torch.Tensor, e: Entry) -> torch.Tensor:
+    return buffer.narrow(0, e.offset, e.nbytes).view(DTYPES[e.wire_dtype]).view(e.shape)
+
+
+def unpack(buffer: torch.Tensor, layout: Layout) -> Dict[str, torch.Tensor]:
+    """Tensors viewed out of a flat uint8 payload; only compressed tensors are copied (cast back to their dtype)."""
+    if buffer.numel() != layout.payload_bytes:
+        raise WireError(f"payload has {buffer.numel()} bytes, manifest says {layout.payload_bytes}")
+    out: Dict[str, torch.Tensor] = {}
+    for e in layout.entries:
+        if e.nbytes == 0:
+            t = torch.empty(e.shape, dtype=DTYPES[e.dtype], device=buffer.device)
+        else:
+            t = _view(buffer, e)
+            if e.wire_dtype != e.dtype:
+                t = t.to(DTYPES[e.dtype])
+        out[e.name] = t
+    return out
+
+
+def check_finite(snapshot: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`WireError` naming the first floating tensor with a NaN or an infinity."""
+    for name, t in snapshot.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise WireError(f"tensor {name!r} has non-finite values")
+
+
+# ------------------------------------------------------------------------------------------------- headers
+def entries_to_pb(layout: Layout) -> List[pb.TensorEntry]:
+    return [pb.TensorEntry(name=e.name, dtype=e.dtype, shape=list(e.shape), wire_dtype=e.wire_dtype,
+                           offset=e.offset, nbytes=e.nbytes) for e in layout.entries]
+
+
+def make_header(sender: int, round: int, layout: Layout, digest: bytes, secret: Optional[bytes] = None,
+                now: Optional[float] = None) -> pb.SnapshotHeader:
+    """The first frame of a snapshot stream; signed with a fresh nonce when ``secret`` is given."""
+    h = pb.SnapshotHeader(sender=sender, round=round, fingerprint=layout.fingerprint,
+                          tensors=entries_to_pb(layout), payload_bytes=layout.payload_bytes, payload_sha256=digest)
+    if secret is not None:
+        h.auth.CopyFrom(sign(secret, header_auth_fields(h), now=now))
+    return h
+
+
+def header_auth_fields(h: pb.SnapshotHeader) -> bytes:
+    """What a snapshot's HMAC protects: sender, round, fingerprint, payload size and hash, and the manifest."""
+    manifest = hashlib.sha256()
+    for e in h.tensors:
+        manifest.update(f"{e.name}\0{e.dtype}\0{','.join(map(str, e.shape))}\0{e.wire_dtype}\0"
+                        f"{e.offset}\0{e.nbytes}\n".encode())
+    return b"|".join([b"snapshot", str(h.sender).encode(), str(h.round).encode(), h.fingerprint.hex().encode(),
+                      str(h.payload_bytes).encode(), h.payload_sha256.hex().encode(), manifest.hexdigest().encode()])
+
+
+def status_auth_fields(sender: int) -> bytes:
+    return b"|".join([b"status", str(sender).encode()])
+
+
+def _auth_message(fields: bytes, timestamp_ms: int, nonce: bytes) -> bytes:
+    return b"dimat-v1|" + fields + b"|" + str(timestamp_ms).encode() + b"|" + nonce.hex().encode()
+
+
+def sign(secret: bytes, fields: bytes, now: Optional[float] = None) -> pb.Auth:
+    """HMAC-SHA256 over ``fields``, a timestamp and a fresh 16-byte nonce."""
+    ts = int((time.time() if now is None else now) * 1000)
+    nonce = os.urandom(16)
+    mac = hmac.new(secret, _auth_message(fields, ts, nonce), hashlib.sha256).digest()
+    return pb.Auth(timestamp_ms=ts, nonce=nonce, hmac=mac)
+
+
+class Verifier:
+    """Checks HMACs made with the shared secret, refusing replays and stamps outside a clock-skew window.
+
+    Parameters
+    ----------
+    secret : the shared secret.
+    max_skew_s : seconds a stamp may differ from this machine's clock (both ways); nonces are remembered this
+        long, so a replay inside the window is refused too.
+    """
+
+    def __init__(self, secret: bytes, max_skew_s: float = 300.0):
+        self.secret = secret
+        self.max_skew_s = max_skew_s
+        self._seen: Dict[bytes, float] = {}
+        self._lock = threading.Lock()
+
+    def verify(self, fields: bytes, auth: Optional[pb.Auth], now: Optional[float] = None) -> None:
+        """Raise :class:`AuthError` unless ``auth`` is a fresh, valid HMAC of ``fields``."""
+        if auth is None or not auth.hmac:
+            raise AuthError("missing shared-secret authentication")
+        expect = hmac.new(self.secret, _auth_message(fields, auth.timestamp_ms, auth.nonce), hashlib.sha256)
+        if not hmac.compare_digest(expect.digest(), auth.hmac):
+            raise AuthError("wrong shared secret (HMAC mismatch)")
+        now = time.time() if now is None else now
+        if abs(auth.timestamp_ms / 1000.0 - now) > self.max_skew_s:
+            raise AuthError(f"timestamp {auth.timestamp_ms} ms is more than {self.max_skew_s} s from this clock")
+        if len(auth.nonce) < 8:
+            raise AuthError("nonce shorter than 8 bytes")
+        with self._lock:
+            for n in [n for n, t in self._seen.items() if t < now - self.max_skew_s]:
+                del self._seen[n]
+            if auth.nonce in self._seen:
+                raise AuthError("replayed nonce")
+            self._seen[auth.nonce] = now
+
+
+# -------------------------------------------------------------------------------------------------- checks
+def layout_from_header(h: pb.SnapshotHeader) -> Layout:
+    """The layout a header declares, after checking that it is self-consistent (no allocation yet).
+
+    Every entry must name a supported dtype and wire dtype, a wire dtype that only narrows a floating dtype,
+    non-negative dimensions, and exactly the offset and byte count that :func:`lay_out` gives.
+    """
+    specs = []
+    names = set()
+    for e in h.tensors:
+        if e.name in names:
+            raise WireError(f"manifest names tensor {e.name!r} twice")
+        names.add(e.name)
+        if e.dtype not in DTYPES or e.wire_dtype not in DTYPES:
+            raise WireError(f"tensor {e.name!r}: unsupported dtype {e.dtype!r} / wire dtype {e.wire_dtype!r}")
+        if e.wire_dtype != e.dtype and not (e.dtype in ("float32", "float64")
+                                            and e.wire_dtype in ("float16", "bfloat16")):
+            raise WireError(f"tensor {e.name!r}: wire dtype {e.wire_dtype} cannot carry {e.dtype}")
+        if any(s < 0 for s in e.shape):
+            raise WireError(f"tensor {e.name!r}: negative dimension in shape {tuple(e.shape)}")
+        specs.append((e.name, e.dtype, tuple(e.shape), e.wire_dtype))
+    layout = lay_out(specs)
+    for got, want in zip(h.tensors, layout.entries):
+        if got.offset != want.offset or got.nbytes != want.nbytes:
+            raise WireError(f"tensor {got.name!r}: declared offset/nbytes {got.offset}/{got.nbytes}, "
+                            f"layout gives {want.offset}/{want.nbytes}")
+    if h.payload_bytes != layout.payload_bytes:
+        raise WireError(f"declared payload of {h.payload_bytes} bytes, manifest adds up to {layout.payload_bytes}")
+    if layout.fingerprint != h.fingerprint:
+        raise WireError("declared fingerprint does not match the manifest")
+    if len(h.payload_sha256) != 32:
+        raise WireError("payload hash is not a SHA-256 digest")
+    return layout
+
+
+def check_against(layout: Layout, expected: Layout) -> None:
+    """Raise :class:`WireError` unless ``layout`` describes the same architecture as ``expected`` (my model)."""
+    if layout.fingerprint == expected.fingerprint:
+        return
+    mine = {e.name: e for e in expected.entries}
+    theirs = {e.name: e for e in layout.entries}
+    for name, e in theirs.items():
+        m = mine.get(name)
+        if m is None:
+            raise WireError(f"unexpected tensor {name!r} (not in my model)")
+        if m.shape != e.shape:
+            raise WireError(f"tensor {name!r}: shape {e.shape}, my model has {m.shape}")
+        if m.dtype != e.dtype:
+            raise WireError(f"tensor {name!r}: dtype {e.dtype}, my model has {m.dtype}")
+    missing = [n for n in mine if n not in theirs]
+    if missing:
+        raise WireError(f"missing tensor {missing[0]!r} ({len(missing)} missing)")
+    raise WireError("tensors are in a different order than in my model")
+
+
+def check_header(h: pb.SnapshotHeader, expected: Optional[Layout], max_payload_bytes: int) -> Layout:
+    """Everything a receiver checks before allocating: consistency, size bounds, my architecture."""
+    if h.payload_bytes > max_payload_bytes:
+        raise WireError(f"declared payload of {h.payload_bytes} bytes exceeds the limit of {max_payload_bytes}")
+    layout = layout_from_header(h)
+    if expected is not None:
+        check_against(layout, expected)
+    return layout
+
+
+class Assembler:
+    """Receives one payload chunk by chunk into a preallocated buffer, hashing as it goes.
+
+    Parameters
+    ----------
+    layout : the (checked) layout the header declared.
+    digest : the SHA-256 the header declared.
+    """
+
+    def __init__(self, layout: Layout, digest: bytes):
+        self.layout = layout
+        self.digest = digest
+        self.buffer = torch.empty(layout.payload_bytes, dtype=torch.uint8)
+        self._np = self.buffer.numpy()
+        self._hash = hashlib.sha256()
+        self.received = 0
+
+    def add(self, chunk: Union[bytes, memoryview]) -> None:
+        n = len(chunk)
+        if self.received + n > self.layout.payload_bytes:
+            raise WireError(f"payload longer than the declared {self.layout.payload_bytes} bytes")
+        self._np[self.received:self.received + n] = np.frombuffer(chunk, dtype=np.uint8)
+        self._hash.update(chunk)
+        self.received += n
+
+    def finish(self) -> Dict[str, torch.Tensor]:
+        """The snapshot, after checking the byte count, hash and finiteness."""
+        if self.received != self.layout.payload_bytes:
+            raise WireError(f"payload of {self.received} bytes, shorter than the declared "
+                            f"{self.layout.payload_bytes}")
+        if not hmac.compare_digest(self._hash.digest(), self.digest):
+            raise WireError("payload SHA-256 does not match the header")
+        snap = unpack(self.buffer, self.layout)
+        check_finite(snap)
+        return snap
+
+
+# ------------------------------------------------------------------------------------------------- framing
+# A chunk Frame is field 2 (bytes) of a oneof: tag 0x12, a varint length, the bytes. Encoding and decoding it by
+# hand saves two copies of every chunk compared with building protobuf messages; the bytes on the wire are the
+# same, so stock protobuf clients and servers interoperate (tests/test_proto.py checks both ways).
+_CHUNK_TAG = 0x12
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def encode_chunk(data: Union[bytes, memoryview]) -> bytes:
+    """A serialized ``Frame(chunk=data)``."""
+    return b"".join((bytes((_CHUNK_TAG,)), _varint(len(data)), data))
+
+
+def encode_header(h: pb.SnapshotHeader) -> bytes:
+    """A serialized ``Frame(header=h)``."""
+    return pb.Frame(header=h).SerializeToString()
+
+
+def decode_frame(raw: bytes) -> Union[memoryview, pb.SnapshotHeader]:
+    """A chunk (a view into ``raw``, not a copy) or a header; WireError for anything else."""
+    if raw and raw[0] == _CHUNK_TAG:
+        n, shift, i = 0, 0, 1
+        while i < len(raw) and i < 11:
+            b = raw[i]
+            n |= (b & 0x7F) << shift
+            shift += 7
+            i += 1
+            if not b & 0x80:
+                if i + n == len(raw):
+                    return memoryview(raw)[i:]
+                break
+    try:
+        frame = pb.Frame.FromString(raw)
+    except Exception as e:  # protobuf's DecodeError type differs between implementations
+        raise WireError(f"undecodable frame: {e}") from None
+    kind = frame.WhichOneof("kind")
+    if kind == "chunk":
+        return memoryview(frame.chunk)
+    if kind == "header":
+        return frame.header
+    raise WireError("empty frame")
+
+
+__all__ = [
+    "ALIGN", "DTYPES", "COMPRESS", "WireError", "AuthError", "Entry", "Layout", "lay_out", "layout_of",
+    "fingerprint", "tensor_views", "iter_payload", "payload_sha256", "pack", "unpack", "check_finite",
+    "make_header", "header_auth_fields", "status_auth_fields", "sign", "Verifier", "layout_from_header",
+    "check_against", "check_header", "Assembler", "encode_chunk", "encode_header", "decode_frame", "dtype_name",
+]
