@@ -16,6 +16,16 @@ from torch import nn
 from dimat import flower, merge
 from dimat.flower import ModelAggregator, ndarrays_to_state, state_to_ndarrays
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On 2 shared cores, torch's intra-op threads spin against other processes: tiny forward passes ran 100x
+    # slower with 2 threads than with 1 under load. Both sides of every comparison here run under the same setting.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 HAS_DIMAT = "dimat" in merge.METHODS
 needs_dimat = pytest.mark.skipif(not HAS_DIMAT, reason="merge.activation_match not available yet")
 
@@ -24,7 +34,9 @@ needs_dimat = pytest.mark.skipif(not HAS_DIMAT, reason="merge.activation_match n
 def make_model(seed: int) -> nn.Module:
     """A small MLP with BatchNorm whose running statistics are not the defaults (so buffers are checked too)."""
     torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 3))
+    # Every hidden Linear is followed by BatchNorm, so the merge's BN reset is the whole repair (no REPAIR rescaling).
+    m = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10), nn.BatchNorm1d(10), nn.ReLU(),
+                      nn.Linear(10, 3))
     with torch.no_grad():
         m.train()
         for _ in range(3):
@@ -44,7 +56,9 @@ def permuted(model: nn.Module, seed: int) -> nn.Module:
             getattr(m[1], name).copy_(getattr(m[1], name)[p1])
         m[3].weight.copy_(m[3].weight[p2][:, p1])
         m[3].bias.copy_(m[3].bias[p2])
-        m[5].weight.copy_(m[5].weight[:, p2])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(m[4], name).copy_(getattr(m[4], name)[p2])
+        m[6].weight.copy_(m[6].weight[:, p2])
     return m
 
 
@@ -91,7 +105,7 @@ def test_wire_format_casts_float64_arrays_to_the_template_dtype():
 def test_wire_format_rejects_wrong_count_and_shape():
     m = make_model(1)
     arrays = state_to_ndarrays(m)
-    with pytest.raises(ValueError, match="client 3 sent 10 arrays.*11 state_dict entries"):
+    with pytest.raises(ValueError, match="client 3 sent 15 arrays.*16 state_dict entries"):
         ndarrays_to_state(m, arrays[:-1], "client 3")
     arrays[0] = arrays[0][:, :5]
     with pytest.raises(ValueError, match=r"'0.weight' has shape \(16, 5\).*expects \(16, 6\)"):
@@ -113,13 +127,16 @@ def test_permuted_copies_give_the_model_back_with_activation_matching_but_not_wi
     m = make_model(4)
     clients = [m, permuted(m, 1), permuted(m, 2)]
     x = torch.cat(CALIBRATION)
-    for c in clients[1:]:  # the test fixture really is a re-parameterisation
-        torch.testing.assert_close(c(x), m(x), rtol=0, atol=1e-5)
-    dimat_out = as_model(ModelAggregator(make_model(0), CALIBRATION, reset_bn=False).aggregate(results_of(clients, [5, 5, 5])))
+    with torch.no_grad():
+        for c in clients[1:]:  # the test fixture really is a re-parameterisation
+            torch.testing.assert_close(c(x), m(x), rtol=0, atol=1e-5)
+    agg = ModelAggregator(make_model(0), CALIBRATION, reset_bn=False)
+    dimat_out = as_model(agg.aggregate(results_of(clients, [5, 5, 5])))
     assert_same_weights(dimat_out, m, atol=1e-5)
     fedavg_out = as_model(ModelAggregator(make_model(0)).aggregate(results_of(clients, [5, 5, 5])))
     assert max_diff(fedavg_out, m) > 0.05
-    assert float((fedavg_out(x) - m(x)).abs().max()) > 0.05  # and averaging unaligned units changes the function
+    with torch.no_grad():  # averaging unaligned units also changes the function
+        assert float((fedavg_out(x) - m(x)).abs().max()) > 0.05
 
 
 @needs_dimat
@@ -135,8 +152,22 @@ def test_permuted_copies_with_bn_reset_give_the_model_with_recomputed_statistics
 def test_reference_is_the_client_with_most_examples():
     m = make_model(5)
     clients = [permuted(m, 1), m, permuted(m, 2)]
-    out = as_model(ModelAggregator(make_model(0), CALIBRATION, reset_bn=False).aggregate(results_of(clients, [2, 9, 4])))
+    agg = ModelAggregator(make_model(0), CALIBRATION, reset_bn=False)
+    out = as_model(agg.aggregate(results_of(clients, [2, 9, 4])))
     assert_same_weights(out, m, atol=1e-5)
+
+
+@needs_dimat
+def test_aggregation_is_the_merge_operator_on_the_reference_first_with_example_counts():
+    def plain(seed):  # no BatchNorm: the operator's REPAIR rescaling runs too
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 3))
+
+    clients = [plain(20), plain(21), plain(22)]
+    out = ModelAggregator(plain(0), CALIBRATION, stat_batches=2).aggregate(results_of(clients, [3, 7, 5]))
+    expected = merge.activation_match([clients[1], clients[0], clients[2]], [7, 3, 5], CALIBRATION, stat_batches=2)
+    for got, want in zip(out, state_to_ndarrays(expected)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_without_calibration_falls_back_to_weighted_average_by_example_counts():
