@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from dimat import permutation, stats
+from dimat import merge_repair, permutation, stats
 from dimat.permutation import PermutationSpec
 
 __all__ = ["average", "weight_match", "activation_match", "reset_bn_stats", "spec_for", "METHODS", "get"]
@@ -258,7 +258,33 @@ def spec_for(model: nn.Module, example_input: torch.Tensor) -> Tuple[Permutation
     return spec, graph
 
 
-def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, stat_batches, profile):
+def _repair_targets(models, w, perms_per_model, spec, graph, batches, stat_batches):
+    """Weighted per-channel output (mean, std) of the aligned endpoints, for layers that no BatchNorm follows."""
+    layers = merge_repair.repair_layers(models[0], spec, graph)
+    if not layers:
+        return {}
+    device = _device_of(models[0])
+    names = [name for name, _ in layers]
+    targets: Dict[str, List[torch.Tensor]] = {}
+    for j, (model, wj) in enumerate(zip(models, w)):
+        if wj <= 0:
+            continue
+        inputs = (x.to(device) for x in iter_inputs(batches, stat_batches))
+        found = merge_repair.endpoint_stats(model, names, inputs)
+        perms = perms_per_model[j - 1] if j > 0 else {}
+        for name, gi in layers:
+            mean, std = found[name]
+            if gi in perms:
+                mean, std = mean[perms[gi]], std[perms[gi]]
+            acc = targets.setdefault(name, [torch.zeros_like(mean), torch.zeros_like(std)])
+            acc[0] += wj * mean
+            acc[1] += wj * std
+    return {name: (m, s) for name, (m, s) in targets.items()}
+
+
+def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, stat_batches, profile,
+                   graph=None, repair=False):
+    """Apply the permutations, take the weighted sum, then reset BN statistics (and REPAIR) on the batches."""
     t = time.perf_counter()
     aligned = [states[0]] + [
         permutation.apply_permutation(sd, spec, perms) if perms else sd
@@ -268,7 +294,14 @@ def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, 
     t_apply = time.perf_counter() - t
     t = time.perf_counter()
     if reset_bn and batches is not None:
-        reset_bn_stats(merged, batches, stat_batches)
+        targets = {}
+        if repair and graph is not None:
+            targets = _repair_targets(models, w, perms_per_model, spec, graph, batches, stat_batches)
+        if targets:
+            device = _device_of(merged)
+            merge_repair.reset_and_repair(merged, (x.to(device) for x in iter_inputs(batches, stat_batches)), targets)
+        else:
+            reset_bn_stats(merged, batches, stat_batches)
     if profile is not None:
         profile["apply_s"] = t_apply
         profile["bn_reset_s"] = time.perf_counter() - t
@@ -308,6 +341,7 @@ def activation_match(
     batches: Batches,
     reset_bn: bool = True,
     stat_batches: Optional[int] = None,
+    repair: bool = True,
     profile: Optional[Dict[str, float]] = None,
 ) -> nn.Module:
     """DIMAT: align every neighbour to ``models[0]`` by activation correlation on local batches, then average.
@@ -324,8 +358,11 @@ def activation_match(
     batches : re-iterable of input tensors or ``(input, target)`` pairs from the agent's own data.
     reset_bn : recompute BatchNorm running statistics of the result on the batches (momentum restored after).
     stat_batches : number of batches used for the statistics and the BN reset (None: all).
+    repair : with ``reset_bn``, also apply the REPAIR variance correction to permuted conv/linear layers that no
+        BatchNorm follows (see :mod:`dimat.merge_repair`); costs one more forward pass per model, and only when
+        such layers exist.
     profile : optional dict that receives the seconds spent: ``stats_s``, ``assign_s``, ``apply_s``,
-        ``bn_reset_s``.
+        ``bn_reset_s`` (BN reset and REPAIR).
 
     Returns
     -------
@@ -353,7 +390,7 @@ def activation_match(
     if profile is not None:
         profile["stats_s"] = t_stats
         profile["assign_s"] = time.perf_counter() - t
-    return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile)
+    return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, graph, repair)
 
 
 # ------------------------------------------------------------------------------------------ weight matching

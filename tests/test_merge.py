@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from dimat import merge, models, stats
+from dimat import merge, merge_repair, models, stats
 
 
 # --------------------------------------------------------------------------- hand-written permutations
@@ -412,9 +412,15 @@ def _accuracy(m, x, y):
     return float((_logits(m, x).argmax(1) == y).float().mean()) * 100
 
 
-def test_activation_match_beats_average_on_independently_trained_cnns():
+@pytest.fixture(scope="module")
+def digits_pair():
+    """Two cnn models trained independently (seeds 1 and 2, 3 epochs) on the digits training split."""
     xtr, ytr, xte, yte = _digits()
-    a, b = _train_cnn(1, xtr, ytr), _train_cnn(2, xtr, ytr)
+    return xtr, ytr, xte, yte, _train_cnn(1, xtr, ytr), _train_cnn(2, xtr, ytr)
+
+
+def test_activation_match_beats_average_on_independently_trained_cnns(digits_pair):
+    xtr, ytr, xte, yte, a, b = digits_pair
     ends = [_accuracy(m, xte, yte) for m in (a, b)]
     assert min(ends) > 90
     batches = [(xtr[i:i + 128], ytr[i:i + 128]) for i in range(0, len(xtr), 128)]
@@ -431,3 +437,23 @@ def test_the_correlations_alone_recover_the_permutation(kind, monkeypatch):
     a, b, batches, probe = _pair(kind)
     merged = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=False)
     assert _rel(_logits(merged, probe), _logits(a, probe)) < 1e-4
+
+
+def test_repair_gives_unbatchnormed_layers_the_endpoints_statistics(digits_pair):
+    xtr, ytr, xte, yte, a, b = digits_pair
+    batches = [xtr[i:i + 200] for i in range(0, 1400, 200)]
+    fc1 = "classifier.1"
+    assert [n for n, _ in merge_repair.repair_layers(a, *merge.spec_for(a, batches[0]))] == [fc1]
+    plain = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True, repair=False)
+    fixed = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True, repair=True)
+    # the endpoints' per-unit spread (units matched by sorting, which is permutation-free)
+    ends = [merge_repair.endpoint_stats(m, [fc1], batches)[fc1][1].sort().values for m in (a, b)]
+    target = (ends[0] + ends[1]) / 2
+    got = {k: merge_repair.endpoint_stats(m, [fc1], batches)[fc1][1].sort().values for k, m in
+           (("plain", plain), ("fixed", fixed))}
+    def off(v):
+        return float((v - target).abs().mean() / target.mean())
+
+    assert off(got["plain"]) > 0.2  # averaging (and the BN reset upstream) changes the spread of fc1's units
+    assert off(got["fixed"]) < 0.05
+    assert _accuracy(fixed, xte, yte) >= _accuracy(plain, xte, yte) - 1
