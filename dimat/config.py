@@ -34,7 +34,7 @@ DEFAULTS: Dict[str, Any] = {
     "topology": "ring",  # a kind name (ring, fc, torus, ...) or a path to a topology file
     "topology_seed": None,  # seed for random topologies (None: use `seed`)
     "data": {
-        "dataset": "digits",  # digits | synthetic | a path to an .npz file
+        "dataset": "digits",  # digits | synthetic[:opts] | npz:PATH | imagefolder:PATH | cifar:PATH
         "partition": "iid",  # iid | classes | dirichlet:ALPHA
         "flip": False,  # random horizontal flips of training images (augmentation)
     },
@@ -53,8 +53,8 @@ DEFAULTS: Dict[str, Any] = {
     },
     "merge": {
         "method": "dimat",  # dimat | wa | wm | none | cdsgd | cdmsgd | dpsgd | sgp | centralised
-        "stat_batches": 10,  # batches of local data for activation statistics (None: all)
-        "bn_batches": 10,  # batches of local data for the BatchNorm reset (None: all)
+        "stat_batches": 10,  # batches of local data for activation statistics and the BN reset (None: all)
+        "bn_batches": None,  # a separate number of batches for the BN reset, done outside the operator (no REPAIR)
         "reset_bn": True,  # recompute BatchNorm statistics of the merged model on local data
     },
     "gossip": {  # the gradient-gossip baselines (merge.method cdsgd, cdmsgd, dpsgd, sgp); see dimat/gossip.py

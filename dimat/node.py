@@ -84,8 +84,10 @@ class Node:
     method : merge operator name from :data:`dimat.merge.METHODS` (``dimat``, ``wa``, ``wm``), or ``none`` for
         local training only (no exchange at all).
     stat_batches : number of batches for activation statistics (None: all of ``batches``).
-    bn_batches : number of batches for the BatchNorm reset (None: all of ``batches``).
     reset_bn : recompute BatchNorm statistics of the merged model on local batches (no-op without BatchNorm).
+    bn_batches : None (default): the operator does the reset itself, on the ``stat_batches`` batches (``dimat``
+        then also applies its REPAIR variance correction to layers without BatchNorm). An int: the operator does
+        no reset and the node recomputes BatchNorm statistics on that many batches (no REPAIR correction).
     """
 
     def __init__(
@@ -176,8 +178,9 @@ class Node:
     @torch.no_grad()
     def _merge(self, snapshots: Sequence[Dict[str, torch.Tensor]], weights: Sequence[float]) -> None:
         models = [self.model] + [self._neighbor_model(s) for s in snapshots]
-        # The BN reset is done here rather than in the operator so that it has its own batch budget.
-        merged = self.merge_fn(models, weights, batches=self.batches, reset_bn=False, stat_batches=self.stat_batches)
-        if self.reset_bn and self.batches is not None:
+        own_reset = self.reset_bn and self.bn_batches is not None  # a separate batch budget for the BN reset
+        merged = self.merge_fn(models, weights, batches=self.batches, reset_bn=self.reset_bn and not own_reset,
+                               stat_batches=self.stat_batches)
+        if own_reset and self.batches is not None:
             merge_ops.reset_bn_stats(merged, self.batches, self.bn_batches)
         self.model.load_state_dict(merged.state_dict())

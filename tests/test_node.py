@@ -191,3 +191,19 @@ def test_a_plain_mixing_matrix_works_as_topology():
     pi = np.array([[0.5, 0.5, 0.0], [0.5, 0.25, 0.25], [0.0, 0.25, 0.75]])
     node = Node(mlp(0), pi, 1, Lossy(1, {}), None, method="wa")
     assert node.neighbors == [0, 2]
+
+
+def test_by_default_the_operator_resets_bn_on_the_stat_batches():
+    topo = Topology.build("fc", 2)
+    ns = nodes(topo, make=bn_net, stat_batches=3)
+    for n in ns:
+        n.post(0)
+    ns[0].merge_round(0)
+    ref = bn_net(0)
+    ref.load_state_dict(ns[0].model.state_dict())
+    merge.reset_bn_stats(ref, ns[0].batches, 3)
+    torch.testing.assert_close(ns[0].model[1].running_mean, ref[1].running_mean)
+    ref2 = bn_net(0)
+    ref2.load_state_dict(ns[0].model.state_dict())
+    merge.reset_bn_stats(ref2, ns[0].batches, 1)
+    assert not torch.allclose(ns[0].model[1].running_mean, ref2[1].running_mean)
