@@ -2,9 +2,126 @@
 
 One interface (:class:`dimat.transport.base.Transport`), several implementations chosen by name:
 ``inproc`` (all agents in one process), ``grpc`` (one process per agent, fault tolerant) and
-``torch`` (torch.distributed point-to-point, gloo or nccl).
+``torch`` (torch.distributed point-to-point, gloo or nccl). :func:`create` builds one from a config section.
 """
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from dimat.transport.base import Snapshot, Transport
 
-__all__ = ["Snapshot", "Transport"]
+__all__ = ["Snapshot", "Transport", "TRANSPORTS", "create", "make_transport"]
+
+#: Transport names accepted by :func:`create` (the config's ``transport.name``).
+TRANSPORTS = ("inproc", "grpc", "torch")
+
+#: Config keys (``transport.<key>``) passed straight to the gRPC transport's constructor.
+_GRPC_KEYS = ("listen", "compress", "deadline_s", "connect_timeout_s", "retry_initial_s", "retry_max_s",
+              "retry_multiplier", "chunk_bytes", "max_snapshot_bytes", "max_header_bytes", "max_clock_skew_s",
+              "inbox_rounds")
+#: Config keys passed to the torch.distributed transport (``timeout_s`` defaults to ``deadline_s``).
+_TORCH_KEYS = ("backend", "timeout_s", "compress", "world_size", "master_addr", "master_port")
+
+#: Environment variable holding the shared secret when the config names neither ``secret`` nor ``secret_file``.
+SECRET_ENV = "DIMAT_SECRET"
+
+
+def create(name: str, rank: int, topology: Any = None, transport_cfg: Optional[Mapping[str, Any]] = None, *,
+           neighbors: Optional[Sequence[int]] = None, send_to: Optional[Sequence[int]] = None,
+           peers: Optional[Mapping[int, str]] = None, template: Any = None, mailbox: Any = None) -> Transport:
+    """One agent's transport.
+
+    Parameters
+    ----------
+    name : ``"inproc"``, ``"grpc"`` or ``"torch"``.
+    rank : this agent's rank.
+    topology : a :class:`dimat.topology.Topology` (or anything with ``neighbors(i)``, ``num_agents`` and
+        ``peers``); not needed when ``neighbors`` (and for gRPC ``peers``) are given.
+    transport_cfg : the config's ``transport`` section. Keys used: ``deadline_s`` (all); for grpc ``listen``,
+        ``compress``, ``secret`` / ``secret_file`` (else the ``DIMAT_SECRET`` environment variable),
+        ``tls_cert``, ``tls_key``, ``tls_ca``, ``tls_client_auth``, ``tls_server_name`` and the limits and
+        backoff of :class:`~dimat.transport.grpc_transport.GrpcTransport`; for torch ``backend``,
+        ``timeout_s`` (default ``deadline_s``), ``compress`` and the explicit rendezvous (``world_size``,
+        ``master_addr``, ``master_port``; default torchrun's environment). Other keys are ignored.
+    neighbors, send_to : override the topology's in- and out-neighbours of ``rank``.
+    peers : rank -> ``"host:port"`` (grpc), overriding ``topology.peers``.
+    template : my model's snapshot, so that the gRPC transport validates snapshots arriving before my first post.
+    mailbox : the shared :class:`~dimat.transport.inproc.Mailbox` (inproc).
+
+    Raises
+    ------
+    ValueError : unknown name, missing neighbours or addresses, bad settings.
+    """
+    cfg: Dict[str, Any] = {k: v for k, v in dict(transport_cfg or {}).items() if v is not None}
+    if neighbors is None:
+        if topology is None:
+            raise ValueError("give a topology or neighbors")
+        neighbors = topology.neighbors(rank)
+    if send_to is None and topology is not None:
+        send_to = out_neighbors(topology, rank)
+    if name == "inproc":
+        from dimat.transport.inproc import InProcTransport, Mailbox
+
+        if mailbox is None or not isinstance(mailbox, Mailbox):
+            raise ValueError("the inproc transport needs the run's shared mailbox (mailbox=Mailbox())")
+        return InProcTransport(rank, neighbors, mailbox)
+    if name == "grpc":
+        from dimat.transport.grpc_transport import GrpcTransport
+
+        if peers is None:
+            peers = getattr(topology, "peers", None)
+        if not peers:
+            raise ValueError("the grpc transport needs every neighbour's address (peers)")
+        kw = {k: cfg[k] for k in _GRPC_KEYS if k in cfg}
+        return GrpcTransport(rank, neighbors, peers, send_to=send_to, template=template, secret=_secret(cfg),
+                             tls=_tls(cfg), **kw)
+    if name == "torch":
+        from dimat.transport.torch_transport import TorchTransport
+
+        kw = {k: cfg[k] for k in _TORCH_KEYS if k in cfg}
+        kw.setdefault("timeout_s", cfg.get("deadline_s", 60.0))
+        return TorchTransport(rank, neighbors, send_to=send_to, **kw)
+    raise ValueError(f"unknown transport {name!r}; choose one of {', '.join(TRANSPORTS)}")
+
+
+def make_transport(name: str, cfg: Mapping[str, Any], *, rank: int, topology: Any,
+                   peers: Optional[Mapping[int, str]] = None, **kw: Any) -> Transport:
+    """:func:`create` from a whole run config (uses its ``transport`` section)."""
+    return create(name, rank, topology, cfg.get("transport") or {}, peers=peers, **kw)
+
+
+def out_neighbors(topology: Any, rank: int) -> List[int]:
+    """Ranks that list ``rank`` among their neighbours: where ``rank`` sends its snapshot."""
+    return [k for k in range(topology.num_agents) if k != rank and rank in topology.neighbors(k)]
+
+
+def _secret(cfg: Mapping[str, Any]) -> Optional[bytes]:
+    if cfg.get("secret"):
+        return str(cfg["secret"]).encode()
+    if cfg.get("secret_file"):
+        path = Path(cfg["secret_file"])
+        try:
+            secret = path.read_bytes().strip()
+        except OSError as e:
+            raise ValueError(f"transport.secret_file {path}: {e.strerror}") from None
+        if not secret:
+            raise ValueError(f"transport.secret_file {path} is empty")
+        return secret
+    env = os.environ.get(SECRET_ENV)
+    return env.encode() if env else None
+
+
+def _tls(cfg: Mapping[str, Any]):
+    keys = ("tls_cert", "tls_key", "tls_ca")
+    given = [k for k in keys if cfg.get(k)]
+    if not given:
+        return None
+    if len(given) != len(keys):
+        raise ValueError(f"TLS needs all of {', '.join('transport.' + k for k in keys)}; got only {given}")
+    from dimat.transport.grpc_transport import TLSConfig
+
+    return TLSConfig(cfg["tls_cert"], cfg["tls_key"], cfg["tls_ca"], client_auth=bool(cfg.get("tls_client_auth")),
+                     server_name=cfg.get("tls_server_name"))

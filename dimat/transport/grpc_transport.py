@@ -275,14 +275,16 @@ class GrpcTransport(Transport):
         self._outgoing: Dict[int, _Outgoing] = {}
         self._round_deadline: Dict[int, float] = {}
         self._channels: Dict[int, grpc.Channel] = {}
-        self._senders = ThreadPoolExecutor(max_workers=max(1, len(self.send_to)),
+        # Two rounds' sends may overlap (a neighbour still receiving round r when I post r+1).
+        self._senders = ThreadPoolExecutor(max_workers=max(1, 2 * len(self.send_to)),
                                            thread_name_prefix=f"dimat-send-{self.rank}")
         if secret is None:
             log.warning("agent %d: no shared secret: snapshots are accepted from anyone who can connect", self.rank)
 
         self._server = grpc.server(ThreadPoolExecutor(max_workers=max_workers or 2 * len(self.neighbors) + 4,
                                                       thread_name_prefix=f"dimat-serve-{self.rank}"),
-                                   options=self._options())
+                                   # no SO_REUSEPORT: a second agent on a taken port must fail, not share it
+                                   options=self._options() + [("grpc.so_reuseport", 0)])
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
             # request_deserializer=None: SendSnapshot frames arrive as raw bytes and are decoded by wire.decode_frame,
             # which views chunk bytes in place instead of copying them into a protobuf message.
@@ -300,9 +302,12 @@ class GrpcTransport(Transport):
             else:
                 port = self._server.add_secure_port(listen, tls.server_credentials())
         except RuntimeError as e:
-            raise ValueError(f"agent {self.rank}: cannot listen on {listen}: {e}") from None
+            port, why = 0, f": {e}"
+        else:
+            why = " (address in use or not local?)"
         if port == 0:
-            raise ValueError(f"agent {self.rank}: cannot listen on {listen} (address in use or not local?)")
+            self._senders.shutdown(wait=False)
+            raise ValueError(f"agent {self.rank}: cannot listen on {listen}{why}")
         self.address = f"{listen.rsplit(':', 1)[0]}:{port}"
         self._server.start()
         for name in ("", SERVICE):
@@ -332,10 +337,7 @@ class GrpcTransport(Transport):
         out = _Outgoing(round, layout, pieces, digest, deadline)
         with self._lock:
             self._round_deadline[round] = deadline
-            for r, old in list(self._outgoing.items()):
-                if r < round:  # superseded: a newer round is more useful to the neighbours
-                    old.cancel()
-                    del self._outgoing[r]
+            # Sends of older rounds go on until their own deadline (or until the receiver calls them late).
             if round in self._outgoing:
                 self._outgoing[round].cancel()
             self._outgoing[round] = out

@@ -147,17 +147,22 @@ def lay_out(specs: Sequence[Tuple[str, str, Sequence[int], str]]) -> Layout:
     return Layout(tuple(entries), pos)
 
 
-def _wire_dtype(t: torch.Tensor, compress: Optional[torch.dtype]) -> torch.dtype:
-    """float32/float64 tensors go as ``compress``; a tensor that float16 cannot hold (|x| > 65504) stays exact."""
+def _wire_dtype(t: torch.Tensor, compress: Optional[torch.dtype], adaptive: bool) -> torch.dtype:
+    """float32/float64 tensors go as ``compress``; with ``adaptive``, a tensor that float16 cannot hold
+    (|x| > 65504) stays exact rather than arriving as infinities."""
     if compress is None or t.dtype not in (torch.float32, torch.float64):
         return t.dtype
-    if compress == torch.float16 and t.numel() and float(t.detach().abs().max()) > _FP16_MAX:
+    if adaptive and compress == torch.float16 and t.numel() and float(t.detach().abs().max()) > _FP16_MAX:
         return t.dtype
     return compress
 
 
-def layout_of(snapshot: Mapping[str, torch.Tensor], compress: Optional[str] = None) -> Layout:
+def layout_of(snapshot: Mapping[str, torch.Tensor], compress: Optional[str] = None,
+              adaptive: bool = True) -> Layout:
     """The layout of a snapshot; ``compress`` is None, ``"fp16"`` or ``"bf16"``.
+
+    ``adaptive=False`` makes the layout depend on names, dtypes and shapes only (not on values), for transports
+    whose receivers size their buffers in advance.
 
     Raises
     ------
@@ -170,7 +175,7 @@ def layout_of(snapshot: Mapping[str, torch.Tensor], compress: Optional[str] = No
     for name, t in snapshot.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"snapshot entry {name!r} is a {type(t).__name__}, not a tensor")
-        specs.append((name, dtype_name(t.dtype), tuple(t.shape), dtype_name(_wire_dtype(t, wire))))
+        specs.append((name, dtype_name(t.dtype), tuple(t.shape), dtype_name(_wire_dtype(t, wire, adaptive))))
     return lay_out(specs)
 
 

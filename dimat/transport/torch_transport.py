@@ -1,0 +1,197 @@
+"""torch.distributed transport: neighbour-only point-to-point exchange over gloo (CPU) or nccl (CUDA).
+
+Every agent is one rank of one process group. ``post(r, snapshot)`` packs the snapshot into one flat uint8 buffer
+(:func:`dimat.transport.wire.pack`, behind a 16-byte prefix carrying the round and the architecture
+fingerprint); ``collect(r)`` runs one ``batch_isend_irecv``: send my buffer to each out-neighbour, receive each
+in-neighbour's into a buffer of the same size. Nothing is gathered over ranks that are not neighbours.
+
+The exchange is synchronous: every rank must call ``collect(r)`` for the same rounds. A rank that dies or stalls
+makes its neighbours' ``collect`` fail once the process group's timeout (``timeout_s``) passes, and the process
+group cannot be used after that: **this backend stops on a dead rank**. Use the gRPC transport
+(:mod:`dimat.transport.grpc_transport`) when agents may fail; it skips a missing neighbour for the round.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from dimat.transport import wire
+from dimat.transport.base import Snapshot, Transport
+
+log = logging.getLogger("dimat.transport")
+
+#: Bytes before the payload in every flat buffer: the round (int64) and the first 8 bytes of the fingerprint.
+PREFIX_BYTES = 16
+
+#: torchrun's environment variables; all four present means "initialise from the environment".
+_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class TorchTransport(Transport):
+    """One rank's neighbour exchange over an existing or new torch.distributed process group.
+
+    Parameters
+    ----------
+    rank : this agent's rank (must equal the process-group rank).
+    neighbors : ranks whose snapshots I collect (the topology's ``neighbors(rank)``).
+    send_to : ranks I send to; default ``neighbors`` (undirected graphs).
+    world_size, master_addr, master_port : explicit rendezvous; default torchrun's WORLD_SIZE, MASTER_ADDR,
+        MASTER_PORT environment variables. Ignored when a default process group already exists.
+    backend : ``"gloo"`` or ``"nccl"``; default nccl when ``device`` is CUDA, else gloo.
+    device : where buffers live; default ``cuda:LOCAL_RANK`` for nccl, else CPU.
+    timeout_s : process-group timeout in seconds: the longest a ``collect`` waits for a neighbour.
+    compress : None, ``"fp16"`` or ``"bf16"``: cast float32/float64 tensors for the wire.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        neighbors: Sequence[int],
+        *,
+        send_to: Optional[Sequence[int]] = None,
+        world_size: Optional[int] = None,
+        master_addr: Optional[str] = None,
+        master_port: Optional[int] = None,
+        backend: Optional[str] = None,
+        device: Optional[torch.device | str] = None,
+        timeout_s: float = 60.0,
+        compress: Optional[str] = None,
+    ):
+        if not dist.is_available():
+            raise RuntimeError("this torch build has no torch.distributed")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if compress not in wire.COMPRESS:
+            raise ValueError(f"compress must be one of None, 'fp16', 'bf16', got {compress!r}")
+        self.rank = int(rank)
+        self.neighbors: List[int] = sorted({int(j) for j in neighbors} - {self.rank})
+        self.send_to: List[int] = sorted({int(j) for j in (neighbors if send_to is None else send_to)} - {self.rank})
+        self.compress = None if compress == "none" else compress
+        self.timeout_s = float(timeout_s)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.rejected: List[tuple] = []
+        self._owns_group = False
+        if backend is None:
+            backend = "nccl" if (device is not None and torch.device(device).type == "cuda") else "gloo"
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        if device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if backend == "nccl" else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            self._init_group(backend, world_size, master_addr, master_port)
+        self.backend = dist.get_backend()
+        if dist.get_rank() != self.rank:
+            raise ValueError(f"rank {self.rank} given, but this process is rank {dist.get_rank()} of the group")
+        n = dist.get_world_size()
+        bad = [j for j in self.neighbors + self.send_to if not 0 <= j < n]
+        if bad:
+            raise ValueError(f"neighbour rank(s) {bad} outside the process group of {n} ranks")
+        self._layout: Optional[wire.Layout] = None
+        self._send_buf: Optional[torch.Tensor] = None
+        self._posted: Optional[int] = None
+        self._closed = False
+
+    def _init_group(self, backend: str, world_size: Optional[int], addr: Optional[str],
+                    port: Optional[int]) -> None:
+        env = os.environ
+        world_size = int(world_size if world_size is not None else env.get("WORLD_SIZE", 0))
+        addr = addr or env.get("MASTER_ADDR")
+        port = int(port if port is not None else env.get("MASTER_PORT", 0))
+        if "RANK" in env and int(env["RANK"]) != self.rank:
+            raise ValueError(f"rank {self.rank} given, but the environment says RANK={env['RANK']}")
+        if not (world_size and addr and port):
+            raise ValueError("torch transport needs world_size, master_addr and master_port, or torchrun's "
+                             f"environment ({', '.join(_ENV)})")
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=self.timeout_s))
+        self._owns_group = True
+        log.info("rank %d: joined a %s process group of %d at %s:%d", self.rank, backend, world_size, addr, port)
+
+    # ------------------------------------------------------------------------------------------ Transport API
+    def post(self, round: int, snapshot: Mapping[str, torch.Tensor]) -> None:
+        """Pack my round-``round`` snapshot into the send buffer (a copy: the model may change afterwards)."""
+        self._check_open()
+        # Not adaptive: every rank must derive the same buffer size from the architecture alone.
+        layout = wire.layout_of(snapshot, self.compress, adaptive=False)
+        if self._layout is None or layout != self._layout:
+            if self._layout is not None:
+                wire.check_against(layout, self._layout)  # raises: the architecture changed
+            self._layout = layout
+            self._send_buf = torch.zeros(PREFIX_BYTES + layout.payload_bytes, dtype=torch.uint8, device=self.device)
+        assert self._send_buf is not None
+        self._send_buf[:PREFIX_BYTES].copy_(_prefix(int(round), layout.fingerprint))
+        wire.pack(snapshot, layout, out=self._send_buf[PREFIX_BYTES:])
+        self._posted = int(round)
+
+    def collect(self, round: int) -> Dict[int, Snapshot]:
+        """Exchange round-``round`` buffers with the neighbours (every rank must call this for the same round).
+
+        Raises
+        ------
+        ValueError : ``round`` was not posted first.
+        RuntimeError : the exchange failed or timed out (a neighbour died): the process group is unusable.
+        """
+        self._check_open()
+        if self._posted != int(round) or self._send_buf is None or self._layout is None:
+            raise ValueError(f"rank {self.rank}: collect({round}) before post({round}); every rank posts, then collects")
+        size = self._send_buf.numel()
+        recv = {j: torch.empty(size, dtype=torch.uint8, device=self.device) for j in self.neighbors}
+        ops = [dist.P2POp(dist.isend, self._send_buf, j) for j in self.send_to]
+        ops += [dist.P2POp(dist.irecv, buf, j) for j, buf in recv.items()]
+        try:
+            for req in dist.batch_isend_irecv(ops) if ops else []:
+                req.wait()
+        except Exception as e:
+            raise RuntimeError(
+                f"rank {self.rank}: torch.distributed exchange of round {round} failed ({type(e).__name__}: {e}); a "
+                "dead or stalled rank stops this backend: use the grpc transport for fault tolerance") from e
+        self.bytes_sent += self._layout.payload_bytes * len(self.send_to)
+        expect = _prefix(int(round), self._layout.fingerprint).to(self.device)
+        out: Dict[int, Snapshot] = {}
+        for j, buf in recv.items():
+            self.bytes_received += size - PREFIX_BYTES
+            try:
+                if not torch.equal(buf[:PREFIX_BYTES], expect):
+                    raise wire.WireError("round or architecture fingerprint differs from mine")
+                snap = wire.unpack(buf[PREFIX_BYTES:], self._layout)
+                wire.check_finite(snap)
+            except wire.WireError as e:
+                log.warning("rank %d: refused round %d from %d: %s", self.rank, round, j, e)
+                self.rejected.append((int(round), j, str(e)))
+                continue
+            out[j] = snap
+        return out
+
+    def close(self) -> None:
+        """Destroy the process group if this transport created it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"rank {self.rank}: transport is closed")
+
+
+def _prefix(round: int, fingerprint: bytes) -> torch.Tensor:
+    raw = round.to_bytes(8, "little", signed=True) + fingerprint[:8]
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def from_env(neighbors: Sequence[int], **kw) -> TorchTransport:
+    """A transport for this torchrun worker: rank from RANK, the rest from the environment."""
+    if "RANK" not in os.environ:
+        raise ValueError("not under torchrun: RANK is not set")
+    return TorchTransport(int(os.environ["RANK"]), neighbors, **kw)

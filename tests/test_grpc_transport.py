@@ -1,0 +1,382 @@
+"""gRPC transport: exchange, compression, deadlines, rejoin support, and the security acceptance tests.
+
+Every server binds 127.0.0.1 on a free port (port 0), every wait is bounded by a short deadline, and every
+transport is closed in a fixture's teardown.
+"""
+
+import logging
+import shutil
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dimat.transport import create, wire
+from dimat.transport._proto import dimat_pb2 as pb
+from dimat.transport.grpc_transport import SERVICE, GrpcTransport, TLSConfig
+
+SECRET = "correct horse battery staple"
+DEADLINE = 3.0
+
+
+def _snap(seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(64, 33, generator=g) * scale, "b": torch.randn(33, generator=g),
+            "n": torch.tensor(seed, dtype=torch.int64)}
+
+
+@pytest.fixture
+def make():
+    """Builds transports on free 127.0.0.1 ports and closes them all afterwards."""
+    made = []
+
+    def _make(rank, neighbors, peers=None, **kw):
+        kw.setdefault("deadline_s", DEADLINE)
+        kw.setdefault("secret", SECRET)
+        kw.setdefault("send_to", [j for j in neighbors if j in (peers or {})])  # receive-only without addresses
+        t = GrpcTransport(rank, neighbors, dict(peers or {}), listen=kw.pop("listen", "127.0.0.1:0"), **kw)
+        made.append(t)
+        return t
+
+    yield _make
+    for t in made:
+        t.close()
+
+
+def _mesh(make, n, **kw):
+    """n transports, fully connected, each knowing the others' real addresses."""
+    ts = [make(i, [j for j in range(n) if j != i], {j: "127.0.0.1:1" for j in range(n)}, **kw) for i in range(n)]
+    addrs = {t.rank: t.address for t in ts}
+    for t in ts:
+        t.peers.update(addrs)
+    return ts
+
+
+def test_three_agents_exchange_exact_snapshots_over_rounds(make):
+    ts = _mesh(make, 3)
+    for r in range(2):
+        snaps = [_snap(10 * r + i) for i in range(3)]
+        for t, s in zip(ts, snaps):
+            t.post(r, s)
+        for t in ts:
+            got = t.collect(r)
+            assert sorted(got) == [j for j in range(3) if j != t.rank]
+            for j, s in got.items():
+                for k in s:
+                    assert torch.equal(s[k], snaps[j][k])
+    payload = wire.layout_of(_snap(0)).payload_bytes
+    assert all(t.bytes_sent == t.bytes_received == 2 * 2 * payload for t in ts)
+    assert all(t.rejected_count == 0 for t in ts)
+
+
+@pytest.mark.parametrize("compress", ["fp16", "bf16"])
+def test_compressed_exchange_halves_bytes_and_restores_dtypes(make, compress):
+    a, b = _mesh(make, 2, compress=compress)
+    s = _snap(1)
+    a.post(0, s)
+    b.post(0, _snap(2))
+    got = b.collect(0)[0]
+    a.collect(0)
+    assert got["w"].dtype == torch.float32 and got["n"].dtype == torch.int64 and int(got["n"]) == 1
+    torch.testing.assert_close(got["w"], s["w"], atol=2e-2, rtol=2e-2)
+    assert b.bytes_received < wire.layout_of(s).payload_bytes * 0.6
+
+
+def test_a_neighbour_that_is_down_is_skipped_within_the_deadline(make):
+    a, b = _mesh(make, 2, deadline_s=1.0)
+    a.neighbors.append(2)
+    a.send_to.append(2)
+    a.peers[2] = "127.0.0.1:9"  # nothing listens there (discard port, refused)
+    t0 = time.monotonic()
+    a.post(0, _snap(0))
+    b.post(0, _snap(1))
+    got = a.collect(0)
+    assert sorted(got) == [1]
+    assert time.monotonic() - t0 < 1.0 + 10  # bounded by the deadline, not hanging (generous slack)
+    assert sorted(b.collect(0)) == [0]
+
+
+def test_a_neighbour_that_starts_late_still_gets_the_snapshot(make):
+    a = make(0, [1], {1: "127.0.0.1:0"}, deadline_s=8.0, retry_initial_s=0.05, retry_max_s=0.2)
+    # Reserve a port for b by starting and closing a server on it, then start b a moment after a posts.
+    probe = make(5, [], {})
+    port = probe.address.rsplit(":", 1)[1]
+    probe.close()
+    a.peers[1] = f"127.0.0.1:{port}"
+    a.post(0, _snap(0))
+    time.sleep(0.5)
+    b = make(1, [0], {0: a.address}, listen=f"127.0.0.1:{port}", deadline_s=8.0)
+    b.post(0, _snap(1))
+    assert sorted(b.collect(0)) == [0]
+    assert sorted(a.collect(0)) == [1]
+
+
+def test_future_rounds_are_kept_and_late_rounds_refused(make):
+    a, b = _mesh(make, 2)
+    b.post(0, _snap(0))
+    b.post(1, _snap(1))  # fast neighbour: round 1 before I collected round 0
+    a.post(0, _snap(5))
+    assert int(a.collect(0)[1]["n"]) == 0
+    a.post(1, _snap(6))
+    got1 = a.collect(1)
+    assert int(got1[1]["n"]) == 1
+    b.collect(0)
+    b.collect(1)
+    # A round-1 snapshot arriving after round 1 was collected is late and refused.
+    b.post(1, _snap(7))
+    deadline = time.monotonic() + DEADLINE
+    while not any("late" in rej.reason for rej in a.rejected) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert any(rej.round == 1 and "late" in rej.reason for rej in a.rejected)
+
+
+def test_status_reports_rounds_and_needs_the_secret(make):
+    a, b = _mesh(make, 2)
+    a.post(0, _snap(0))
+    b.post(0, _snap(1))
+    a.collect(0)
+    s = b.peer_status(0)
+    assert (s.rank, s.latest_posted_round, s.latest_collected_round) == (0, 0, 0)
+    assert s.fingerprint == wire.layout_of(_snap(0)).fingerprint
+    intruder = make(1, [0], {0: a.address}, secret="wrong")
+    assert intruder.peer_status(0) is None
+    assert any("unauthenticated Status" in rej.reason for rej in a.rejected)
+
+
+def test_health_answers_without_the_secret(make):
+    a = make(0, [], {})
+    with grpc.insecure_channel(a.address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for service in ("", SERVICE):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=DEADLINE)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert reply.ListFields() == [(health_pb2.HealthCheckResponse.DESCRIPTOR.fields_by_name["status"],
+                                           health_pb2.HealthCheckResponse.SERVING)]
+
+
+def test_bad_arguments_are_refused(make):
+    with pytest.raises(ValueError, match="no address for neighbour"):
+        GrpcTransport(0, [1], {}, listen="127.0.0.1:0")
+    with pytest.raises(ValueError, match="listen"):
+        GrpcTransport(0, [], {})
+    with pytest.raises(ValueError, match="deadline_s"):
+        GrpcTransport(0, [], {}, listen="127.0.0.1:0", deadline_s=0)
+    with pytest.raises(ValueError, match="compress"):
+        GrpcTransport(0, [], {}, listen="127.0.0.1:0", compress="fp8")
+    with pytest.raises(ValueError, match="secret"):
+        GrpcTransport(0, [], {}, listen="127.0.0.1:0", secret="")
+    a = make(0, [], {})
+    with pytest.raises(ValueError, match="cannot listen"):
+        GrpcTransport(1, [], {}, listen=a.address)
+    a.post(0, _snap(0))
+    with pytest.raises(wire.WireError, match="shape"):
+        a.post(1, {"w": torch.zeros(3), "b": torch.zeros(33), "n": torch.tensor(0)})
+    a.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        a.post(2, _snap(0))
+
+
+def test_create_builds_grpc_from_a_topology_and_config(tmp_path, make):
+    class Topo:  # the three members create() uses
+        num_agents = 2
+        peers = {0: "127.0.0.1:0", 1: "127.0.0.1:0"}
+
+        def neighbors(self, i):
+            return [1 - i]
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    t = create("grpc", 0, Topo(), {"name": "grpc", "deadline_s": 2.0, "compress": "bf16",
+                                   "secret_file": str(secret_file)})
+    try:
+        assert (t.neighbors, t.send_to, t.deadline_s, t.compress) == ([1], [1], 2.0, "bf16")
+        assert t._secret == SECRET.encode()
+    finally:
+        t.close()
+    with pytest.raises(ValueError, match="unknown transport"):
+        create("carrier-pigeon", 0, Topo(), {})
+    with pytest.raises(ValueError, match="TLS needs all"):
+        create("grpc", 0, Topo(), {"tls_cert": "c.pem"})
+    with pytest.raises(ValueError, match="empty"):
+        (tmp_path / "empty").write_text("")
+        create("grpc", 0, Topo(), {"secret_file": str(tmp_path / "empty")})
+
+
+# ----------------------------------------------------------------------------------------------- security
+def _raw_send(address, frames, timeout=DEADLINE):
+    """Send already-encoded frames as a hostile or broken peer would; returns the reply or the RpcError."""
+    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        call = ch.stream_unary(f"/{SERVICE}/SendSnapshot", request_serializer=None,
+                               response_deserializer=pb.SendReply.FromString)
+        try:
+            return call(iter(frames), timeout=timeout)
+        except grpc.RpcError as e:
+            return e
+
+
+def _frames(snap, sender=1, round=0, secret=SECRET, payload=None, header_edit=None, chunk=100):
+    layout = wire.layout_of(snap)
+    data = bytes(wire.pack(snap, layout).numpy()) if payload is None else payload
+    import hashlib
+
+    h = wire.make_header(sender, round, layout, hashlib.sha256(bytes(wire.pack(snap, layout).numpy())).digest())
+    if header_edit is not None:
+        header_edit(h)
+    if secret is not None:
+        h.auth.CopyFrom(wire.sign(secret.encode(), wire.header_auth_fields(h)))
+    return [wire.encode_header(h)] + [wire.encode_chunk(data[i:i + chunk]) for i in range(0, len(data), chunk)]
+
+
+@pytest.fixture
+def victim(make):
+    """Agent 0 expecting snapshots shaped like _snap from neighbours 1 and 2."""
+    return make(0, [1, 2], {}, template=_snap(0), deadline_s=1.0)
+
+
+@pytest.mark.parametrize("secret,what", [("wrong", "wrong shared secret"), (None, "missing")])
+def test_wrong_or_missing_secret_is_unauthenticated_logged_and_never_merged(victim, caplog, secret, what):
+    caplog.set_level(logging.WARNING, logger="dimat.transport")
+    evil = _snap(1, scale=1000.0)
+    err = _raw_send(victim.address, _frames(evil, secret=secret))
+    assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert victim.rejected[-1].sender == 1 and what in victim.rejected[-1].reason
+    assert any(what in r.getMessage() for r in caplog.records)
+    good = _snap(1)
+    assert _raw_send(victim.address, _frames(good, sender=1)).accepted
+    victim.post(0, _snap(0))
+    got = victim.collect(0)
+    assert torch.equal(got[1]["w"], good["w"])  # the genuine one, not the intruder's
+
+
+def test_a_transport_with_the_wrong_secret_is_refused(make):
+    a = make(0, [1], {}, template=_snap(0), deadline_s=1.5)
+    b = make(1, [0], {0: a.address}, secret="not the secret", deadline_s=1.5)
+    b.post(0, _snap(1))
+    a.post(0, _snap(0))
+    assert a.collect(0) == {}
+    assert any("unauthenticated" in r.reason for r in a.rejected)
+
+
+def _edit_shape(h):
+    h.tensors[0].shape[:] = [33, 64]
+
+
+BAD = {
+    "wrong shape": (lambda s: _frames({"w": torch.zeros(33, 64), "b": s["b"], "n": s["n"]}), "shape"),
+    "short byte count": (lambda s: _frames(s, payload=bytes(wire.pack(s, wire.layout_of(s)).numpy())[:-8]),
+                         "shorter"),
+    "long byte count": (lambda s: _frames(s, payload=bytes(wire.pack(s, wire.layout_of(s)).numpy()) + b"\0" * 8),
+                        "longer"),
+    "bad hash": (lambda s: _frames(s, payload=b"\x01" + bytes(wire.pack(s, wire.layout_of(s)).numpy())[1:]),
+                 "SHA-256"),
+    "NaN values": (lambda s: _frames(dict(s, w=s["w"].clone().fill_(float("nan")))), "non-finite"),
+    "oversized header": (lambda s: _frames(s, header_edit=lambda h: h.tensors.add(name="x" * (70 << 10))),
+                         "exceeds the limit"),
+    "not a neighbour": (lambda s: _frames(s, sender=7), "not a neighbour"),
+    "declared size over the limit": (lambda s: _frames(s, header_edit=lambda h: setattr(h, "payload_bytes", 1 << 40)),
+                                     "exceeds the limit"),
+    "no header": (lambda s: [wire.encode_chunk(b"abc")], "does not start with a header"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_snapshots_are_refused_with_a_reason_and_the_round_completes(make, caplog, case):
+    caplog.set_level(logging.WARNING, logger="dimat.transport")
+    victim = make(0, [1, 2], {}, template=_snap(0), max_header_bytes=64 << 10)
+    build, reason = BAD[case]
+    reply = _raw_send(victim.address, build(_snap(1)))
+    assert not isinstance(reply, grpc.RpcError), reply
+    assert not reply.accepted and reason in reply.reason
+    assert reason in victim.rejected[-1].reason
+    assert any(reason in r.getMessage() for r in caplog.records)
+    # The round still completes with what was valid: neighbour 2's genuine snapshot, and nothing from 1.
+    assert _raw_send(victim.address, _frames(_snap(2), sender=2)).accepted
+    victim.deadline_s = 0.5
+    got = victim.collect(0)
+    assert sorted(got) == [2] and torch.equal(got[2]["w"], _snap(2)["w"])
+
+
+def test_snapshots_before_my_first_post_are_checked_at_collect(make, caplog):
+    a = make(0, [1, 2], {})  # no template: it learns its model at post
+    assert _raw_send(a.address, _frames({"w": torch.zeros(2)}, sender=2)).accepted
+    assert _raw_send(a.address, _frames(_snap(1), sender=1)).accepted
+    a.post(0, _snap(0))
+    got = a.collect(0)
+    assert sorted(got) == [1]
+    assert any(r.sender == 2 and "shape (2,), my model has (64, 33)" in r.reason for r in a.rejected)
+
+
+def test_a_stock_protobuf_stream_is_understood(victim):
+    """Wire compatibility: Frames serialised by protobuf itself (not our hand framing) are accepted."""
+    s = _snap(1)
+    frames = [pb.Frame.FromString(f) for f in _frames(s)]
+    with grpc.insecure_channel(victim.address) as ch:
+        from dimat.transport._proto import dimat_pb2_grpc
+
+        reply = dimat_pb2_grpc.PeerStub(ch).SendSnapshot(iter(frames), timeout=DEADLINE)
+    assert reply.accepted
+
+
+def test_exactly_4_mib_chunks_pass_the_explicit_message_limits(make):
+    big = {"w": torch.randn(3 << 20)}  # 12 MiB
+    a = make(0, [1], {}, chunk_bytes=4 << 20)
+    b = make(1, [0], {0: a.address}, chunk_bytes=4 << 20)
+    b.post(0, big)
+    got = a.collect(0)
+    assert torch.equal(got[1]["w"], big["w"])
+
+
+# ------------------------------------------------------------------------------------------------------ TLS
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A CA and one certificate for 127.0.0.1 (server and client use) made with the openssl CLI."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available to make test certificates")
+    d = tmp_path_factory.mktemp("certs")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=dimat test CA", cwd=d)
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                               "extendedKeyUsage=serverAuth,clientAuth\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "agent.key", "-out", "agent.csr",
+             "-subj", "/CN=localhost", cwd=d)
+    _openssl("x509", "-req", "-in", "agent.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "agent.pem", "-days", "1", "-extfile", "ext.cnf", cwd=d)
+    # A second, unrelated CA for the "stranger" certificate.
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.pem",
+             "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1", cwd=d)
+    return d
+
+
+@pytest.mark.parametrize("client_auth", [False, True])
+def test_tls_and_mtls_exchange(make, certs, client_auth):
+    tls = TLSConfig(certs / "agent.pem", certs / "agent.key", certs / "ca.pem", client_auth=client_auth)
+    a = make(0, [1], {}, tls=tls)
+    b = make(1, [0], {0: a.address}, tls=tls)
+    b.post(0, _snap(1))
+    assert torch.equal(a.collect(0)[1]["w"], _snap(1)["w"])
+
+
+def test_mtls_refuses_a_client_certificate_from_another_ca(make, certs):
+    tls = TLSConfig(certs / "agent.pem", certs / "agent.key", certs / "ca.pem", client_auth=True)
+    a = make(0, [1], {}, tls=tls, deadline_s=1.0)
+    stranger = TLSConfig(certs / "other.pem", certs / "other.key", certs / "ca.pem", client_auth=True)
+    b = make(1, [0], {0: a.address}, tls=stranger, deadline_s=1.0)
+    b.post(0, _snap(1))
+    assert a.collect(0) == {}
+    with grpc.insecure_channel(a.address) as ch:  # plaintext cannot talk to a TLS server at all
+        with pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+
+
+def test_tls_files_missing_is_a_clear_error(tmp_path):
+    tls = TLSConfig(tmp_path / "nope.pem", tmp_path / "nope.key", tmp_path / "ca.pem")
+    with pytest.raises(ValueError, match="nope.key"):
+        GrpcTransport(0, [], {}, listen="127.0.0.1:0", tls=tls)

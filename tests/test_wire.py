@@ -1,0 +1,234 @@
+"""The snapshot wire format: layout, packing, chunking, headers, authentication and every refusal."""
+
+import time
+
+import pytest
+import torch
+
+from dimat.transport import wire
+from dimat.transport._proto import dimat_pb2 as pb
+
+
+def _snapshot():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "conv.weight": torch.randn(4, 3, 3, 3, generator=g),
+        "bn.num_batches_tracked": torch.tensor(7),
+        "bn.running_mean": torch.randn(4, generator=g, dtype=torch.float64),
+        "scalar": torch.tensor(1.5),
+        "empty": torch.zeros(0, 5),
+        "half": torch.randn(9, generator=g).half(),
+        "bf": torch.randn(5, generator=g).bfloat16(),
+        "mask": torch.tensor([True, False, True]),
+        "idx": torch.arange(3, dtype=torch.int32),
+        "fc.weight": torch.randn(10, 36, generator=g).t(),  # not contiguous
+    }
+
+
+def _roundtrip(snap, compress=None, chunk_bytes=64):
+    layout = wire.layout_of(snap, compress)
+    pieces = wire.tensor_views(snap, layout)
+    digest = wire.payload_sha256(pieces, layout.payload_bytes)
+    header = wire.make_header(3, 5, layout, digest, secret=b"k")
+    checked = wire.check_header(header, wire.layout_of(snap), max_payload_bytes=1 << 20)
+    asm = wire.Assembler(checked, header.payload_sha256)
+    for c in wire.iter_payload(pieces, layout.payload_bytes, chunk_bytes):
+        asm.add(wire.decode_frame(wire.encode_chunk(c)))
+    return layout, asm.finish()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 1 << 20])
+def test_roundtrip_is_exact_for_every_dtype_and_chunk_size(chunk_bytes):
+    snap = _snapshot()
+    layout, out = _roundtrip(snap, chunk_bytes=chunk_bytes)
+    assert list(out) == list(snap)
+    for k, v in snap.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape
+        assert torch.equal(out[k], v), k
+    assert all(e.offset % wire.ALIGN == 0 for e in layout.entries)
+
+
+def test_pack_matches_chunked_stream_and_unpack_views_without_copy():
+    snap = _snapshot()
+    layout = wire.layout_of(snap)
+    flat = wire.pack(snap, layout)
+    stream = b"".join(bytes(c) for c in wire.iter_payload(wire.tensor_views(snap, layout), layout.payload_bytes, 10))
+    assert bytes(flat.numpy()) == stream
+    out = wire.unpack(flat, layout)
+    assert out["conv.weight"].data_ptr() == flat.data_ptr() + layout.entries[0].offset
+
+
+@pytest.mark.parametrize("compress,dtype,tol", [("fp16", torch.float16, 1e-2), ("bf16", torch.bfloat16, 5e-2)])
+def test_compression_casts_floats_only_and_back(compress, dtype, tol):
+    snap = _snapshot()
+    layout, out = _roundtrip(snap, compress)
+    wires = {e.name: e.wire_dtype for e in layout.entries}
+    assert wires["conv.weight"] == wire.dtype_name(dtype)
+    assert wires["bn.num_batches_tracked"] == "int64" and wires["half"] == "float16"
+    assert layout.payload_bytes < wire.layout_of(snap).payload_bytes
+    for k, v in snap.items():
+        assert out[k].dtype == v.dtype
+        if v.is_floating_point():
+            torch.testing.assert_close(out[k].float(), v.float(), atol=tol, rtol=tol)
+        else:
+            assert torch.equal(out[k], v)
+
+
+def test_fp16_keeps_tensors_it_cannot_hold_exact():
+    snap = {"big": torch.tensor([1e6, -3.0]), "small": torch.tensor([1.0, 2.0])}
+    layout, out = _roundtrip(snap, "fp16")
+    assert [e.wire_dtype for e in layout.entries] == ["float32", "float16"]
+    assert torch.equal(out["big"], snap["big"])
+    fixed = wire.layout_of(snap, "fp16", adaptive=False)
+    assert [e.wire_dtype for e in fixed.entries] == ["float16", "float16"]
+
+
+def test_fingerprint_depends_on_architecture_not_values_or_compression():
+    a = _snapshot()
+    b = {k: v + 1 if v.is_floating_point() else v.clone() for k, v in a.items()}
+    assert wire.layout_of(a).fingerprint == wire.layout_of(b).fingerprint == wire.layout_of(a, "bf16").fingerprint
+    c = dict(a, **{"conv.weight": torch.zeros(4, 3, 3, 2)})
+    assert wire.layout_of(c).fingerprint != wire.layout_of(a).fingerprint
+
+
+def test_bad_snapshots_are_refused_by_layout_of():
+    with pytest.raises(ValueError, match="not a tensor"):
+        wire.layout_of({"x": [1, 2]})
+    with pytest.raises(ValueError, match="cannot be sent"):
+        wire.layout_of({"x": torch.zeros(2, dtype=torch.complex64)})
+    with pytest.raises(ValueError, match="compress"):
+        wire.layout_of({"x": torch.zeros(2)}, "int8")
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        list(wire.iter_payload([], 0, 0))
+
+
+# ------------------------------------------------------------------------------------------------ headers
+def _header(snap, **changes):
+    layout = wire.layout_of(snap)
+    h = wire.make_header(1, 0, layout, wire.payload_sha256(wire.tensor_views(snap, layout), layout.payload_bytes))
+    for k, v in changes.items():
+        setattr(h, k, v)
+    return h
+
+
+def test_header_inconsistencies_are_refused():
+    snap = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
+    mine = wire.layout_of(snap)
+    assert wire.check_header(_header(snap), mine, 1 << 20) == mine
+
+    cases = []
+    h = _header(snap, payload_bytes=mine.payload_bytes + 8)
+    cases.append((h, "manifest adds up"))
+    h = _header(snap)
+    h.tensors[0].shape[:] = [4, 3]
+    cases.append((h, "fingerprint"))
+    h = _header(snap)
+    h.tensors[1].offset += 8
+    cases.append((h, "offset"))
+    h = _header(snap)
+    h.tensors[0].dtype = "complex64"
+    cases.append((h, "unsupported dtype"))
+    h = _header(snap)
+    h.tensors[1].wire_dtype = "float64"
+    cases.append((h, "cannot carry"))
+    h = _header(snap)
+    h.tensors[1].name = "w"
+    cases.append((h, "twice"))
+    h = _header(snap)
+    h.tensors[0].shape[:] = [-3, -4]
+    cases.append((h, "negative"))
+    h = _header(snap, payload_sha256=b"short")
+    cases.append((h, "SHA-256"))
+    for h, reason in cases:
+        with pytest.raises(wire.WireError, match=reason):
+            wire.check_header(h, mine, 1 << 20)
+    with pytest.raises(wire.WireError, match="exceeds the limit"):
+        wire.check_header(_header(snap), mine, 10)
+
+
+@pytest.mark.parametrize("theirs,reason", [
+    ({"w": torch.zeros(4, 3), "b": torch.zeros(4)}, "shape"),
+    ({"w": torch.zeros(3, 4, dtype=torch.float64), "b": torch.zeros(4)}, "dtype"),
+    ({"w": torch.zeros(3, 4)}, "missing tensor 'b'"),
+    ({"w": torch.zeros(3, 4), "b": torch.zeros(4), "x": torch.zeros(1)}, "unexpected tensor 'x'"),
+    ({"b": torch.zeros(4), "w": torch.zeros(3, 4)}, "order"),
+])
+def test_other_architectures_are_refused(theirs, reason):
+    mine = wire.layout_of({"w": torch.zeros(3, 4), "b": torch.zeros(4)})
+    with pytest.raises(wire.WireError, match=reason):
+        wire.check_header(_header(theirs), mine, 1 << 20)
+
+
+def test_assembler_refuses_long_short_wrong_hash_and_nan():
+    snap = {"w": torch.ones(16)}
+    layout = wire.layout_of(snap)
+    good = bytes(wire.pack(snap, layout).numpy())
+    h = _header(snap)
+
+    asm = wire.Assembler(layout, h.payload_sha256)
+    asm.add(good)
+    with pytest.raises(wire.WireError, match="longer"):
+        asm.add(b"x")
+
+    asm = wire.Assembler(layout, h.payload_sha256)
+    asm.add(good[:-4])
+    with pytest.raises(wire.WireError, match="shorter"):
+        asm.finish()
+
+    asm = wire.Assembler(layout, h.payload_sha256)
+    asm.add(good[:-1] + b"\x00")
+    with pytest.raises(wire.WireError, match="SHA-256"):
+        asm.finish()
+
+    bad = {"w": torch.ones(16)}
+    bad["w"][3] = float("nan")
+    bh = _header(bad)
+    asm = wire.Assembler(layout, bh.payload_sha256)
+    asm.add(bytes(wire.pack(bad, layout).numpy()))
+    with pytest.raises(wire.WireError, match="non-finite"):
+        asm.finish()
+
+
+# ------------------------------------------------------------------------------------------------- auth
+def test_hmac_verifies_and_refuses_wrong_secret_tampering_replay_and_stale_stamps():
+    snap = {"w": torch.ones(4)}
+    layout = wire.layout_of(snap)
+    digest = wire.payload_sha256(wire.tensor_views(snap, layout), layout.payload_bytes)
+    h = wire.make_header(1, 2, layout, digest, secret=b"right")
+    v = wire.Verifier(b"right", max_skew_s=60)
+    v.verify(wire.header_auth_fields(h), h.auth)
+    with pytest.raises(wire.AuthError, match="replayed"):
+        v.verify(wire.header_auth_fields(h), h.auth)
+
+    wrong = wire.make_header(1, 2, layout, digest, secret=b"wrong")
+    with pytest.raises(wire.AuthError, match="wrong shared secret"):
+        v.verify(wire.header_auth_fields(wrong), wrong.auth)
+
+    tampered = wire.make_header(1, 2, layout, digest, secret=b"right")
+    tampered.round = 3
+    with pytest.raises(wire.AuthError, match="HMAC"):
+        v.verify(wire.header_auth_fields(tampered), tampered.auth)
+
+    old = wire.make_header(1, 2, layout, digest, secret=b"right", now=time.time() - 3600)
+    with pytest.raises(wire.AuthError, match="timestamp"):
+        v.verify(wire.header_auth_fields(old), old.auth)
+
+    with pytest.raises(wire.AuthError, match="missing"):
+        v.verify(wire.header_auth_fields(h), None)
+    with pytest.raises(wire.AuthError, match="missing"):
+        v.verify(wire.header_auth_fields(h), pb.Auth())
+
+
+# ---------------------------------------------------------------------------------------------- framing
+def test_hand_framed_chunks_equal_protobuf_frames_both_ways():
+    for n in (0, 1, 127, 128, 300, 1 << 20):
+        data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        enc = wire.encode_chunk(memoryview(data))
+        assert enc == pb.Frame(chunk=data).SerializeToString()
+        assert bytes(wire.decode_frame(pb.Frame(chunk=data).SerializeToString())) == data
+    h = _header({"w": torch.ones(2)})
+    assert wire.decode_frame(wire.encode_header(h)) == h
+    with pytest.raises(wire.WireError, match="empty frame"):
+        wire.decode_frame(b"")
+    with pytest.raises(wire.WireError, match="undecodable"):
+        wire.decode_frame(b"\x0a\xff\xff")
