@@ -2,30 +2,38 @@
 
 Two layers:
 
-* :class:`ModelAggregator` needs only torch and numpy. It turns each client's list of NumPy arrays back into a
-  model, merges the models with a :mod:`dimat.merge` operator weighted by the clients' example counts, and returns
-  the merged model as a list of arrays again.
-* :class:`DimatFedAvg` (needs ``flwr``, ``pip install 'dimat[flower]'``) subclasses Flower's
-  ``flwr.server.strategy.FedAvg`` and replaces only ``aggregate_fit``, so it goes wherever FedAvg goes: sampling,
-  configuration, evaluation and metrics aggregation are FedAvg's. It is created on first access, so importing
-  this module never imports flwr.
+* :class:`ModelAggregator` needs only torch and numpy. It turns each client's arrays back into a model, merges the
+  models with a :mod:`dimat.merge` operator weighted by the clients' example counts, and returns the merged model.
+* Two Flower strategies (need ``flwr``: ``pip install 'dimat[flower]'``), each a subclass of Flower's FedAvg that
+  replaces only the aggregation of training results, so it goes wherever that FedAvg goes (sampling,
+  configuration, evaluation and metrics aggregation stay FedAvg's):
 
-Wire format: clients send ``[v.cpu().numpy() for v in model.state_dict().values()]`` (the usual Flower PyTorch
-convention, BatchNorm buffers included) and load what they receive with
-``model.load_state_dict(dict(zip(model.state_dict().keys(), map(torch.as_tensor, arrays))))``. The server needs a
-model of the same architecture (the *template*) to know the tensor names and the order.
+  - :class:`DimatFedAvg` subclasses ``flwr.server.strategy.FedAvg`` (``aggregate_fit``; ``Parameters``/``FitRes``,
+    ``start_server``, ``ServerApp(strategy=...)``);
+  - :class:`MessageDimatFedAvg` subclasses ``flwr.serverapp.strategy.FedAvg`` (``aggregate_train``; the Message
+    API, ``strategy.start(grid, initial_arrays, ...)``).
 
-Which basis: activation matching aligns every client to one reference model and the result lives in that model's
+  They are created on first access, so importing this module never imports flwr.
+
+Wire format. ``DimatFedAvg``: clients send ``[v.cpu().numpy() for v in model.state_dict().values()]`` (the usual
+Flower PyTorch convention, BatchNorm buffers included) and load what they receive with
+``model.load_state_dict(dict(zip(model.state_dict().keys(), map(torch.as_tensor, arrays))))``.
+``MessageDimatFedAvg``: clients reply with ``ArrayRecord(model.state_dict())`` (tensors by name) and a
+``MetricRecord`` holding ``"num-examples"``. Either way the server needs a model of the same architecture (the
+*template*) to know the tensor names, order and dtypes.
+
+Which basis. Activation matching aligns every client to one reference model and the result lives in that model's
 permutation basis (every basis computes the same function). The reference is the client with the most examples;
-ties go to the first client in ``results`` order (:class:`DimatFedAvg` sorts results by client id first, so a
-round does not depend on arrival order).
+ties go to the first client in ``results`` order, and both strategies sort results by client (node) id first, so a
+round does not depend on arrival order.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+import math
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,12 +41,13 @@ from torch import nn
 
 from dimat import merge
 
+# DimatFedAvg and MessageDimatFedAvg are public too, but built on first access (they need flwr).
 __all__ = ["ModelAggregator", "state_to_ndarrays", "ndarrays_to_state", "FLOWER_HINT"]
 
 log = logging.getLogger(__name__)
 
 #: Message of the ImportError raised when the flwr-dependent part is used without flwr installed.
-FLOWER_HINT = "dimat.flower.DimatFedAvg needs Flower: pip install 'dimat[flower]' (or pip install flwr)"
+FLOWER_HINT = "dimat's Flower strategies need Flower: pip install 'dimat[flower]' (or pip install flwr)"
 
 NDArrays = List[np.ndarray]
 ModelSource = Union[nn.Module, Callable[[], nn.Module]]
@@ -51,26 +60,38 @@ def state_to_ndarrays(model: Union[nn.Module, Dict[str, torch.Tensor]]) -> NDArr
     return [t.detach().cpu().numpy() for t in state.values()]
 
 
-def ndarrays_to_state(template: nn.Module, arrays: Sequence[Any], who: str = "client") -> Dict[str, torch.Tensor]:
-    """Rebuild a state_dict from Flower arrays, in the order of ``template.state_dict()``.
+def ndarrays_to_state(
+    template: nn.Module, arrays: Union[Sequence[Any], Mapping[str, Any]], who: str = "client"
+) -> Dict[str, torch.Tensor]:
+    """Rebuild a state_dict from Flower arrays: a list in ``template.state_dict()`` order, or a name -> array mapping.
 
-    Each array is cast to the dtype of the template's tensor (a client that sends float64 still loads).
-    ValueError (naming ``who`` and the tensor) on a wrong number of arrays or a wrong shape.
+    Each array is cast to the dtype (and device) of the template's tensor, so a client that sends float64 still
+    loads. ValueError (naming ``who`` and the tensor) on a wrong number of arrays, a missing or unknown name, or a
+    wrong shape.
     """
-    names = list(template.state_dict().items())
-    if len(arrays) != len(names):
-        raise ValueError(
-            f"{who} sent {len(arrays)} arrays, but the model template has {len(names)} state_dict entries; clients "
-            "must send [v.cpu().numpy() for v in model.state_dict().values()] for the same architecture"
-        )
-    state: Dict[str, torch.Tensor] = {}
-    for (name, ref), a in zip(names, arrays):
-        t = torch.as_tensor(np.asarray(a))
-        if tuple(t.shape) != tuple(ref.shape):
+    ref = template.state_dict()
+    if isinstance(arrays, Mapping):
+        missing = [k for k in ref if k not in arrays]
+        extra = [k for k in arrays if k not in ref]
+        if missing or extra:
+            what = f"has no array {missing[0]!r}" if missing else f"sent an unknown array {extra[0]!r}"
+            raise ValueError(f"{who} {what}; clients must send model.state_dict() of the server's architecture")
+        ordered = [arrays[k] for k in ref]
+    else:
+        if len(arrays) != len(ref):
             raise ValueError(
-                f"{who}: array for {name!r} has shape {tuple(t.shape)}, the model template expects {tuple(ref.shape)}"
+                f"{who} sent {len(arrays)} arrays, but the model template has {len(ref)} state_dict entries; "
+                "clients must send [v.cpu().numpy() for v in model.state_dict().values()] for the same architecture"
             )
-        state[name] = t.to(dtype=ref.dtype, device=ref.device)
+        ordered = list(arrays)
+    state: Dict[str, torch.Tensor] = {}
+    for (name, t0), a in zip(ref.items(), ordered):
+        t = a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+        if tuple(t.shape) != tuple(t0.shape):
+            raise ValueError(
+                f"{who}: array for {name!r} has shape {tuple(t.shape)}, the model template expects {tuple(t0.shape)}"
+            )
+        state[name] = t.to(dtype=t0.dtype, device=t0.device)
     return state
 
 
@@ -110,30 +131,36 @@ class ModelAggregator:
         self.reset_bn = bool(reset_bn)
         self.stat_batches = stat_batches
 
-    def aggregate(self, results: Sequence[Tuple[Sequence[Any], int]]) -> NDArrays:
-        """Merge ``[(arrays, num_examples), ...]`` (one pair per client) into one model's arrays.
+    def aggregate(self, results: Sequence[Tuple[Any, float]]) -> NDArrays:
+        """Merge ``[(arrays, num_examples), ...]`` (one pair per client) into one model's arrays (state_dict order).
+
+        ``arrays`` is a list in state_dict order or a name -> array mapping (see :func:`ndarrays_to_state`).
+        """
+        return state_to_ndarrays(self.merge(results))
+
+    def merge(self, results: Sequence[Tuple[Any, float]]) -> nn.Module:
+        """Like :meth:`aggregate`, but return the merged model (a new module).
 
         The client with the most examples is the reference every other client is aligned to (ties: the first).
-        ValueError on no results, a negative or non-integer count, counts that sum to 0, or arrays that do not fit
+        ValueError on no results, a negative or non-finite count, counts that sum to 0, or arrays that do not fit
         the template.
         """
         if len(results) == 0:
             raise ValueError("no client results to aggregate")
         counts = [_count(n, i) for i, (_, n) in enumerate(results)]
-        if sum(counts) == 0:
+        if sum(counts) <= 0:
             raise ValueError("every client reported num_examples=0; nothing to weight the merge by")
         order = _reference_first(counts)
         models = [self._model(results[i][0], f"client {i}") for i in order]
-        merged = self._merge(
+        return self._merge(
             models,
             [counts[i] for i in order],
             batches=self.calibration,
             reset_bn=self.reset_bn and self.calibration is not None,
             stat_batches=self.stat_batches,
         )
-        return state_to_ndarrays(merged)
 
-    def _model(self, arrays: Sequence[Any], who: str) -> nn.Module:
+    def _model(self, arrays: Any, who: str) -> nn.Module:
         model = copy.deepcopy(self.template)
         model.load_state_dict(ndarrays_to_state(self.template, arrays, who))
         return model
@@ -164,13 +191,16 @@ def _calibration(batches: Optional[Iterable[Any]]) -> Optional[Iterable[Any]]:
     return batches
 
 
-def _count(n: Any, i: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"client {i} reported num_examples={n!r}; it must be a non-negative integer")
-    return int(n)
+def _count(n: Any, i: int) -> float:
+    """A client's weight: its example count (any finite non-negative number; Message replies may carry floats)."""
+    if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)) or not (
+        math.isfinite(n) and n >= 0
+    ):
+        raise ValueError(f"client {i} reported num_examples={n!r}; it must be a finite non-negative number")
+    return n
 
 
-def _reference_first(counts: Sequence[int]) -> List[int]:
+def _reference_first(counts: Sequence[float]) -> List[int]:
     """Client indices with the reference (most examples, first on ties) first, the others in their order."""
     ref = max(range(len(counts)), key=lambda i: (counts[i], -i))
     return [ref] + [i for i in range(len(counts)) if i != ref]
@@ -181,28 +211,28 @@ _CLASSES: Dict[str, type] = {}
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: build the flwr subclass on first access so that `import dimat.flower` works without flwr.
-    if name == "DimatFedAvg":
+    # PEP 562: build the flwr subclasses on first access so that `import dimat.flower` works without flwr.
+    builders = {"DimatFedAvg": _build_dimat_fedavg, "MessageDimatFedAvg": _build_message_dimat_fedavg}
+    if name in builders:
         if name not in _CLASSES:
-            _CLASSES[name] = _build_dimat_fedavg()
+            _CLASSES[name] = builders[name]()
         return _CLASSES[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _import_flwr():
+def _flwr_import_error(e: ImportError) -> ImportError:
+    return ImportError(f"{FLOWER_HINT} ({e})")
+
+
+def _build_dimat_fedavg() -> type:
     try:
         from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
         from flwr.server.strategy import FedAvg
     except ImportError as e:
-        raise ImportError(f"{FLOWER_HINT} ({e})") from e
-    return FedAvg, ndarrays_to_parameters, parameters_to_ndarrays
-
-
-def _build_dimat_fedavg() -> type:
-    FedAvg, ndarrays_to_parameters, parameters_to_ndarrays = _import_flwr()
+        raise _flwr_import_error(e) from e
 
     class DimatFedAvg(FedAvg):
-        """Flower FedAvg whose aggregation merges client models with dimat (activation matching by default).
+        """Flower FedAvg (``flwr.server.strategy``) whose aggregation merges client models with dimat.
 
         Everything but ``aggregate_fit`` is FedAvg's, so it replaces FedAvg wherever FedAvg is used.
 
@@ -249,3 +279,65 @@ def _build_dimat_fedavg() -> type:
 
     DimatFedAvg.__module__ = __name__
     return DimatFedAvg
+
+
+def _build_message_dimat_fedavg() -> type:
+    try:
+        from flwr.common import ArrayRecord
+        from flwr.serverapp.strategy import FedAvg
+        from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
+    except ImportError as e:
+        raise _flwr_import_error(e) from e
+
+    class MessageDimatFedAvg(FedAvg):
+        """Flower FedAvg of the Message API (``flwr.serverapp.strategy``) whose aggregation merges with dimat.
+
+        Everything but ``aggregate_train`` is FedAvg's. Each reply carries one ``ArrayRecord`` of the client's
+        ``state_dict`` (tensors by name) and one ``MetricRecord`` with the weight under ``weighted_by_key``
+        (default ``"num-examples"``), as FedAvg expects.
+
+        Parameters
+        ----------
+        model : the clients' architecture (``nn.Module`` or zero-argument factory); see :class:`ModelAggregator`.
+        calibration : batches held by the server for activation statistics and the BatchNorm reset. Without it the
+            strategy falls back to weighted averaging (FedAvg's arithmetic).
+        method, reset_bn, stat_batches : as in :class:`ModelAggregator`.
+        **kwargs : every FedAvg keyword (``fraction_train``, ``min_train_nodes``, ``weighted_by_key``, ...).
+        """
+
+        def __init__(
+            self,
+            *,
+            model: ModelSource,
+            calibration: Optional[Iterable[Any]] = None,
+            method: Optional[str] = None,
+            reset_bn: bool = True,
+            stat_batches: Optional[int] = None,
+            **kwargs: Any,
+        ) -> None:
+            super().__init__(**kwargs)
+            self.aggregator = ModelAggregator(model, calibration, method, reset_bn, stat_batches)
+
+        def aggregate_train(self, server_round, replies):
+            """Merge the replies' models, weighted by their ``weighted_by_key`` metric; metrics as in FedAvg."""
+            replies = list(replies)
+            valid = sorted((m for m in replies if not m.has_error()), key=lambda m: m.metadata.src_node_id)
+            log.info("round %s: %d results and %d failures", server_round, len(valid), len(replies) - len(valid))
+            if not valid:
+                return None, None
+            contents = [m.content for m in valid]
+            validate_message_reply_consistency(
+                replies=contents, weighted_by_key=self.weighted_by_key, check_arrayrecord=True
+            )
+            pairs = [
+                (
+                    next(iter(c.array_records.values())).to_torch_state_dict(),
+                    next(iter(c.metric_records.values()))[self.weighted_by_key],
+                )
+                for c in contents
+            ]
+            merged = self.aggregator.merge(pairs)
+            return ArrayRecord(merged.state_dict()), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    MessageDimatFedAvg.__module__ = __name__
+    return MessageDimatFedAvg

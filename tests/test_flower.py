@@ -112,6 +112,18 @@ def test_wire_format_rejects_wrong_count_and_shape():
         ndarrays_to_state(m, arrays)
 
 
+def test_wire_format_by_name_accepts_any_order_and_rejects_missing_or_unknown_names():
+    m = make_model(1)
+    named = dict(reversed(list(m.state_dict().items())))
+    state = ndarrays_to_state(make_model(2), {k: v.numpy() for k, v in named.items()})
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items()) and list(state) == list(m.state_dict())
+    del named["4.running_var"]
+    with pytest.raises(ValueError, match="client has no array '4.running_var'"):
+        ndarrays_to_state(m, named)
+    with pytest.raises(ValueError, match="unknown array 'extra'"):
+        ndarrays_to_state(m, {**m.state_dict(), "extra": torch.zeros(1)})
+
+
 # ------------------------------------------------------------------------------------------------ aggregation
 @needs_dimat
 @pytest.mark.parametrize("method", ["dimat", "wa"])
@@ -232,7 +244,13 @@ def test_activation_matching_without_calibration_is_an_error():
 
 @pytest.mark.parametrize(
     "counts, match",
-    [([1, -1], "client 1 reported num_examples=-1"), ([0, 0], "num_examples=0"), ([1, 2.5], "num_examples=2.5")],
+    [
+        ([1, -1], "client 1 reported num_examples=-1"),
+        ([0, 0], "num_examples=0"),
+        ([1, float("nan")], "num_examples=nan"),
+        ([1, "3"], "num_examples='3'"),
+        ([True, 1], "client 0 reported num_examples=True"),
+    ],
 )
 def test_bad_example_counts(counts, match):
     m = make_model(0)
@@ -254,6 +272,8 @@ def test_missing_flwr_gives_an_install_hint(monkeypatch):
     monkeypatch.setattr(flower, "_CLASSES", {})
     with pytest.raises(ImportError, match=r"pip install 'dimat\[flower\]'"):
         flower.DimatFedAvg
+    with pytest.raises(ImportError, match=r"pip install 'dimat\[flower\]'"):
+        flower.MessageDimatFedAvg
     with pytest.raises(AttributeError):
         flower.NoSuchThing
 
@@ -330,6 +350,71 @@ def test_strategy_failures_and_metrics_follow_fedavg(fl):
     )
     _, metrics = s.aggregate_fit(1, fit_results([m, m], [1, 3]), [])
     assert metrics == {"loss": 10.0}
+
+
+def test_strategy_without_calibration_is_fedavg(fl):
+    from flwr.common import parameters_to_ndarrays
+    from flwr.server.strategy import FedAvg
+
+    clients, counts = [make_model(13), make_model(14), make_model(15)], [10, 30, 20]
+    ours, _ = flower.DimatFedAvg(model=make_model(0)).aggregate_fit(1, fit_results(clients, counts), [])
+    theirs, _ = FedAvg().aggregate_fit(1, fit_results(clients, counts), [])
+    for name, a, b in zip(make_model(0).state_dict(), parameters_to_ndarrays(ours), parameters_to_ndarrays(theirs)):
+        if name.endswith("num_batches_tracked"):  # FedAvg averages this counter into a float; we keep an int
+            assert a.dtype == np.int64
+            continue
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=name)
+
+
+def replies(models, counts, node_ids=None, error_for=()):
+    from flwr.common import ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+
+    out = []
+    for i, (m, n) in enumerate(zip(models, counts)):
+        nid = (node_ids or list(range(10, 10 + len(models))))[i]
+        md = Metadata(run_id=1, message_id=f"m{i}", src_node_id=nid, dst_node_id=0, reply_to_message_id=f"q{i}",
+                      group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+        if i in error_for:
+            out.append(Message(metadata=md, error=Error(code=0, reason="client crashed")))
+        else:
+            content = RecordDict({"arrays": ArrayRecord(m.state_dict()),
+                                  "metrics": MetricRecord({"num-examples": n, "loss": float(n)})})
+            out.append(Message(metadata=md, content=content))
+    return out
+
+
+@needs_dimat
+def test_message_strategy_identical_and_permuted_clients(fl):
+    pytest.importorskip("flwr.serverapp.strategy")
+    from flwr.serverapp.strategy import FedAvg
+
+    m = make_model(16)
+    s = flower.MessageDimatFedAvg(model=make_model(0), calibration=CALIBRATION, reset_bn=False)
+    assert isinstance(s, FedAvg)
+    arrays, metrics = s.aggregate_train(1, replies([m, m], [3, 5]))
+    out = make_model(0)
+    out.load_state_dict(arrays.to_torch_state_dict())
+    assert_same_weights(out, m, atol=1e-6)
+    assert metrics["loss"] == pytest.approx((3 * 3 + 5 * 5) / 8)  # FedAvg's weighted metric average
+
+    clients = [permuted(m, 1), m, permuted(m, 2)]
+    arrays, _ = s.aggregate_train(1, replies(clients, [4, 4, 4], node_ids=[7, 3, 9]))  # node 3 is the reference
+    out.load_state_dict(arrays.to_torch_state_dict())
+    assert_same_weights(out, m, atol=1e-5)
+    fedavg, _ = FedAvg().aggregate_train(1, replies(clients, [4, 4, 4], node_ids=[7, 3, 9]))
+    out.load_state_dict(fedavg.to_torch_state_dict())
+    assert max_diff(out, m) > 0.05
+
+
+def test_message_strategy_skips_error_replies(fl):
+    pytest.importorskip("flwr.serverapp.strategy")
+    a, b = make_model(17), make_model(18)
+    s = flower.MessageDimatFedAvg(model=make_model(0))
+    arrays, _ = s.aggregate_train(1, replies([a, b], [1, 1], error_for=(1,)))
+    out = make_model(0)
+    out.load_state_dict(arrays.to_torch_state_dict())
+    assert_same_weights(out, a, atol=1e-6)  # only the healthy client's model is left
+    assert s.aggregate_train(1, replies([a], [1], error_for=(0,))) == (None, None)
 
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower" / "run.py"

@@ -103,7 +103,8 @@ def make_strategy(name: str, ds: Dataset, calibration, args: argparse.Namespace)
     )
     if name == "fedavg":
         return FedAvg(**common)
-    return DimatFedAvg(model=lambda: new_model(ds, args), calibration=calibration, **common)
+    return DimatFedAvg(model=lambda: new_model(ds, args), calibration=calibration, method=args.merge,
+                       reset_bn=not args.no_reset_bn, **common)
 
 
 def run(name: str, args: argparse.Namespace) -> List[float]:
@@ -136,6 +137,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--own-init", action="store_true", help="round 1 starts from each client's own init")
+    p.add_argument("--merge", default=None, help="DimatFedAvg's merge operator: dimat (default), wm or wa")
+    p.add_argument("--no-reset-bn", action="store_true", help="keep the averaged BatchNorm statistics")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
