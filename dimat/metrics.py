@@ -104,7 +104,8 @@ def final_records(records: Iterable[Mapping[str, Any]]) -> Dict[int, Mapping[str
     return last
 
 
-def summarize(records: Iterable[Mapping[str, Any]], method: str, agents: int, rounds: int, wall_s: float) -> Dict[str, Any]:
+def summarize(records: Iterable[Mapping[str, Any]], method: str, agents: int, rounds: int,
+              wall_s: float) -> Dict[str, Any]:
     """The run summary: final test accuracy per agent (its last record) and its mean, min and max.
 
     ``wall_s`` is the wall-clock time of the process that wrote the summary (of the resumed part, after a resume).

@@ -172,7 +172,7 @@ def check_run_dir(cfg: Config, out: Path, resume: bool) -> None:
 def _progress(total: int, initial: int, desc: str, quiet: bool, leave: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="round" if leave else "step", leave=leave,
+    return tqdm(total=total, initial=initial, desc=desc, unit="round" if leave else "agent-phase", leave=leave,
                 disable=quiet or not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True)
 
 
@@ -213,8 +213,8 @@ def drive(
         MetricsWriter.truncate_after(metrics_path, done)
     rounds = cfg["rounds"]
     with MetricsWriter(metrics_path) as writer:
-        inner = _progress(len(agents), 0, "agents", quiet, leave=False)
         outer = _progress(rounds, max(done + 1, 0), "rounds", quiet)
+        inner = _progress(len(agents), 0, "agents", quiet, leave=False)  # one step per agent and phase
         try:
             if done < -1 and cfg["train"]["pretrain_epochs"] > 0:
                 inner.set_description("pretrain")
@@ -260,16 +260,15 @@ def run(
     t0 = time.perf_counter()
     out = Path(out_dir if out_dir is not None else cfg["out"])
     if cfg["transport"]["name"] != "inproc":
-        raise UserError(f"{cfg.source}: transport.name: 'dimat run' simulates every agent in one process (inproc); run "
-                        f"{cfg['transport']['name']!r} transports with 'dimat launch'")
+        raise UserError(f"{getattr(cfg, 'source', 'config')}: transport.name: 'dimat run' simulates every agent in "
+                        f"one process (inproc); run {cfg['transport']['name']!r} transports with 'dimat launch'")
     setup = prepare(cfg)  # every input error surfaces here, before anything is written
     check_run_dir(cfg, out, resume)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_text(out / "config.yaml", dump(cfg))
-    from dimat.transport.inproc import make_inproc
-
     from dimat import gossip
+    from dimat.transport.inproc import make_inproc
 
     transports = make_inproc([setup.topology.neighbors(k) for k in range(cfg["agents"])])
     if gossip.handles(cfg["merge"]["method"]):  # gradient-gossip baselines and centralised: a step-level loop

@@ -92,11 +92,15 @@ def bad_inputs(tmp_path):
     yield "unknown key", TINY + "merge_method: dimat\n", [], ["tiny.yaml", "unknown key 'merge_method'",
                                                               "did you mean 'merge.method'"]
     yield "unknown set key", TINY, ["--set", "train.epoch=2"], ["unknown key 'train.epoch'", "'train.epochs'"]
-    yield "unknown dataset", TINY, ["--set", "data.dataset=mnist"], ["tiny.yaml: data.dataset: unknown dataset 'mnist'"]
-    yield "unknown model", TINY, ["--set", "model.name=transformer"], ["tiny.yaml: model.name: unknown model 'transformer'"]
+    yield "unknown dataset", TINY, ["--set", "data.dataset=mnist"], \
+        ["tiny.yaml: data.dataset: unknown dataset 'mnist'"]
+    yield "unknown model", TINY, ["--set", "model.name=transformer"], \
+        ["tiny.yaml: model.name: unknown model 'transformer'"]
     yield "unknown method", TINY, ["--set", "merge.method=magic"], ["tiny.yaml", "merge.method", "magic"]
-    yield "unknown topology", TINY, ["--set", "topology=hypercube"], ["tiny.yaml: topology: unknown topology kind 'hypercube'"]
-    yield "unknown partition", TINY, ["--set", "data.partition=halves"], ["tiny.yaml: data.partition: unknown partition 'halves'"]
+    yield "unknown topology", TINY, ["--set", "topology=hypercube"], \
+        ["tiny.yaml: topology: unknown topology kind 'hypercube'"]
+    yield "unknown partition", TINY, ["--set", "data.partition=halves"], \
+        ["tiny.yaml: data.partition: unknown partition 'halves'"]
     topo = _topology_file(tmp_path, "{not json")
     yield "malformed topology file", TINY, ["--set", f"topology={topo}"], [str(topo)]
     bad = dict(RING3, pi=[[0.5, 0.3, 0.1]] + [[1 / 3] * 3] * 2)
