@@ -1,0 +1,147 @@
+"""torch.distributed transport: neighbour-only exchange among spawned gloo ranks, refusals, bad input.
+
+Each test spawns a few processes on 127.0.0.1 with a free port and a short process-group timeout; results come
+back through a queue read with a timeout, so a hung rank fails the test instead of hanging it.
+"""
+
+import os
+import queue
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dimat.transport.torch_transport import TorchTransport
+
+RING4 = {0: [1, 3], 1: [0, 2], 2: [1, 3], 3: [2, 0]}
+TIMEOUT_S = 20
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _snap(rank, r):
+    g = torch.Generator().manual_seed(100 * r + rank)
+    return {"w": torch.randn(20, 7, generator=g), "b": torch.randn(7, generator=g).double(),
+            "n": torch.tensor(rank * 10 + r)}
+
+
+def _worker(rank, world, port, scenario, q):
+    torch.set_num_threads(1)
+    try:
+        q.put((rank, _SCENARIOS[scenario](rank, world, port)))
+    except BaseException:
+        q.put((rank, "error: " + traceback.format_exc()))
+
+
+def _plain(snapshots):
+    """Tensors as (dtype, nested lists): tensors shared through a queue die with the process that sent them."""
+    return {j: {k: (str(v.dtype), v.tolist()) for k, v in s.items()} for j, s in snapshots.items()}
+
+
+def _exchange(rank, world, port):
+    """Rounds 0-1 exact, round 2 in fp16 over the same group, round 3 with a NaN from rank 1."""
+    t = TorchTransport(rank, RING4[rank], world_size=world, master_addr="127.0.0.1", master_port=port,
+                       timeout_s=TIMEOUT_S)
+    try:
+        out = []
+        for r in range(2):
+            t.post(r, _snap(rank, r))
+            out.append(_plain(t.collect(r)))
+        sent, received = t.bytes_sent, t.bytes_received
+        half = TorchTransport(rank, RING4[rank], timeout_s=TIMEOUT_S, compress="fp16")  # reuses the group
+        half.post(2, _snap(rank, 2))
+        out.append(_plain(half.collect(2)))
+        bad = _snap(rank, 3)
+        if rank == 1:
+            bad["w"][0, 0] = float("nan")
+        t.post(3, bad)
+        nan_round = (sorted(t.collect(3)), list(t.rejected))
+        half.close()
+        return out, sent, received, half.bytes_received, nan_round
+    finally:
+        t.close()
+
+
+def _from_env(rank, world, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from dimat.transport import create
+
+    t = create("torch", rank, None, {"deadline_s": TIMEOUT_S, "backend": "gloo"}, neighbors=[1 - rank])
+    try:
+        t.post(3, _snap(rank, 3))
+        got = t.collect(3)
+        return sorted(got), dist.get_backend(), t.timeout_s
+    finally:
+        t.close()
+
+
+_SCENARIOS = {"exchange": _exchange, "env": _from_env}
+
+
+def _spawn(scenario, world):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, scenario, q), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in range(world):
+            rank, value = q.get(timeout=TIMEOUT_S + 40)
+            assert not (isinstance(value, str) and value.startswith("error")), value
+            results[rank] = value
+    except queue.Empty:
+        pytest.fail(f"ranks {sorted(set(range(world)) - set(results))} did not answer in time")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return results
+
+
+def test_ring_of_four_exchanges_with_neighbours_only_exact_fp16_and_refuses_nan():
+    results = _spawn("exchange", 4)
+    for rank, (rounds, sent, received, half_received, (nan_got, nan_rejected)) in results.items():
+        for r in (0, 1):
+            assert sorted(rounds[r]) == sorted(RING4[rank])
+            for j, s in rounds[r].items():
+                for k, v in _snap(j, r).items():
+                    assert s[k] == (str(v.dtype), v.tolist()), (rank, r, j, k)
+        for j, s in rounds[2].items():
+            want = _snap(j, 2)
+            assert s["b"][0] == "torch.float64" and s["n"][1] == j * 10 + 2
+            torch.testing.assert_close(torch.tensor(s["w"][1]), want["w"], atol=1e-2, rtol=1e-2)
+        assert sent == received > 0 and 0 < half_received < received / 2
+        if 1 in RING4[rank]:  # neighbours of the NaN sender drop it with a reason, keep the other neighbour
+            assert nan_got == sorted(set(RING4[rank]) - {1})
+            assert nan_rejected[-1][:2] == (3, 1) and "non-finite" in nan_rejected[-1][2]
+        else:
+            assert nan_got == sorted(RING4[rank]) and not nan_rejected
+
+
+def test_initialised_from_torchrun_environment_through_create():
+    results = _spawn("env", 2)
+    assert results[0] == ([1], "gloo", TIMEOUT_S) and results[1] == ([0], "gloo", TIMEOUT_S)
+
+
+def test_bad_input_without_a_group(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="world_size, master_addr and master_port"):
+        TorchTransport(0, [1])
+    with pytest.raises(ValueError, match="backend"):
+        TorchTransport(0, [1], backend="mpi")
+    with pytest.raises(ValueError, match="timeout_s"):
+        TorchTransport(0, [1], timeout_s=0)
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(ValueError, match="RANK=3"):
+        TorchTransport(0, [1], world_size=4, master_addr="127.0.0.1", master_port=1)
