@@ -18,14 +18,16 @@ from torch import nn
 
 from dimat.permutation import PermutationSpec, Site
 
-__all__ = ["CrossStats", "unit_features", "site_module", "collect_correlations", "eval_mode"]
+__all__ = ["CrossStats", "units_view", "unit_features", "site_module", "collect_correlations", "match", "eval_mode"]
 
 
 class CrossStats:
     """Running mean and variance of two feature sets a, b (C units each) and their cross-covariance.
 
-    ``update(a, b)`` takes ``[samples, C]`` tensors; :meth:`correlation` returns the C x C Pearson correlation
-    with rows for ``a``'s units, columns for ``b``'s; a unit with zero variance (dead) correlates 0 with all.
+    Feed it either ``update(a, b)`` with ``[samples, C]`` tensors, or per-batch centred moments with
+    :meth:`add_batch`; batches are combined with Chan's parallel formulas in float64. :meth:`correlation`
+    returns the C x C Pearson correlation with rows for ``a``'s units, columns for ``b``'s; a unit with zero
+    variance (dead) correlates 0 with every unit.
     """
 
     def __init__(self, units: int):
@@ -36,27 +38,24 @@ class CrossStats:
         self.m2_b = torch.zeros(units, dtype=torch.float64)
         self.cross = torch.zeros(units, units, dtype=torch.float64)
 
-    def update(self, a: torch.Tensor, b: torch.Tensor, a_centred: Tuple[torch.Tensor, torch.Tensor] = None) -> None:
-        """Add a batch of samples; ``a_centred`` optionally gives ``(a - mean(a), mean(a))`` computed once."""
-        m = a.shape[0]
+    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Add a batch of samples ``a``, ``b`` of shape ``[samples, C]``."""
+        a, b = a.double(), b.double()
+        mu_a, mu_b = a.mean(0), b.mean(0)
+        ca, cb = a - mu_a, b - mu_b
+        self.add_batch(a.shape[0], mu_a, mu_b, (ca * ca).sum(0), (cb * cb).sum(0), ca.T @ cb)
+
+    def add_batch(self, m: int, mu_a, mu_b, m2_a, m2_b, c_ab) -> None:
+        """Add one batch given by its centred moments: sample count, means, sums of squared deviations of a and
+        of b, and the sum of outer products of the deviations ``(a - mu_a)(b - mu_b)^T``."""
         if m == 0:
             return
-        if a_centred is None:
-            mu_a = a.mean(0)
-            ca = a - mu_a
-        else:
-            ca, mu_a = a_centred
-        mu_b = b.mean(0)
-        cb = b - mu_b
-        cross = (ca.T @ cb).double()
-        m2_a = (ca * ca).sum(0).double()
-        m2_b = (cb * cb).sum(0).double()
-        mu_a, mu_b = mu_a.double(), mu_b.double()
+        mu_a, mu_b, m2_a, m2_b, c_ab = (t.double() for t in (mu_a, mu_b, m2_a, m2_b, c_ab))
         n = self.n
         tot = n + m
         da, db = mu_a - self.mean_a, mu_b - self.mean_b
         f = n * m / tot
-        self.cross += cross + f * torch.outer(da, db)
+        self.cross += c_ab + f * torch.outer(da, db)
         self.m2_a += m2_a + f * da * da
         self.m2_b += m2_b + f * db * db
         self.mean_a += da * (m / tot)
@@ -68,21 +67,69 @@ class CrossStats:
         n = max(self.n, 1)
         std_a = (self.m2_a / n).clamp_min(0).sqrt()
         std_b = (self.m2_b / n).clamp_min(0).sqrt()
-        live_a = std_a > 1e-9 * (float(std_a.max()) + 1e-30)
-        live_b = std_b > 1e-9 * (float(std_b.max()) + 1e-30)
+        live_a = std_a > 1e-6 * (float(std_a.max()) + 1e-30)
+        live_b = std_b > 1e-6 * (float(std_b.max()) + 1e-30)
         denom = torch.outer(torch.where(live_a, std_a, 1.0), torch.where(live_b, std_b, 1.0))
-        corr = (self.cross / n) / denom
+        corr = ((self.cross / n) / denom).clamp(-1.0, 1.0)
         corr[~live_a, :] = 0.0
         corr[:, ~live_b] = 0.0
         return corr
 
 
+def units_view(value: torch.Tensor, site: Site) -> torch.Tensor:
+    """The site's units as a ``[B, units, L]`` tensor (a view when possible): every B x L entry is a sample."""
+    shape = value.shape
+    lead = 1
+    for d in shape[: site.dim]:
+        lead *= d
+    x = value.reshape(lead, shape[site.dim], -1)
+    x = x[:, site.offset: site.offset + site.units * site.block]
+    return x.reshape(lead, site.units, -1)
+
+
 def unit_features(value: torch.Tensor, site: Site) -> torch.Tensor:
     """The site's units as a ``[samples, units]`` matrix: every other dimension (and the block) is a sample."""
-    x = value.movedim(site.dim, -1)
-    x = x[..., site.offset: site.offset + site.units * site.block]
-    x = x.reshape(-1, site.units, site.block).transpose(1, 2)
-    return x.reshape(-1, site.units).float()
+    x = units_view(value, site)
+    return x.transpose(1, 2).reshape(-1, site.units)
+
+
+class _BatchMoments:
+    """One model's per-unit centred moments at one site for one batch, and the layout for its cross products.
+
+    Each batch is centred on its own mean before any product (float32 products of raw activations would lose the
+    variance of units whose mean is large against their spread). The layout avoids further copies: a ``[B, U, L]``
+    tensor multiplied with batched matmuls when the ``[B, U, U]`` intermediate is small, a ``[samples, U]`` matrix
+    when L is 1, otherwise a ``[U, samples]`` matrix.
+    """
+
+    _BMM_LIMIT = 4_000_000  # entries of the [B, U, U] intermediate
+
+    def __init__(self, value: torch.Tensor, site: Site):
+        x = units_view(value, site).float()
+        b, u, l = x.shape
+        self.n = b * l
+        if l == 1:
+            x = x[:, :, 0]
+            self.mean = x.mean(0)
+            self.mode, self.x = "rows", x - self.mean
+            self.m2 = (self.x * self.x).sum(0)
+        elif b * u * u <= self._BMM_LIMIT:
+            self.mean = x.sum(2).sum(0) / self.n
+            self.mode, self.x = "bmm", x - self.mean[None, :, None]
+            self.m2 = torch.bmm(self.x, self.x.transpose(1, 2)).sum(0).diagonal()
+        else:
+            x = x.transpose(0, 1).reshape(u, -1)
+            self.mean = x.mean(1)
+            self.mode, self.x = "cols", x - self.mean[:, None]
+            self.m2 = (self.x * self.x).sum(1)
+
+    def cross(self, other: "_BatchMoments") -> torch.Tensor:
+        """Sum over samples of the outer products of self's and other's centred units, ``[units, units]``."""
+        if self.mode == "rows":
+            return self.x.T @ other.x
+        if self.mode == "bmm":
+            return torch.bmm(self.x, other.x.transpose(1, 2)).sum(0)
+        return self.x @ other.x.T
 
 
 def site_module(model: nn.Module, graph: fx.Graph, nodes: Sequence[str]) -> fx.GraphModule:
@@ -153,15 +200,12 @@ def collect_correlations(
     with eval_mode(*models, *mods):
         for x in inputs:
             vals0 = mods[0](x)
-            feats0 = []
-            for _, s in sites:
-                a = unit_features(vals0[slot[s.node]], s)
-                mu = a.mean(0)
-                feats0.append((a, (a - mu, mu)))
+            feats0 = [_BatchMoments(vals0[slot[s.node]], s) for _, s in sites]
             for j, mod in enumerate(mods[1:]):
                 vals = mod(x)
-                for (a, centred), (_, s), st in zip(feats0, sites, stats[j]):
-                    st.update(a, unit_features(vals[slot[s.node]], s), centred)
+                for f0, (_, s), st in zip(feats0, sites, stats[j]):
+                    fj = _BatchMoments(vals[slot[s.node]], s)
+                    st.add_batch(f0.n, f0.mean, fj.mean, f0.m2, fj.m2, f0.cross(fj))
     out: List[Dict[int, torch.Tensor]] = []
     for per_site in stats:
         corr: Dict[int, torch.Tensor] = {}

@@ -457,3 +457,27 @@ def test_repair_gives_unbatchnormed_layers_the_endpoints_statistics(digits_pair)
     assert off(got["plain"]) > 0.2  # averaging (and the BN reset upstream) changes the spread of fc1's units
     assert off(got["fixed"]) < 0.05
     assert _accuracy(fixed, xte, yte) >= _accuracy(plain, xte, yte) - 1
+
+
+@pytest.mark.parametrize("bmm_limit", [4_000_000, 0])
+def test_collected_correlations_match_numpy_at_every_site(bmm_limit, monkeypatch):
+    monkeypatch.setattr(stats._BatchMoments, "_BMM_LIMIT", bmm_limit)  # both layouts of the cross products
+    a, _, batches, _ = _pair("user_conv_flat")
+    b = UserConvFlat()
+    _randomise_bn(b, torch.Generator().manual_seed(3))
+    spec, graph = merge.spec_for(a, batches[0][0])
+    xs = [x for x, _ in batches]
+    corr = stats.collect_correlations([a, b], spec, graph, xs, spec.permutable)[0]
+    mods = [stats.site_module(m.eval(), graph, [s.node for gi in spec.permutable for s in spec.groups[gi].sites])
+            for m in (a, b)]
+    k = 0
+    for gi in spec.permutable:
+        (site,) = spec.groups[gi].sites
+        with torch.no_grad():
+            fa = torch.cat([stats.unit_features(mods[0](x)[k], site) for x in xs]).double().numpy()
+            fb = torch.cat([stats.unit_features(mods[1](x)[k], site) for x in xs]).double().numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ref = np.corrcoef(fa.T, fb.T)[: site.units, site.units:]
+        ref = np.nan_to_num(ref, nan=0.0)  # numpy gives NaN for a dead unit, dimat gives 0
+        assert np.allclose(corr[gi].numpy(), ref, atol=1e-5), gi
+        k += 1
