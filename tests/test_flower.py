@@ -26,8 +26,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-HAS_DIMAT = "dimat" in merge.METHODS
-needs_dimat = pytest.mark.skipif(not HAS_DIMAT, reason="merge.activation_match not available yet")
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
@@ -125,7 +123,6 @@ def test_wire_format_by_name_accepts_any_order_and_rejects_missing_or_unknown_na
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
-@needs_dimat
 @pytest.mark.parametrize("method", ["dimat", "wa"])
 def test_identical_clients_give_that_client_back(method):
     m = make_model(3)
@@ -134,7 +131,6 @@ def test_identical_clients_give_that_client_back(method):
     assert_same_weights(out, m, atol=1e-6)
 
 
-@needs_dimat
 def test_permuted_copies_give_the_model_back_with_activation_matching_but_not_with_fedavg():
     m = make_model(4)
     clients = [m, permuted(m, 1), permuted(m, 2)]
@@ -151,7 +147,6 @@ def test_permuted_copies_give_the_model_back_with_activation_matching_but_not_wi
         assert float((fedavg_out(x) - m(x)).abs().max()) > 0.05
 
 
-@needs_dimat
 def test_permuted_copies_with_bn_reset_give_the_model_with_recomputed_statistics():
     m = make_model(4)
     out = as_model(ModelAggregator(make_model(0), CALIBRATION).aggregate(results_of([m, permuted(m, 1)], [3, 3])))
@@ -160,7 +155,6 @@ def test_permuted_copies_with_bn_reset_give_the_model_with_recomputed_statistics
     assert not torch.allclose(expected[1].running_mean, m[1].running_mean)  # the reset did change something
 
 
-@needs_dimat
 def test_reference_is_the_client_with_most_examples():
     m = make_model(5)
     clients = [permuted(m, 1), m, permuted(m, 2)]
@@ -169,7 +163,6 @@ def test_reference_is_the_client_with_most_examples():
     assert_same_weights(out, m, atol=1e-5)
 
 
-@needs_dimat
 def test_aggregation_is_the_merge_operator_on_the_reference_first_with_example_counts():
     def plain(seed):  # no BatchNorm: the operator's REPAIR rescaling runs too
         torch.manual_seed(seed)
@@ -196,8 +189,7 @@ def test_without_calibration_falls_back_to_weighted_average_by_example_counts():
 
 
 def test_default_method_is_activation_matching_when_calibration_is_given():
-    if HAS_DIMAT:
-        assert ModelAggregator(make_model(0), CALIBRATION).method == "dimat"
+    assert ModelAggregator(make_model(0), CALIBRATION).method == "dimat"
     assert ModelAggregator(make_model(0), CALIBRATION, method="wa").method == "wa"
 
 
@@ -214,7 +206,7 @@ def test_aggregation_does_not_modify_the_client_arrays():
     m = make_model(9)
     results = results_of([m, permuted(m, 3)], [1, 1])
     before = [[a.copy() for a in arrays] for arrays, _ in results]
-    ModelAggregator(make_model(0), CALIBRATION, method="dimat" if HAS_DIMAT else "wa").aggregate(results)
+    ModelAggregator(make_model(0), CALIBRATION).aggregate(results)
     for (arrays, _), old in zip(results, before):
         assert all(np.array_equal(a, b) for a, b in zip(arrays, old))
 
@@ -236,7 +228,6 @@ def test_bad_constructor_arguments(kwargs, match):
         ModelAggregator(**kwargs)
 
 
-@needs_dimat
 def test_activation_matching_without_calibration_is_an_error():
     with pytest.raises(ValueError, match="needs calibration batches"):
         ModelAggregator(make_model(0), method="dimat")
@@ -311,7 +302,6 @@ def test_strategy_is_a_fedavg(fl):
     assert isinstance(s, FedAvg) and s.min_fit_clients == 3 and s.aggregator.method == "wa"
 
 
-@needs_dimat
 def test_strategy_aggregate_fit_identical_and_permuted_clients(fl):
     from flwr.server.strategy import FedAvg
 
@@ -328,7 +318,6 @@ def test_strategy_aggregate_fit_identical_and_permuted_clients(fl):
     assert max_diff(parameters_model(fedavg_params), m) > 0.05
 
 
-@needs_dimat
 def test_strategy_result_does_not_depend_on_arrival_order(fl):
     m = make_model(11)
     clients = [m, permuted(m, 1), permuted(m, 2)]
@@ -383,7 +372,6 @@ def replies(models, counts, node_ids=None, error_for=()):
     return out
 
 
-@needs_dimat
 def test_message_strategy_identical_and_permuted_clients(fl):
     pytest.importorskip("flwr.serverapp.strategy")
     from flwr.serverapp.strategy import FedAvg
