@@ -380,3 +380,22 @@ def test_tls_files_missing_is_a_clear_error(tmp_path):
     tls = TLSConfig(tmp_path / "nope.pem", tmp_path / "nope.key", tmp_path / "ca.pem")
     with pytest.raises(ValueError, match="nope.key"):
         GrpcTransport(0, [], {}, listen="127.0.0.1:0", tls=tls)
+
+
+# ------------------------------------------------------------------------------------------------- 400 MB
+@pytest.mark.slow
+def test_a_400_mb_snapshot_crosses_between_two_processes_under_3x_memory():
+    """Acceptance: 100M float32 parameters between two agent processes, peak RSS < 3x payload in each.
+
+    Each process is fresh (spawned); the receiver holds its own 400 MB model (the template it validates
+    against) as a real agent does. Peak RSS is VmHWM, torch and gRPC themselves included.
+    """
+    from dimat.bench.transport import measure
+
+    mib = 100e6 * 4 / (1 << 20)  # 381.5 MiB = 400 MB
+    row = measure("grpc", mib, repeats=1)
+    payload_mib = mib
+    print(f"400 MB over gRPC: {row['gbps']:.2f} Gbit/s, peak RSS sender {row['peak_rss_mib_sender']:.0f} MiB, "
+          f"receiver {row['peak_rss_mib_receiver']:.0f} MiB (payload {payload_mib:.0f} MiB)")
+    assert row["peak_rss_mib_sender"] < 3 * payload_mib
+    assert row["peak_rss_mib_receiver"] < 3 * payload_mib

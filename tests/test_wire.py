@@ -232,3 +232,17 @@ def test_hand_framed_chunks_equal_protobuf_frames_both_ways():
         wire.decode_frame(b"")
     with pytest.raises(wire.WireError, match="undecodable"):
         wire.decode_frame(b"\x0a\xff\xff")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_finite_finds_one_bad_value_in_every_float_dtype(dtype, bad):
+    t = torch.ones(1000, dtype=dtype)
+    t[617] = bad
+    with pytest.raises(wire.WireError, match="'x' has non-finite"):
+        wire.check_finite({"ok": torch.ones(3), "x": t})
+
+
+def test_check_finite_accepts_large_values_whose_sum_overflows():
+    wire.check_finite({"f32": torch.full((10,), 3e38), "f16": torch.full((10,), 60000.0).half(),
+                       "ints": torch.tensor([2 ** 62, 2 ** 62])})

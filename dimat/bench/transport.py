@@ -1,0 +1,291 @@
+"""``dimat bench transport``: snapshot throughput of gRPC and gloo against raw TCP, over loopback.
+
+For each snapshot size (MiB of float32 tensors) and each transport, two fresh processes are started: a sender
+and a receiver. The sender moves the snapshot ``--repeats`` times after one warm-up; a repeat's time runs from
+the sender's ``post`` to the receiver holding the validated snapshot (``collect`` returned), on the machine's
+monotonic clock, which both processes share. The median repeat is reported as Gbit/s and as a ratio to raw TCP
+(``socket.sendall`` of one preallocated buffer into ``recv_into`` a preallocated buffer) measured in the same run,
+with each process's peak resident memory (VmHWM: everything the process ever held, torch itself included).
+
+Printed as a Markdown table; with ``--out DIR`` also written to ``DIR/transport.json`` (a list of
+``{transport, mib, gbps, ratio_to_tcp, peak_rss_mib, ...}``) and ``DIR/transport.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+HELP = "gRPC and gloo snapshot throughput vs raw TCP over loopback, with peak memory per process"
+
+TRANSPORTS = ("tcp", "grpc", "torch")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=None, help="folder for transport.json and transport.md")
+    parser.add_argument("--sizes", default="4,64,400", help="snapshot sizes in MiB, comma separated")
+    parser.add_argument("--transports", default=",".join(TRANSPORTS), help="subset of tcp,grpc,torch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed transfers per case (median reported)")
+    parser.add_argument("--compress", choices=["fp16", "bf16"], default=None, help="gRPC wire compression")
+    parser.add_argument("--chunk-mib", type=float, default=1.0, help="gRPC chunk size in MiB")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (VmHWM) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_snapshot(mib: float, piece_mib: float = 32.0) -> Dict[str, "object"]:
+    """A float32 state_dict of ``mib`` MiB in tensors of at most ``piece_mib`` MiB (like a large model's layers)."""
+    import torch
+
+    total = int(mib * (1 << 20)) // 4
+    per = int(piece_mib * (1 << 20)) // 4
+    g = torch.Generator().manual_seed(0)
+    snap, i = {}, 0
+    while total > 0:
+        n = min(per, total)
+        snap[f"layer{i}.weight"] = torch.randn(n, generator=g)
+        total -= n
+        i += 1
+    return snap
+
+
+# ------------------------------------------------------------------------------------------------- roles
+# Each role runs in its own spawned process and puts one dict on the queue: {"times": [...], "rss": MiB} or
+# {"error": text}. "times" are monotonic stamps: the sender's start of each repeat, the receiver's end.
+
+def _tcp_receiver(q, mib: float, rounds: int) -> None:
+    import numpy as np
+
+    nbytes = int(mib * (1 << 20))
+    buf = np.empty(nbytes, dtype=np.uint8)
+    view = memoryview(buf)
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        q.put({"address": srv.getsockname()[1]})
+        conn, _ = srv.accept()
+        ends = []
+        with conn:
+            for _ in range(rounds):
+                got = 0
+                while got < nbytes:
+                    n = conn.recv_into(view[got:], nbytes - got)
+                    if n == 0:
+                        raise ConnectionError("sender closed early")
+                    got += n
+                ends.append(time.monotonic())
+                conn.sendall(b"k")
+    q.put({"times": ends, "rss": peak_rss_mib()})
+
+
+def _tcp_sender(q, mib: float, rounds: int, port: int) -> None:
+    import numpy as np
+
+    buf = np.ones(int(mib * (1 << 20)), dtype=np.uint8)
+    starts = []
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        for _ in range(rounds):
+            starts.append(time.monotonic())
+            s.sendall(memoryview(buf))
+            if s.recv(1) != b"k":
+                raise ConnectionError("no acknowledgement")
+    q.put({"times": starts, "rss": peak_rss_mib()})
+
+
+def _grpc_receiver(q, mib: float, rounds: int, opts: dict) -> None:
+    from dimat.transport.grpc_transport import GrpcTransport
+
+    template = make_snapshot(mib)  # the receiver's own model, as in a real agent
+    t = GrpcTransport(1, [0], {}, send_to=[], listen="127.0.0.1:0", template=template, deadline_s=600, **opts)
+    try:
+        q.put({"address": t.address})
+        ends = []
+        for r in range(rounds):
+            got = t.collect(r)
+            ends.append(time.monotonic())
+            if 0 not in got:
+                raise RuntimeError(f"round {r} did not arrive: {list(t.rejected)}")
+            del got
+        q.put({"times": ends, "rss": peak_rss_mib()})
+    finally:
+        t.close()
+
+
+def _grpc_sender(q, mib: float, rounds: int, opts: dict, address: str) -> None:
+    from dimat.transport.grpc_transport import GrpcTransport
+
+    snap = make_snapshot(mib)
+    t = GrpcTransport(0, [], {1: address}, send_to=[1], listen="127.0.0.1:0", deadline_s=600, **opts)
+    try:
+        starts = []
+        for r in range(rounds):
+            starts.append(time.monotonic())
+            t.post(r, snap)
+            t.collect(r)  # returns once my round-r send finished
+        q.put({"times": starts, "rss": peak_rss_mib()})
+    finally:
+        t.close()
+
+
+def _torch_role(q, mib: float, rounds: int, rank: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from dimat.transport.torch_transport import TorchTransport
+
+    snap = make_snapshot(mib)
+    t = TorchTransport(rank, [0] if rank == 1 else [], send_to=[1] if rank == 0 else [], world_size=2,
+                       master_addr="127.0.0.1", master_port=port, backend="gloo", timeout_s=600)
+    try:
+        stamps = []
+        for r in range(rounds):
+            if rank == 1:
+                t.post(r, snap)  # the receiver must post too (its buffer is not sent: no out-neighbours)
+            dist.barrier()
+            if rank == 0:
+                stamps.append(time.monotonic())
+                t.post(r, snap)
+            got = t.collect(r)
+            if rank == 1:
+                stamps.append(time.monotonic())
+                if 0 not in got:
+                    raise RuntimeError(f"round {r} was refused: {t.rejected}")
+            del got
+        q.put({"times": stamps, "rss": peak_rss_mib()})
+    finally:
+        t.close()
+
+
+def _run(target: Callable, args: tuple, q) -> None:
+    try:
+        target(q, *args)
+    except BaseException as e:  # report, so that the parent does not wait for a result that never comes
+        import traceback
+
+        q.put({"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"})
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def measure(transport: str, mib: float, repeats: int = 3, compress: Optional[str] = None,
+            chunk_mib: float = 1.0, timeout_s: float = 600.0) -> dict:
+    """Move a ``mib`` MiB snapshot ``repeats`` (+1 warm-up) times between two fresh processes.
+
+    Returns ``{transport, mib, gbps, seconds, peak_rss_mib, peak_rss_mib_sender, peak_rss_mib_receiver}``.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    rounds = repeats + 1
+    qs, qr = ctx.Queue(), ctx.Queue()
+    procs = []
+
+    def start(target, args, q):
+        p = ctx.Process(target=_run, args=(target, args, q), daemon=True)
+        p.start()
+        procs.append(p)
+
+    def get(q):
+        msg = q.get(timeout=timeout_s)
+        if "error" in msg:
+            raise RuntimeError(f"{transport} {mib} MiB: {msg['error']}")
+        return msg
+
+    try:
+        if transport == "tcp":
+            start(_tcp_receiver, (mib, rounds), qr)
+            start(_tcp_sender, (mib, rounds, get(qr)["address"]), qs)
+        elif transport == "grpc":
+            # With a shared secret, as a deployment runs (its HMAC covers the header only: no cost per byte).
+            opts = {"compress": compress, "chunk_bytes": int(chunk_mib * (1 << 20)), "secret": "bench"}
+            start(_grpc_receiver, (mib, rounds, opts), qr)
+            start(_grpc_sender, (mib, rounds, opts, get(qr)["address"]), qs)
+        elif transport == "torch":
+            port = free_port()
+            start(_torch_role, (mib, rounds, 0, port), qs)
+            start(_torch_role, (mib, rounds, 1, port), qr)
+        else:
+            raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
+        sent, recv = get(qs), get(qr)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    seconds = [e - s for s, e in zip(sent["times"][1:], recv["times"][1:])]
+    med = statistics.median(seconds)
+    nbytes = mib * (1 << 20)
+    return {"transport": transport, "mib": mib, "gbps": nbytes * 8 / med / 1e9, "seconds": med,
+            "peak_rss_mib": max(sent["rss"], recv["rss"]), "peak_rss_mib_sender": sent["rss"],
+            "peak_rss_mib_receiver": recv["rss"]}
+
+
+def table(rows: List[dict]) -> str:
+    lines = ["| transport | MiB | Gbit/s | ratio to TCP | s per snapshot | peak RSS sender / receiver (MiB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['transport']} | {r['mib']:g} | {r['gbps']:.2f} | {r['ratio_to_tcp']:.2f} | "
+                     f"{r['seconds']:.3f} | {r['peak_rss_mib_sender']:.0f} / {r['peak_rss_mib_receiver']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    from dimat.errors import UserError
+
+    try:
+        sizes = [float(s) for s in str(args.sizes).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--sizes: expected MiB numbers separated by commas, got {args.sizes!r}") from None
+    names = [s.strip() for s in str(args.transports).split(",") if s.strip()]
+    bad = [n for n in names if n not in TRANSPORTS]
+    if bad or not names:
+        raise UserError(f"--transports: unknown {bad or names}; choose from {', '.join(TRANSPORTS)}")
+    if not sizes or any(s <= 0 for s in sizes):
+        raise UserError(f"--sizes: sizes must be positive MiB, got {args.sizes!r}")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    if "tcp" not in names:
+        names = ["tcp"] + names  # every ratio needs the TCP figure of the same run
+    rows = []
+    for mib in sizes:
+        tcp = None
+        for name in names:
+            print(f"measuring {name} {mib:g} MiB ...", file=sys.stderr, flush=True)
+            row = measure(name, mib, args.repeats, compress=args.compress, chunk_mib=args.chunk_mib)
+            if name == "tcp":
+                tcp = row["gbps"]
+            row["ratio_to_tcp"] = row["gbps"] / tcp
+            rows.append(row)
+    md = table(rows)
+    command = "dimat bench transport " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "transport"] else ""
+    info = (f"{platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
+            f"median of {args.repeats} transfers after one warm-up; compress={args.compress}")
+    print(md)
+    print(info)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "transport.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (args.out / "transport.md").write_text(f"`{command.strip()}`\n\n{info}\n\n{md}\n")
+        print(f"wrote {args.out / 'transport.json'} and {args.out / 'transport.md'}")
+    return 0
