@@ -282,6 +282,15 @@ def _repair_targets(models, w, perms_per_model, spec, graph, batches, stat_batch
     return {name: (m, s) for name, (m, s) in targets.items()}
 
 
+def _cached_spec(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[PermutationSpec]:
+    """The most recently derived spec of this architecture, for any input shape (None if there is none)."""
+    key = _arch_key(model, state, torch.zeros(1))[:4]
+    for k in reversed(_SPEC_CACHE):
+        if k[:4] == key:
+            return _SPEC_CACHE[k][0]
+    return None
+
+
 def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, stat_batches, profile,
                    graph=None, repair=False):
     """Apply the permutations, take the weighted sum, then reset BN statistics (and REPAIR) on the batches."""
@@ -324,8 +333,8 @@ def _unit_distance(s0: Dict[str, torch.Tensor], sj: Dict[str, torch.Tensor], gro
         t0 = s0[a.tensor]
         if t0.dim() != 1 or a.block != 1 or not t0.is_floating_point():
             continue
-        v0 = t0[a.offset: a.offset + a.units].double()
-        vj = sj[a.tensor][a.offset: a.offset + a.units].double()
+        v0 = t0[a.offset: a.offset + a.units].detach().cpu().double()
+        vj = sj[a.tensor][a.offset: a.offset + a.units].detach().cpu().double()
         scale = float(torch.cat([v0, vj]).std()) + 1e-12
         cols0.append(v0 / scale)
         colsj.append(vj / scale)
@@ -470,7 +479,8 @@ def weight_match(
     ----------
     models, weights : as in :func:`activation_match`.
     batches : re-iterable of inputs or ``(input, target)`` pairs; gives the input shape for deriving the groups and
-        the data for the BN reset. Without batches, ``example_input`` must give an input batch and no BN reset runs.
+        the data for the BN reset. Without batches no BN reset runs, and the groups come from ``example_input`` or
+        from an earlier merge of the same architecture.
     reset_bn : recompute BatchNorm statistics of the result on ``batches`` (when given).
     stat_batches : number of batches used for the BN reset (None: all).
     example_input : an input batch for deriving the groups when ``batches`` is None.
@@ -483,19 +493,25 @@ def weight_match(
     states, w = _check(models, weights)
     device = _device_of(models[0])
     if batches is not None:
-        example = _first_input(batches)
+        spec, _ = spec_for(models[0], _first_input(batches).to(device))
     elif example_input is not None:
-        example = example_input
+        spec, _ = spec_for(models[0], example_input.to(device))
     else:
-        raise ValueError("weight_match needs batches or an example_input to derive the permutation groups")
-    spec, _ = spec_for(models[0], example.to(device))
+        found = _cached_spec(models[0], states[0])
+        if found is None:
+            raise ValueError(
+                "weight_match needs batches or an example_input to derive the permutation groups "
+                "(or an earlier merge of this architecture)"
+            )
+        spec = found
     names = {n for n, _ in models[0].named_parameters()}
     t = time.perf_counter()
     perms: List[Dict[int, torch.Tensor]] = [{} for _ in models[1:]]
     if spec.permutable:
+        cpu = [{k: v.detach().cpu() for k, v in sd.items() if k in names} for sd in states]
         for j in range(1, len(models)):
             if w[j] > 0:
-                perms[j - 1] = _weight_matching_perms(states[0], states[j], spec, spec.permutable, names)
+                perms[j - 1] = _weight_matching_perms(cpu[0], cpu[j], spec, spec.permutable, names)
     if profile is not None:
         profile["stats_s"] = 0.0
         profile["assign_s"] = time.perf_counter() - t

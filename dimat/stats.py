@@ -50,7 +50,8 @@ class CrossStats:
         of b, and the sum of outer products of the deviations ``(a - mu_a)(b - mu_b)^T``."""
         if m == 0:
             return
-        mu_a, mu_b, m2_a, m2_b, c_ab = (t.double() for t in (mu_a, mu_b, m2_a, m2_b, c_ab))
+        # accumulate on the CPU in float64 whatever the models' device (some accelerators lack float64)
+        mu_a, mu_b, m2_a, m2_b, c_ab = (t.detach().cpu().double() for t in (mu_a, mu_b, m2_a, m2_b, c_ab))
         n = self.n
         tot = n + m
         da, db = mu_a - self.mean_a, mu_b - self.mean_b

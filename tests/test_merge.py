@@ -172,7 +172,11 @@ ZOO = {
     "resnet20": (dict(image_size=16), (3, 16, 16)),
     "resnet50": (dict(width=0.125, image_size=16), (3, 16, 16)),
 }
-USER = {"user_mlp": (UserMLP, (12,)), "user_conv_flat": (UserConvFlat, (3, 8, 8)), "user_residual": (UserResidual, (3, 8, 8))}
+USER = {
+    "user_mlp": (UserMLP, (12,)),
+    "user_conv_flat": (UserConvFlat, (3, 8, 8)),
+    "user_residual": (UserResidual, (3, 8, 8)),
+}
 
 
 @torch.no_grad()
@@ -481,3 +485,14 @@ def test_collected_correlations_match_numpy_at_every_site(bmm_limit, monkeypatch
         ref = np.nan_to_num(ref, nan=0.0)  # numpy gives NaN for a dead unit, dimat gives 0
         assert np.allclose(corr[gi].numpy(), ref, atol=1e-5), gi
         k += 1
+
+
+def test_weight_match_without_batches_uses_an_example_or_an_earlier_derivation():
+    a, b, batches, probe = _pair("user_residual")
+    merge._SPEC_CACHE.clear()
+    with pytest.raises(ValueError, match="needs batches or an example_input"):
+        merge.weight_match([a, b], [0.5, 0.5])
+    m1 = merge.weight_match([a, b], [0.5, 0.5], example_input=probe[:2], reset_bn=False)
+    m2 = merge.weight_match([a, b], [0.5, 0.5])  # the groups derived above are reused; no BN reset
+    for m in (m1, m2):
+        assert _rel(_logits(m, probe), _logits(a, probe)) < 1e-4
