@@ -253,3 +253,35 @@ def test_derive_does_not_touch_the_model():
     derive(model, x)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class NormMLP(nn.Module):
+    """Linear layers with BatchNorm1d, LayerNorm, Dropout and a Conv1d stem over a sequence, pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 6, 3, padding=1)
+        self.bn0 = nn.BatchNorm1d(6)
+        self.fc1 = nn.Linear(6 * 5, 16)
+        self.bn1 = nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, 12)
+        self.ln = nn.LayerNorm(12)
+        self.drop = nn.Dropout(0.2)
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = nn.functional.silu(self.bn0(self.conv(x))).flatten(1)
+        h = torch.relu(self.bn1(self.fc1(h)))
+        return self.out(self.drop(torch.tanh(self.ln(self.fc2(h)))))
+
+
+def test_batchnorm1d_layernorm_conv1d_flatten():
+    model, x = NormMLP(), torch.randn(4, 2, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = derive(model, x)
+    assert len(spec.permutable) == 3
+    assert AxisSlice("fc1.weight", 1, 0, 6, 5) in _group_of(spec, "conv.weight", 0).axes
+    assert AxisSlice("bn1.running_var", 0, 0, 16) in _group_of(spec, "fc1.weight", 0).axes
+    assert AxisSlice("ln.weight", 0, 0, 12) in _group_of(spec, "fc2.weight", 0).axes
+    assert max(check_invariance(model, spec, x).values()) < INVARIANCE_TOL
