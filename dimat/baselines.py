@@ -110,7 +110,8 @@ def mix(own_rank: int, states: Mapping[int, Mapping[str, torch.Tensor]], weights
 
     Ranks in ``weights`` without a state (a neighbour whose message did not arrive) are left out, and the weights
     of the others renormalised to sum to 1; a state from a rank not in ``weights`` is a ValueError. Integer
-    tensors are taken from ``states[own_rank]``. Computed in float64, returned in each tensor's own dtype.
+    tensors are taken from ``states[own_rank]``. Accumulated in float32 (float64 for float64 tensors; a step-level
+    mix runs every step, where float64 would double its cost), returned in each tensor's own dtype.
     """
     unknown = [j for j in states if j not in weights]
     if unknown:
@@ -126,9 +127,10 @@ def mix(own_rank: int, states: Mapping[int, Mapping[str, torch.Tensor]], weights
         if not _is_mixed(t0):
             out[k] = t0.clone()
             continue
-        acc = torch.zeros_like(t0, dtype=torch.float64)
+        dtype = torch.float64 if t0.dtype == torch.float64 else torch.float32
+        acc = torch.zeros_like(t0, dtype=dtype)
         for j in ranks:
-            acc.add_(states[j][k].to(torch.float64), alpha=weights[j] / total)
+            acc.add_(states[j][k].to(dtype), alpha=weights[j] / total)
         out[k] = acc.to(t0.dtype)
     return out
 
@@ -246,9 +248,10 @@ class SGP(Rule):
             if not _is_mixed(v):
                 out[k] = v.clone()
                 continue
-            acc = torch.zeros_like(v, dtype=torch.float64)
+            dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+            acc = torch.zeros_like(v, dtype=dtype)
             for m in msgs:
-                acc.add_(m[k].to(torch.float64))
+                acc.add_(m[k].to(dtype))
             out[k] = (acc / weight).to(v.dtype)
         return out
 

@@ -96,10 +96,14 @@ def steps_per_epoch(agents: Sequence[Agent], batch_size: int) -> int:
 
 
 def _batches(agent: Agent, batch_size: int, flip: bool) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled batches of the agent's data: one pass after another, each with a fresh order."""
+    """Endless shuffled batches of the agent's data: one pass after another, each with a fresh order.
+
+    An agent without training data (a partition that gave it none) gets ``None`` batches: it takes no gradient
+    steps but still mixes, so its neighbours' exchanges go on."""
     x, y = agent.train
     if len(y) == 0:
-        raise ValueError(f"agent {agent.rank} has no training data; a gossip agent needs at least one sample")
+        while True:
+            yield None
     while True:
         order = torch.randperm(len(y), generator=agent.generator)
         for i in range(0, len(y), batch_size):
@@ -144,6 +148,8 @@ def _local_step(agent: Agent, opt: torch.optim.Optimizer, batch, stats: StepStat
     """Forward/backward at the agent's model, optimizer step; returns (x before the step, displacement d)."""
     t0 = time.perf_counter()
     model = agent.model
+    if batch is None:  # no local data: no gradient, a zero displacement
+        return _tensors(model), {}
     model.train()
     opt.zero_grad(set_to_none=True)
     loss = loss_fn(model, batch)

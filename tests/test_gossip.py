@@ -180,3 +180,17 @@ def test_bad_gossip_config_is_a_user_error(key, value, msg):
 def test_every_gossip_method_is_a_valid_config_method():
     for m in gossip.METHODS:
         assert resolve({"merge": {"method": m}})["merge"]["method"] == m
+
+
+def test_an_agent_without_data_takes_no_gradient_step_but_still_mixes():
+    topo = Topology(np.ones((3, 3)), PI)
+    agents, _ = quadratic_agents(topo)
+    states = gossip.rule_states(topo, range(3))
+    opts = [torch.optim.SGD(a.model.parameters(), lr=0.1) for a in agents]
+    streams = [itertools.repeat(torch.tensor(A[0])), itertools.repeat(torch.tensor(A[1])), itertools.repeat(None)]
+    stats = gossip.gossip_steps(agents, CDSGD(), states, opts, streams, 0, 1, loss_fn=quadratic)
+    g = X0 - A
+    g[2] = 0  # agent 2 has no data
+    expect = PI @ X0 - 0.1 * g
+    np.testing.assert_allclose(np.stack([a.model.w.detach().numpy() for a in agents]), expect, atol=1e-12)
+    assert [s.steps for s in stats] == [1, 1, 0] and stats[2].received == {0, 1}
