@@ -42,7 +42,9 @@ class MergeResult:
     weights : rank -> mixing weight used (own rank included; sums to 1).
     merge_s : seconds spent building neighbour models and merging (including the BatchNorm reset).
     comm_s : seconds spent posting and collecting snapshots.
-    bytes_sent, bytes_received : payload bytes this round, as counted by the transport.
+    bytes_sent, bytes_received : payload bytes the transport counted since the previous merge round (or since the
+        node was built) up to the end of this round's collect. Transports that send and receive in the background
+        (gRPC) count a transfer when it completes, so per-round figures are attributed at collect time.
     """
 
     round: int
@@ -123,17 +125,19 @@ class Node:
         self.bn_batches = bn_batches
         self.reset_bn = reset_bn
         self._posted: Optional[int] = None
-        self._post_stats = (0.0, 0)  # seconds and bytes of the last post
+        self._post_s = 0.0  # seconds of the last post
+        # Byte counters at the end of the previous round: gRPC counts bytes in background threads as transfers
+        # complete, so a round's bytes are the counters' growth between collects, not their change during a call.
+        self._bytes_mark = (transport.bytes_sent, transport.bytes_received) if transport is not None else (0, 0)
 
     # ----------------------------------------------------------------------------------------------- exchange
     def post(self, r: int) -> None:
         """Send the model's current weights as this agent's round-``r`` snapshot (once per round)."""
         if self.merge_fn is None or self._posted == r:
             return
-        sent0 = self.transport.bytes_sent
         t0 = time.perf_counter()
         self.transport.post(r, self.model.state_dict())
-        self._post_stats = (time.perf_counter() - t0, self.transport.bytes_sent - sent0)
+        self._post_s = time.perf_counter() - t0
         self._posted = r
 
     def merge_round(self, r: int) -> MergeResult:
@@ -147,12 +151,12 @@ class Node:
         if self.merge_fn is None:
             return result
         self.post(r)
-        post_s, sent = self._post_stats
-        recv0 = self.transport.bytes_received
         t0 = time.perf_counter()
         snapshots = self.transport.collect(r)
-        result.comm_s = post_s + time.perf_counter() - t0
-        result.bytes_sent, result.bytes_received = sent, self.transport.bytes_received - recv0
+        result.comm_s = self._post_s + time.perf_counter() - t0
+        mark = (self.transport.bytes_sent, self.transport.bytes_received)
+        result.bytes_sent, result.bytes_received = mark[0] - self._bytes_mark[0], mark[1] - self._bytes_mark[1]
+        self._bytes_mark = mark
         result.received = sorted(j for j in snapshots if j in self.neighbors)
         result.missing = [j for j in self.neighbors if j not in snapshots]
         ranks = [self.rank] + result.received
