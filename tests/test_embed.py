@@ -9,6 +9,7 @@ loop here does not, so equal weights also show that nothing in a round depends o
 from __future__ import annotations
 
 import importlib.util
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,58 @@ def test_node_merges_in_place_and_keeps_the_parameter_tensors():
                    for j, w in result.weights.items())
     torch.testing.assert_close(models[0].fc1.weight, expected, rtol=0, atol=1e-6)
     assert sum(result.weights.values()) == pytest.approx(1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _grpc_transports(topology: Topology, n: int) -> list:
+    from dimat.transport import create
+
+    for _ in range(3):  # a probed port can be taken by another program before we bind it: try new ports
+        peers = {k: f"127.0.0.1:{_free_port()}" for k in range(n)}
+        made = []
+        try:
+            for k in range(n):
+                made.append(create("grpc", k, topology, {"deadline_s": 20.0, "secret": "test"}, peers=peers))
+            return made
+        except Exception:
+            for t in made:
+                t.close()
+    pytest.fail("could not bind gRPC servers on 127.0.0.1")
+
+
+def test_node_over_grpc_gives_the_same_weights_as_over_inproc():
+    ds = load_dataset("digits")
+    topology = Topology.from_spec("ring", 4)
+    batches = [(ds.x_train[i * 50:(i + 1) * 50], ds.y_train[i * 50:(i + 1) * 50]) for i in range(3)]
+
+    def run(transports):
+        nodes = []
+        for k in range(4):
+            torch.manual_seed(k)
+            model = build("mlp", ds.num_classes, width=0.25, in_channels=1, image_size=8)
+            nodes.append(dimat.Node(model, topology, k, transports[k], batches, method="dimat"))
+        for r in range(2):
+            for node in nodes:
+                node.post(r)
+            for node in nodes:
+                result = node.merge_round(r)
+                assert not result.missing and result.bytes_received > 0
+            for node in nodes:  # some local change between the rounds
+                with torch.no_grad():
+                    node.model.fc1.weight.mul_(1.0 + 0.1 * node.rank)
+        for t in transports:
+            t.close()
+        return [node.model.state_dict() for node in nodes]
+
+    over_inproc = run(make_inproc([topology.neighbors(k) for k in range(4)]))
+    over_grpc = run(_grpc_transports(topology, 4))
+    for a, b in zip(over_inproc, over_grpc):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "embed_loop.py"
