@@ -47,6 +47,10 @@ class TorchTransport(Transport):
     device : where buffers live; default ``cuda:LOCAL_RANK`` for nccl, else CPU.
     timeout_s : process-group timeout in seconds: the longest a ``collect`` waits for a neighbour.
     compress : None, ``"fp16"`` or ``"bf16"``: cast float32/float64 tensors for the wire.
+    reuse_buffers : receive into the same buffers every round, which saves allocating and page-faulting one
+        payload per neighbour per round (about a third of the time of a loopback exchange). The snapshots
+        ``collect`` returns then stay valid only until the next ``collect``: merge them (or clone them) before
+        that, as the round loop does. False: fresh buffers every round.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class TorchTransport(Transport):
         device: Optional[torch.device | str] = None,
         timeout_s: float = 60.0,
         compress: Optional[str] = None,
+        reuse_buffers: bool = True,
     ):
         if not dist.is_available():
             raise RuntimeError("this torch build has no torch.distributed")
@@ -96,6 +101,8 @@ class TorchTransport(Transport):
         bad = [j for j in self.neighbors + self.send_to if not 0 <= j < n]
         if bad:
             raise ValueError(f"neighbour rank(s) {bad} outside the process group of {n} ranks")
+        self.reuse_buffers = bool(reuse_buffers)
+        self._recv: Dict[int, torch.Tensor] = {}
         self._layout: Optional[wire.Layout] = None
         self._send_buf: Optional[torch.Tensor] = None
         self._posted: Optional[int] = None
@@ -145,7 +152,12 @@ class TorchTransport(Transport):
         if self._posted != int(round) or self._send_buf is None or self._layout is None:
             raise ValueError(f"rank {self.rank}: collect({round}) before post({round}); every rank posts, then collects")
         size = self._send_buf.numel()
-        recv = {j: torch.empty(size, dtype=torch.uint8, device=self.device) for j in self.neighbors}
+        recv = {j: self._recv.get(j) if self.reuse_buffers else None for j in self.neighbors}
+        recv = {j: b if b is not None and b.numel() == size else torch.empty(size, dtype=torch.uint8,
+                                                                             device=self.device)
+                for j, b in recv.items()}
+        if self.reuse_buffers:
+            self._recv = dict(recv)
         ops = [dist.P2POp(dist.isend, self._send_buf, j) for j in self.send_to]
         ops += [dist.P2POp(dist.irecv, buf, j) for j, buf in recv.items()]
         try:
