@@ -280,5 +280,5 @@ def _run_rounds(cfg: Config, agent: Agent, out: Path, last: Optional[int], first
         for r in range(first, cfg["rounds"]):
             res = run_round([agent], r, cfg, writer, ckpt_dir)[0]
             missing = f", missing {res.missing} (deadline)" if res.missing else ""
-            log(f"agent {agent.rank}: round {r + 1}/{cfg['rounds']}: merged with {res.received}{missing}; "
+            log(f"agent {agent.rank}: round {r} ({r + 1} of {cfg['rounds']}): merged with {res.received}{missing}; "
                 f"comm {res.comm_s:.2f} s, merge {res.merge_s:.2f} s")

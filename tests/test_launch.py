@@ -341,3 +341,78 @@ def test_agent_resume_needs_a_run(tmp_path, capsys, monkeypatch):
     rc = cli_main(["agent", str(_config(tmp_path)), "--rank", "0", "--transport", "grpc", "--out", str(tmp_path / "o"),
                    "--peers", str(peers), "--resume"])
     assert rc == 2 and "no run to resume" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ real launches
+
+TINY = {
+    "agents": 5,  # the launches below pass --agents 3
+    "rounds": 2,
+    "topology": "ring",
+    "seed": 3,
+    "data": {"dataset": "synthetic:train=600,test=150"},
+    "model": {"name": "mlp", "width": 0.25},
+    "train": {"epochs": 1},
+    "merge": {"method": "dimat"},
+    "transport": {"deadline_s": 30},
+}
+SAME = ("round", "agent", "phase", "test_acc", "test_loss", "local_test_acc", "train_loss", "received", "missing")
+
+
+def _run(args, timeout=150):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the same intra-op threads in the reference and the agents
+    env.pop("RANK", None)
+    return subprocess.run([PY, "-m", "dimat"] + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny config and its `dimat run` (in-process) records."""
+    d = tmp_path_factory.mktemp("tiny")
+    cfg = d / "tiny.yaml"
+    cfg.write_text(json.dumps(TINY))
+    proc = _run(["run", str(cfg), "--set", "agents=3", "--out", str(d / "ref"), "-q"])
+    assert proc.returncode == 0, proc.stdout
+    from dimat.metrics import read_metrics
+
+    return cfg, read_metrics([d / "ref" / "metrics.jsonl"]), json.loads((d / "ref" / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("transport", ["grpc", "torch"])
+def test_launch_reproduces_dimat_run(tiny, tmp_path, transport):
+    from dimat.metrics import read_metrics
+
+    cfg, ref, ref_summary = tiny
+    out = tmp_path / "out"
+    proc = _run(["launch", str(cfg), "--transport", transport, "--agents", "3", "--out", str(out), "--timeout", "120"])
+    assert proc.returncode == 0, proc.stdout + "\n".join(launcher.tail(launcher.log_path(out, k)) for k in range(3))
+    assert "round 2/2" in proc.stdout
+    for k in range(3):
+        assert launcher.read_pid_file(out, k) and launcher.read_exit_file(out, k) == 0
+        assert launcher.log_path(out, k).exists()
+    if transport == "grpc":
+        assert sorted(launcher.read_peers(out / "peers.json", n=3)) == [0, 1, 2]
+    # Same seeds, same data order, every snapshot in time: the very same numbers as the simulation.
+    got = read_metrics([out / "metrics.jsonl"])
+    assert [{k: r.get(k) for k in SAME} for r in got] == [{k: r.get(k) for k in SAME} for r in ref]
+    summary = json.loads((out / "summary.json").read_text())
+    assert {k: v for k, v in summary.items() if k != "wall_s"} == {k: v for k, v in ref_summary.items()
+                                                                  if k != "wall_s"}
+
+
+def test_launch_refuses_a_finished_run_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    assert cli_main(["launch", str(_config(tmp_path)), "--transport", "grpc", "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert not (out / "pids").exists()
+
+
+def test_gossip_baselines_are_refused(tmp_path, capsys):
+    cfg = _config(tmp_path, merge={"method": "cdsgd"})
+    assert cli_main(["launch", str(cfg), "--transport", "grpc", "--out", str(tmp_path / "o")]) == 2
+    assert "runs only in 'dimat run'" in capsys.readouterr().err
+    assert cli_main(["agent", str(cfg), "--rank", "0", "--transport", "torch", "--out", str(tmp_path / "o")]) == 2
+    assert "runs only in 'dimat run'" in capsys.readouterr().err
