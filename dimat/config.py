@@ -68,6 +68,13 @@ DEFAULTS: Dict[str, Any] = {
     "transport": {
         "name": "inproc",  # inproc (dimat run) | grpc | torch (dimat launch / dimat agent)
         "deadline_s": 60.0,  # seconds an agent waits for its neighbours' snapshots per round
+        "compress": None,  # None | fp16 | bf16: float tensors on the wire (grpc, torch); see docs/transport.md
+        "secret_file": None,  # file holding the shared secret (grpc; else $DIMAT_SECRET; never the secret itself)
+        "tls_cert": None,  # PEM certificate, key and CA for TLS between agents (grpc)
+        "tls_key": None,
+        "tls_ca": None,
+        "tls_client_auth": False,  # mutual TLS: agents also show certificates signed by tls_ca
+        "timeout_s": None,  # torch.distributed process-group timeout (None: deadline_s)
     },
     "threads": None,  # torch intra-op threads of the process (None: torch's default); results depend on it
     "out": None,  # run folder (None: runs/<config file stem>); `--out` overrides
@@ -81,6 +88,12 @@ TYPES: Dict[str, Tuple[type, ...]] = {
     "merge.stat_batches": (int, type(None)),
     "merge.bn_batches": (int, type(None)),
     "gossip.lr": (int, float, type(None)),
+    "transport.compress": (str, type(None)),
+    "transport.secret_file": (str, type(None)),
+    "transport.tls_cert": (str, type(None)),
+    "transport.tls_key": (str, type(None)),
+    "transport.tls_ca": (str, type(None)),
+    "transport.timeout_s": (int, float, type(None)),
     "threads": (int, type(None)),
     "out": (str, type(None)),
 }
@@ -266,6 +279,8 @@ def _check_values(where: str, c: Dict[str, Any]) -> None:
         raise bad("transport.deadline_s", f"must be > 0 seconds, got {f['transport.deadline_s']}")
     if f["train.optimizer"] not in OPTIMIZERS:
         raise bad("train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {f['train.optimizer']!r}")
+    if f["transport.compress"] not in (None, "fp16", "bf16"):
+        raise bad("transport.compress", f"must be fp16, bf16 or null, got {f['transport.compress']!r}")
     if f["transport.name"] not in TRANSPORTS:
         raise bad("transport.name", f"must be one of {', '.join(TRANSPORTS)}, got {f['transport.name']!r}")
     methods = known_methods()
