@@ -206,6 +206,31 @@ def test_create_builds_grpc_from_a_topology_and_config(tmp_path, make):
         create("grpc", 0, Topo(), {"secret_file": str(tmp_path / "empty")})
 
 
+def test_config_keys_reach_the_transport(tmp_path, monkeypatch):
+    from dimat.config import load_config
+    from dimat.errors import UserError
+    from dimat.transport import make_transport
+
+    class Topo:
+        num_agents = 2
+        peers = {0: "127.0.0.1:0", 1: "127.0.0.1:0"}
+
+        def neighbors(self, i):
+            return [1 - i]
+
+    monkeypatch.setenv("DIMAT_SECRET", "from-env")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("transport:\n  name: grpc\n  compress: fp16\n  deadline_s: 7\n")
+    t = make_transport("grpc", load_config(cfg_path), rank=1, topology=Topo())
+    try:
+        assert (t.compress, t.deadline_s, t._secret) == ("fp16", 7.0, b"from-env")
+    finally:
+        t.close()
+    cfg_path.write_text("transport:\n  compress: int4\n")
+    with pytest.raises(UserError, match="transport.compress"):
+        load_config(cfg_path)
+
+
 # ----------------------------------------------------------------------------------------------- security
 def _raw_send(address, frames, timeout=DEADLINE):
     """Send already-encoded frames as a hostile or broken peer would; returns the reply or the RpcError."""
