@@ -414,6 +414,6 @@ def test_flower_example_runs_to_completion(fl, tmp_path, capsys):
     spec.loader.exec_module(mod)
     history = mod.main(["--clients", "3", "--rounds", "2", "--epochs", "1", "--strategy", "both"])
     out = capsys.readouterr().out
-    assert "dimat" in out and "fedavg" in out
+    assert "DimatFedAvg(dimat):" in out and "FedAvg:" in out
     for name, accs in history.items():
         assert len(accs) == 3 and all(0.0 <= a <= 1.0 for a in accs), (name, accs)

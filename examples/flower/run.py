@@ -6,7 +6,7 @@ no Ray and no network are needed. The server holds a small calibration set (trai
 activation matching and the BatchNorm reset. ``--strategy both`` runs FedAvg on exactly the same clients for
 comparison.
 
-    pip install 'dimat[flower]'
+    pip install 'flwr>=1.41,<2' && pip install -e .     # flwr first: see README.md (protobuf pins)
     python examples/flower/run.py                       # 4 clients, 5 rounds, DIMAT vs FedAvg
     python examples/flower/run.py --own-init            # round 1 starts every client from its own random init
 
@@ -149,7 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
     history = {name: run(name, args) for name in names}
     print(f"test accuracy after each round (round 0 = initial model), {args.clients} clients, {args.partition}")
     for name, accs in history.items():
-        print(f"  {name:>6}: " + " ".join(f"{a:.3f}" for a in accs))
+        label = "FedAvg" if name == "fedavg" else f"DimatFedAvg({args.merge or 'dimat'})"
+        print(f"  {label:>18}: " + " ".join(f"{a:.3f}" for a in accs))
     return history
 
 
