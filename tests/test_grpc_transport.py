@@ -325,6 +325,25 @@ def test_bad_snapshots_are_refused_with_a_reason_and_the_round_completes(make, c
     assert sorted(got) == [2] and torch.equal(got[2]["w"], _snap(2)["w"])
 
 
+def test_a_frame_over_the_message_limit_is_refused_by_grpc_and_logged(make):
+    victim = make(0, [1], {}, template=_snap(0), max_header_bytes=16 << 10, chunk_bytes=16 << 10)
+    frames = _frames(_snap(1), header_edit=lambda h: h.tensors.add(name="x" * (200 << 10)))
+    err = _raw_send(victim.address, frames)
+    assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    deadline = time.monotonic() + DEADLINE
+    while not victim.rejected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "no header" in victim.rejected[-1].reason and "limit" in victim.rejected[-1].reason
+
+
+def test_close_wakes_a_waiting_collect(make):
+    a = make(0, [1], {}, deadline_s=30.0)
+    threading.Timer(0.3, a.close).start()
+    t0 = time.monotonic()
+    assert a.collect(0) == {}
+    assert time.monotonic() - t0 < 20  # woken by close, not by the 30 s deadline
+
+
 def test_snapshots_before_my_first_post_are_checked_at_collect(make, caplog):
     a = make(0, [1, 2], {})  # no template: it learns its model at post
     assert _raw_send(a.address, _frames({"w": torch.zeros(2)}, sender=2)).accepted

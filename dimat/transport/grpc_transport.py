@@ -100,6 +100,7 @@ class _Inbox:
     def __init__(self, max_rounds: int):
         self.max_rounds = max_rounds
         self.floor = -1  # last collected round
+        self.closed = False
         self._items: Dict[Tuple[int, int], Tuple[Snapshot, wire.Layout]] = {}
         self._cond = threading.Condition()
 
@@ -117,12 +118,12 @@ class _Inbox:
         return None
 
     def wait(self, round: int, senders: Sequence[int], deadline: float) -> Dict[int, Tuple[Snapshot, wire.Layout]]:
-        """The ``senders``' round-``round`` items once all are in or at ``deadline`` (time.monotonic)."""
+        """The ``senders``' round-``round`` items once all are in, at ``deadline`` (time.monotonic) or on close."""
         with self._cond:
             while True:
                 got = {s: self._items[(round, s)] for s in senders if (round, s) in self._items}
                 left = deadline - time.monotonic()
-                if len(got) == len(senders) or left <= 0:
+                if len(got) == len(senders) or left <= 0 or self.closed:
                     return got
                 self._cond.wait(timeout=left)
 
@@ -132,8 +133,9 @@ class _Inbox:
             for key in [k for k in self._items if k[0] <= round]:
                 del self._items[key]
 
-    def wake(self) -> None:
+    def close(self) -> None:
         with self._cond:
+            self.closed = True
             self._cond.notify_all()
 
 
@@ -395,7 +397,7 @@ class GrpcTransport(Transport):
             self._outgoing.clear()
         for out in outs:
             out.cancel()
-        self._inbox.wake()
+        self._inbox.close()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace=0.5).wait(5.0)
         self._senders.shutdown(wait=True, cancel_futures=True)
@@ -521,8 +523,8 @@ class GrpcTransport(Transport):
 
         try:
             raw = next(frames, None)
-            if raw is None:
-                return refuse("empty stream")
+            if raw is None:  # gRPC also ends the stream this way when a frame exceeds max_message_bytes
+                return refuse(f"no header: empty stream, or a frame over the {self.max_message_bytes}-byte limit")
             if len(raw) > self.max_header_bytes:
                 return refuse(f"header of {len(raw)} bytes exceeds the limit of {self.max_header_bytes}")
             header = wire.decode_frame(raw)
@@ -550,6 +552,11 @@ class GrpcTransport(Transport):
             snap = asm.finish()
         except wire.WireError as e:
             return refuse(str(e))
+        except Exception as e:
+            if context.code() is not None:  # context.abort() above: let gRPC end the call with that status
+                raise
+            # The stream itself broke: the peer went away, or gRPC refused a message over max_message_bytes.
+            return refuse(f"stream broken: {type(e).__name__}: {e}")
         if self._closed:
             context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down")
         why = self._inbox.put(round, sender, snap, layout)
