@@ -75,8 +75,9 @@ def test_training_improves_accuracy(tmp_path):
     assert summary["final_mean_acc"] > sum(first) / len(first) + 0.2
 
 
-def test_identical_runs_give_identical_results(tmp_path):
-    cfg = tiny(train__optimizer="msgd", train__keep_optimizer_state=True)
+@pytest.mark.parametrize("method", ["wa", "dimat"])
+def test_identical_runs_give_identical_results(tmp_path, method):
+    cfg = tiny(train__optimizer="msgd", train__keep_optimizer_state=True, merge__method=method)
     a = run(cfg, tmp_path / "a", quiet=True)
     b = run(cfg, tmp_path / "b", quiet=True)
     a.pop("wall_s"), b.pop("wall_s")  # the only field allowed to differ
