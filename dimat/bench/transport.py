@@ -115,7 +115,7 @@ def _tcp_sender(q, mib: float, rounds: int, port: int) -> None:
     q.put({"times": starts, "rss": peak_rss_mib()})
 
 
-def _grpc_receiver(q, mib: float, rounds: int, opts: dict) -> None:
+def _grpc_receiver(q, mib: float, rounds: int, opts: dict, acks) -> None:
     from dimat.transport.grpc_transport import GrpcTransport
 
     template = make_snapshot(mib)  # the receiver's own model, as in a real agent
@@ -129,12 +129,13 @@ def _grpc_receiver(q, mib: float, rounds: int, opts: dict) -> None:
             if 0 not in got:
                 raise RuntimeError(f"round {r} did not arrive: {list(t.rejected)}")
             del got
+            acks.put(r)  # one snapshot in flight at a time, so that peak memory is that of one transfer
         q.put({"times": ends, "rss": peak_rss_mib()})
     finally:
         t.close()
 
 
-def _grpc_sender(q, mib: float, rounds: int, opts: dict, address: str) -> None:
+def _grpc_sender(q, mib: float, rounds: int, opts: dict, address: str, acks) -> None:
     from dimat.transport.grpc_transport import GrpcTransport
 
     snap = make_snapshot(mib)
@@ -145,6 +146,8 @@ def _grpc_sender(q, mib: float, rounds: int, opts: dict, address: str) -> None:
             starts.append(time.monotonic())
             t.post(r, snap)
             t.collect(r)  # returns once my round-r send finished
+            if acks.get(timeout=600) != r:
+                raise RuntimeError("receiver out of step")
         q.put({"times": starts, "rss": peak_rss_mib()})
     finally:
         t.close()
@@ -219,8 +222,9 @@ def measure(transport: str, mib: float, repeats: int = 3, compress: Optional[str
         elif transport == "grpc":
             # With a shared secret, as a deployment runs (its HMAC covers the header only: no cost per byte).
             opts = {"compress": compress, "chunk_bytes": int(chunk_mib * (1 << 20)), "secret": "bench"}
-            start(_grpc_receiver, (mib, rounds, opts), qr)
-            start(_grpc_sender, (mib, rounds, opts, get(qr)["address"]), qs)
+            acks = ctx.Queue()
+            start(_grpc_receiver, (mib, rounds, opts, acks), qr)
+            start(_grpc_sender, (mib, rounds, opts, get(qr)["address"], acks), qs)
         elif transport == "torch":
             port = free_port()
             start(_torch_role, (mib, rounds, 0, port), qs)

@@ -372,7 +372,7 @@ class GrpcTransport(Transport):
             for r in [r for r in self._round_deadline if r <= round]:
                 del self._round_deadline[r]
             for r in [r for r in self._outgoing if r <= round]:
-                del self._outgoing[r]
+                self._outgoing.pop(r).cancel()  # rounds up to this one are over for everyone
         result: Dict[int, Snapshot] = {}
         for sender, (snap, layout) in sorted(got.items()):
             if self._expected is not None and layout.fingerprint != self._expected.fingerprint:

@@ -1,0 +1,27 @@
+"""``dimat bench transport``: argument errors, and a tiny run that writes the documented JSON (no timing checks)."""
+
+import json
+
+from dimat.cli import main as cli_main
+
+
+def test_bad_arguments_exit_2(capsys, tmp_path):
+    assert cli_main(["bench", "transport", "--sizes", "four"]) == 2
+    assert "--sizes" in capsys.readouterr().err
+    assert cli_main(["bench", "transport", "--sizes", "0"]) == 2
+    assert cli_main(["bench", "transport", "--transports", "tcp,pigeon"]) == 2
+    assert "pigeon" in capsys.readouterr().err
+    assert cli_main(["bench", "transport", "--repeats", "0"]) == 2
+
+
+def test_tiny_run_writes_json_with_every_field(tmp_path):
+    out = tmp_path / "bench"
+    assert cli_main(["bench", "transport", "--sizes", "0.5", "--transports", "grpc", "--repeats", "1",
+                     "--out", str(out)]) == 0
+    rows = json.loads((out / "transport.json").read_text())
+    assert [r["transport"] for r in rows] == ["tcp", "grpc"]  # tcp always runs: every ratio needs it
+    for r in rows:
+        assert r["mib"] == 0.5 and r["gbps"] > 0 and r["peak_rss_mib"] > 0
+        assert set(r) >= {"transport", "mib", "gbps", "ratio_to_tcp", "peak_rss_mib"}
+    assert rows[0]["ratio_to_tcp"] == 1.0
+    assert "| grpc | 0.5 |" in (out / "transport.md").read_text()
