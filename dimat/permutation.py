@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 __all__ = [
     "AxisSlice",
@@ -215,13 +215,7 @@ _SHAPE_QUERIES = {"size", "dim", "numel"}
 
 
 def _is_tensor_node(a: Any) -> bool:
-    return isinstance(a, fx.Node) and isinstance(a.meta.get("tensor_meta"), _tensor_meta_type())
-
-
-def _tensor_meta_type():
-    from torch.fx.passes.shape_prop import TensorMetadata
-
-    return TensorMetadata
+    return isinstance(a, fx.Node) and isinstance(a.meta.get("tensor_meta"), TensorMetadata)
 
 
 def _shape(n: fx.Node) -> Tuple[int, ...]:
@@ -562,8 +556,7 @@ class _Deriver:
             return None  # a full reduction is invariant to any permutation
         dims = [d % nd_in for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
         if lay.dim in dims:
-            if node.target in ("sum", "mean", torch.sum, torch.mean, "amax", "amin", torch.amax, torch.amin):
-                return None  # reducing over the units is invariant to their order
+            return None  # a sum/mean/max over the units is invariant to their order
         new_dim = lay.dim if keep else lay.dim - sum(1 for d in dims if d < lay.dim)
         return _Layout(new_dim, lay.segs)
 
