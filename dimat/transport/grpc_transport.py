@@ -556,7 +556,8 @@ class GrpcTransport(Transport):
             if context.code() is not None:  # context.abort() above: let gRPC end the call with that status
                 raise
             # The stream itself broke: the peer went away, or gRPC refused a message over max_message_bytes.
-            return refuse(f"stream broken: {type(e).__name__}: {e}")
+            return refuse(f"stream broken ({type(e).__name__}{': ' + str(e) if str(e) else ''}): the peer went "
+                          f"away or sent a frame over the {self.max_message_bytes}-byte limit")
         if self._closed:
             context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down")
         why = self._inbox.put(round, sender, snap, layout)
