@@ -5,6 +5,8 @@ merges or transports beyond the command line of ``dimat agent``. Layout of a lau
 
     OUT/config.yaml             the resolved config every agent runs (written by the launcher)
     OUT/peers.json              {"peers": {"0": "127.0.0.1:PORT", ...}}        (gRPC)
+    OUT/secret                  a random shared secret (mode 0600) for the gRPC agents, unless the config
+                                names one (transport.secret_file) or $DIMAT_SECRET is set
     OUT/pids/agent-K.pid        the pid of agent K (rewritten by an agent restarted with --resume)
     OUT/pids/agent-K.exit       agent K's exit status, written by the agent as it exits (absent if it was killed)
     OUT/logs/agent-K.log        agent K's stdout and stderr
@@ -394,7 +396,7 @@ def wait_agents(
             result.port_in_use |= a.returncode == EXIT_PORT_IN_USE
             # A port clash is a start-up failure that the caller retries as a whole: stop everyone at once.
             if a.returncode != 0 and (fail_fast or a.returncode == EXIT_PORT_IN_USE):
-                _stop_rest(agents, running, out_dir, result, grace=2.0)
+                _stop_rest(agents, running, out_dir, result, grace=5.0)
                 break
         if on_poll:
             on_poll()
@@ -484,6 +486,7 @@ class LaunchResult:
     """What :func:`launch` did: the agents' exit statuses, the summary it wrote, the attempts port clashes cost."""
 
     out_dir: Path
+    transport: str
     wait: WaitResult
     summary: Optional[dict]
     attempts: int = 1
@@ -531,11 +534,16 @@ def launch(
     plain = Config.wrap(cfg).to_dict()
     plain["out"] = str(out)
     plain["transport"] = dict(plain["transport"], name=transport)
+    secret = _secret_path(plain, out) if transport == "grpc" else None
+    if secret is not None:
+        plain["transport"]["secret_file"] = str(secret)
     # Input errors surface here once, not N times in N agents' logs; and a finished run is never overwritten.
     check_multiprocess(plain)
     prepare(plain)
     check_run_dir(Config.wrap(plain), out, resume)
     out.mkdir(parents=True, exist_ok=True)
+    if secret is not None and not secret.exists():
+        _write_secret(secret)
     config_path = out / "config.yaml"
     _atomic_write(config_path, dump(plain))
 
@@ -556,13 +564,34 @@ def launch(
         echo(f"dimat launch: a port was taken before an agent could bind it; retrying with new ports "
              f"(attempt {attempt + 1} of {port_attempts})")
     wall_s = time.monotonic() - t0
-    summary = write_summary(out, plain, wall_s)
+    summary = write_summary(out, plain, wall_s, with_summary=waited.ok)
     for rank in waited.failed():
         echo(f"dimat launch: agent {rank} exited with status {waited.returncodes[rank]}; last lines of "
              f"{log_path(out, rank)}:\n{tail(log_path(out, rank))}")
     if waited.timed_out:
         echo(f"dimat launch: stopped the agents after the {timeout:g} s timeout")
-    return LaunchResult(out, waited, summary, attempt)
+    return LaunchResult(out, transport, waited, summary, attempt)
+
+
+def _secret_path(cfg: Mapping, out: Path) -> Optional[Path]:
+    """Where a launch keeps a generated gRPC secret, or None when the user gave one (config or environment).
+
+    Local agents listen on ports that any local user could connect to; with a secret only the agents of this
+    run (and whoever can read the run folder's 0600 secret file, e.g. an agent restarted with --resume) can post.
+    """
+    from dimat.transport import SECRET_ENV
+
+    if cfg["transport"].get("secret_file") or os.environ.get(SECRET_ENV):
+        return None
+    return out.resolve() / "secret"
+
+
+def _write_secret(path: Path) -> None:
+    import secrets
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
 
 
 def _start(config_path: Path, transport: str, n: int, out: Path, resume: bool, host: str) -> List[AgentProcess]:
@@ -579,12 +608,13 @@ def _start(config_path: Path, transport: str, n: int, out: Path, resume: bool, h
                         torch_env(k, n, port, host, base)) for k in range(n)]
 
 
-def write_summary(out_dir: Path | str, cfg: Mapping, wall_s: float) -> Optional[dict]:
+def write_summary(out_dir: Path | str, cfg: Mapping, wall_s: float, with_summary: bool = True) -> Optional[dict]:
     """Write the run's final ``metrics.jsonl`` and ``summary.json`` from the per-agent metrics files.
 
     ``metrics.jsonl`` grew in the order the agents wrote their records; it is replaced (atomically) by every
     agent's records sorted as ``dimat run`` writes them, without the records an agent dropped when it resumed
-    from an earlier checkpoint. Returns the summary (None, and nothing written, when no agent wrote a record).
+    from an earlier checkpoint. ``summary.json`` is written only ``with_summary`` (a run that did not finish has
+    none, as with ``dimat run``). Returns the summary (None when not written or no agent wrote a record).
     """
     from dimat.metrics import atomic_write_text, read_metrics, summarize
 
@@ -595,6 +625,8 @@ def write_summary(out_dir: Path | str, cfg: Mapping, wall_s: float) -> Optional[
         return None
     records = read_metrics(paths)
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if not with_summary:
+        return None
     summary = summarize(records, cfg["merge"]["method"], int(cfg["agents"]), int(cfg["rounds"]), wall_s)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -393,6 +393,10 @@ def test_launch_reproduces_dimat_run(tiny, tmp_path, transport):
         assert launcher.log_path(out, k).exists()
     if transport == "grpc":
         assert sorted(launcher.read_peers(out / "peers.json", n=3)) == [0, 1, 2]
+        # A generated shared secret, readable by the owner only, that every agent used.
+        assert (out / "secret").stat().st_mode & 0o777 == 0o600
+        assert f"secret_file: {(out / 'secret').resolve()}" in (out / "config.yaml").read_text()
+        assert not any("no shared secret" in launcher.log_path(out, k).read_text() for k in range(3))
     # Same seeds, same data order, every snapshot in time: the very same numbers as the simulation.
     got = read_metrics([out / "metrics.jsonl"])
     assert [{k: r.get(k) for k in SAME} for r in got] == [{k: r.get(k) for k in SAME} for r in ref]
@@ -416,3 +420,44 @@ def test_gossip_baselines_are_refused(tmp_path, capsys):
     assert "runs only in 'dimat run'" in capsys.readouterr().err
     assert cli_main(["agent", str(cfg), "--rank", "0", "--transport", "torch", "--out", str(tmp_path / "o")]) == 2
     assert "runs only in 'dimat run'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torch_launch_killed_then_resumed_reproduces_dimat_run(tiny, tmp_path):
+    """A torch launch loses an agent after round 1 (the whole job stops); `launch --resume` finishes it, and the
+    records equal an uninterrupted `dimat run` (checkpoints restore model, optimizer and RNG)."""
+    import torch
+
+    from dimat.metrics import read_metrics
+
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text(json.dumps(dict(TINY, agents=3, rounds=4, train={"epochs": 3})))
+    ref = _run(["run", str(cfg), "--out", str(tmp_path / "ref"), "-q"])
+    assert ref.returncode == 0, ref.stdout
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = subprocess.Popen([PY, "-m", "dimat", "launch", str(cfg), "--transport", "torch", "--out", str(out),
+                               "--timeout", "120"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        ckpt = out / "checkpoints" / "agent-1.pt"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if torch.load(ckpt, map_location="cpu", weights_only=True)["round"] >= 1:
+                    break
+            except Exception:  # not written yet, or being replaced
+                pass
+            time.sleep(0.02)
+        os.kill(launcher.read_pid_file(out, 1), signal.SIGKILL)
+        text, _ = launch.communicate(timeout=120)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait()
+    assert launch.returncode == 1 and "--resume" in text and not (out / "summary.json").exists()
+    again = _run(["launch", str(out / "config.yaml"), "--transport", "torch", "--out", str(out), "--resume",
+                  "--timeout", "120"])
+    assert again.returncode == 0, again.stdout
+    got = read_metrics([out / "metrics.jsonl"])
+    want = read_metrics([tmp_path / "ref" / "metrics.jsonl"])
+    assert [{k: r.get(k) for k in SAME} for r in got] == [{k: r.get(k) for k in SAME} for r in want]

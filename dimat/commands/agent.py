@@ -101,6 +101,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"dimat: error: agent {rank}: port already in use ({e})", file=sys.stderr)
         status = launcher.EXIT_PORT_IN_USE
     finally:
+        # From here on a SIGTERM just ends the process: raising in interpreter teardown only prints noise.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         launcher.write_exit_file(out, rank, status)
     return status
 

@@ -49,7 +49,13 @@ def main(args: argparse.Namespace) -> int:
         s = result.summary
         print(f"dimat launch: run folder {result.out_dir}: final mean accuracy {_pct(s['final_mean_acc'])} "
               f"(min {_pct(s['final_min_acc'])}, max {_pct(s['final_max_acc'])}) in {s['wall_s']:.1f} s")
-    return 0 if result.ok else 1
+    if not result.ok:
+        failed = result.wait.failed() or sorted(result.wait.returncodes)
+        print(f"dimat launch: the run did not finish (agents {failed} failed{', timed out' if result.wait.timed_out else ''});"
+              f" no summary.json; continue it with: dimat launch {result.out_dir / 'config.yaml'} "
+              f"--transport {result.transport} --out {result.out_dir} --resume")
+        return 1
+    return 0
 
 
 def _pct(x) -> str:
