@@ -162,13 +162,15 @@ def run_timing(args) -> Dict:
             med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
             med.update(width=width, neighbours=k, repeats=args.repeats)
             results.append(med)
+            ratio = f"{med['total_s'] / epoch_s[width]:.2f}" if width in epoch_s else "-"
             rows.append([
                 str(width), str(k), f"{med['stats_s']:.2f}", f"{med['assign_s']:.3f}", f"{med['apply_s']:.3f}",
-                f"{med['bn_reset_s']:.2f}", f"{med['total_s']:.2f}", f"{med['peak_mb']:.0f}",
+                f"{med['bn_reset_s']:.2f}", f"{med['total_s']:.2f}", ratio, f"{med['peak_mb']:.0f}",
             ])
             print(f"width {width} neighbours {k}: {med}", file=sys.stderr, flush=True)
     table = _md_table(
-        ["width", "neighbours", "statistics s", "assignment s", "apply s", "BN reset s", "total s", "peak MB"], rows
+        ["width", "neighbours", "statistics s", "assignment s", "apply s", "BN reset s", "total s",
+         "total / local epoch", "peak MB"], rows
     )
     epochs = ", ".join(f"width {w}: {s:.2f} s" for w, s in epoch_s.items())
     note = (f"{args.stat_batches} statistics batches of {args.batch_size} images (32x32); medians of {args.repeats} "
