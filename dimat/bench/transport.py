@@ -5,10 +5,12 @@ and a receiver. The sender moves the snapshot ``--repeats`` times after one warm
 the sender's ``post`` to the receiver holding the validated snapshot (``collect`` returned), on the machine's
 monotonic clock, which both processes share. The median repeat is reported as Gbit/s and as a ratio to raw TCP
 (``socket.sendall`` of one preallocated buffer into ``recv_into`` a preallocated buffer) measured in the same run,
-with each process's peak resident memory (VmHWM: everything the process ever held, torch itself included).
+with each process's peak resident memory (VmHWM: everything the process ever held, torch itself included) and
+the CPU seconds each process spent per transfer (all threads; less disturbed by busy shared cores than wall time).
 
 Printed as a Markdown table; with ``--out DIR`` also written to ``DIR/transport.json`` (a list of
-``{transport, mib, gbps, ratio_to_tcp, peak_rss_mib, ...}``) and ``DIR/transport.md``.
+``{transport, mib, gbps, ratio_to_tcp, peak_rss_mib, seconds, cpu_s_sender, cpu_s_receiver,
+peak_rss_mib_sender, peak_rss_mib_receiver}``) and ``DIR/transport.md``.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def _tcp_receiver(q, mib: float, rounds: int) -> None:
         srv.listen(1)
         q.put({"address": srv.getsockname()[1]})
         conn, _ = srv.accept()
-        ends = []
+        ends, cpus = [], []
         with conn:
             for _ in range(rounds):
                 got = 0
@@ -97,22 +99,24 @@ def _tcp_receiver(q, mib: float, rounds: int) -> None:
                         raise ConnectionError("sender closed early")
                     got += n
                 ends.append(time.monotonic())
+                cpus.append(time.process_time())
                 conn.sendall(b"k")
-    q.put({"times": ends, "rss": peak_rss_mib()})
+    q.put({"times": ends, "cpu": cpus, "rss": peak_rss_mib()})
 
 
 def _tcp_sender(q, mib: float, rounds: int, port: int) -> None:
     import numpy as np
 
     buf = np.ones(int(mib * (1 << 20)), dtype=np.uint8)
-    starts = []
+    starts, cpus = [], []
     with socket.create_connection(("127.0.0.1", port)) as s:
         for _ in range(rounds):
             starts.append(time.monotonic())
+            cpus.append(time.process_time())
             s.sendall(memoryview(buf))
             if s.recv(1) != b"k":
                 raise ConnectionError("no acknowledgement")
-    q.put({"times": starts, "rss": peak_rss_mib()})
+    q.put({"times": starts, "cpu": cpus, "cpu_end": time.process_time(), "rss": peak_rss_mib()})
 
 
 def _grpc_receiver(q, mib: float, rounds: int, opts: dict, acks) -> None:
@@ -122,15 +126,16 @@ def _grpc_receiver(q, mib: float, rounds: int, opts: dict, acks) -> None:
     t = GrpcTransport(1, [0], {}, send_to=[], listen="127.0.0.1:0", template=template, deadline_s=600, **opts)
     try:
         q.put({"address": t.address})
-        ends = []
+        ends, cpus = [], []
         for r in range(rounds):
             got = t.collect(r)
             ends.append(time.monotonic())
+            cpus.append(time.process_time())
             if 0 not in got:
                 raise RuntimeError(f"round {r} did not arrive: {list(t.rejected)}")
             del got
             acks.put(r)  # one snapshot in flight at a time, so that peak memory is that of one transfer
-        q.put({"times": ends, "rss": peak_rss_mib()})
+        q.put({"times": ends, "cpu": cpus, "rss": peak_rss_mib()})
     finally:
         t.close()
 
@@ -141,14 +146,15 @@ def _grpc_sender(q, mib: float, rounds: int, opts: dict, address: str, acks) -> 
     snap = make_snapshot(mib)
     t = GrpcTransport(0, [], {1: address}, send_to=[1], listen="127.0.0.1:0", deadline_s=600, **opts)
     try:
-        starts = []
+        starts, cpus = [], []
         for r in range(rounds):
             starts.append(time.monotonic())
+            cpus.append(time.process_time())
             t.post(r, snap)
             t.collect(r)  # returns once my round-r send finished
             if acks.get(timeout=600) != r:
                 raise RuntimeError("receiver out of step")
-        q.put({"times": starts, "rss": peak_rss_mib()})
+        q.put({"times": starts, "cpu": cpus, "cpu_end": time.process_time(), "rss": peak_rss_mib()})
     finally:
         t.close()
 
@@ -162,21 +168,24 @@ def _torch_role(q, mib: float, rounds: int, rank: int, port: int) -> None:
     t = TorchTransport(rank, [0] if rank == 1 else [], send_to=[1] if rank == 0 else [], world_size=2,
                        master_addr="127.0.0.1", master_port=port, backend="gloo", timeout_s=600)
     try:
-        stamps = []
+        stamps, cpus = [], []
         for r in range(rounds):
             if rank == 1:
                 t.post(r, snap)  # the receiver must post too (its buffer is not sent: no out-neighbours)
             dist.barrier()
             if rank == 0:
                 stamps.append(time.monotonic())
+                cpus.append(time.process_time())
                 t.post(r, snap)
             got = t.collect(r)
             if rank == 1:
                 stamps.append(time.monotonic())
+                cpus.append(time.process_time())
                 if 0 not in got:
                     raise RuntimeError(f"round {r} was refused: {t.rejected}")
             del got
-        q.put({"times": stamps, "rss": peak_rss_mib()})
+        dist.barrier()  # the sender's CPU figure ends once the receiver's last collect is done
+        q.put({"times": stamps, "cpu": cpus, "cpu_end": time.process_time(), "rss": peak_rss_mib()})
     finally:
         t.close()
 
@@ -240,17 +249,22 @@ def measure(transport: str, mib: float, repeats: int = 3, compress: Optional[str
     seconds = [e - s for s, e in zip(sent["times"][1:], recv["times"][1:])]
     med = statistics.median(seconds)
     nbytes = mib * (1 << 20)
+    # CPU seconds per transfer, each process (all its threads): a figure that shared cores disturb less.
+    cpu_sender = (sent["cpu_end"] - sent["cpu"][1]) / repeats
+    cpu_receiver = (recv["cpu"][-1] - recv["cpu"][0]) / repeats
     return {"transport": transport, "mib": mib, "gbps": nbytes * 8 / med / 1e9, "seconds": med,
+            "cpu_s_sender": cpu_sender, "cpu_s_receiver": cpu_receiver,
             "peak_rss_mib": max(sent["rss"], recv["rss"]), "peak_rss_mib_sender": sent["rss"],
             "peak_rss_mib_receiver": recv["rss"]}
 
 
 def table(rows: List[dict]) -> str:
-    lines = ["| transport | MiB | Gbit/s | ratio to TCP | s per snapshot | peak RSS sender / receiver (MiB) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| transport | MiB | Gbit/s | ratio to TCP | s per snapshot | CPU s sender / receiver | "
+             "peak RSS sender / receiver (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['transport']} | {r['mib']:g} | {r['gbps']:.2f} | {r['ratio_to_tcp']:.2f} | "
-                     f"{r['seconds']:.3f} | {r['peak_rss_mib_sender']:.0f} / {r['peak_rss_mib_receiver']:.0f} |")
+                     f"{r['seconds']:.3f} | {r['cpu_s_sender']:.3f} / {r['cpu_s_receiver']:.3f} | "
+                     f"{r['peak_rss_mib_sender']:.0f} / {r['peak_rss_mib_receiver']:.0f} |")
     return "\n".join(lines)
 
 
