@@ -8,8 +8,8 @@
 # Static rendezvous (--node-rank, --master-addr, --master-port) makes global rank = NODE_RANK * NPROC + local
 # rank on every start, so that `--resume` finds each agent's checkpoint on the node that wrote it (a dynamic c10d
 # rendezvous could hand ranks out in another order). Each node writes its own agents' files under OUT; the
-# MASTER_PORT (default 29500) must be reachable from every node. Use BACKEND=nccl in the config
-# (transport.backend) on GPU nodes.
+# MASTER_PORT (default 29500) must be reachable from every node. The torch transport uses gloo (see
+# docs/transport.md for nccl on GPU nodes).
 set -euo pipefail
 config=${1:?usage: $0 CONFIG [OUT] [dimat agent flags...]}
 out=${2:-runs/$(basename "${config%.*}")-torch}

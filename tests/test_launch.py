@@ -461,3 +461,66 @@ def test_torch_launch_killed_then_resumed_reproduces_dimat_run(tiny, tmp_path):
     got = read_metrics([out / "metrics.jsonl"])
     want = read_metrics([tmp_path / "ref" / "metrics.jsonl"])
     assert [{k: r.get(k) for k in SAME} for r in got] == [{k: r.get(k) for k in SAME} for r in want]
+
+
+# ------------------------------------------------------------------------------------------------ launch/ scripts
+
+REPO = Path(__file__).resolve().parents[1]
+START_AGENTS = REPO / "launch" / "grpc-cluster" / "start-agents.sh"
+
+
+def test_start_agents_script_dry_run():
+    env = dict(os.environ, DRY_RUN="1", REMOTE_DIR="/opt/dimat")
+    proc = subprocess.run(["bash", str(START_AGENTS), "launch/grpc-cluster/cluster.yaml",
+                           "launch/grpc-cluster/peers.json", "runs/c"], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4
+    for k, host in enumerate("abcd"):
+        assert f"node-{host}.example.org" in lines[k] and f"--rank {k} --transport grpc" in lines[k]
+        assert "--resume" not in lines[k]
+    env.update(RANKS="2", RESUME="1")
+    proc = subprocess.run(["bash", str(START_AGENTS), "launch/grpc-cluster/cluster.yaml",
+                           "launch/grpc-cluster/peers.json", "runs/c"], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert proc.stdout.count("\n") == 1 and "node-c.example.org" in proc.stdout and "--rank 2" in proc.stdout
+    assert "--resume" in proc.stdout
+
+
+def test_start_agents_script_bad_peers(tmp_path):
+    peers = tmp_path / "peers.json"
+    peers.write_text('{"peers": {"0": "a:1", "2": "b:1"}}')
+    proc = subprocess.run(["bash", str(START_AGENTS), "c.yaml", str(peers)], env=dict(os.environ, DRY_RUN="1"),
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert proc.returncode != 0 and "ranks must be 0..1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_start_agents_script_runs_a_local_cluster(tmp_path):
+    """start-agents.sh with an 'ssh' that runs the command here: 3 standalone agents on 127.0.0.1 from a peers
+    file, authenticated with a secret file, finish their rounds."""
+    fake_ssh = tmp_path / "fake-ssh"
+    fake_ssh.write_text('#!/bin/sh\nshift\nexec /bin/sh -c "$1"\n')
+    fake_ssh.chmod(0o755)
+    (tmp_path / "secret.txt").write_text("s3cret\n")
+    (tmp_path / "secret.txt").chmod(0o600)
+    cfg = dict(TINY, agents=3, transport={"name": "grpc", "deadline_s": 30, "secret_file": "secret.txt"})
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    launcher.write_peers(tmp_path / "peers.json", {k: f"127.0.0.1:{p}" for k, p in enumerate(launcher.free_ports(3))})
+    env = dict(os.environ, SSH=str(fake_ssh), REMOTE_DIR=str(tmp_path), PYTHON=PY, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(START_AGENTS), "c.yaml", "peers.json", "out"], env=env, text=True, cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    assert proc.stdout.count("starting agent") == 3, proc.stdout
+    assert proc.returncode == 0, proc.stdout
+    out = tmp_path / "out"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(launcher.read_exit_file(out, k) is None for k in range(3)):
+        time.sleep(0.2)
+    logs = "\n".join(launcher.tail(launcher.log_path(out, k)) for k in range(3))
+    assert [launcher.read_exit_file(out, k) for k in range(3)] == [0, 0, 0], logs
+    assert "no shared secret" not in logs
+    from dimat.metrics import read_metrics
+
+    recs = read_metrics([launcher.agent_metrics_path(out, k) for k in range(3)])
+    assert all(len(r["received"]) == 2 for r in recs if r["phase"] == "merge")

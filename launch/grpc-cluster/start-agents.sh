@@ -9,7 +9,8 @@
 # rank K. Each host needs this repository (or `pip install dimat`) at REMOTE_DIR with CONFIG and PEERS at the same
 # relative paths, and a Python with dimat installed (PYTHON, default: REMOTE_DIR/.venv/bin/python).
 # The agent's log is OUT/logs/agent-K.log on its host; OUT/pids/agent-K.pid holds its pid.
-# Set DIMAT_GRPC_SECRET on the hosts (not here) if your transport config uses a shared secret from the environment.
+# Authenticate the agents: copy one secret file to every host (chmod 600) and name it in the config
+# (transport.secret_file), or export DIMAT_SECRET in the hosts' environment; add TLS with transport.tls_*.
 set -euo pipefail
 config=${1:?usage: $0 CONFIG PEERS [OUT]}
 peers=${2:?usage: $0 CONFIG PEERS [OUT]}
@@ -19,8 +20,8 @@ python=${PYTHON:-.venv/bin/python}
 ssh_cmd=${SSH:-ssh -o BatchMode=yes}
 resume=${RESUME:+--resume}
 
-# "rank host" per line, validated the way dimat itself reads the file.
-mapfile -t table < <(python3 - "$peers" <<'PY'
+# "rank host" per line, validated the way dimat itself reads the file (a bad file stops the script here).
+table_text=$(python3 - "$peers" <<'PY'
 import json, sys
 raw = json.load(open(sys.argv[1]))
 peers = raw.get("peers", raw)
@@ -32,6 +33,7 @@ for k in ranks:
     print(k, host.strip("[]"))
 PY
 )
+mapfile -t table <<<"$table_text"
 
 for line in "${table[@]}"; do
     read -r rank host <<<"$line"
