@@ -16,7 +16,7 @@ out=${2:-runs/$(basename "${config%.*}")-torch}
 shift $(( $# >= 2 ? 2 : 1 ))
 : "${MASTER_ADDR:?set MASTER_ADDR to the host name of node 0}"
 : "${NNODES:?set NNODES to the number of nodes}"
-: "${NODE_RANK:?set NODE_RANK to this node's index 0..NNODES-1}"
+: "${NODE_RANK:?set NODE_RANK to the index of this node, 0..NNODES-1}"
 python=${PYTHON:-python}
 agents=$("$python" -c "import sys; from dimat.config import load_config; print(load_config(sys.argv[1]).agents)" "$config")
 nproc=${NPROC:-$(( agents / NNODES ))}
