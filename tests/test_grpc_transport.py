@@ -231,6 +231,35 @@ def test_config_keys_reach_the_transport(tmp_path, monkeypatch):
         load_config(cfg_path)
 
 
+def test_directed_graph_sends_to_out_neighbours_and_collects_from_in_neighbours(make):
+    from dimat.transport import out_neighbors
+
+    class Directed:  # 0 -> 1 -> 2 -> 0: agent i uses the model of agent i-1
+        num_agents = 3
+
+        def neighbors(self, i):
+            return [(i - 1) % 3]
+
+    topo = Directed()
+    assert [out_neighbors(topo, i) for i in range(3)] == [[1], [2], [0]]
+    placeholder = {j: "127.0.0.1:1" for j in range(3)}  # real addresses are known once all listen
+    ts = [make(i, topo.neighbors(i), placeholder, send_to=out_neighbors(topo, i)) for i in range(3)]
+    for t in ts:
+        t.peers.update({u.rank: u.address for u in ts})
+    for t in ts:
+        t.post(0, _snap(t.rank))
+    for t in ts:
+        got = t.collect(0)
+        assert list(got) == topo.neighbors(t.rank) and int(got[(t.rank - 1) % 3]["n"]) == (t.rank - 1) % 3
+
+
+def test_status_of_a_peer_that_is_down_is_none_within_the_timeout(make):
+    a = make(0, [1], {1: "127.0.0.1:9"})
+    t0 = time.monotonic()
+    assert a.peer_status(1, timeout_s=0.5) is None
+    assert time.monotonic() - t0 < 10
+
+
 # ----------------------------------------------------------------------------------------------- security
 def _raw_send(address, frames, timeout=DEADLINE):
     """Send already-encoded frames as a hostile or broken peer would; returns the reply or the RpcError."""
