@@ -42,7 +42,7 @@ from dimat.transport.base import Transport
 
 __all__ = ["run_agent", "check_multiprocess", "claim_run_dir", "rejoin_round", "peers_for"]
 
-_T0 = time.perf_counter()  # the process's start, for the summary's wall_s
+_T0 = time.perf_counter()  # about when the agent process started (this module is imported first thing)
 
 #: Config keys that may differ between the run folder's config.yaml and an agent's config.
 _LOCAL_KEYS = ("out",)
@@ -176,7 +176,12 @@ def peers_for(cfg: Config, setup: Setup, peers_file: Optional[str | Path]) -> Di
 def _open_transport(cfg: Config, setup: Setup, rank: int, name: str, peers: Optional[Dict[int, str]]) -> Transport:
     from dimat.transport import make_transport
 
-    return make_transport(name, cfg, rank=rank, topology=setup.topology, peers=peers)
+    try:
+        return make_transport(name, cfg, rank=rank, topology=setup.topology, peers=peers)
+    except ValueError as e:
+        if launcher.is_addr_in_use(e):
+            raise  # `dimat agent` exits with EXIT_PORT_IN_USE, which the launcher retries
+        raise UserError(f"transport ({name}): {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- resume / rejoin

@@ -558,7 +558,11 @@ def launch(
         def on_poll() -> None:
             progress.update(follower.poll())
 
-        waited = wait_agents(agents, out, timeout=remaining, fail_fast=(transport == "torch"), on_poll=on_poll)
+        try:
+            waited = wait_agents(agents, out, timeout=remaining, fail_fast=(transport == "torch"), on_poll=on_poll)
+        except BaseException:  # Ctrl-C or SIGTERM: the agents run in their own sessions, so stop them here
+            stop_agents(agents)
+            raise
         if not (waited.port_in_use and attempt < port_attempts):
             break
         echo(f"dimat launch: a port was taken before an agent could bind it; retrying with new ports "

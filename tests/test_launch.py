@@ -524,3 +524,47 @@ def test_start_agents_script_runs_a_local_cluster(tmp_path):
 
     recs = read_metrics([launcher.agent_metrics_path(out, k) for k in range(3)])
     assert all(len(r["received"]) == 2 for r in recs if r["phase"] == "merge")
+
+
+def test_agent_bad_transport_settings(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    peers = tmp_path / "peers.json"
+    launcher.write_peers(peers, {0: "127.0.0.1:1", 1: "127.0.0.1:2"})
+    rc = cli_main(["agent", str(_config(tmp_path)), "--rank", "0", "--transport", "grpc", "--out", str(tmp_path / "o"),
+                   "--peers", str(peers), "--set", f"transport.secret_file={tmp_path / 'missing'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "transport (grpc)" in err and "missing" in err
+
+
+def test_agent_port_taken_exits_for_a_retry(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        peers = tmp_path / "peers.json"
+        launcher.write_peers(peers, {0: f"127.0.0.1:{s.getsockname()[1]}", 1: "127.0.0.1:2"})
+        rc = cli_main(["agent", str(_config(tmp_path)), "--rank", "0", "--transport", "grpc", "--out",
+                       str(tmp_path / "o"), "--peers", str(peers)])
+    assert rc == launcher.EXIT_PORT_IN_USE and "cannot listen" in capsys.readouterr().err
+    assert launcher.read_exit_file(tmp_path / "o", 0) == launcher.EXIT_PORT_IN_USE
+
+
+def test_sigterm_to_launch_stops_its_agents(tiny, tmp_path):
+    cfg, _, _ = tiny
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([PY, "-m", "dimat", "launch", str(cfg), "--transport", "grpc", "--agents", "2",
+                             "--out", str(out), "--set", "rounds=50"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(launcher.read_pid_file(out, k) for k in range(2)):
+            time.sleep(0.05)
+        pids = [launcher.read_pid_file(out, k) for k in range(2)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert all(p and not launcher.pid_alive(p) for p in pids)

@@ -98,7 +98,8 @@ def main(args: argparse.Namespace) -> int:
     except Exception as e:
         if not launcher.is_addr_in_use(e):
             raise
-        print(f"dimat: error: agent {rank}: port already in use ({e})", file=sys.stderr)
+        print(f"dimat: error: agent {rank}: cannot listen: the port is taken, or the address is not one of this "
+              f"host's ({e})", file=sys.stderr)
         status = launcher.EXIT_PORT_IN_USE
     finally:
         # From here on a SIGTERM just ends the process: raising in interpreter teardown only prints noise.

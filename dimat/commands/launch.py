@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import signal
+
     from dimat import launcher
     from dimat.config import load_config
     from dimat.errors import UserError
@@ -44,6 +46,8 @@ def main(args: argparse.Namespace) -> int:
     if transport not in ("grpc", "torch"):
         raise UserError(f"{args.config}: transport.name is {transport!r}; dimat launch needs "
                         f"--transport grpc or --transport torch")
+    # SIGTERM unwinds like Ctrl-C, so that the launcher stops its agents before it goes.
+    signal.signal(signal.SIGTERM, _raise_exit)
     result = launcher.launch(cfg, transport, args.out or cfg.out, timeout=args.timeout, resume=args.resume)
     if result.summary is not None:
         s = result.summary
@@ -60,3 +64,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
