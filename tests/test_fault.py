@@ -79,7 +79,8 @@ def test_grpc_agent_killed_after_round_1_rejoins(run_dir):
     cfg, out = run_dir
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = subprocess.Popen([PY, "-m", "dimat", "launch", str(cfg), "--transport", "grpc", "--out", str(out),
-                               "--timeout", "150"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+                               "--timeout", "150"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     restarted = None
     try:
         ckpt_round = _checkpoint_round(checkpoint.path_for(out / "checkpoints", KILLED))

@@ -437,7 +437,8 @@ def test_torch_launch_killed_then_resumed_reproduces_dimat_run(tiny, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = subprocess.Popen([PY, "-m", "dimat", "launch", str(cfg), "--transport", "torch", "--out", str(out),
-                               "--timeout", "120"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                               "--timeout", "120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         ckpt = out / "checkpoints" / "agent-1.pt"
         deadline = time.monotonic() + 90

@@ -55,9 +55,10 @@ def main(args: argparse.Namespace) -> int:
               f"(min {_pct(s['final_min_acc'])}, max {_pct(s['final_max_acc'])}) in {s['wall_s']:.1f} s")
     if not result.ok:
         failed = result.wait.failed() or sorted(result.wait.returncodes)
-        print(f"dimat launch: the run did not finish (agents {failed} failed{', timed out' if result.wait.timed_out else ''});"
-              f" no summary.json; continue it with: dimat launch {result.out_dir / 'config.yaml'} "
-              f"--transport {result.transport} --out {result.out_dir} --resume")
+        why = ", timed out" if result.wait.timed_out else ""
+        print(f"dimat launch: the run did not finish (agents {failed} failed{why}); no summary.json; continue it "
+              f"with: dimat launch {result.out_dir / 'config.yaml'} --transport {result.transport} "
+              f"--out {result.out_dir} --resume")
         return 1
     return 0
 
