@@ -4,7 +4,7 @@ Two layers:
 
 * :class:`ModelAggregator` needs only torch and numpy. It turns each client's arrays back into a model, merges the
   models with a :mod:`dimat.merge` operator weighted by the clients' example counts, and returns the merged model.
-* Two Flower strategies (need ``flwr``: ``pip install 'dimat[flower]'``), each a subclass of Flower's FedAvg that
+* Two Flower strategies (need ``flwr``, see :data:`FLOWER_HINT`), each a subclass of Flower's FedAvg that
   replaces only the aggregation of training results, so it goes wherever that FedAvg goes (sampling,
   configuration, evaluation and metrics aggregation stay FedAvg's):
 
@@ -47,7 +47,10 @@ __all__ = ["ModelAggregator", "state_to_ndarrays", "ndarrays_to_state", "FLOWER_
 log = logging.getLogger(__name__)
 
 #: Message of the ImportError raised when the flwr-dependent part is used without flwr installed.
-FLOWER_HINT = "dimat's Flower strategies need Flower: pip install 'dimat[flower]' (or pip install flwr)"
+FLOWER_HINT = (
+    "dimat's Flower strategies need Flower (the 'dimat[flower]' extra): pip install 'flwr>=1.41,<2' && "
+    "pip install 'protobuf>=7.35.1' (flwr pins protobuf<7, dimat's gRPC transport needs 7; see docs/embedding.md)"
+)
 
 NDArrays = List[np.ndarray]
 ModelSource = Union[nn.Module, Callable[[], nn.Module]]

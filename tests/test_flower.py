@@ -261,9 +261,9 @@ def test_no_results_and_wrong_architecture_are_errors():
 def test_missing_flwr_gives_an_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "flwr", None)  # makes `import flwr...` raise ImportError
     monkeypatch.setattr(flower, "_CLASSES", {})
-    with pytest.raises(ImportError, match=r"pip install 'dimat\[flower\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'flwr>=1.41,<2' && pip install 'protobuf>=7.35.1'"):
         flower.DimatFedAvg
-    with pytest.raises(ImportError, match=r"pip install 'dimat\[flower\]'"):
+    with pytest.raises(ImportError, match=r"dimat\[flower\]"):
         flower.MessageDimatFedAvg
     with pytest.raises(AttributeError):
         flower.NoSuchThing
@@ -272,7 +272,7 @@ def test_missing_flwr_gives_an_install_hint(monkeypatch):
 # ------------------------------------------------------------------------------------ the flwr FedAvg subclass
 @pytest.fixture
 def fl():
-    return pytest.importorskip("flwr", reason="flwr not installed (pip install 'dimat[flower]')")
+    return pytest.importorskip("flwr", reason="flwr not installed (see dimat.flower.FLOWER_HINT)")
 
 
 def fit_results(models, counts, cids=None):
