@@ -515,7 +515,7 @@ def launch(
     Parameters
     ----------
     cfg : a resolved config (:func:`dimat.config.load_config`).
-    transport : ``grpc`` or ``torch`` (torch.distributed, the backend chosen by the config).
+    transport : ``grpc`` or ``torch`` (torch.distributed over gloo).
     out_dir : the run folder.
     timeout : seconds to wait for the agents before stopping them (None: as long as they run).
     resume : start every agent with ``--resume`` (continue from its checkpoint).
@@ -567,6 +567,8 @@ def launch(
             break
         echo(f"dimat launch: a port was taken before an agent could bind it; retrying with new ports "
              f"(attempt {attempt + 1} of {port_attempts})")
+        if not resume:
+            _clear_outputs(out, n)  # agents that did start may have finished a round; this is a fresh run
     wall_s = time.monotonic() - t0
     summary = write_summary(out, plain, wall_s, with_summary=waited.ok)
     for rank in waited.failed():
@@ -575,6 +577,16 @@ def launch(
     if waited.timed_out:
         echo(f"dimat launch: stopped the agents after the {timeout:g} s timeout")
     return LaunchResult(out, transport, waited, summary, attempt)
+
+
+def _clear_outputs(out: Path, n: int) -> None:
+    """Remove the agents' metrics and checkpoints (before starting a fresh run again)."""
+    from dimat import checkpoint
+
+    for k in range(n):
+        agent_metrics_path(out, k).unlink(missing_ok=True)
+        for prev in (False, True):
+            checkpoint.path_for(out / "checkpoints", k, prev=prev).unlink(missing_ok=True)
 
 
 def _secret_path(cfg: Mapping, out: Path) -> Optional[Path]:

@@ -569,3 +569,28 @@ def test_sigterm_to_launch_stops_its_agents(tiny, tmp_path):
             proc.kill()
             proc.wait()
     assert all(p and not launcher.pid_alive(p) for p in pids)
+
+
+@pytest.mark.slow
+def test_launch_retries_when_a_port_is_taken(tmp_path, monkeypatch):
+    """The first probe hands out a port that another program holds: agent 0 cannot bind, the launcher starts
+    everyone again on new ports and the run finishes."""
+    from dimat.config import load_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        real = launcher.free_ports
+        calls = []
+
+        def first_taken(n, host="127.0.0.1"):
+            calls.append(n)
+            ports = real(n, host)
+            return [taken.getsockname()[1]] + ports[1:] if len(calls) == 1 else ports
+
+        monkeypatch.setattr(launcher, "free_ports", first_taken)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        cfg = load_config(_config(tmp_path), ["merge.method=dimat"])
+        result = launcher.launch(cfg, "grpc", tmp_path / "out", timeout=120, echo=lambda line: None)
+    assert result.ok and result.attempts == 2, result.wait
+    assert result.summary is not None and None not in result.summary["per_agent_acc"]
