@@ -14,14 +14,14 @@ Files (``OUT`` is the run folder, shared by all local agents; on several hosts e
 Resume and rejoin (``--resume``)
 --------------------------------
 The agent restores its last complete round ``c`` from its checkpoint and drops its metrics records of later
-rounds. Over gRPC it then asks its neighbours' Status RPC (each answer bounded by the deadline) where they are,
-and continues from ``max(c + 1, j_collected + 1)`` over the neighbours ``j`` that answered: the round they are
-collecting now, or the next one if they are already training. The rounds it missed are **skipped**, not replayed:
-replaying them alone would put it further behind (each round costs its training time) while its neighbours,
-which have skipped it meanwhile, move on; it rejoins with its round-``c`` model, which the next merge pulls
-back towards its neighbours. When no neighbour answers (all down, or the run is over) it continues from
-``c + 1`` and every collect is bounded by the deadline. Over torch.distributed every agent of the job restarts
-together, so they agree on the latest round all of them have completed and continue from there.
+rounds. Over gRPC it then asks its neighbours' Status RPC where they are (each call bounded by the transport's
+connect timeout) and continues from ``max(c + 1, j_collected + 1)`` over the neighbours ``j`` that answered: the
+round they are collecting now, or the next one if they are already training. The rounds it missed are
+**skipped**, not replayed: replaying them alone would put it further behind (each round costs its training time)
+while its neighbours, which have skipped it meanwhile, move on; it rejoins with its round-``c`` model, which the
+next merge pulls back towards its neighbours. When no neighbour answers (all down, or the run is over) it
+continues from ``c + 1`` and every collect is bounded by the deadline. Over torch.distributed every agent of the
+job restarts together, so they agree on the latest round all of them have completed and continue from there.
 """
 
 from __future__ import annotations
@@ -230,22 +230,20 @@ def _all_reduce_min(value: int) -> int:
 def rejoin_round(t: Transport, neighbors: Sequence[int], first: int, log: Callable[[str], None] = print) -> int:
     """The round a restarted agent continues from: ``first``, or later if its live neighbours are further on.
 
-    Asks each neighbour's Status (``t.peer_status(j)``, bounded by the transport's deadline); a neighbour that
-    does not answer is ignored. A neighbour that has collected round ``c`` posts ``c + 1`` next, so that is the
-    earliest round in which our snapshot still reaches it and its snapshot reaches us.
+    Asks each neighbour's Status (``t.peer_status(j)``, bounded by the transport's connect timeout); a neighbour
+    that does not answer is left out. A neighbour that has collected round ``c`` posts ``c + 1`` next, so that is
+    the earliest round in which our snapshot still reaches it and its snapshot reaches us.
     """
     status = getattr(t, "peer_status", None)
     if status is None:
         return first
     rounds = {}
     for j in neighbors:
-        try:
-            s = status(j)
-        except Exception as e:  # a neighbour that is down or slow is simply not asked again
-            log(f"agent {t.rank}: neighbour {j} did not answer Status ({type(e).__name__}: {e})")
-            continue
-        if s is not None:
-            rounds[j] = int(s.latest_collected_round) + 1
+        reply = status(j)
+        if reply is None:
+            log(f"agent {t.rank}: neighbour {j} did not answer Status (down?)")
+        else:
+            rounds[j] = int(reply.latest_collected_round) + 1
     start = max([first] + list(rounds.values()))
     if start > first:
         log(f"agent {t.rank}: rejoining at round {start} (neighbours' next rounds {rounds}); skipping rounds "

@@ -144,3 +144,34 @@ def test_grpc_agent_killed_after_round_1_rejoins(run_dir):
     for k in range(4):
         assert checkpoint.load(out / "checkpoints", k, ROUNDS - 1)["round"] == ROUNDS - 1
     assert time.monotonic() - killed_at < 150
+
+
+class _StatusOnly:
+    """Stands in for a gRPC transport: answers peer_status from a table (None: the neighbour is down)."""
+
+    rank = 2
+
+    def __init__(self, collected):
+        self.collected = collected
+        self.asked = []
+
+    def peer_status(self, j):
+        self.asked.append(j)
+        c = self.collected.get(j)
+        return None if c is None else type("Reply", (), {"latest_collected_round": c})()
+
+
+def test_rejoin_round_follows_the_live_neighbours():
+    from dimat.agent_main import rejoin_round
+
+    logs = []
+    t = _StatusOnly({1: 4, 3: None})
+    assert rejoin_round(t, [1, 3], first=2, log=logs.append) == 5
+    assert t.asked == [1, 3]
+    assert any("neighbour 3 did not answer" in x for x in logs) and any("skipping rounds 2..4" in x for x in logs)
+    # Neighbours behind the checkpoint (a whole cluster restarted): continue after the checkpoint.
+    assert rejoin_round(_StatusOnly({1: 0, 3: 1}), [1, 3], first=6, log=logs.append) == 6
+    # Nobody answers: continue after the checkpoint; each collect is bounded by the deadline.
+    assert rejoin_round(_StatusOnly({}), [1, 3], first=2, log=logs.append) == 2
+    # A transport without Status (torch.distributed): nothing to ask.
+    assert rejoin_round(object(), [1, 3], first=2) == 2
