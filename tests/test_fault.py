@@ -138,9 +138,16 @@ def test_grpc_agent_killed_after_round_1_rejoins(run_dir):
     # Every checkpoint in OUT loads, and each agent's last one is the last round.
     files = sorted((out / "checkpoints").glob("*.pt"))
     assert len(files) == 8
+    from dimat import models
+    from dimat.config import load_config
+    from dimat.runner import prepare
+
+    ds = prepare(load_config(cfg)).dataset
     for f in files:
         state = torch.load(f, map_location="cpu", weights_only=True)
-        assert {"round", "model"} <= set(state)
+        model = models.build("mlp", ds.num_classes, width=0.25, in_channels=ds.in_channels, image_size=ds.image_size)
+        model.load_state_dict(state["model"])  # strict: every tensor present, with its shape
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
     for k in range(4):
         assert checkpoint.load(out / "checkpoints", k, ROUNDS - 1)["round"] == ROUNDS - 1
     assert time.monotonic() - killed_at < 150
