@@ -20,7 +20,7 @@ from dimat.metrics import read_metrics
 
 PY = sys.executable
 DEADLINE_S = 3.0
-ROUNDS = 8
+ROUNDS = 10
 KILLED = 2
 
 CONFIG = {
@@ -92,6 +92,9 @@ def test_grpc_agent_killed_after_round_1_rejoins(run_dir):
         _wait_for(lambda: any(r["agent"] == KILLED for r in read_metrics([out / "metrics.jsonl"])), 30,
                   "agent 2's records in metrics.jsonl", poll=0.1)
         assert launch.poll() is None
+        # Restart only once a neighbour has skipped agent 2 (a fast restart could otherwise beat the deadline).
+        _wait_for(lambda: any(KILLED in r.get("missing", []) for r in read_metrics(
+            [launcher.agent_metrics_path(out, 1)])), 60, "agent 1 to skip agent 2", poll=0.1)
         restarted = subprocess.Popen(
             launcher.agent_argv(out / "config.yaml", KILLED, "grpc", out, out / "peers.json", resume=True),
             stdout=open(out / "logs" / "agent-2.restart.log", "w"), stderr=subprocess.STDOUT, env=env)
