@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Message of the ImportError raised when the flwr-dependent part is used without flwr installed.
 FLOWER_HINT = (
-    "dimat's Flower strategies need Flower (the 'dimat[flower]' extra): pip install 'flwr>=1.41,<2' && "
-    "pip install 'protobuf>=7.35.1' (flwr pins protobuf<7, dimat's gRPC transport needs 7; see docs/embedding.md)"
+    "dimat's Flower strategies need Flower: pip install 'dimat[flower]' (or pip install 'flwr>=1.41,<2'); "
+    "see docs/embedding.md"
 )
 
 NDArrays = List[np.ndarray]

@@ -261,7 +261,7 @@ def test_no_results_and_wrong_architecture_are_errors():
 def test_missing_flwr_gives_an_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "flwr", None)  # makes `import flwr...` raise ImportError
     monkeypatch.setattr(flower, "_CLASSES", {})
-    with pytest.raises(ImportError, match=r"pip install 'flwr>=1.41,<2' && pip install 'protobuf>=7.35.1'"):
+    with pytest.raises(ImportError, match=r"pip install 'dimat\[flower\]'"):
         flower.DimatFedAvg
     with pytest.raises(ImportError, match=r"dimat\[flower\]"):
         flower.MessageDimatFedAvg

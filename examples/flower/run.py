@@ -6,7 +6,7 @@ no Ray and no network are needed. The server holds a small calibration set (trai
 activation matching and the BatchNorm reset. ``--strategy both`` runs FedAvg on exactly the same clients for
 comparison.
 
-    pip install 'flwr>=1.41,<2' && pip install 'protobuf>=7.35.1'    # see README.md (protobuf pins)
+    pip install -e '.[flower]'                          # from the repository root
     python examples/flower/run.py                       # 4 clients, 5 rounds, DIMAT vs FedAvg
     python examples/flower/run.py --own-init            # round 1 starts every client from its own random init
 

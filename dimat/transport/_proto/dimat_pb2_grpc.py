@@ -5,7 +5,7 @@ import warnings
 
 from dimat.transport._proto import dimat_pb2 as dimat_dot_transport_dot___proto_dot_dimat__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.71.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in dimat/transport/_proto/dimat_pb2_grpc.py depends on'
+        + f' but the generated code in dimat/transport/_proto/dimat_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class PeerStub:
+class PeerStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -46,7 +46,7 @@ class PeerStub:
                 _registered_method=True)
 
 
-class PeerServicer:
+class PeerServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def SendSnapshot(self, request_iterator, context):
@@ -84,7 +84,7 @@ def add_PeerServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Peer:
+class Peer(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
