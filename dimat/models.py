@@ -15,7 +15,7 @@ from torch import nn
 
 from dimat.errors import UserError
 
-__all__ = ["build", "names", "MLP", "CNN", "VGG", "ResNet20", "ResNet50"]
+__all__ = ["build", "names", "register", "MLP", "CNN", "VGG", "ResNet20", "ResNet50"]
 
 
 def _w(base: int, width: float) -> int:
@@ -214,8 +214,36 @@ _ZOO: dict[str, Callable[..., nn.Module]] = {
 
 
 def names() -> list[str]:
-    """The model names ``build`` accepts."""
+    """The zoo's model names (``build`` also accepts ``"package.module:factory"``)."""
     return sorted(_ZOO)
+
+
+def register(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Add a model to the zoo under ``name`` (then usable as ``model.name`` in configs).
+
+    ``factory(num_classes, width=..., in_channels=..., image_size=...)`` must return a fresh ``nn.Module``.
+    """
+    if not callable(factory):
+        raise TypeError(f"model factory for {name!r} is not callable")
+    _ZOO[name] = factory
+
+
+def _import_factory(spec: str) -> Callable[..., nn.Module]:
+    """Resolve ``"package.module:attribute"`` to a callable, with one-line errors for configs."""
+    import importlib
+
+    modname, _, attr = spec.partition(":")
+    try:
+        obj = importlib.import_module(modname)
+    except ImportError as e:
+        raise UserError(f"model {spec!r}: cannot import module {modname!r} ({e})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"model {spec!r}: module {modname!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UserError(f"model {spec!r}: {attr!r} is not callable")
+    return obj
 
 
 def build(
@@ -225,14 +253,23 @@ def build(
 
     Parameters
     ----------
-    name : one of :func:`names` (``mlp``, ``cnn``, ``vgg16``, ``resnet20``, ``resnet50``).
+    name : one of :func:`names` (``mlp``, ``cnn``, ``vgg16``, ``resnet20``, ``resnet50``), a name added with
+        :func:`register`, or ``"package.module:factory"``: a callable importable from the user's code, called as
+        ``factory(num_classes, width=width, in_channels=in_channels, image_size=image_size)``.
     num_classes : number of output logits.
     width : multiplier on every hidden width (channels or units); > 0.
     in_channels : input channels (or features, for flat inputs with ``image_size=1``).
     image_size : side of the square input in pixels.
     """
-    if name not in _ZOO:
-        raise UserError(f"unknown model {name!r}; choose one of {', '.join(names())}")
+    if ":" in name:
+        factory = _import_factory(name)
+    elif name in _ZOO:
+        factory = _ZOO[name]
+    else:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(names())} or give 'package.module:factory'")
     if not width > 0:
         raise UserError(f"model width must be > 0, got {width}")
-    return _ZOO[name](num_classes, width=width, in_channels=in_channels, image_size=image_size)
+    model = factory(num_classes, width=width, in_channels=in_channels, image_size=image_size)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
