@@ -249,7 +249,8 @@ def spec_for(model: nn.Module, example_input: torch.Tensor) -> Tuple[Permutation
     example = example_input[:2]
     spec = permutation.derive(model, example)
     try:
-        graph = permutation.trace(copy.deepcopy(model)).graph
+        # traced in eval mode: code that tests self.training (functional dropout) must record the eval branch
+        graph = permutation.trace(copy.deepcopy(model).eval()).graph
     except Exception:  # derive already warned; nothing is permuted
         graph = fx.Graph()
     _SPEC_CACHE[key] = (spec, graph)

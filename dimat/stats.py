@@ -98,30 +98,33 @@ class _BatchMoments:
     """One model's per-unit centred moments at one site for one batch, and the layout for its cross products.
 
     Each batch is centred on its own mean before any product (float32 products of raw activations would lose the
-    variance of units whose mean is large against their spread). The layout avoids further copies: a ``[B, U, L]``
-    tensor multiplied with batched matmuls when the ``[B, U, U]`` intermediate is small, a ``[samples, U]`` matrix
-    when L is 1, otherwise a ``[U, samples]`` matrix.
+    variance of units whose mean is large against their spread). Centring is done in place on the recorded site
+    value (which nothing else reads; ``owned=False`` makes a copy instead). The layout avoids further copies: a
+    ``[B, U, L]`` tensor multiplied with batched matmuls when the ``[B, U, U]`` intermediate is small, a
+    ``[samples, U]`` matrix when L is 1, otherwise a ``[U, samples]`` matrix.
     """
 
     _BMM_LIMIT = 4_000_000  # entries of the [B, U, U] intermediate
 
-    def __init__(self, value: torch.Tensor, site: Site):
-        x = units_view(value, site).float()
+    def __init__(self, value: torch.Tensor, site: Site, owned: bool = True):
+        x = units_view(value, site)
+        if not owned or x.dtype != torch.float32:
+            x = x.float().clone() if x.dtype == torch.float32 else x.float()
         b, u, l = x.shape
         self.n = b * l
         if l == 1:
             x = x[:, :, 0]
             self.mean = x.mean(0)
-            self.mode, self.x = "rows", x - self.mean
+            self.mode, self.x = "rows", x.sub_(self.mean)
             self.m2 = (self.x * self.x).sum(0)
         elif b * u * u <= self._BMM_LIMIT:
             self.mean = x.sum(2).sum(0) / self.n
-            self.mode, self.x = "bmm", x - self.mean[None, :, None]
-            self.m2 = torch.bmm(self.x, self.x.transpose(1, 2)).sum(0).diagonal()
+            self.mode, self.x = "bmm", x.sub_(self.mean[None, :, None])
+            self.m2 = torch.linalg.vector_norm(self.x, dim=2).square_().sum(0)
         else:
             x = x.transpose(0, 1).reshape(u, -1)
             self.mean = x.mean(1)
-            self.mode, self.x = "cols", x - self.mean[:, None]
+            self.mode, self.x = "cols", x.sub_(self.mean[:, None])
             self.m2 = (self.x * self.x).sum(1)
 
     def cross(self, other: "_BatchMoments") -> torch.Tensor:
@@ -131,6 +134,19 @@ class _BatchMoments:
         if self.mode == "bmm":
             return torch.bmm(self.x, other.x.transpose(1, 2)).sum(0)
         return self.x @ other.x.T
+
+
+def _moments(values: Sequence[torch.Tensor], sites: Sequence[Site], slot: Dict[str, int]) -> List[_BatchMoments]:
+    """Centred moments at every site. The first site reading a storage centres it in place; later sites sharing
+    that storage (a flatten view, an Identity, another cat segment) work on a copy."""
+    seen: set = set()
+    out = []
+    for s in sites:
+        v = values[slot[s.node]]
+        ptr = v.untyped_storage().data_ptr()
+        out.append(_BatchMoments(v, s, owned=ptr not in seen))
+        seen.add(ptr)
+    return out
 
 
 def site_module(model: nn.Module, graph: fx.Graph, nodes: Sequence[str]) -> fx.GraphModule:
@@ -200,12 +216,11 @@ def collect_correlations(
     stats = [[CrossStats(s.units) for _, s in sites] for _ in models[1:]]
     with eval_mode(*models, *mods):
         for x in inputs:
-            vals0 = mods[0](x)
-            feats0 = [_BatchMoments(vals0[slot[s.node]], s) for _, s in sites]
+            site_list = [s for _, s in sites]
+            feats0 = _moments(mods[0](x), site_list, slot)
             for j, mod in enumerate(mods[1:]):
-                vals = mod(x)
-                for f0, (_, s), st in zip(feats0, sites, stats[j]):
-                    fj = _BatchMoments(vals[slot[s.node]], s)
+                featsj = _moments(mod(x), site_list, slot)
+                for f0, fj, st in zip(feats0, featsj, stats[j]):
                     st.add_batch(f0.n, f0.mean, fj.mean, f0.m2, fj.m2, f0.cross(fj))
     out: List[Dict[int, torch.Tensor]] = []
     for per_site in stats:

@@ -463,28 +463,47 @@ def test_repair_gives_unbatchnormed_layers_the_endpoints_statistics(digits_pair)
     assert _accuracy(fixed, xte, yte) >= _accuracy(plain, xte, yte) - 1
 
 
+class AliasNet(nn.Module):
+    """One activation read by a conv and, through a flatten view of the same storage, by a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4 + 4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        a = torch.relu(self.c2(h)).mean((2, 3))
+        return self.fc(torch.cat([h.flatten(1), a], 1))
+
+
 @pytest.mark.parametrize("bmm_limit", [4_000_000, 0])
-def test_collected_correlations_match_numpy_at_every_site(bmm_limit, monkeypatch):
+@pytest.mark.parametrize("net", [UserConvFlat, AliasNet])
+def test_collected_correlations_match_numpy_at_every_site(bmm_limit, net, monkeypatch):
     monkeypatch.setattr(stats._BatchMoments, "_BMM_LIMIT", bmm_limit)  # both layouts of the cross products
-    a, _, batches, _ = _pair("user_conv_flat")
-    b = UserConvFlat()
-    _randomise_bn(b, torch.Generator().manual_seed(3))
-    spec, graph = merge.spec_for(a, batches[0][0])
-    xs = [x for x, _ in batches]
+    torch.manual_seed(0)
+    a, b = net(), net()
+    for m in (a, b):
+        _randomise_bn(m, torch.Generator().manual_seed(3))
+    xs = [torch.randn(20, 3, 4 if net is AliasNet else 8, 4 if net is AliasNet else 8) for _ in range(3)]
+    spec, graph = merge.spec_for(a, xs[0])
     corr = stats.collect_correlations([a, b], spec, graph, xs, spec.permutable)[0]
-    mods = [stats.site_module(m.eval(), graph, [s.node for gi in spec.permutable for s in spec.groups[gi].sites])
-            for m in (a, b)]
-    k = 0
+    sites = [s for gi in spec.permutable for s in spec.groups[gi].sites]
+    mods = [stats.site_module(m.eval(), graph, list(dict.fromkeys(s.node for s in sites))) for m in (a, b)]
+    slot = {n: i for i, n in enumerate(dict.fromkeys(s.node for s in sites))}
     for gi in spec.permutable:
-        (site,) = spec.groups[gi].sites
-        with torch.no_grad():
-            fa = torch.cat([stats.unit_features(mods[0](x)[k], site) for x in xs]).double().numpy()
-            fb = torch.cat([stats.unit_features(mods[1](x)[k], site) for x in xs]).double().numpy()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ref = np.corrcoef(fa.T, fb.T)[: site.units, site.units:]
-        ref = np.nan_to_num(ref, nan=0.0)  # numpy gives NaN for a dead unit, dimat gives 0
-        assert np.allclose(corr[gi].numpy(), ref, atol=1e-5), gi
-        k += 1
+        refs = []
+        for site in spec.groups[gi].sites:
+            with torch.no_grad():
+                fa = torch.cat([stats.unit_features(mods[0](x)[slot[site.node]], site) for x in xs])
+                fb = torch.cat([stats.unit_features(mods[1](x)[slot[site.node]], site) for x in xs])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ref = np.corrcoef(fa.double().numpy().T, fb.double().numpy().T)[: site.units, site.units:]
+            refs.append(np.nan_to_num(ref, nan=0.0))  # numpy gives NaN for a dead unit, dimat gives 0
+        assert np.allclose(corr[gi].numpy(), np.mean(refs, 0), atol=1e-5), gi
+    if net is AliasNet:
+        assert len(spec.groups[spec.permutable[0]].sites) == 2  # h read by c2 and, flattened, by fc
 
 
 def test_weight_match_without_batches_uses_an_example_or_an_earlier_derivation():
