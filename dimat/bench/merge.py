@@ -103,8 +103,26 @@ def _load_tin20(path: Path):
     return (xtr - mean) / std, torch.from_numpy(ytr).long(), (xte - mean) / std, torch.from_numpy(yte).long()
 
 
-def _ints(text: str) -> List[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+def _ints(text: str, flag: str = "list") -> List[int]:
+    from dimat.errors import UserError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{flag}: expected positive integers, got {text!r}")
+    return values
+
+
+def _epochs(text: str) -> Dict[str, int]:
+    from dimat.errors import UserError
+
+    try:
+        out = {k.strip(): int(v) for k, v in (item.split(":") for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise UserError(f"--epochs: expected name:epochs pairs such as cnn:6,resnet20:3, got {text!r}") from None
+    return out
 
 
 def _md_table(header: List[str], rows: List[List[str]]) -> str:
@@ -139,9 +157,9 @@ def run_timing(args) -> Dict:
     epoch_y = torch.randint(0, 20, (args.epoch_images,), generator=gen)
     rows, results = [], []
     epoch_s = {}
-    for width in _ints(args.widths):
+    for width in _ints(args.widths, "--widths"):
         pool = []
-        for seed in range(max(_ints(args.neighbours)) + 1):
+        for seed in range(max(_ints(args.neighbours, "--neighbours")) + 1):
             torch.manual_seed(seed)
             pool.append(models.build("resnet20", 20, width=width).eval())
         merge.spec_for(pool[0], batches[0])  # derive once (cached), as in every round after the first
@@ -203,7 +221,7 @@ def run_accuracy(args) -> Dict:
     if path is None or not Path(path).exists():
         raise UserError(f"tin20-dev.npz not found ({path}); pass --data PATH or set DIMAT_TIN20")
     xtr, ytr, xte, yte = _load_tin20(Path(path))
-    epochs = {k: int(v) for k, v in (item.split(":") for item in args.epochs.split(","))}
+    epochs = _epochs(args.epochs)
     gen = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(xtr), generator=gen)[: args.stat_batches * args.batch_size]
     batches = [xtr[idx[i:i + args.batch_size]] for i in range(0, len(idx), args.batch_size)]
@@ -244,13 +262,32 @@ def run_accuracy(args) -> Dict:
 
 
 # ------------------------------------------------------------------------------------------------------ main
+_FLAGS = ["part", "widths", "neighbours", "stat_batches", "batch_size", "repeats", "epoch_images", "data",
+          "models", "epochs", "threads", "out"]
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The full command line that reproduces this run (every option spelled out)."""
+    parts = ["dimat bench merge"]
+    for flag in _FLAGS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            parts.append(f"--{flag.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from dimat.errors import UserError
+
+    for flag in ("stat_batches", "batch_size", "repeats", "epoch_images"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    _ints(args.widths, "--widths"), _ints(args.neighbours, "--neighbours"), _epochs(args.epochs)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "dimat bench merge " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "merge"] else " ".join(
-        sys.argv)
+    command = _command(args)
     report = {"command": command, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.part in ("all", "timing"):
