@@ -455,6 +455,12 @@ def agent_argv(config: Path | str, rank: int, transport: str, out_dir: Path | st
     return argv
 
 
+#: Environment variables through which torchrun (and torch.distributed's env:// rendezvous) describe a job.
+_DISTRIBUTED_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                     "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                     "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
+
+
 def torch_env(rank: int, world_size: int, master_port: int, master_addr: str = "127.0.0.1",
               base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """The environment torchrun would give rank ``rank`` of a one-node job (read by ``init_process_group``)."""
@@ -611,7 +617,8 @@ def _write_secret(path: Path) -> None:
 
 
 def _start(config_path: Path, transport: str, n: int, out: Path, resume: bool, host: str) -> List[AgentProcess]:
-    base = dict(os.environ)
+    # A launcher started from inside a torchrun/SLURM job must not hand that job's ranks to its own agents.
+    base = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_VARS}
     # N agent processes share the machine's cores: one intra-op thread each, or they oversubscribe it.
     base.setdefault("OMP_NUM_THREADS", "1")
     if transport == "grpc":

@@ -603,3 +603,20 @@ def test_launch_retries_when_a_port_is_taken(tmp_path, monkeypatch):
         result = launcher.launch(cfg, "grpc", tmp_path / "out", timeout=120, echo=lambda line: None)
     assert result.ok and result.attempts == 2, result.wait
     assert result.summary is not None and None not in result.summary["per_agent_acc"]
+
+
+def test_agents_do_not_inherit_an_outer_jobs_ranks(tmp_path, monkeypatch):
+    """`dimat launch` run inside a torchrun job: its agents get their own ranks, not the job's."""
+    monkeypatch.setenv("RANK", "7")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "outer")
+    seen = []
+
+    def record(rank, argv, out, env):
+        seen.append(env)
+        return launcher.AgentProcess(rank, None, os.getpid(), Path("log"))
+
+    monkeypatch.setattr(launcher, "spawn_agent", record)
+    launcher._start(tmp_path / "c.yaml", "grpc", 2, tmp_path, False, "127.0.0.1")
+    launcher._start(tmp_path / "c.yaml", "torch", 2, tmp_path, False, "127.0.0.1")
+    assert [e.get("RANK") for e in seen] == [None, None, "0", "1"]
+    assert not any("TORCHELASTIC_RUN_ID" in e for e in seen)
