@@ -26,6 +26,7 @@ job restarts together, so they agree on the latest round all of them have comple
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Sequence
@@ -78,6 +79,8 @@ def run_agent(
         raise UserError(f"--rank {rank} is out of range: the config has {cfg['agents']} agents (ranks 0.."
                         f"{cfg['agents'] - 1})")
     check_multiprocess(cfg)
+    if transport == "torch":
+        _check_world_size(cfg)
     cfg = _with_transport(cfg, transport)
     setup = prepare(cfg)  # every input error surfaces before anything is written
     peers = peers_for(cfg, setup, peers_file) if transport == "grpc" else None
@@ -105,6 +108,15 @@ def check_multiprocess(cfg: Mapping) -> None:
     if gossip.handles(method):
         raise UserError(f"merge.method: {method!r} exchanges models every local step and runs only in 'dimat run'; "
                         f"one process per agent runs the merge methods (dimat, wm, wa, none)")
+
+
+def _check_world_size(cfg: Mapping, env: Mapping[str, str] = os.environ) -> None:
+    # Every rank fails at once with this message, instead of the extra ranks failing and the others waiting for
+    # them until the process-group timeout.
+    world = env.get("WORLD_SIZE")
+    if world is not None and world.strip().isdigit() and int(world) != cfg["agents"]:
+        raise UserError(f"agents: the config has {cfg['agents']} agents but the torch.distributed job has "
+                        f"WORLD_SIZE={world} processes (torchrun --nproc-per-node x --nnodes must equal agents)")
 
 
 def _with_transport(cfg: Config, transport: str) -> Config:

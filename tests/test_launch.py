@@ -620,3 +620,10 @@ def test_agents_do_not_inherit_an_outer_jobs_ranks(tmp_path, monkeypatch):
     launcher._start(tmp_path / "c.yaml", "torch", 2, tmp_path, False, "127.0.0.1")
     assert [e.get("RANK") for e in seen] == [None, None, "0", "1"]
     assert not any("TORCHELASTIC_RUN_ID" in e for e in seen)
+
+
+def test_agent_world_size_must_match_agents(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    rc = cli_main(["agent", str(_config(tmp_path)), "--transport", "torch", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "WORLD_SIZE=3" in capsys.readouterr().err
