@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
+import torch
 import yaml
 
 from dimat import checkpoint, launcher
@@ -188,12 +189,23 @@ def peers_for(cfg: Config, setup: Setup, peers_file: Optional[str | Path]) -> Di
 def _open_transport(cfg: Config, setup: Setup, rank: int, name: str, peers: Optional[Dict[int, str]]) -> Transport:
     from dimat.transport import make_transport
 
+    kw = {"template": _template(cfg, setup)} if name == "grpc" else {}
     try:
-        return make_transport(name, cfg, rank=rank, topology=setup.topology, peers=peers)
+        return make_transport(name, cfg, rank=rank, topology=setup.topology, peers=peers, **kw)
     except ValueError as e:
         if launcher.is_addr_in_use(e):
             raise  # `dimat agent` exits with EXIT_PORT_IN_USE, which the launcher retries
         raise UserError(f"transport ({name}): {e}") from None
+
+
+def _template(cfg: Mapping, setup: Setup) -> Dict[str, torch.Tensor]:
+    """A snapshot of the run's architecture (values irrelevant), so that the gRPC server checks every snapshot's
+    manifest against it before allocating anything, even those that arrive before this agent's first post."""
+    from dimat import models
+
+    ds = setup.dataset
+    return models.build(cfg["model"]["name"], ds.num_classes, width=cfg["model"]["width"],
+                        in_channels=ds.in_channels, image_size=ds.image_size).state_dict()
 
 
 # ---------------------------------------------------------------------------------------------- resume / rejoin
