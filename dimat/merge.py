@@ -219,7 +219,7 @@ def average(
     """
     states, w = _check(models, weights)
     if reset_bn and batches is not None:
-        next(iter_inputs(batches, 1))  # an empty iterable is an error before any work is done
+        _first_input(batches)  # an empty iterable is an error before any work is done
     return _finish(models[0], _weighted_sum(states, w), batches, reset_bn, stat_batches)
 
 
@@ -319,6 +319,12 @@ def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, 
 
 
 def _first_input(batches: Batches) -> torch.Tensor:
+    """The first input batch; ValueError for None, an empty iterable or a one-shot iterator (read several times)."""
+    if batches is not None and iter(batches) is batches:
+        raise ValueError(
+            "batches must be re-iterable (a list, or an object whose __iter__ starts over): it is read once for "
+            "the statistics and again for the BN reset; got a one-shot iterator"
+        )
     return next(iter_inputs(batches, 1))
 
 

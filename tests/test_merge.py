@@ -373,6 +373,8 @@ def test_bad_inputs_raise_value_error(method):
         call([])
     with pytest.raises(ValueError, match="batches is empty"):
         call([a, b], bt=[])
+    with pytest.raises(ValueError, match="re-iterable"):
+        call([a, b], bt=iter(batches))
 
 
 def test_unknown_method_lists_the_valid_names():
