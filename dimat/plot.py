@@ -52,6 +52,7 @@ def _label(run_dir: Path) -> str:
 def plot_accuracy(run_dirs: Sequence[str | Path], out_file: str | Path, title: Optional[str] = None) -> Path:
     """Write a PNG with one line (mean over agents) and one min-max band per run; returns its path."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -62,6 +63,7 @@ def plot_accuracy(run_dirs: Sequence[str | Path], out_file: str | Path, title: O
         for d, (rounds, mean, lo, hi) in curves:
             line, = ax.plot(rounds, mean, marker="o", markersize=3, label=_label(d))
             ax.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy after merge")
         ax.set_title(title or "mean test accuracy over agents (band: min to max)")
