@@ -147,7 +147,9 @@ _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
 @torch.no_grad()
-def reset_bn_stats(model: nn.Module, batches: Batches, num_batches: Optional[int] = None) -> nn.Module:
+def reset_bn_stats(
+    model: nn.Module, batches: Batches, num_batches: Optional[int] = None, channels_last: bool = False
+) -> nn.Module:
     """Recompute every BatchNorm layer's running mean and variance on ``batches``, in place.
 
     The forward passes run in train mode with ``momentum=None`` (a cumulative average over the batches), without
@@ -159,6 +161,8 @@ def reset_bn_stats(model: nn.Module, batches: Batches, num_batches: Optional[int
     model : the module to repair (modified in place and returned).
     batches : re-iterable of input tensors or ``(input, target)`` pairs.
     num_batches : use only the first ``num_batches`` batches (None: all).
+    channels_last : feed 4-D inputs in channels-last memory order (faster convolutions on CPU; only for models
+        known to accept it, see :func:`spec_for`).
     """
     bns = [m for m in model.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
     if not bns:
@@ -172,12 +176,17 @@ def reset_bn_stats(model: nn.Module, batches: Batches, num_batches: Optional[int
     try:
         model.train()
         for x in iter_inputs(batches, num_batches):
-            model(x.to(device))
+            model(_to(x, device, channels_last))
     finally:
         for bn, mom in zip(bns, momenta):
             bn.momentum = mom
         model.train(was_training)
     return model
+
+
+def _to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -191,7 +200,9 @@ def _device_of(model: nn.Module) -> torch.device:
 def _finish(template: nn.Module, state, batches, reset_bn: bool, stat_batches) -> nn.Module:
     merged = _new_model(template, state)
     if reset_bn and batches is not None:
-        reset_bn_stats(merged, batches, stat_batches)
+        # channels-last inputs only where an earlier merge of this architecture showed the model accepts them
+        cl = _channels_last(template, _first_input(batches))
+        reset_bn_stats(merged, batches, stat_batches, channels_last=cl)
     return merged
 
 
@@ -254,12 +265,42 @@ def spec_for(model: nn.Module, example_input: torch.Tensor) -> Tuple[Permutation
     except Exception:  # derive already warned; nothing is permuted
         graph = fx.Graph()
     _SPEC_CACHE[key] = (spec, graph)
+    _CHANNELS_LAST[key] = _accepts_channels_last(model, example)
     while len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
-        _SPEC_CACHE.popitem(last=False)
+        old = _SPEC_CACHE.popitem(last=False)[0]
+        _CHANNELS_LAST.pop(old, None)
     return spec, graph
 
 
-def _repair_targets(models, w, perms_per_model, spec, graph, batches, stat_batches):
+_CHANNELS_LAST: Dict[tuple, bool] = {}
+
+
+@torch.no_grad()
+def _accepts_channels_last(model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether the model gives the same outputs on channels-last 4-D inputs (faster CPU convolutions).
+
+    Some models cannot take them (``x.view(n, -1)`` on a channels-last map raises), so this is probed once per
+    architecture on a copy; any error or difference means no.
+    """
+    if example.dim() != 4 or not example.is_floating_point():
+        return False
+    try:
+        m = copy.deepcopy(model).eval()
+        a = m(example)
+        b = m(example.contiguous(memory_format=torch.channels_last))
+        return bool(
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (float(a.abs().max()) + 1e-12))
+        )
+    except Exception:
+        return False
+
+
+def _channels_last(model: nn.Module, example: torch.Tensor) -> bool:
+    return _CHANNELS_LAST.get(_arch_key(model, model.state_dict(), example), False)
+
+
+def _repair_targets(models, w, perms_per_model, spec, graph, batches, stat_batches, cl=False):
     """Weighted per-channel output (mean, std) of the aligned endpoints, for layers that no BatchNorm follows."""
     layers = merge_repair.repair_layers(models[0], spec, graph)
     if not layers:
@@ -270,7 +311,7 @@ def _repair_targets(models, w, perms_per_model, spec, graph, batches, stat_batch
     for j, (model, wj) in enumerate(zip(models, w)):
         if wj <= 0:
             continue
-        inputs = (x.to(device) for x in iter_inputs(batches, stat_batches))
+        inputs = (_to(x, device, cl) for x in iter_inputs(batches, stat_batches))
         found = merge_repair.endpoint_stats(model, names, inputs)
         perms = perms_per_model[j - 1] if j > 0 else {}
         for name, gi in layers:
@@ -293,7 +334,7 @@ def _cached_spec(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[P
 
 
 def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, stat_batches, profile,
-                   graph=None, repair=False):
+                   graph=None, repair=False, cl=False):
     """Apply the permutations, take the weighted sum, then reset BN statistics (and REPAIR) on the batches."""
     t = time.perf_counter()
     aligned = [states[0]] + [
@@ -306,12 +347,13 @@ def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, 
     if reset_bn and batches is not None:
         targets = {}
         if repair and graph is not None:
-            targets = _repair_targets(models, w, perms_per_model, spec, graph, batches, stat_batches)
+            targets = _repair_targets(models, w, perms_per_model, spec, graph, batches, stat_batches, cl)
         if targets:
             device = _device_of(merged)
-            merge_repair.reset_and_repair(merged, (x.to(device) for x in iter_inputs(batches, stat_batches)), targets)
+            inputs = (_to(x, device, cl) for x in iter_inputs(batches, stat_batches))
+            merge_repair.reset_and_repair(merged, inputs, targets)
         else:
-            reset_bn_stats(merged, batches, stat_batches)
+            reset_bn_stats(merged, batches, stat_batches, channels_last=cl)
     if profile is not None:
         profile["apply_s"] = t_apply
         profile["bn_reset_s"] = time.perf_counter() - t
@@ -388,12 +430,13 @@ def activation_match(
     device = _device_of(models[0])
     example = _first_input(batches).to(device)
     spec, graph = spec_for(models[0], example)
+    cl = _channels_last(models[0], example)
     groups = spec.permutable
     todo = [j for j in range(1, len(models)) if w[j] > 0]  # a neighbour with weight 0 needs no alignment
     t = time.perf_counter()
     corrs: List[Dict[int, torch.Tensor]] = []
     if groups and todo:
-        inputs = (x.to(device) for x in iter_inputs(batches, stat_batches))
+        inputs = (_to(x, device, cl) for x in iter_inputs(batches, stat_batches))
         corrs = stats.collect_correlations([models[0]] + [models[j] for j in todo], spec, graph, inputs, groups)
     t_stats = time.perf_counter() - t
     t = time.perf_counter()
@@ -406,7 +449,9 @@ def activation_match(
     if profile is not None:
         profile["stats_s"] = t_stats
         profile["assign_s"] = time.perf_counter() - t
-    return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, graph, repair)
+    return _merge_aligned(
+        models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, graph, repair, cl
+    )
 
 
 # ------------------------------------------------------------------------------------------ weight matching
@@ -499,8 +544,11 @@ def weight_match(
     """
     states, w = _check(models, weights)
     device = _device_of(models[0])
+    cl = False
     if batches is not None:
-        spec, _ = spec_for(models[0], _first_input(batches).to(device))
+        example = _first_input(batches).to(device)
+        spec, _ = spec_for(models[0], example)
+        cl = _channels_last(models[0], example)
     elif example_input is not None:
         spec, _ = spec_for(models[0], example_input.to(device))
     else:
@@ -522,7 +570,7 @@ def weight_match(
     if profile is not None:
         profile["stats_s"] = 0.0
         profile["assign_s"] = time.perf_counter() - t
-    return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile)
+    return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, cl=cl)
 
 
 MergeFn = Callable[..., nn.Module]

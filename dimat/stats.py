@@ -9,7 +9,7 @@ catastrophic cancellation). Memory is O(k * C^2) per group; the joint kC x kC ma
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -77,8 +77,21 @@ class CrossStats:
         return corr
 
 
+def _channels_last_rows(value: torch.Tensor, site: Site) -> Optional[torch.Tensor]:
+    """For a channels-last N x C x H x W value with units on C: a ``[N*H*W, units]`` view, else None."""
+    if value.dim() != 4 or site.dim != 1 or site.block != 1 or value.is_contiguous():
+        return None
+    if not value.is_contiguous(memory_format=torch.channels_last):
+        return None
+    rows = value.permute(0, 2, 3, 1).reshape(-1, value.shape[1])  # a view: NHWC is contiguous
+    return rows[:, site.offset: site.offset + site.units]
+
+
 def units_view(value: torch.Tensor, site: Site) -> torch.Tensor:
     """The site's units as a ``[B, units, L]`` tensor (a view when possible): every B x L entry is a sample."""
+    rows = _channels_last_rows(value, site)
+    if rows is not None:
+        return rows.unsqueeze(2)
     shape = value.shape
     lead = 1
     for d in shape[: site.dim]:
@@ -112,11 +125,11 @@ class _BatchMoments:
             x = x.float().clone() if x.dtype == torch.float32 else x.float()
         b, u, l = x.shape
         self.n = b * l
-        if l == 1:
+        if l == 1:  # [samples, U] rows: flat features, or a channels-last map
             x = x[:, :, 0]
             self.mean = x.mean(0)
             self.mode, self.x = "rows", x.sub_(self.mean)
-            self.m2 = (self.x * self.x).sum(0)
+            self.m2 = (self.x.T @ self.x).diagonal()
         elif b * u * u <= self._BMM_LIMIT:
             self.mean = x.sum(2).sum(0) / self.n
             self.mode, self.x = "bmm", x.sub_(self.mean[None, :, None])

@@ -517,3 +517,15 @@ def test_weight_match_without_batches_uses_an_example_or_an_earlier_derivation()
     m2 = merge.weight_match([a, b], [0.5, 0.5])  # the groups derived above are reused; no BN reset
     for m in (m1, m2):
         assert _rel(_logits(m, probe), _logits(a, probe)) < 1e-4
+
+
+def test_channels_last_fast_path_gives_the_same_merge(monkeypatch):
+    a, b, batches, probe = _pair("resnet20")
+    merge.spec_for(a, batches[0][0])
+    assert merge._channels_last(a, batches[0][0])  # resnet20 accepts channels-last inputs
+    fast = merge.activation_match([a, b], [0.4, 0.6], batches, reset_bn=True).state_dict()
+    monkeypatch.setattr(merge, "_channels_last", lambda model, example: False)
+    slow = merge.activation_match([a, b], [0.4, 0.6], batches, reset_bn=True).state_dict()
+    for k in fast:
+        assert torch.allclose(fast[k].float(), slow[k].float(), rtol=1e-4, atol=1e-5), k
+    assert not merge._accepts_channels_last(UserConvFlat(), torch.randn(2, 3, 8, 8))  # x.view(n, -1) raises
