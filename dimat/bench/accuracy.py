@@ -267,6 +267,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path, x: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = _panels(rows)
     cols = min(len(panels), 3)
@@ -290,6 +291,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path, x: str) -> None:
         ax.set_ylabel("test accuracy (%)")
         if x == "round":
             ax.set_xlabel("round (E local epochs each)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         else:
             ax.set_xlabel("MB per agent, sent + received (log)")
             ax.set_xscale("log")
