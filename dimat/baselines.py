@@ -33,13 +33,15 @@ the messages that arrived):
   loses mass, which the de-biasing absorbs. The weight travels inside the snapshot under
   :data:`PUSH_SUM_KEY`, so every transport carries it.
 
-:data:`RULES` maps config names to rule classes; :func:`get` builds one.
+:data:`RULES` maps config names to rule classes; :func:`get` builds one. :class:`Local` (plain local steps, no
+exchange) is the rule of the ``centralised`` bound's single agent. A new method is one subclass of :class:`Rule`
+that overrides ``message`` / ``combine`` (and ``optimizer`` if the method prescribes one), added to :data:`RULES`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Dict, Mapping, Optional, Type
 
 import torch
@@ -83,7 +85,6 @@ class RuleState:
     weights: Dict[int, float]
     out_degree: int = 0
     ps_weight: float = 1.0
-    extra: Dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rank not in self.weights:
