@@ -90,7 +90,14 @@ class Node:
     bn_batches : None (default): the operator does the reset itself, on the ``stat_batches`` batches (``dimat``
         then also applies its REPAIR variance correction to layers without BatchNorm). An int: the operator does
         no reset and the node recomputes BatchNorm statistics on that many batches (no REPAIR correction).
+    basis : whose units the neighbours are aligned to. ``"own"`` (DIMAT as published): the agent's own model, so
+        every agent keeps a basis of its own and every round needs a fresh, lossy alignment. ``"lowest"``: the
+        model of the lowest rank among the agent and the neighbours that arrived; that rank's basis spreads one
+        hop per round, agents come to share it, and later alignments are close to the identity. The weights, the
+        data the statistics are computed on (the agent's own batches) and where the result goes do not change.
     """
+
+    BASES = ("own", "lowest")
 
     def __init__(
         self,
@@ -103,7 +110,10 @@ class Node:
         stat_batches: Optional[int] = None,
         bn_batches: Optional[int] = None,
         reset_bn: bool = True,
+        basis: str = "own",
     ):
+        if basis not in self.BASES:
+            raise ValueError(f"basis must be one of {', '.join(self.BASES)}, got {basis!r}")
         pi = mixing_matrix(topology)
         if not 0 <= rank < len(pi):
             raise ValueError(f"rank {rank} is outside the topology's {len(pi)} agents")
@@ -124,6 +134,7 @@ class Node:
         self.stat_batches = stat_batches
         self.bn_batches = bn_batches
         self.reset_bn = reset_bn
+        self.basis = basis
         self._posted: Optional[int] = None
         self._post_s = 0.0  # seconds of the last post
         # Byte counters at the end of the previous round: gRPC counts bytes in background threads as transfers
@@ -168,7 +179,7 @@ class Node:
         if not result.received:
             return result
         t0 = time.perf_counter()
-        self._merge([snapshots[j] for j in result.received], [result.weights[j] for j in ranks])
+        self._merge(ranks, snapshots, result.weights)
         result.merge_s = time.perf_counter() - t0
         return result
 
@@ -180,11 +191,14 @@ class Node:
         return m
 
     @torch.no_grad()
-    def _merge(self, snapshots: Sequence[Dict[str, torch.Tensor]], weights: Sequence[float]) -> None:
-        models = [self.model] + [self._neighbor_model(s) for s in snapshots]
+    def _merge(self, ranks: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]],
+               weights: Dict[int, float]) -> None:
+        # ranks[0] is this agent; the operator aligns every model to the first one it is given.
+        order = sorted(ranks) if self.basis == "lowest" else list(ranks)
+        models = [self.model if j == self.rank else self._neighbor_model(snapshots[j]) for j in order]
         own_reset = self.reset_bn and self.bn_batches is not None  # a separate batch budget for the BN reset
-        merged = self.merge_fn(models, weights, batches=self.batches, reset_bn=self.reset_bn and not own_reset,
-                               stat_batches=self.stat_batches)
+        merged = self.merge_fn(models, [weights[j] for j in order], batches=self.batches,
+                               reset_bn=self.reset_bn and not own_reset, stat_batches=self.stat_batches)
         if own_reset and self.batches is not None:
             merge_ops.reset_bn_stats(merged, self.batches, self.bn_batches)
         self.model.load_state_dict(merged.state_dict())

@@ -128,7 +128,7 @@ def build_agent(cfg: Mapping[str, Any], setup: Setup, rank: int, transport: Opti
     local = Batches(ds.x_train, ds.y_train, order, batch_size=cfg["train"]["batch_size"])
     m = cfg["merge"]
     node = Node(model, setup.topology, rank, transport, local, method=m["method"], stat_batches=m["stat_batches"],
-                bn_batches=m["bn_batches"], reset_bn=m["reset_bn"])
+                bn_batches=m["bn_batches"], reset_bn=m["reset_bn"], basis=m["basis"])
     t = cfg["train"]
     train_idx_t, test_idx_t = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
     return Agent(

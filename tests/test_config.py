@@ -95,6 +95,7 @@ def test_wrong_type_names_file_and_key(tmp_path, text, key):
     ("train:\n  optimizer: rmsprop\n", "train.optimizer"),
     ("merge:\n  method: magic\n", "merge.method"),
     ("merge:\n  stat_batches: 0\n", "merge.stat_batches"),
+    ("merge:\n  basis: theirs\n", "merge.basis"),
     ("transport:\n  name: carrier-pigeon\n", "transport.name"),
     ("model:\n  width: 0\n", "model.width"),
 ])

@@ -207,3 +207,45 @@ def test_by_default_the_operator_resets_bn_on_the_stat_batches():
     ref2.load_state_dict(ns[0].model.state_dict())
     merge.reset_bn_stats(ref2, ns[0].batches, 1)
     assert not torch.allclose(ns[0].model[1].running_mean, ref2[1].running_mean)
+
+
+def _hidden_permuted(m: nn.Module, perm: torch.Tensor) -> nn.Module:
+    """A copy of an mlp() whose 6 hidden units are reordered by the test itself (same function)."""
+    c = mlp(0)
+    with torch.no_grad():
+        c[0].weight.copy_(m[0].weight[perm])
+        c[0].bias.copy_(m[0].bias[perm])
+        c[2].weight.copy_(m[2].weight[:, perm])
+        c[2].bias.copy_(m[2].bias)
+    return c
+
+
+@pytest.mark.parametrize("basis", ["own", "lowest"])
+def test_basis_decides_whose_units_the_merge_keeps(basis):
+    # Agent 1 holds a hand-permuted copy of agent 0's model: both merges give the same function, but only
+    # basis="lowest" leaves agent 1 in agent 0's units; "own" (DIMAT as published) keeps agent 1's.
+    topo = Topology.build("fc", 2)
+    ts = make_inproc([topo.neighbors(k) for k in range(2)])
+    a = mlp(0)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    b = _hidden_permuted(a, perm)
+    probe = batches(2, seed=7)
+    ns = [Node(m, topo, k, ts[k], probe, method="dimat", reset_bn=False, basis=basis) for k, m in enumerate([a, b])]
+    a0, b0 = state(a), state(b)
+    for n in ns:
+        n.post(0)
+    for n in ns:
+        n.merge_round(0)
+    x = probe[0][0]
+    for n in ns:
+        torch.testing.assert_close(n.model(x), mlp(0)(x), rtol=1e-4, atol=1e-5)
+    expect_1 = a0 if basis == "lowest" else b0
+    for name, t in ns[1].model.state_dict().items():
+        torch.testing.assert_close(t, expect_1[name], rtol=1e-5, atol=1e-6)
+    for name, t in ns[0].model.state_dict().items():  # agent 0 is the lowest rank either way
+        torch.testing.assert_close(t, a0[name], rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_basis_is_refused():
+    with pytest.raises(ValueError, match="basis must be one of own, lowest"):
+        Node(mlp(0), Topology.build("ring", 3), 0, None, None, method="none", basis="theirs")
