@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
-import yaml
 
 from dimat import checkpoint, launcher
-from dimat.config import Config, diff, dump, flatten
+from dimat.config import Config, dump, first_difference
 from dimat.errors import UserError
 from dimat.loop import Agent, pretrain, restore_agent, run_round
 from dimat.metrics import MetricsWriter, atomic_write_text
@@ -45,10 +44,6 @@ from dimat.transport.base import Transport
 __all__ = ["run_agent", "check_multiprocess", "claim_run_dir", "rejoin_round", "peers_for"]
 
 _T0 = time.perf_counter()  # about when the agent process started (this module is imported first thing)
-
-#: Config keys that may differ between the run folder's config.yaml and an agent's config.
-_LOCAL_KEYS = ("out",)
-
 
 def run_agent(
     cfg: Config,
@@ -160,17 +155,11 @@ def claim_run_dir(cfg: Config, out: Path, rank: int, resume: bool) -> None:
 
 
 def _check_same_config(cfg: Config, cfg_file: Path) -> None:
-    try:
-        old = yaml.safe_load(cfg_file.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{cfg_file}: malformed YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(old, Mapping):
-        raise UserError(f"{cfg_file}: not a run config (expected a mapping)")
-    changed = diff(old, cfg.to_dict(), ignore=_LOCAL_KEYS)
+    changed = first_difference(cfg, cfg_file)
     if changed:
-        k = changed[0]
-        raise UserError(f"{cfg_file}: this run folder holds a run whose {k!r} is {flatten(old).get(k)!r}, but this "
-                        f"agent's config says {flatten(cfg.to_dict()).get(k)!r}; every agent must run the same config")
+        k, was, now = changed
+        raise UserError(f"{cfg_file}: this run folder holds a run whose {k!r} is {was!r}, but this agent's config "
+                        f"says {now!r}; every agent must run the same config")
 
 
 # ---------------------------------------------------------------------------------------------- transport

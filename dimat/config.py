@@ -21,7 +21,7 @@ import yaml
 
 from dimat.errors import UserError
 
-__all__ = ["DEFAULTS", "TYPES", "Config", "load_config", "resolve", "flatten", "diff", "OPTIMIZERS", "TRANSPORTS"]
+__all__ = ["DEFAULTS", "TYPES", "Config", "load_config", "resolve", "flatten", "diff", "first_difference", "OPTIMIZERS", "TRANSPORTS"]
 
 OPTIMIZERS = ("sgd", "msgd", "adam")
 TRANSPORTS = ("inproc", "grpc", "torch")
@@ -361,6 +361,26 @@ def diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Sequence[str] = ("o
     """Flat keys whose values differ between two configs (keys in ``ignore`` skipped)."""
     fa, fb = flatten(a), flatten(b)
     return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k) != fb.get(k))
+
+
+def first_difference(cfg: Mapping[str, Any], cfg_file: Path) -> Optional[Tuple[str, Any, Any]]:
+    """Compare ``cfg`` with the run config stored in ``cfg_file`` (``out`` aside).
+
+    Returns ``(key, stored value, value in cfg)`` for the first key that differs, or None when they agree;
+    UserError when the stored file is not a readable run config.
+    """
+    try:
+        old = yaml.safe_load(Path(cfg_file).read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{cfg_file}: malformed YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(old, Mapping):
+        raise UserError(f"{cfg_file}: not a run config (expected a mapping)")
+    new = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    changed = diff(old, new)
+    if not changed:
+        return None
+    k = changed[0]
+    return k, flatten(old).get(k), flatten(new).get(k)
 
 
 def dump(cfg: Mapping[str, Any]) -> str:

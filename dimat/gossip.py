@@ -317,7 +317,6 @@ def build_agents(cfg: Mapping[str, Any], setup: Any, transports: Sequence[Any]) 
     from dimat.runner import Setup, build_agent
 
     local = _as_local_cfg(cfg)
-    rule = make_rule(cfg)
     if cfg["merge"]["method"] == "centralised":
         train = np.concatenate([p[0] for p in setup.parts])
         test = np.concatenate([p[1] for p in setup.parts])

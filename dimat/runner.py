@@ -23,10 +23,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from dimat import checkpoint, models
-from dimat.config import Config, diff, dump, flatten
+from dimat.config import Config, dump, first_difference
 from dimat.data import Batches, Dataset, load_dataset, partition_dataset
 from dimat.errors import UserError
 from dimat.loop import Agent, pretrain, restore_agent, run_round
@@ -156,17 +155,11 @@ def check_run_dir(cfg: Config, out: Path, resume: bool) -> None:
     cfg_file = out / "config.yaml"
     if not cfg_file.exists():
         raise UserError(f"{out}: no run to resume (config.yaml not found)")
-    try:
-        old = yaml.safe_load(cfg_file.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{cfg_file}: malformed YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(old, Mapping):
-        raise UserError(f"{cfg_file}: not a run config (expected a mapping)")
-    changed = diff(old, cfg.to_dict())
+    changed = first_difference(cfg, cfg_file)
     if changed:
-        k = changed[0]
+        k, was, now = changed
         raise UserError(f"{cfg_file}: --resume needs the same config as the interrupted run, but key {k!r} was "
-                        f"{flatten(old).get(k)!r} and is now {flatten(cfg.to_dict()).get(k)!r}")
+                        f"{was!r} and is now {now!r}")
 
 
 def _progress(total: int, initial: int, desc: str, quiet: bool, leave: bool = True):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dimat import gossip
-from dimat.baselines import CDSGD, SGP, RuleState
+from dimat.baselines import CDSGD, SGP
 from dimat.config import resolve
 from dimat.errors import UserError
 from dimat.loop import Agent

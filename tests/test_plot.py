@@ -8,7 +8,7 @@ import pytest
 
 from dimat.cli import main
 from dimat.errors import UserError
-from dimat.plot import plot_accuracy, run_curve
+from dimat.plot import run_curve
 
 
 def fake_run(path, accs_by_round, method="dimat", per_agent_files=False):

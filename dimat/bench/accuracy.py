@@ -311,7 +311,7 @@ def write_outputs(out: Path, cells: Sequence[Mapping[str, Any]], meta: Mapping[s
     rows = aggregate(cells)
     atomic_write_text(out / "results.json", json.dumps({**meta, "results": rows, "cells": list(cells)}, indent=2)
                       + "\n")
-    md = [f"# dimat bench accuracy\n", f"Command: `{meta.get('command', '')}`\n", table(rows)]
+    md = ["# dimat bench accuracy\n", f"Command: `{meta.get('command', '')}`\n", table(rows)]
     atomic_write_text(out / "results.md", "\n".join(md))
     plot(rows, out / "accuracy_vs_round.png", "round")
     plot(rows, out / "accuracy_vs_bytes.png", "bytes")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import struct
 import threading
 import time
 from dataclasses import dataclass
