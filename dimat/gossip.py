@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from torch.nn import functional as F
 
 from dimat import baselines, checkpoint
 from dimat.baselines import Rule, RuleState
-from dimat.loop import Agent, _evaluate, _record, _seed_phase, agent_state, pretrain, restore_agent
+from dimat.loop import Agent, _evaluate, _record, _seed_phase, agent_state, pretrain
 from dimat.metrics import MetricsWriter
 from dimat.train import _flip
 
@@ -358,7 +357,7 @@ def drive(
     -------
     True when all rounds are done, False when stopped early by ``stop_after_round``.
     """
-    from tqdm.auto import tqdm
+    from dimat.runner import progress_bar, restore_latest
 
     ckpt_dir = run_dir / "checkpoints"
     rule = make_rule(cfg)
@@ -367,20 +366,17 @@ def drive(
         states = [RuleState(rank=agents[0].rank, weights={agents[0].rank: 1.0})]
     done = -2
     if resume:
-        last = checkpoint.resume_round(ckpt_dir, [a.rank for a in agents])
-        if last is not None:
+        def rule_optimizer_first(last: int) -> None:
             if last >= 0:  # a kept optimizer state in a round checkpoint is the rule optimizer's
                 _use_rule_optimizer(agents, rule, cfg)
-            for a, st in zip(agents, states):
-                saved = checkpoint.load(ckpt_dir, a.rank, last)
-                restore_agent(a, saved)
-                st.ps_weight = float(saved.get("ps_weight", 1.0))
-            done = last
-        MetricsWriter.truncate_after(metrics_path, done)
+
+        done, saved = restore_latest(agents, ckpt_dir, metrics_path, before_restore=rule_optimizer_first)
+        for a, st in zip(agents, states):
+            if a.rank in saved:
+                st.ps_weight = float(saved[a.rank].get("ps_weight", 1.0))
     rounds = cfg["rounds"]
     with MetricsWriter(metrics_path) as writer:
-        bar = tqdm(total=rounds, initial=max(done + 1, 0), desc=cfg["merge"]["method"], unit="round",
-                   disable=quiet or not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True)
+        bar = progress_bar(rounds, max(done + 1, 0), cfg["merge"]["method"], quiet)
         try:
             if done < -1 and cfg["train"]["pretrain_epochs"] > 0:
                 pretrain(agents, cfg, writer, ckpt_dir)

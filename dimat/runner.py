@@ -19,7 +19,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -162,11 +162,34 @@ def check_run_dir(cfg: Config, out: Path, resume: bool) -> None:
                         f"{was!r} and is now {now!r}")
 
 
-def _progress(total: int, initial: int, desc: str, quiet: bool, leave: bool = True):
+def progress_bar(total: int, initial: int, desc: str, quiet: bool, leave: bool = True):
+    """A tqdm bar on stderr, shown only on a terminal and without ``quiet``; ``leave=False`` for inner bars."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="round" if leave else "agent-phase", leave=leave,
                 disable=quiet or not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True)
+
+
+def restore_latest(
+    agents: Sequence[Agent], ckpt_dir: Path, metrics_path: Path,
+    before_restore: Optional[Callable[[int], None]] = None,
+) -> Tuple[int, Dict[int, Dict[str, Any]]]:
+    """Restore the local agents from the latest round they all completed and drop later metrics records.
+
+    ``before_restore(round)`` runs first when there is a checkpoint (to set up what the restore loads into).
+    Returns the last completed step (-2 nothing, -1 pretraining, r >= 0 round r) and the loaded checkpoints by rank.
+    """
+    done, saved = -2, {}
+    last = checkpoint.resume_round(ckpt_dir, [a.rank for a in agents])
+    if last is not None:
+        if before_restore is not None:
+            before_restore(last)
+        for a in agents:
+            saved[a.rank] = checkpoint.load(ckpt_dir, a.rank, last)
+            restore_agent(a, saved[a.rank])
+        done = last
+    MetricsWriter.truncate_after(metrics_path, done)
+    return done, saved
 
 
 def drive(
@@ -196,18 +219,11 @@ def drive(
     True when all rounds are done, False when stopped early.
     """
     ckpt_dir = run_dir / "checkpoints"
-    done = -2  # the last completed step: -2 nothing, -1 pretraining, r >= 0 round r
-    if resume:
-        last = checkpoint.resume_round(ckpt_dir, [a.rank for a in agents])
-        if last is not None:
-            for a in agents:
-                restore_agent(a, checkpoint.load(ckpt_dir, a.rank, last))
-            done = last
-        MetricsWriter.truncate_after(metrics_path, done)
+    done = restore_latest(agents, ckpt_dir, metrics_path)[0] if resume else -2  # -2 nothing, -1 pretraining, r
     rounds = cfg["rounds"]
     with MetricsWriter(metrics_path) as writer:
-        outer = _progress(rounds, max(done + 1, 0), "rounds", quiet)
-        inner = _progress(len(agents), 0, "agents", quiet, leave=False)  # one step per agent and phase
+        outer = progress_bar(rounds, max(done + 1, 0), "rounds", quiet)
+        inner = progress_bar(len(agents), 0, "agents", quiet, leave=False)  # one step per agent and phase
         try:
             if done < -1 and cfg["train"]["pretrain_epochs"] > 0:
                 inner.set_description("pretrain")
