@@ -16,16 +16,6 @@ from torch import nn
 from dimat import flower, merge
 from dimat.flower import ModelAggregator, ndarrays_to_state, state_to_ndarrays
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On 2 shared cores, torch's intra-op threads spin against other processes: tiny forward passes ran 100x
-    # slower with 2 threads than with 1 under load. Both sides of every comparison here run under the same setting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
