@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -77,6 +78,7 @@ DEFAULTS: Dict[str, Any] = {
         "tls_client_auth": False,  # mutual TLS: agents also show certificates signed by tls_ca
         "timeout_s": None,  # torch.distributed process-group timeout (None: deadline_s)
     },
+    "device": "cpu",  # where the agents' models live: cpu | cuda | cuda:N | auto (cuda when available)
     "threads": None,  # torch intra-op threads of the process (None: torch's default); results depend on it
     "out": None,  # run folder (None: runs/<config file stem>); `--out` overrides
 }
@@ -272,6 +274,8 @@ def _check_values(where: str, c: Dict[str, Any]) -> None:
         raise bad("gossip.lr", f"must be > 0 or null (train.lr), got {f['gossip.lr']}")
     if f["threads"] is not None and f["threads"] < 1:
         raise bad("threads", f"must be >= 1 or null (torch's default), got {f['threads']}")
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(f["device"])):
+        raise bad("device", f"must be cpu, cuda, cuda:N or auto, got {f['device']!r}")
     if not f["train.lr"] > 0:
         raise bad("train.lr", f"must be > 0, got {f['train.lr']}")
     if not f["model.width"] > 0:
@@ -376,7 +380,9 @@ def first_difference(cfg: Mapping[str, Any], cfg_file: Path) -> Optional[Tuple[s
     if not isinstance(old, Mapping):
         raise UserError(f"{cfg_file}: not a run config (expected a mapping)")
     new = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
-    changed = diff(old, new)
+    # A key added to the schema after the run was written compares as its default.
+    old = {**flatten(DEFAULTS), **flatten(old)}
+    changed = diff(old, flatten(new))
     if not changed:
         return None
     k = changed[0]

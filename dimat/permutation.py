@@ -748,9 +748,10 @@ def check_invariance(
     group index -> max|y_permuted - y| / max|y| (dimensionless; a valid group gives ~1e-12 in float64).
     """
     g = torch.Generator().manual_seed(seed)
-    base = copy.deepcopy(model).eval()
+    # On a CPU copy whatever the model's device: float64 everywhere, and the test's RNG and indices are CPU ones.
+    base = copy.deepcopy(model).cpu().eval()
     _jitter(base, g)
-    x = example_input
+    x = example_input.cpu()
     try:
         base64 = copy.deepcopy(base).double()
         y = _run(base64, x.double() if x.is_floating_point() else x)

@@ -13,6 +13,7 @@ The pieces are public so that the multi-process runner reuses them for one agent
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -35,7 +36,7 @@ from dimat.topology import Topology
 from dimat.train import optimizer_factory
 from dimat.transport.base import Transport
 
-__all__ = ["Setup", "prepare", "build_agent", "drive", "run", "check_run_dir"]
+__all__ = ["Setup", "prepare", "resolve_device", "build_agent", "drive", "run", "check_run_dir"]
 
 #: files a run folder holds; their presence marks a folder as a run
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
@@ -56,6 +57,27 @@ def _topology(cfg: Mapping[str, Any]) -> Topology:
         # Legal but noteworthy graphs (disconnected, asymmetric) are reported once here, not per agent.
         warnings.simplefilter("always")
         return Topology.from_spec(cfg["topology"], cfg["agents"], seed=seed)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The torch device a config's ``device`` names: ``cpu``, ``cuda`` (this process's ``LOCAL_RANK`` GPU under
+    torchrun, else GPU 0), ``cuda:N`` or ``auto`` (cuda when available, else cpu).
+
+    Raises
+    ------
+    UserError : a GPU is named but torch sees none, or fewer than N + 1.
+    """
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"{spec!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
+                        f"use cpu or auto")
+    index = int(spec.split(":")[1]) if ":" in spec else int(os.environ.get("LOCAL_RANK", 0))
+    if index >= torch.cuda.device_count():
+        raise UserError(f"{spec!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return torch.device("cuda", index)
 
 
 def _check_model(cfg: Mapping[str, Any], ds: Dataset) -> None:
@@ -112,6 +134,8 @@ def prepare(cfg: Mapping[str, Any]) -> Setup:
         parts = partition_dataset(ds, cfg["agents"], cfg["data"]["partition"], seed=cfg["seed"])
     with _field(cfg, "model.name"):
         _check_model(cfg, ds)
+    with _field(cfg, "device"):
+        resolve_device(cfg["device"])
     return Setup(topo, ds, parts)
 
 
@@ -120,7 +144,7 @@ def build_agent(cfg: Mapping[str, Any], setup: Setup, rank: int, transport: Opti
     ds = setup.dataset
     train_idx, test_idx = setup.parts[rank]
     torch.manual_seed(cfg["seed"] + rank)  # different inits per agent (ALGORITHM.md section 2)
-    model = _build_model(cfg, ds)
+    model = _build_model(cfg, ds).to(resolve_device(cfg["device"]))  # data stay on the CPU, moved per batch
     # Merge statistics and BN resets read the first batches of this fixed random order: the rows of a dataset
     # are often sorted by class, and the first rows of a sorted partition would show the merge one class only.
     order = np.random.default_rng([cfg["seed"], rank, 2]).permutation(train_idx)

@@ -117,12 +117,15 @@ def bad_inputs(tmp_path):
     yield "npz without y_test", TINY, ["--set", f"data.dataset=npz:{npz}"], [str(npz), "y_test"]
     yield "bad type", TINY, ["--set", "train.lr=fast"], ["train.lr", "must be a number"]
     yield "cnn on flat features", TINY, ["--set", "model.name=cnn"], ["model.name", "cnn"]
+    yield "unknown device", TINY, ["--set", "device=tpu"], ["tiny.yaml", "key 'device'", "tpu"]
+    # No machine has 100 GPUs: refused with or without CUDA, before anything is written.
+    yield "absent gpu", TINY, ["--set", "device=cuda:99"], ["tiny.yaml: device:", "cuda"]
 
 
 CASES = ["malformed yaml", "unknown key", "unknown set key", "unknown dataset", "unknown model", "unknown method",
          "unknown topology", "unknown partition", "malformed topology file", "inconsistent topology file",
          "topology field mismatch", "agents differ from topology", "missing data path", "npz without y_test",
-         "bad type", "cnn on flat features"]
+         "bad type", "cnn on flat features", "unknown device", "absent gpu"]
 
 
 def test_every_case_is_listed(tmp_path):
