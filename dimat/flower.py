@@ -227,6 +227,23 @@ def _flwr_import_error(e: ImportError) -> ImportError:
     return ImportError(f"{FLOWER_HINT} ({e})")
 
 
+class _Merging:
+    """The constructor both Flower strategies share: FedAvg's keywords plus a :class:`ModelAggregator`'s."""
+
+    def __init__(
+        self,
+        *,
+        model: ModelSource,
+        calibration: Optional[Iterable[Any]] = None,
+        method: Optional[str] = None,
+        reset_bn: bool = True,
+        stat_batches: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)  # the FedAvg that follows in the strategy's MRO
+        self.aggregator = ModelAggregator(model, calibration, method, reset_bn, stat_batches)
+
+
 def _build_dimat_fedavg() -> type:
     try:
         from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
@@ -234,7 +251,7 @@ def _build_dimat_fedavg() -> type:
     except ImportError as e:
         raise _flwr_import_error(e) from e
 
-    class DimatFedAvg(FedAvg):
+    class DimatFedAvg(_Merging, FedAvg):
         """Flower FedAvg (``flwr.server.strategy``) whose aggregation merges client models with dimat.
 
         Everything but ``aggregate_fit`` is FedAvg's, so it replaces FedAvg wherever FedAvg is used.
@@ -247,19 +264,6 @@ def _build_dimat_fedavg() -> type:
         method, reset_bn, stat_batches : as in :class:`ModelAggregator`.
         **kwargs : every FedAvg keyword (``min_fit_clients``, ``initial_parameters``, ``evaluate_fn``, ...).
         """
-
-        def __init__(
-            self,
-            *,
-            model: ModelSource,
-            calibration: Optional[Iterable[Any]] = None,
-            method: Optional[str] = None,
-            reset_bn: bool = True,
-            stat_batches: Optional[int] = None,
-            **kwargs: Any,
-        ) -> None:
-            super().__init__(**kwargs)
-            self.aggregator = ModelAggregator(model, calibration, method, reset_bn, stat_batches)
 
         def __repr__(self) -> str:
             return f"DimatFedAvg(method={self.aggregator.method!r}, accept_failures={self.accept_failures})"
@@ -292,7 +296,7 @@ def _build_message_dimat_fedavg() -> type:
     except ImportError as e:
         raise _flwr_import_error(e) from e
 
-    class MessageDimatFedAvg(FedAvg):
+    class MessageDimatFedAvg(_Merging, FedAvg):
         """Flower FedAvg of the Message API (``flwr.serverapp.strategy``) whose aggregation merges with dimat.
 
         Everything but ``aggregate_train`` is FedAvg's. Each reply carries one ``ArrayRecord`` of the client's
@@ -307,19 +311,6 @@ def _build_message_dimat_fedavg() -> type:
         method, reset_bn, stat_batches : as in :class:`ModelAggregator`.
         **kwargs : every FedAvg keyword (``fraction_train``, ``min_train_nodes``, ``weighted_by_key``, ...).
         """
-
-        def __init__(
-            self,
-            *,
-            model: ModelSource,
-            calibration: Optional[Iterable[Any]] = None,
-            method: Optional[str] = None,
-            reset_bn: bool = True,
-            stat_batches: Optional[int] = None,
-            **kwargs: Any,
-        ) -> None:
-            super().__init__(**kwargs)
-            self.aggregator = ModelAggregator(model, calibration, method, reset_bn, stat_batches)
 
         def aggregate_train(self, server_round, replies):
             """Merge the replies' models, weighted by their ``weighted_by_key`` metric; metrics as in FedAvg."""

@@ -16,3 +16,11 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # A run whose config says `threads: N` sets torch's thread count process-wide; later tests get theirs back.
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

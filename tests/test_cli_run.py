@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from dimat.cli import main
 
@@ -26,15 +25,6 @@ train:
   epochs: 1
   batch_size: 50
 """
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    # The configs here say `threads: 1` (tiny models on 2 shared cores); a run sets it process-wide.
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
 
 
 def write(path, text):

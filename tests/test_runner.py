@@ -18,14 +18,6 @@ RECORD_KEYS = {"round", "agent", "phase", "test_acc", "test_loss", "local_test_a
                "merge_s", "comm_s", "comm_bytes"}
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    # The configs here say `threads: 1` (tiny models on 2 shared cores); a run sets it process-wide.
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**over):
     data = {"agents": 3, "rounds": 3, "threads": 1, "data": {"dataset": "synthetic:train=300,test=90,features=16"},
             "model": {"width": 0.25}, "merge": {"method": "wa", "stat_batches": 2, "bn_batches": 2},
