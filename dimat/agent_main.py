@@ -192,9 +192,12 @@ def _template(cfg: Mapping, setup: Setup) -> Dict[str, torch.Tensor]:
     manifest against it before allocating anything, even those that arrive before this agent's first post."""
     from dimat import models
 
+    from dimat.node import with_basis_tag
+
     ds = setup.dataset
-    return models.build(cfg["model"]["name"], ds.num_classes, width=cfg["model"]["width"],
-                        in_channels=ds.in_channels, image_size=ds.image_size).state_dict()
+    state = models.build(cfg["model"]["name"], ds.num_classes, width=cfg["model"]["width"],
+                         in_channels=ds.in_channels, image_size=ds.image_size).state_dict()
+    return with_basis_tag(state, 0) if cfg["merge"]["basis"] == "shared" else state
 
 
 # ---------------------------------------------------------------------------------------------- resume / rejoin

@@ -57,7 +57,7 @@ DEFAULTS: Dict[str, Any] = {
         "stat_batches": 10,  # batches of local data for activation statistics and the BN reset (None: all)
         "bn_batches": None,  # a separate number of batches for the BN reset, done outside the operator (no REPAIR)
         "reset_bn": True,  # recompute BatchNorm statistics of the merged model on local data
-        "basis": "own",  # own (DIMAT: align to the agent's model) | lowest (to the lowest rank's; see dimat.Node)
+        "basis": "own",  # own (DIMAT: align to the agent's model) | shared (carry basis tags; see dimat.Node)
     },
     "gossip": {  # the gradient-gossip baselines (merge.method cdsgd, cdmsgd, dpsgd, sgp); see dimat/gossip.py
         "comm_every": 1,  # local steps between two exchanges
@@ -289,8 +289,8 @@ def _check_values(where: str, c: Dict[str, Any]) -> None:
     if f["transport.name"] not in TRANSPORTS:
         raise bad("transport.name", f"must be one of {', '.join(TRANSPORTS)}, got {f['transport.name']!r}")
     methods = known_methods()
-    if f["merge.basis"] not in ("own", "lowest"):
-        raise bad("merge.basis", f"must be own or lowest, got {f['merge.basis']!r}")
+    if f["merge.basis"] not in ("own", "shared"):
+        raise bad("merge.basis", f"must be own or shared, got {f['merge.basis']!r}")
     if f["merge.method"] not in methods:
         raise bad("merge.method", f"must be one of {', '.join(methods)}, got {f['merge.method']!r}")
     if not f["topology"]:

@@ -98,10 +98,12 @@ def _record(agent: Agent, r: int, phase: str, **fields: Any) -> Dict[str, Any]:
 
 
 def agent_state(agent: Agent, r: int) -> Dict[str, Any]:
-    """What a checkpoint holds after round ``r``: the model, the kept optimizer state and the RNG state."""
+    """What a checkpoint holds after round ``r``: the model, its basis tag, the kept optimizer state and the RNG
+    state."""
     return {
         "round": r,
         "model": agent.model.state_dict(),
+        "basis_tag": agent.node.basis_tag,
         "optimizer": agent.optimizer.state_dict() if agent.optimizer is not None else None,
         "generator": agent.generator.get_state(),
     }
@@ -110,6 +112,7 @@ def agent_state(agent: Agent, r: int) -> Dict[str, Any]:
 def restore_agent(agent: Agent, state: Mapping[str, Any]) -> None:
     """Load a checkpoint written by :func:`agent_state` into ``agent`` (model, optimizer, RNG)."""
     agent.model.load_state_dict(state["model"])
+    agent.node.basis_tag = int(state.get("basis_tag", agent.rank))  # checkpoints from before tags: own rank
     agent.generator.set_state(state["generator"])
     if state.get("optimizer") is not None:
         agent.optimizer = agent.make_optimizer(agent.model)

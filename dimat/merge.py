@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -68,6 +69,16 @@ def _check_models(models: Sequence[nn.Module]) -> List[Dict[str, torch.Tensor]]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"model {i}: tensor {name!r} contains NaN or Inf")
     return states
+
+
+def _to_align(w: Sequence[float], same_basis: Sequence[int]) -> List[int]:
+    """Indices of the neighbours to align: weight > 0 and not declared to share ``models[0]``'s basis."""
+    same = set()
+    for j in same_basis:
+        if isinstance(j, bool) or not isinstance(j, numbers.Integral) or not 0 < j < len(w):
+            raise ValueError(f"same_basis holds model indices 1..{len(w) - 1}, got {j!r}")
+        same.add(int(j))
+    return [j for j in range(1, len(w)) if w[j] > 0 and j not in same]
 
 
 def _check_weights(weights: Sequence[float], n: int) -> List[float]:
@@ -213,6 +224,7 @@ def average(
     batches: Optional[Batches] = None,
     reset_bn: bool = False,
     stat_batches: Optional[int] = None,
+    same_basis: Sequence[int] = (),
 ) -> nn.Module:
     """WA: the weighted average of every floating-point tensor, without alignment.
 
@@ -223,12 +235,14 @@ def average(
     batches : optional re-iterable of input tensors or ``(input, target)`` pairs, used only for the BN reset.
     reset_bn : when true (and ``batches`` is given), recompute BatchNorm statistics of the result on ``batches``.
     stat_batches : number of batches used for the BN reset (None: all).
+    same_basis : accepted for a uniform signature and ignored: nothing is aligned here.
 
     Returns
     -------
     A new module; the inputs are not modified.
     """
     states, w = _check(models, weights)
+    _to_align(w, same_basis)  # the same checks as the aligning operators
     if reset_bn and batches is not None:
         _first_input(batches)  # an empty iterable is an error before any work is done
     return _finish(models[0], _weighted_sum(states, w), batches, reset_bn, stat_batches)
@@ -401,6 +415,7 @@ def activation_match(
     stat_batches: Optional[int] = None,
     repair: bool = True,
     profile: Optional[Dict[str, float]] = None,
+    same_basis: Sequence[int] = (),
 ) -> nn.Module:
     """DIMAT: align every neighbour to ``models[0]`` by activation correlation on local batches, then average.
 
@@ -421,6 +436,9 @@ def activation_match(
         such layers exist.
     profile : optional dict that receives the seconds spent: ``stats_s``, ``assign_s``, ``apply_s``,
         ``bn_reset_s`` (BN reset and REPAIR).
+    same_basis : indices (>= 1) of models already in ``models[0]``'s unit order, e.g. descendants of one common
+        merged model: they are averaged as they are (the identity permutation), with no statistics of their
+        own. Re-estimating a permutation that is known to be the identity only adds the estimate's errors.
 
     Returns
     -------
@@ -432,7 +450,7 @@ def activation_match(
     spec, graph = spec_for(models[0], example)
     cl = _channels_last(models[0], example)
     groups = spec.permutable
-    todo = [j for j in range(1, len(models)) if w[j] > 0]  # a neighbour with weight 0 needs no alignment
+    todo = _to_align(w, same_basis)
     t = time.perf_counter()
     corrs: List[Dict[int, torch.Tensor]] = []
     if groups and todo:
@@ -521,6 +539,7 @@ def weight_match(
     stat_batches: Optional[int] = None,
     example_input: Optional[torch.Tensor] = None,
     profile: Optional[Dict[str, float]] = None,
+    same_basis: Sequence[int] = (),
 ) -> nn.Module:
     """WM: align every neighbour to ``models[0]`` by Git Re-Basin weight matching, then average.
 
@@ -537,12 +556,14 @@ def weight_match(
     stat_batches : number of batches used for the BN reset (None: all).
     example_input : an input batch for deriving the groups when ``batches`` is None.
     profile : optional dict that receives ``assign_s``, ``apply_s``, ``bn_reset_s`` (seconds).
+    same_basis : as in :func:`activation_match`: models taken with the identity permutation.
 
     Returns
     -------
     A new module; the inputs are not modified.
     """
     states, w = _check(models, weights)
+    todo = _to_align(w, same_basis)
     device = _device_of(models[0])
     cl = False
     if batches is not None:
@@ -564,9 +585,8 @@ def weight_match(
     perms: List[Dict[int, torch.Tensor]] = [{} for _ in models[1:]]
     if spec.permutable:
         cpu = [{k: v.detach().cpu() for k, v in sd.items() if k in names} for sd in states]
-        for j in range(1, len(models)):
-            if w[j] > 0:
-                perms[j - 1] = _weight_matching_perms(cpu[0], cpu[j], spec, spec.permutable, names)
+        for j in todo:
+            perms[j - 1] = _weight_matching_perms(cpu[0], cpu[j], spec, spec.permutable, names)
     if profile is not None:
         profile["stats_s"] = 0.0
         profile["assign_s"] = time.perf_counter() - t
@@ -575,7 +595,8 @@ def weight_match(
 
 MergeFn = Callable[..., nn.Module]
 
-#: config name -> merge operator; every entry accepts ``fn(models, weights, batches=, reset_bn=, stat_batches=)``.
+#: config name -> merge operator; every entry accepts
+#: ``fn(models, weights, batches=, reset_bn=, stat_batches=, same_basis=)``.
 METHODS: Dict[str, MergeFn] = {"dimat": activation_match, "wa": average, "wm": weight_match}
 
 

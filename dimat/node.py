@@ -16,6 +16,7 @@ The in-process runner, ``dimat agent`` and ``dimat launch`` all run their rounds
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -27,7 +28,18 @@ from torch import nn
 from dimat import merge as merge_ops
 from dimat.transport.base import Transport
 
-__all__ = ["Node", "MergeResult"]
+__all__ = ["Node", "MergeResult", "BASIS_KEY", "with_basis_tag"]
+
+log = logging.getLogger(__name__)
+
+#: Snapshot entry that carries the sender's basis tag when ``basis="shared"``: an int64 scalar, the rank whose
+#: unit order the sender's model descends from. It travels like any tensor and never reaches a model.
+BASIS_KEY = "__dimat_basis__"
+
+
+def with_basis_tag(state: Dict[str, torch.Tensor], tag: int) -> Dict[str, torch.Tensor]:
+    """``state`` plus the :data:`BASIS_KEY` entry (a new dict; the tensors are shared, not copied)."""
+    return {**state, BASIS_KEY: torch.tensor(int(tag), dtype=torch.int64)}
 
 
 @dataclass
@@ -91,13 +103,17 @@ class Node:
         then also applies its REPAIR variance correction to layers without BatchNorm). An int: the operator does
         no reset and the node recomputes BatchNorm statistics on that many batches (no REPAIR correction).
     basis : whose units the neighbours are aligned to. ``"own"`` (DIMAT as published): the agent's own model, so
-        every agent keeps a basis of its own and every round needs a fresh, lossy alignment. ``"lowest"``: the
-        model of the lowest rank among the agent and the neighbours that arrived; that rank's basis spreads one
-        hop per round, agents come to share it, and later alignments are close to the identity. The weights, the
-        data the statistics are computed on (the agent's own batches) and where the result goes do not change.
+        every agent keeps a basis of its own and every round needs a fresh, lossy alignment of every neighbour.
+        ``"shared"``: every model carries a basis tag, the rank whose unit order it descends from (at first its
+        own rank), sent with its snapshot. A merge takes as reference the participant with the lowest tag (this
+        agent's own model when its tag is that low), aligns only the models whose tag differs, averages those
+        that carry the reference's tag as they are, and gives the result that tag. The lowest rank's basis spreads
+        one hop per round; once every agent carries it, a merge is a weighted average plus the BatchNorm reset.
+        The weights, the data the statistics are computed on (the agent's own batches) and where the result goes
+        do not change. A snapshot without a valid tag is aligned, as under ``"own"``.
     """
 
-    BASES = ("own", "lowest")
+    BASES = ("own", "shared")
 
     def __init__(
         self,
@@ -135,6 +151,7 @@ class Node:
         self.bn_batches = bn_batches
         self.reset_bn = reset_bn
         self.basis = basis
+        self.basis_tag = self.rank  # under "shared": whose unit order self.model is in (see `basis`)
         self._posted: Optional[int] = None
         self._post_s = 0.0  # seconds of the last post
         # Byte counters at the end of the previous round: gRPC counts bytes in background threads as transfers
@@ -147,7 +164,10 @@ class Node:
         if self.merge_fn is None or self._posted == r:
             return
         t0 = time.perf_counter()
-        self.transport.post(r, self.model.state_dict())
+        state = self.model.state_dict()
+        if self.basis == "shared":
+            state = with_basis_tag(state, self.basis_tag)
+        self.transport.post(r, state)
         self._post_s = time.perf_counter() - t0
         self._posted = r
 
@@ -187,18 +207,43 @@ class Node:
     def _neighbor_model(self, snapshot: Dict[str, torch.Tensor]) -> nn.Module:
         # load_state_dict copies into the clone's own tensors: the received snapshot is never written to.
         m = copy.deepcopy(self.model)
-        m.load_state_dict(snapshot)
+        m.load_state_dict({k: v for k, v in snapshot.items() if k != BASIS_KEY})
         return m
+
+    def _tag_of(self, rank: int, snapshot: Dict[str, torch.Tensor]) -> Optional[int]:
+        """The basis tag a neighbour's snapshot carries; None (align it) when it has none or an invalid one."""
+        t = snapshot.get(BASIS_KEY)
+        if t is None:
+            return None
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.is_floating_point() or t.is_complex() \
+                or not 0 <= int(t) < len(self.pi_row):
+            log.warning("agent %d: the basis tag from agent %d is not a rank of this topology; aligning it",
+                        self.rank, rank)
+            return None
+        return int(t)
+
+    def _order(self, ranks: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]]
+               ) -> tuple[List[int], List[int]]:
+        """Participants with the reference first, and the positions (>= 1) already in the reference's basis."""
+        if self.basis != "shared":
+            return list(ranks), []
+        tags = {j: self.basis_tag if j == self.rank else self._tag_of(j, snapshots[j]) for j in ranks}
+        ref = min(t for t in tags.values() if t is not None)  # own tag is always valid
+        # The reference's holder: this agent if it carries the reference tag, else the lowest such rank.
+        order = sorted(ranks, key=lambda j: (tags[j] != ref, j != self.rank, j))
+        self.basis_tag = ref
+        return order, [i for i, j in enumerate(order) if i > 0 and tags[j] == ref]
 
     @torch.no_grad()
     def _merge(self, ranks: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]],
                weights: Dict[int, float]) -> None:
-        # ranks[0] is this agent; the operator aligns every model to the first one it is given.
-        order = sorted(ranks) if self.basis == "lowest" else list(ranks)
+        # The operator aligns every model to the first one it is given.
+        order, same = self._order(ranks, snapshots)
         models = [self.model if j == self.rank else self._neighbor_model(snapshots[j]) for j in order]
         own_reset = self.reset_bn and self.bn_batches is not None  # a separate batch budget for the BN reset
+        kw = {"same_basis": same} if same else {}
         merged = self.merge_fn(models, [weights[j] for j in order], batches=self.batches,
-                               reset_bn=self.reset_bn and not own_reset, stat_batches=self.stat_batches)
+                               reset_bn=self.reset_bn and not own_reset, stat_batches=self.stat_batches, **kw)
         if own_reset and self.batches is not None:
             merge_ops.reset_bn_stats(merged, self.batches, self.bn_batches)
         self.model.load_state_dict(merged.state_dict())

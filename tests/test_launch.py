@@ -414,6 +414,31 @@ def test_launch_reproduces_dimat_run(tiny, tmp_path, transport):
                                                                   if k != "wall_s"}
 
 
+@pytest.mark.parametrize("transport", ["grpc", "torch"])
+def test_shared_basis_tags_travel_between_processes(tmp_path, transport):
+    # On a ring of 4 the agents' basis tags differ after round 0 (0, 0, 1, 0), so round 1's merges depend on the
+    # tags that arrived with the snapshots: the launch matches the simulation only if they travelled intact.
+    import torch
+
+    from dimat.config import load_config
+    from dimat.metrics import read_metrics
+    from dimat.runner import run
+
+    cfg = tmp_path / "shared.yaml"
+    cfg.write_text(json.dumps(dict(TINY, rounds=3, merge={"method": "dimat", "basis": "shared"})))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(load_config(cfg, ["agents=4"]), tmp_path / "ref", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "out"
+    proc = _run(["launch", str(cfg), "--transport", transport, "--agents", "4", "--out", str(out), "--timeout", "120"])
+    assert proc.returncode == 0, proc.stdout + "\n".join(launcher.tail(launcher.log_path(out, k)) for k in range(4))
+    got, ref = (read_metrics([d / "metrics.jsonl"]) for d in (out, tmp_path / "ref"))
+    assert [{k: r.get(k) for k in SAME} for r in got] == [{k: r.get(k) for k in SAME} for r in ref]
+
+
 def test_launch_refuses_a_finished_run_folder(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

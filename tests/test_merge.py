@@ -261,6 +261,31 @@ def test_average_equals_activation_match_with_identity_permutations(monkeypatch)
             assert torch.allclose(wa[k], am[k], rtol=1e-6, atol=1e-7), k
 
 
+@pytest.mark.parametrize("method", ["dimat", "wm"])
+def test_same_basis_models_are_averaged_as_they_are(method):
+    # A: the basis; B: a hand-permuted copy (aligned back); C: another copy declared to share A's basis, so it is
+    # averaged unaligned even though it too is permuted. The merge is then the average of A, A and C as they are.
+    a, b, batches, probe = _pair("user_conv_flat")
+    c = copy.deepcopy(a)
+    c.permute(torch.Generator().manual_seed(99))
+    fn = merge.get(method)
+    got = fn([a, b, c], [1, 1, 1], batches=batches, reset_bn=False, same_basis=[2]).state_dict()
+    want = merge.average([a, a, c], [1, 1, 1]).state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    # and without the declaration C is aligned too, which restores A's function
+    merged = fn([a, b, c], [1, 1, 1], batches=batches, reset_bn=False)
+    assert _rel(_logits(merged, probe), _logits(a, probe)) < 1e-4
+
+
+@pytest.mark.parametrize("bad", [[0], [3], [-1], [1.0], [True]])
+@pytest.mark.parametrize("method", ["dimat", "wm", "wa"])
+def test_same_basis_must_name_neighbour_indices(method, bad):
+    a, b, batches, _ = _pair("user_mlp")
+    with pytest.raises(ValueError, match="same_basis"):
+        merge.get(method)([a, b, a], [1, 1, 1], batches=batches, reset_bn=False, same_basis=bad)
+
+
 def test_average_is_the_weighted_mean_and_integer_buffers_come_from_model_0():
     a, b, _, _ = _pair("cnn")
     b.features[1].num_batches_tracked.fill_(5)
@@ -385,7 +410,7 @@ def test_unknown_method_lists_the_valid_names():
 def test_registered_methods_share_the_common_call():
     a, b, batches, _ = _pair("user_mlp")
     for name, fn in merge.METHODS.items():
-        out = fn([a, b], [0.5, 0.5], batches=batches, reset_bn=False, stat_batches=1)
+        out = fn([a, b], [0.5, 0.5], batches=batches, reset_bn=False, stat_batches=1, same_basis=[1])
         assert isinstance(out, UserMLP), name
 
 

@@ -220,10 +220,11 @@ def _hidden_permuted(m: nn.Module, perm: torch.Tensor) -> nn.Module:
     return c
 
 
-@pytest.mark.parametrize("basis", ["own", "lowest"])
+@pytest.mark.parametrize("basis", ["own", "shared"])
 def test_basis_decides_whose_units_the_merge_keeps(basis):
     # Agent 1 holds a hand-permuted copy of agent 0's model: both merges give the same function, but only
-    # basis="lowest" leaves agent 1 in agent 0's units; "own" (DIMAT as published) keeps agent 1's.
+    # basis="shared" leaves agent 1 in agent 0's units (tag 0 is the lowest); "own" (DIMAT as published) keeps
+    # agent 1's.
     topo = Topology.build("fc", 2)
     ts = make_inproc([topo.neighbors(k) for k in range(2)])
     a = mlp(0)
@@ -239,7 +240,7 @@ def test_basis_decides_whose_units_the_merge_keeps(basis):
     x = probe[0][0]
     for n in ns:
         torch.testing.assert_close(n.model(x), mlp(0)(x), rtol=1e-4, atol=1e-5)
-    expect_1 = a0 if basis == "lowest" else b0
+    expect_1 = a0 if basis == "shared" else b0
     for name, t in ns[1].model.state_dict().items():
         torch.testing.assert_close(t, expect_1[name], rtol=1e-5, atol=1e-6)
     for name, t in ns[0].model.state_dict().items():  # agent 0 is the lowest rank either way
@@ -247,5 +248,124 @@ def test_basis_decides_whose_units_the_merge_keeps(basis):
 
 
 def test_unknown_basis_is_refused():
-    with pytest.raises(ValueError, match="basis must be one of own, lowest"):
+    with pytest.raises(ValueError, match="basis must be one of own, shared"):
         Node(mlp(0), Topology.build("ring", 3), 0, None, None, method="none", basis="theirs")
+
+
+# --------------------------------------------------------------------------------------------- basis tags
+def _count_alignments(monkeypatch):
+    """Count the models activation matching computes statistics for (the neighbours it aligns)."""
+    from dimat import stats
+
+    calls = []
+    real = stats.collect_correlations
+
+    def counting(models, *a, **k):
+        calls.append(len(models) - 1)
+        return real(models, *a, **k)
+
+    monkeypatch.setattr(stats, "collect_correlations", counting)
+    return calls
+
+
+def _ring_round(ns, r):
+    for n in ns:
+        n.post(r)
+    return [n.merge_round(r) for n in ns]
+
+
+def test_shared_basis_tags_spread_from_the_lowest_rank_and_stop_the_alignments(monkeypatch):
+    topo = Topology.build("ring", 5)
+    ts = make_inproc([topo.neighbors(k) for k in range(5)])
+    ns = [Node(bn_net(k), topo, k, ts[k], batches(3, seed=k), method="dimat", basis="shared") for k in range(5)]
+    calls = _count_alignments(monkeypatch)
+    # Round 0: everyone aligns both neighbours; agents 0, 1 and 4 see tag 0, agents 2 and 3 the tags 1 and 2.
+    # Round 1: agent 1 aligns agent 2's model, agents 2 and 3 align two models each, agent 4 aligns agent 3's.
+    expected_tags = [[0, 0, 1, 2, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]
+    expected_aligned = [2 * 5, 1 + 2 + 2 + 1, 0]
+    for r, (tags, aligned) in enumerate(zip(expected_tags, expected_aligned)):
+        calls.clear()
+        _ring_round(ns, r)
+        assert [n.basis_tag for n in ns] == tags, r
+        assert sum(calls) == aligned, r
+
+
+def test_shared_basis_merge_of_same_tag_models_is_the_weighted_average():
+    # Two agents already in basis 0: the merge averages them as they are (then resets BatchNorm), even though
+    # activation matching on these batches would pick some other permutation of two unrelated models.
+    topo = Topology.build("fc", 2)
+    ts = make_inproc([topo.neighbors(k) for k in range(2)])
+    probe = batches(2, seed=3)
+    ns = [Node(bn_net(k), topo, k, ts[k], probe, method="dimat", basis="shared") for k in range(2)]
+    for n in ns:
+        n.basis_tag = 0
+    want = merge.average([ns[0].model, ns[1].model], [0.5, 0.5], batches=probe, reset_bn=True)
+    aligned = merge.activation_match([ns[0].model, ns[1].model], [0.5, 0.5], batches=probe)
+    assert any(not torch.equal(a, b) for a, b in zip(want.state_dict().values(), aligned.state_dict().values()))
+    _ring_round(ns, 0)
+    for name, t in want.state_dict().items():
+        torch.testing.assert_close(ns[0].model.state_dict()[name], t)
+        torch.testing.assert_close(ns[1].model.state_dict()[name], t)
+
+
+class _Tamper(Transport):
+    """Wraps a transport and rewrites the basis tag of every snapshot it delivers."""
+
+    def __init__(self, inner, tag):
+        self.inner, self.tag = inner, tag
+
+    def post(self, round, snapshot):
+        self.inner.post(round, snapshot)
+
+    def collect(self, round):
+        from dimat.node import BASIS_KEY
+
+        out = {}
+        for j, snap in self.inner.collect(round).items():
+            snap = {k: v for k, v in snap.items() if k != BASIS_KEY}
+            if self.tag is not None:
+                snap[BASIS_KEY] = self.tag
+            out[j] = snap
+        return out
+
+    bytes_sent = property(lambda self: self.inner.bytes_sent)
+    bytes_received = property(lambda self: self.inner.bytes_received)
+
+
+@pytest.mark.parametrize("tag", [None, torch.tensor(-1), torch.tensor(7), torch.tensor(0.0), torch.tensor([0, 0])])
+def test_a_snapshot_without_a_valid_tag_is_aligned(monkeypatch, caplog, tag):
+    topo = Topology.build("fc", 2)
+    ts = make_inproc([topo.neighbors(k) for k in range(2)])
+    probe = batches(2, seed=3)
+    n0 = Node(bn_net(1), topo, 0, _Tamper(ts[0], tag), probe, method="dimat", basis="shared")
+    n1 = Node(bn_net(2), topo, 1, ts[1], probe, method="dimat", basis="shared")
+    n0.basis_tag = n1.basis_tag = 0  # same tag on both sides: a valid tag would skip the alignment
+    calls = _count_alignments(monkeypatch)
+    n1.post(0)
+    with caplog.at_level("WARNING"):
+        n0.merge_round(0)
+    assert calls == [1]
+    assert n0.basis_tag == 0
+    assert (tag is None) == ("basis tag" not in caplog.text)
+
+
+def test_checkpoints_keep_the_basis_tag(tmp_path):
+    from dimat.loop import agent_state, restore_agent
+
+    topo = Topology.build("ring", 3)
+    ts = make_inproc([topo.neighbors(k) for k in range(3)])
+    ns = [Node(bn_net(k), topo, k, ts[k], batches(2, seed=k), method="dimat", basis="shared") for k in range(3)]
+    _ring_round(ns, 0)
+
+    class A:  # the two fields agent_state / restore_agent read besides the model
+        def __init__(self, node):
+            self.node, self.rank, self.optimizer = node, node.rank, None
+            self.generator = torch.Generator()
+            self.model = node.model
+
+    saved = agent_state(A(ns[2]), 0)
+    assert saved["basis_tag"] == ns[2].basis_tag == 0
+    fresh = Node(bn_net(9), topo, 2, ts[2], None, method="dimat", basis="shared")
+    assert fresh.basis_tag == 2
+    restore_agent(A(fresh), saved)
+    assert fresh.basis_tag == 0

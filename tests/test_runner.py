@@ -113,6 +113,19 @@ def test_resume_equals_uninterrupted(tmp_path, keep):
     assert no_timings(got) == no_timings(want)
 
 
+def test_resume_with_shared_basis_restores_the_tags(tmp_path):
+    # Ring of 4, 2 agents per tag after round 0: a resume that forgot the tags would align other models in round 1.
+    cfg = tiny(agents=4, rounds=3, merge__method="dimat", merge__basis="shared", merge__bn_batches=None)
+    full = run(cfg, tmp_path / "full", quiet=True)
+    assert run(cfg, tmp_path / "cut", quiet=True, stop_after_round=0) is None
+    resumed = run(cfg, tmp_path / "cut", resume=True, quiet=True)
+    full.pop("wall_s"), resumed.pop("wall_s")
+    assert resumed == full
+    tags = [torch.load(tmp_path / "cut" / "checkpoints" / f"agent-{k}.pt", weights_only=True)["basis_tag"]
+            for k in range(4)]
+    assert tags == [0, 0, 0, 0]
+
+
 def test_resume_from_nothing_starts_over(tmp_path):
     cfg = tiny(rounds=2)
     out = tmp_path / "r"
