@@ -223,22 +223,22 @@ class Node:
         return int(t)
 
     def _order(self, ranks: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]]
-               ) -> tuple[List[int], List[int]]:
-        """Participants with the reference first, and the positions (>= 1) already in the reference's basis."""
+               ) -> tuple[List[int], List[int], int]:
+        """Participants with the reference first, the positions (>= 1) already in the reference's basis, and the
+        reference's tag (the merged model's)."""
         if self.basis != "shared":
-            return list(ranks), []
+            return list(ranks), [], self.basis_tag
         tags = {j: self.basis_tag if j == self.rank else self._tag_of(j, snapshots[j]) for j in ranks}
         ref = min(t for t in tags.values() if t is not None)  # own tag is always valid
         # The reference's holder: this agent if it carries the reference tag, else the lowest such rank.
         order = sorted(ranks, key=lambda j: (tags[j] != ref, j != self.rank, j))
-        self.basis_tag = ref
-        return order, [i for i, j in enumerate(order) if i > 0 and tags[j] == ref]
+        return order, [i for i, j in enumerate(order) if i > 0 and tags[j] == ref], ref
 
     @torch.no_grad()
     def _merge(self, ranks: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]],
                weights: Dict[int, float]) -> None:
         # The operator aligns every model to the first one it is given.
-        order, same = self._order(ranks, snapshots)
+        order, same, tag = self._order(ranks, snapshots)
         models = [self.model if j == self.rank else self._neighbor_model(snapshots[j]) for j in order]
         own_reset = self.reset_bn and self.bn_batches is not None  # a separate batch budget for the BN reset
         kw = {"same_basis": same} if same else {}
@@ -247,3 +247,4 @@ class Node:
         if own_reset and self.batches is not None:
             merge_ops.reset_bn_stats(merged, self.batches, self.bn_batches)
         self.model.load_state_dict(merged.state_dict())
+        self.basis_tag = tag  # only once the merged model is in place
