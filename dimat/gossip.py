@@ -51,7 +51,7 @@ from dimat import baselines, checkpoint
 from dimat.baselines import Rule, RuleState
 from dimat.loop import Agent, _evaluate, _record, _seed_phase, agent_state, pretrain
 from dimat.metrics import MetricsWriter
-from dimat.train import _flip
+from dimat.train import shuffled_batches
 
 __all__ = ["METHODS", "handles", "make_rule", "rule_states", "steps_per_epoch", "StepStats", "cross_entropy", "gossip_steps",
            "run_gossip_round", "build_agents", "drive"]
@@ -103,14 +103,7 @@ def _batches(agent: Agent, batch_size: int, flip: bool) -> Iterator[Tuple[torch.
     if len(y) == 0:
         while True:
             yield None
-    while True:
-        order = torch.randperm(len(y), generator=agent.generator)
-        for i in range(0, len(y), batch_size):
-            idx = order[i : i + batch_size]
-            xb = x[idx]
-            if flip and xb.dim() == 4:
-                xb = _flip(xb, agent.generator)
-            yield xb, y[idx]
+    yield from shuffled_batches(x, y, batch_size, agent.generator, flip=flip)
 
 
 @dataclass

@@ -6,13 +6,13 @@ that a run (and a resumed run) is reproducible.
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["make_optimizer", "optimizer_factory", "train_epochs", "evaluate"]
+__all__ = ["make_optimizer", "optimizer_factory", "shuffled_batches", "train_epochs", "evaluate"]
 
 #: momentum of the ``msgd`` optimizer
 MSGD_MOMENTUM = 0.9
@@ -41,6 +41,28 @@ def _flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
 
+def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
+                     flip: bool = False, passes: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``(x, y)``: pass after pass over the samples, each pass in a fresh random order.
+
+    Parameters
+    ----------
+    generator : the agent's RNG: it alone decides the orders and the flips, so runs (and resumed runs) repeat.
+    flip : mirror a random half of every batch of images (N, C, H, W) left-right.
+    passes : how many passes; None for an endless stream.
+    """
+    done = 0
+    while passes is None or done < passes:
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            xb = x[idx]
+            if flip and xb.dim() == 4:
+                xb = _flip(xb, generator)
+            yield xb, y[idx]
+        done += 1
+
+
 def train_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -65,19 +87,13 @@ def train_epochs(
     device = next(model.parameters()).device
     model.train()
     total, count = 0.0, 0
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for i in range(0, len(x), batch_size):
-            idx = order[i : i + batch_size]
-            xb, yb = x[idx], y[idx]
-            if flip and xb.dim() == 4:
-                xb = _flip(xb, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-            count += 1
+    for xb, yb in shuffled_batches(x, y, batch_size, generator, flip=flip, passes=epochs):
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        count += 1
     return total / count if count else float("nan")
 
 
