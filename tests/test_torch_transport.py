@@ -45,22 +45,22 @@ def _plain(snapshots):
     return {j: {k: (str(v.dtype), v.tolist()) for k, v in s.items()} for j, s in snapshots.items()}
 
 
-def _exchange(rank, world, port):
-    """Rounds 0-1 exact, round 2 in fp16 over the same group, round 3 with a NaN from rank 1."""
+def _exchange(rank, world, port, **kw):
+    """Rounds 0-1 exact, round 2 in fp16 over the same group, round 3 with a NaN from rank 1 (in its last float)."""
     t = TorchTransport(rank, RING4[rank], world_size=world, master_addr="127.0.0.1", master_port=port,
-                       timeout_s=TIMEOUT_S)
+                       timeout_s=TIMEOUT_S, **kw)
     try:
         out = []
         for r in range(2):
             t.post(r, _snap(rank, r))
             out.append(_plain(t.collect(r)))
         sent, received = t.bytes_sent, t.bytes_received
-        half = TorchTransport(rank, RING4[rank], timeout_s=TIMEOUT_S, compress="fp16")  # reuses the group
+        half = TorchTransport(rank, RING4[rank], timeout_s=TIMEOUT_S, compress="fp16", **kw)  # reuses the group
         half.post(2, _snap(rank, 2))
         out.append(_plain(half.collect(2)))
         bad = _snap(rank, 3)
         if rank == 1:
-            bad["w"][0, 0] = float("nan")
+            bad["w"][-1, -1] = float("nan")
         t.post(3, bad)
         nan_round = (sorted(t.collect(3)), list(t.rejected))
         half.close()
@@ -82,7 +82,12 @@ def _from_env(rank, world, port):
         t.close()
 
 
-_SCENARIOS = {"exchange": _exchange, "env": _from_env}
+def _exchange_in_small_segments(rank, world, port):
+    """The same, in 64-byte gloo messages: every snapshot spans a dozen segments, the NaN lies in a late one."""
+    return _exchange(rank, world, port, segment_bytes=64)
+
+
+_SCENARIOS = {"exchange": _exchange, "segments": _exchange_in_small_segments, "env": _from_env}
 
 
 def _spawn(scenario, world):
@@ -108,8 +113,9 @@ def _spawn(scenario, world):
     return results
 
 
-def test_ring_of_four_exchanges_with_neighbours_only_exact_fp16_and_refuses_nan():
-    results = _spawn("exchange", 4)
+@pytest.mark.parametrize("scenario", ["exchange", "segments"])
+def test_ring_of_four_exchanges_with_neighbours_only_exact_fp16_and_refuses_nan(scenario):
+    results = _spawn(scenario, 4)
     for rank, (rounds, sent, received, half_received, (nan_got, nan_rejected)) in results.items():
         for r in (0, 1):
             assert sorted(rounds[r]) == sorted(RING4[rank])
@@ -142,6 +148,9 @@ def test_bad_input_without_a_group(monkeypatch):
         TorchTransport(0, [1], backend="mpi")
     with pytest.raises(ValueError, match="timeout_s"):
         TorchTransport(0, [1], timeout_s=0)
+    for bad in (0, 12, 64.0):
+        with pytest.raises(ValueError, match="segment_bytes must be a positive multiple of 8"):
+            TorchTransport(0, [1], segment_bytes=bad)
     monkeypatch.setenv("RANK", "3")
     with pytest.raises(ValueError, match="RANK=3"):
         TorchTransport(0, [1], world_size=4, master_addr="127.0.0.1", master_port=1)

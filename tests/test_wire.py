@@ -246,3 +246,77 @@ def test_check_finite_finds_one_bad_value_in_every_float_dtype(dtype, bad):
 def test_check_finite_accepts_large_values_whose_sum_overflows():
     wire.check_finite({"f32": torch.full((10,), 3e38), "f16": torch.full((10,), 60000.0).half(),
                        "ints": torch.tensor([2 ** 62, 2 ** 62])})
+
+
+def _ranges(total, step):
+    return [(a, min(a + step, total)) for a in range(0, total, step)]
+
+
+@pytest.mark.parametrize("compress", [None, "fp16", "bf16"])
+@pytest.mark.parametrize("step", [8, 24, 64, 1 << 20])
+def test_pack_range_piece_by_piece_equals_pack(compress, step):
+    snap = _snapshot()
+    layout = wire.layout_of(snap, compress)
+    whole = wire.pack(snap, layout)
+    pieces = torch.zeros(layout.payload_bytes, dtype=torch.uint8)  # padding: zero, as in a buffer pack makes
+    flat = {}
+    for start, end in _ranges(layout.payload_bytes, step):
+        wire.pack_range(snap, layout, pieces, start, end, flat)
+    assert torch.equal(pieces, whole)
+    assert flat["fc.weight"].is_contiguous()  # the non-contiguous tensor was flattened once, then reused
+
+
+def test_pack_range_writes_only_its_range_and_refuses_cut_items():
+    snap = {"a": torch.arange(8, dtype=torch.float64), "b": torch.arange(4, dtype=torch.float32)}
+    layout = wire.layout_of(snap)
+    out = torch.zeros(layout.payload_bytes, dtype=torch.uint8)
+    wire.pack_range(snap, layout, out, 16, 40)
+    got = out[:64].view(torch.float64)
+    assert got.tolist() == [0, 0, 2, 3, 4, 0, 0, 0]
+    with pytest.raises(ValueError, match="8-byte boundaries"):
+        wire.pack_range(snap, layout, out, 4, 16)
+    with pytest.raises(ValueError, match="8-byte boundaries"):
+        wire.pack_range(snap, layout, out, 0, 12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_check_finite_range_finds_a_bad_value_only_in_the_range_holding_it(dtype):
+    snap = {"ints": torch.arange(6), "ok": torch.ones(50, dtype=dtype), "x": torch.ones(1000, dtype=dtype)}
+    snap["x"][617] = float("nan")
+    layout = wire.layout_of(snap)
+    payload = wire.pack(snap, layout)
+    x = next(e for e in layout.entries if e.name == "x")
+    bad_byte = x.offset + 617 * snap["x"].element_size()
+    step = 64
+    flagged = []
+    for start, end in _ranges(layout.payload_bytes, step):
+        try:
+            wire.check_finite_range(payload, layout, start, end)
+        except wire.WireError as e:
+            assert "'x' has non-finite" in str(e)
+            flagged.append(start)
+    assert flagged == [bad_byte // step * step]
+    wire.check_finite_range(payload, layout, 0, x.offset)  # everything before x is finite
+
+
+def test_check_finite_range_accepts_large_values_whose_sum_overflows():
+    snap = {"f32": torch.full((10,), 3e38), "f64": torch.full((4,), 1.7e308, dtype=torch.float64)}
+    layout = wire.layout_of(snap)
+    wire.check_finite_range(wire.pack(snap, layout), layout, 0, layout.payload_bytes)
+
+
+def test_entries_in_gives_the_tensors_a_byte_range_touches():
+    snap = {"a": torch.zeros(3), "empty": torch.zeros(0), "b": torch.zeros(2, dtype=torch.float64),
+            "c": torch.zeros(5, dtype=torch.int8)}
+    layout = wire.layout_of(snap)
+    offsets = {e.name: (e.offset, e.offset + e.nbytes) for e in layout.entries}
+
+    def names(start, end):
+        return [e.name for e in layout.entries_in(start, end)]
+
+    assert names(0, layout.payload_bytes) == ["a", "b", "c"]
+    assert names(0, 1) == ["a"]
+    assert names(offsets["a"][1] - 1, offsets["b"][0] + 1) == ["a", "b"]
+    assert names(offsets["b"][0], offsets["b"][1]) == ["b"]
+    assert names(offsets["c"][0], layout.payload_bytes) == ["c"]
+    assert names(layout.payload_bytes, layout.payload_bytes + 8) == []

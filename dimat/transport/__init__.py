@@ -23,7 +23,8 @@ _GRPC_KEYS = ("listen", "compress", "deadline_s", "connect_timeout_s", "retry_in
               "retry_multiplier", "chunk_bytes", "max_snapshot_bytes", "max_header_bytes", "max_clock_skew_s",
               "inbox_rounds")
 #: Config keys passed to the torch.distributed transport (``timeout_s`` defaults to ``deadline_s``).
-_TORCH_KEYS = ("backend", "timeout_s", "compress", "world_size", "master_addr", "master_port", "reuse_buffers")
+_TORCH_KEYS = ("backend", "timeout_s", "compress", "world_size", "master_addr", "master_port", "reuse_buffers",
+               "segment_bytes")
 
 #: Environment variable holding the shared secret when the config names neither ``secret`` nor ``secret_file``.
 SECRET_ENV = "DIMAT_SECRET"

@@ -21,6 +21,8 @@ copying (:func:`unpack`) and refuses non-finite values (:func:`check_finite`). E
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import hmac
 import os
@@ -107,6 +109,19 @@ class Layout:
     def fingerprint(self) -> bytes:
         """SHA-256 over the ordered ``(name, dtype, shape)`` triples (independent of compression)."""
         return fingerprint(self.entries)
+
+    @functools.cached_property
+    def _ends(self) -> List[int]:
+        return [e.offset + e.nbytes for e in self.entries]
+
+    def entries_in(self, start: int, end: int) -> Iterator[Entry]:
+        """The entries with payload bytes in ``start`` to ``end``, in order (a bisection, not a scan)."""
+        for i in range(bisect.bisect_right(self._ends, start), len(self.entries)):
+            e = self.entries[i]
+            if e.offset >= end:
+                return
+            if e.nbytes:
+                yield e
 
     @property
     def full_bytes(self) -> int:
@@ -268,6 +283,31 @@ def pack(snapshot: Mapping[str, torch.Tensor], layout: Layout,
     return out
 
 
+def pack_range(snapshot: Mapping[str, torch.Tensor], layout: Layout, out: torch.Tensor, start: int, end: int,
+               flat: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Write payload bytes ``start`` to ``end`` into ``out`` (the whole payload buffer), as :func:`pack` would.
+
+    ``start`` and ``end`` must fall on item boundaries of the tensors they cut (any multiple of 8 does). ``flat``
+    caches each tensor's flattened form between calls, so that packing a non-contiguous tensor segment by
+    segment flattens it once; pass the same dict for every range of one snapshot.
+    """
+    if start % ALIGN or (end % ALIGN and end != layout.payload_bytes):
+        raise ValueError(f"range {start}..{end} is not on {ALIGN}-byte boundaries")
+    flat = {} if flat is None else flat
+    for e in layout.entries_in(start, end):
+        lo, hi = max(start, e.offset), min(end, e.offset + e.nbytes)
+        if e.name not in flat:
+            flat[e.name] = snapshot[e.name].detach().reshape(-1)
+        src = flat[e.name]
+        if src.device.type == "cpu" and out.device.type == "cpu" and src.dtype == DTYPES[e.wire_dtype]:
+            # numpy copies on the calling thread; a torch copy of one segment would wake the intra-op thread
+            # pool, whose spinning threads then compete with the transport's own I/O threads for the cores.
+            np.copyto(out[lo:hi].numpy(), src.view(torch.uint8)[lo - e.offset:hi - e.offset].numpy())
+        else:
+            size = itemsize(e.wire_dtype)
+            out.narrow(0, lo, hi - lo).view(DTYPES[e.wire_dtype]).copy_(src[(lo - e.offset) // size:(hi - e.offset) // size])
+
+
 def _view(buffer: torch.Tensor, e: Entry) -> torch.Tensor:
     return buffer.narrow(0, e.offset, e.nbytes).view(DTYPES[e.wire_dtype]).view(e.shape)
 
@@ -293,6 +333,29 @@ def check_finite(snapshot: Mapping[str, torch.Tensor]) -> None:
     for name, t in snapshot.items():
         if t.is_floating_point() and t.numel() and not _all_finite(t):
             raise WireError(f"tensor {name!r} has non-finite values")
+
+
+def check_finite_range(payload: torch.Tensor, layout: Layout, start: int, end: int) -> None:
+    """:func:`check_finite` over payload bytes ``start`` to ``end`` only (item boundaries, as :func:`pack_range`).
+
+    Lets a receiver check each part of a payload as it arrives. Compressed tensors are checked in their wire dtype,
+    which is finite exactly where the cast back is.
+    """
+    for e in layout.entries_in(start, end):
+        lo, hi = max(start, e.offset), min(end, e.offset + e.nbytes)
+        if DTYPES[e.wire_dtype].is_floating_point:
+            part = payload.narrow(0, lo, hi - lo).view(DTYPES[e.wire_dtype])
+            if not (_all_finite_np(part.numpy()) if part.dtype in _NUMPY_FLOATS else _all_finite(part)):
+                raise WireError(f"tensor {e.name!r} has non-finite values")
+
+
+#: Float dtypes checked with numpy on the calling thread (see :func:`pack_range` for why not torch).
+_NUMPY_FLOATS = (torch.float32, torch.float64)
+
+
+def _all_finite_np(a: np.ndarray) -> bool:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -538,7 +601,7 @@ def decode_frame(raw: bytes) -> Union[memoryview, pb.SnapshotHeader]:
 
 __all__ = [
     "ALIGN", "DTYPES", "COMPRESS", "WireError", "AuthError", "Entry", "Layout", "lay_out", "layout_of",
-    "fingerprint", "tensor_views", "iter_payload", "payload_sha256", "pack", "unpack", "check_finite",
+    "fingerprint", "tensor_views", "iter_payload", "payload_sha256", "pack", "pack_range", "unpack", "check_finite", "check_finite_range",
     "make_header", "header_auth_fields", "status_auth_fields", "sign", "Verifier", "layout_from_header",
     "check_against", "check_header", "Assembler", "encode_chunk", "encode_header", "decode_frame", "dtype_name",
 ]
