@@ -7,6 +7,7 @@ back through a queue read with a timeout, so a hung rank fails the test instead 
 import os
 import queue
 import socket
+import time
 import traceback
 
 import pytest
@@ -35,7 +36,9 @@ def _snap(rank, r):
 def _worker(rank, world, port, scenario, q):
     torch.set_num_threads(1)
     try:
-        q.put((rank, _SCENARIOS[scenario](rank, world, port)))
+        run = _SCENARIOS[scenario]
+        extra = (q,) if scenario == "dead" else ()
+        q.put((rank, run(rank, world, port, *extra)))
     except BaseException:
         q.put((rank, "error: " + traceback.format_exc()))
 
@@ -87,7 +90,33 @@ def _exchange_in_small_segments(rank, world, port):
     return _exchange(rank, world, port, segment_bytes=64)
 
 
-_SCENARIOS = {"exchange": _exchange, "segments": _exchange_in_small_segments, "env": _from_env}
+DEAD_TIMEOUT_S = 5
+
+
+def _neighbour_dies(rank, world, port, q):
+    """Round 0 goes through; then rank 1 exits without a word and rank 0 tries round 1."""
+    t = TorchTransport(rank, [1 - rank], world_size=world, master_addr="127.0.0.1", master_port=port,
+                       timeout_s=DEAD_TIMEOUT_S)
+    t.post(0, _snap(rank, 0))
+    first = sorted(t.collect(0))
+    if rank == 1:
+        q.put((rank, first))
+        q.close()
+        q.join_thread()
+        os._exit(0)
+    time.sleep(0.5)  # rank 1 is gone
+    start = time.monotonic()
+    try:
+        t.post(1, _snap(rank, 1))
+        t.collect(1)
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    return first, error, time.monotonic() - start
+
+
+_SCENARIOS = {"exchange": _exchange, "segments": _exchange_in_small_segments, "env": _from_env,
+              "dead": _neighbour_dies}
 
 
 def _spawn(scenario, world):
@@ -132,6 +161,15 @@ def test_ring_of_four_exchanges_with_neighbours_only_exact_fp16_and_refuses_nan(
             assert nan_rejected[-1][:2] == (3, 1) and "non-finite" in nan_rejected[-1][2]
         else:
             assert nan_got == sorted(RING4[rank]) and not nan_rejected
+
+
+def test_a_neighbour_that_dies_stops_the_exchange_with_a_clear_error_within_the_timeout():
+    results = _spawn("dead", 2)
+    assert results[1] == [0]
+    first, error, seconds = results[0]
+    assert first == [1]
+    assert error is not None and "round 1 failed" in error and "use the grpc transport" in error
+    assert seconds < DEAD_TIMEOUT_S + 10
 
 
 def test_initialised_from_torchrun_environment_through_create():
