@@ -115,8 +115,32 @@ def _neighbour_dies(rank, world, port, q):
     return first, error, time.monotonic() - start
 
 
+def _other_models(rank, world, port):
+    """Rank 0 keeps one model. Rank 1 sends, in turn: the same byte size in other shapes (round 0), rank 0's model
+    in other segment sizes (round 1), a larger model (rounds 2 and 3); each with a new transport on the group."""
+    def model(kind):
+        m = {"w": torch.full((20, 7), float(rank)), "b": torch.ones(7, dtype=torch.float64), "n": torch.tensor(0)}
+        if kind == "transposed":
+            m["w"] = torch.ones(7, 20)
+        if kind == "larger":
+            m["extra"] = torch.ones(100)
+        return m
+
+    plan = {0: ("transposed", 64), 1: ("same", 40), 2: ("larger", 64), 3: ("larger", 64)}
+    got = {}
+    for r, (kind, seg) in plan.items():
+        if rank == 0:
+            kind, seg = "same", 64
+        t = TorchTransport(rank, [1 - rank], world_size=world, master_addr="127.0.0.1", master_port=port,
+                           timeout_s=DEAD_TIMEOUT_S, segment_bytes=seg)
+        t.post(r, model(kind))
+        got[r] = {j: float(snap["w"].sum()) for j, snap in t.collect(r).items()}
+        got[r]["rejected"] = [reason for _, _, reason in t.rejected]
+    return got
+
+
 _SCENARIOS = {"exchange": _exchange, "segments": _exchange_in_small_segments, "env": _from_env,
-              "dead": _neighbour_dies}
+              "dead": _neighbour_dies, "models": _other_models}
 
 
 def _spawn(scenario, world):
@@ -170,6 +194,16 @@ def test_a_neighbour_that_dies_stops_the_exchange_with_a_clear_error_within_the_
     assert first == [1]
     assert error is not None and "round 1 failed" in error and "use the grpc transport" in error
     assert seconds < DEAD_TIMEOUT_S + 10
+
+
+def test_other_models_are_refused_with_a_reason_and_the_exchange_stays_in_step():
+    results = _spawn("models", 2)
+    for rank in (0, 1):
+        got = results[rank]
+        assert got[0] == {"rejected": ["round or architecture fingerprint differs from mine"]}  # same bytes
+        assert got[1] == {1 - rank: 140.0 * (1 - rank), "rejected": []}  # other segment sizes: received exactly
+        for r in (2, 3):  # another byte count: received in full, refused, and the next round still goes
+            assert list(got[r]) == ["rejected"] and "another model" in got[r]["rejected"][0]
 
 
 def test_initialised_from_torchrun_environment_through_create():

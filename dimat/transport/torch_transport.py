@@ -5,10 +5,13 @@ Every agent is one rank of one process group. ``post(r, snapshot)`` packs the sn
 fingerprint); each in-neighbour's buffer arrives in a buffer of the same size. Nothing is gathered over ranks
 that are not neighbours.
 
-On gloo the buffer travels in segments of :data:`SEGMENT_BYTES`: ``post`` packs one segment and starts sending it
-(``isend``) before packing the next, so the copy overlaps the transfer, and ``collect`` receives each segment into
-its place and waits for everything. On nccl (GPU buffers, where packing is cheap and unmatched sends may
-deadlock) ``collect`` runs one ``batch_isend_irecv`` of whole buffers.
+On gloo the prefix goes first, as a message of its own, then the payload in segments of :data:`SEGMENT_BYTES`:
+``post`` packs one segment and starts sending it (``isend``) before packing the next, so the copy overlaps the
+transfer, and ``collect`` receives each segment into its place and waits for everything. The receiver reads a
+neighbour's payload size and segment size from its prefix, so a neighbour with another model (another size) is
+received and refused instead of breaking the exchange (gloo aborts the process on a message longer than the
+buffer posted for it). On nccl (GPU buffers, where packing is cheap and unmatched sends may deadlock)
+``collect`` runs one ``batch_isend_irecv`` of whole buffers, and every rank must hold the same architecture.
 
 The exchange is synchronous: every rank must call ``collect(r)`` for the same rounds. A rank that dies or stalls
 makes its neighbours' ``collect`` fail once the process group's timeout (``timeout_s``) passes, and the process
@@ -31,8 +34,11 @@ from dimat.transport.base import Snapshot, Transport
 
 log = logging.getLogger("dimat.transport")
 
-#: Bytes before the payload in every flat buffer: the round (int64) and the first 8 bytes of the fingerprint.
-PREFIX_BYTES = 16
+#: Bytes before the payload in every flat buffer, four int64 fields: the round, the first 8 bytes of the
+#: fingerprint, the payload's size and the sender's segment size.
+PREFIX_BYTES = 32
+#: The prefix bytes that must equal mine: the round and the fingerprint.
+_MATCH_BYTES = 16
 
 #: Bytes per gloo message (a multiple of every item size). Smaller segments overlap packing and sending sooner
 #: but cost more messages: at 4 MiB a 400 MiB snapshot is 100 messages per neighbour.
@@ -154,7 +160,8 @@ class TorchTransport(Transport):
             self._send_buf = torch.zeros(PREFIX_BYTES + layout.payload_bytes, dtype=torch.uint8, device=self.device)
         assert self._send_buf is not None
         self._wait_sends(round)  # an earlier post's segments must be out before the buffer is rewritten
-        self._send_buf[:PREFIX_BYTES].copy_(_prefix(int(round), layout.fingerprint))
+        self._send_buf[:PREFIX_BYTES].copy_(_prefix(int(round), layout.fingerprint, layout.payload_bytes,
+                                                    self.segment_bytes))
         if self._segmented:
             if self.send_to:  # a rank that only receives has nothing to pack
                 self._pack_and_send(snapshot, layout, round)
@@ -167,10 +174,10 @@ class TorchTransport(Transport):
         payload = self._send_buf[PREFIX_BYTES:]
         flat: Dict[str, torch.Tensor] = {}
         try:
-            for k, (start, end) in enumerate(_segments(self._send_buf.numel(), self.segment_bytes)):
-                wire.pack_range(snapshot, layout, payload, max(0, start - PREFIX_BYTES), end - PREFIX_BYTES, flat)
-                segment = self._send_buf[start:end]
-                self._sends += [dist.isend(segment, j, tag=k) for j in self.send_to]
+            self._sends += [dist.isend(self._send_buf[:PREFIX_BYTES], j, tag=0) for j in self.send_to]
+            for k, (start, end) in enumerate(_segments(layout.payload_bytes, self.segment_bytes), start=1):
+                wire.pack_range(snapshot, layout, payload, start, end, flat)
+                self._sends += [dist.isend(payload[start:end], j, tag=k) for j in self.send_to]
         except Exception as e:
             raise self._failed(round, e) from e
 
@@ -204,15 +211,15 @@ class TorchTransport(Transport):
         except Exception as e:
             raise self._failed(round, e) from e
         self.bytes_sent += self._layout.payload_bytes * len(self.send_to)
-        expect = _prefix(int(round), self._layout.fingerprint).to(self.device)
+        expect = _prefix(int(round), self._layout.fingerprint, 0, 0)[:_MATCH_BYTES].to(self.device)
         out: Dict[int, Snapshot] = {}
         for j, buf in recv.items():
             self.bytes_received += size - PREFIX_BYTES
             try:
-                if not torch.equal(buf[:PREFIX_BYTES], expect):
-                    raise wire.WireError("round or architecture fingerprint differs from mine")
                 if j in refused:
                     raise wire.WireError(refused[j])
+                if not torch.equal(buf[:_MATCH_BYTES], expect):
+                    raise wire.WireError("round or architecture fingerprint differs from mine")
                 snap = wire.unpack(buf[PREFIX_BYTES:], self._layout)
                 if not self._segmented:  # segments were checked as they arrived
                     wire.check_finite(snap)
@@ -236,24 +243,45 @@ class TorchTransport(Transport):
             raise RuntimeError(f"rank {self.rank}: transport is closed")
 
     def _receive_segments(self, recv: Mapping[int, torch.Tensor], round: int) -> Dict[int, str]:
-        """Receive every neighbour's buffer segment by segment, checking each arrived segment for non-finite
-        values while the later ones are still in flight; returns the refusal reason per neighbour."""
+        """Receive every neighbour's prefix, then its payload segment by segment, checking each arrived segment
+        for non-finite values while the later ones are still in flight; returns the refusal reason per neighbour.
+
+        A payload of another size than mine is received into one scratch segment and thrown away, so that the
+        sender's messages are all matched and the exchange stays in step.
+        """
         assert self._layout is not None
-        segments = _segments(next(iter(recv.values())).numel(), self.segment_bytes) if recv else []
-        works = {j: [dist.irecv(buf[start:end], j, tag=k) for k, (start, end) in enumerate(segments)]
-                 for j, buf in recv.items()}
+        own = self._layout.payload_bytes
+        heads = {j: dist.irecv(buf[:PREFIX_BYTES], j, tag=0) for j, buf in recv.items()}
+        works: Dict[int, List[Tuple[Tuple[int, int], dist.Work]]] = {}
         refused: Dict[int, str] = {}
         for j, buf in recv.items():
+            heads[j].wait()
+            size, seg = _sizes(buf[:PREFIX_BYTES])
+            if not (seg > 0 and seg % wire.ALIGN == 0):
+                raise RuntimeError(f"rank {self.rank}: rank {j} sent a prefix with segment size {seg}")
+            if size != own:
+                refused[j] = f"payload of {size} bytes, mine has {own} (another model)"
+                self._drain(j, size, seg)
+                continue
             payload = buf[PREFIX_BYTES:]
-            for (start, end), w in zip(segments, works[j]):
+            works[j] = [((a, b), dist.irecv(payload[a:b], j, tag=k))
+                        for k, (a, b) in enumerate(_segments(size, seg), start=1)]
+        for j, parts in works.items():
+            payload = recv[j][PREFIX_BYTES:]
+            for (a, b), w in parts:
                 w.wait()
                 if j not in refused:
                     try:
-                        wire.check_finite_range(payload, self._layout, max(0, start - PREFIX_BYTES), end - PREFIX_BYTES)
+                        wire.check_finite_range(payload, self._layout, a, b)
                     except wire.WireError as e:
                         refused[j] = str(e)
         self._wait_sends(round)
         return refused
+
+    def _drain(self, sender: int, size: int, segment_bytes: int) -> None:
+        scratch = torch.empty(min(size, segment_bytes), dtype=torch.uint8)
+        for k, (a, b) in enumerate(_segments(size, segment_bytes), start=1):
+            dist.irecv(scratch[:b - a], sender, tag=k).wait()
 
     def _wait_sends(self, round: int) -> None:
         sends, self._sends = self._sends, []
@@ -274,9 +302,16 @@ def _segments(size: int, segment_bytes: int) -> List[Tuple[int, int]]:
     return [(a, min(a + segment_bytes, size)) for a in range(0, size, segment_bytes)]
 
 
-def _prefix(round: int, fingerprint: bytes) -> torch.Tensor:
-    raw = round.to_bytes(8, "little", signed=True) + fingerprint[:8]
+def _prefix(round: int, fingerprint: bytes, payload_bytes: int, segment_bytes: int) -> torch.Tensor:
+    raw = (round.to_bytes(8, "little", signed=True) + fingerprint[:8] + payload_bytes.to_bytes(8, "little")
+           + segment_bytes.to_bytes(8, "little"))
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _sizes(prefix: torch.Tensor) -> Tuple[int, int]:
+    """The payload size and segment size a prefix declares."""
+    raw = bytes(prefix.cpu().numpy())
+    return int.from_bytes(raw[16:24], "little"), int.from_bytes(raw[24:32], "little")
 
 
 def from_env(neighbors: Sequence[int], **kw) -> TorchTransport:
