@@ -300,7 +300,10 @@ def test_check_finite_range_finds_a_bad_value_only_in_the_range_holding_it(dtype
 
 
 def test_check_finite_range_accepts_large_values_whose_sum_overflows():
-    snap = {"f32": torch.full((10,), 3e38), "f64": torch.full((4,), 1.7e308, dtype=torch.float64)}
+    snap = {"f32": torch.full((10,), 3e38), "f64": torch.full((4,), 1.7e308, dtype=torch.float64),
+            "f16": torch.full((6,), torch.finfo(torch.float16).max, dtype=torch.float16),
+            "bf16": torch.full((6,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16),
+            "tiny": torch.full((3,), torch.finfo(torch.float16).tiny / 4, dtype=torch.float16)}  # subnormal
     layout = wire.layout_of(snap)
     wire.check_finite_range(wire.pack(snap, layout), layout, 0, layout.payload_bytes)
 

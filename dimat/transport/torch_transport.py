@@ -173,10 +173,16 @@ class TorchTransport(Transport):
         assert self._send_buf is not None
         payload = self._send_buf[PREFIX_BYTES:]
         flat: Dict[str, torch.Tensor] = {}
+        # Casting (compression) is fast only as one multi-threaded torch copy, so it packs everything first;
+        # a plain copy goes segment by segment, each one sent while the next is packed.
+        cast = any(e.wire_dtype != e.dtype for e in layout.entries)
         try:
+            if cast:
+                wire.pack(snapshot, layout, out=payload)
             self._sends += [dist.isend(self._send_buf[:PREFIX_BYTES], j, tag=0) for j in self.send_to]
             for k, (start, end) in enumerate(_segments(layout.payload_bytes, self.segment_bytes), start=1):
-                wire.pack_range(snapshot, layout, payload, start, end, flat)
+                if not cast:
+                    wire.pack_range(snapshot, layout, payload, start, end, flat)
                 self._sends += [dist.isend(payload[start:end], j, tag=k) for j in self.send_to]
         except Exception as e:
             raise self._failed(round, e) from e
