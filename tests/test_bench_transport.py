@@ -12,6 +12,9 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
     assert cli_main(["bench", "transport", "--transports", "tcp,pigeon"]) == 2
     assert "pigeon" in capsys.readouterr().err
     assert cli_main(["bench", "transport", "--repeats", "0"]) == 2
+    assert cli_main(["bench", "transport", "--model", "resnet9000"]) == 2
+    assert "--model: unknown model 'resnet9000'" in capsys.readouterr().err
+    assert cli_main(["bench", "transport", "--model", "mlp", "--classes", "0"]) == 2
 
 
 def test_tiny_run_writes_json_with_every_field(tmp_path):
@@ -25,3 +28,17 @@ def test_tiny_run_writes_json_with_every_field(tmp_path):
         assert set(r) >= {"transport", "mib", "gbps", "ratio_to_tcp", "peak_rss_mib"}
     assert rows[0]["ratio_to_tcp"] == 1.0
     assert "| grpc | 0.5 |" in (out / "transport.md").read_text()
+
+
+def test_a_zoo_model_snapshot_moves_with_its_own_size(tmp_path):
+    from dimat.bench.transport import model_snapshot
+
+    out = tmp_path / "bench"
+    assert cli_main(["bench", "transport", "--model", "cnn", "--width", "0.5", "--classes", "10",
+                     "--transports", "torch", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads((out / "transport.json").read_text())
+    nbytes = sum(t.numel() * t.element_size() for t in model_snapshot("cnn", 0.5, 10).values())
+    assert [r["transport"] for r in rows] == ["tcp", "torch"]
+    for r in rows:
+        assert r["model"] == "cnn" and abs(r["mib"] * (1 << 20) - nbytes) < 1e-6 and r["gbps"] > 0
+    assert f"| torch | {nbytes / (1 << 20):.1f} (cnn) |" in (out / "transport.md").read_text()

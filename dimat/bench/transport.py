@@ -1,6 +1,7 @@
 """``dimat bench transport``: snapshot throughput of gRPC and gloo against raw TCP, over loopback.
 
-For each snapshot size (MiB of float32 tensors) and each transport, two fresh processes are started: a sender
+For each snapshot size (MiB of float32 tensors, or one zoo model's state_dict with ``--model``) and each
+transport, two fresh processes are started: a sender
 and a receiver. The sender moves the snapshot ``--repeats`` times after one warm-up; a repeat's time runs from
 the sender's ``post`` to the receiver holding the validated snapshot (``collect`` returned), on the machine's
 monotonic clock, which both processes share. The median repeat is reported as Gbit/s and as a ratio to raw TCP
@@ -9,7 +10,7 @@ with each process's peak resident memory (VmHWM: everything the process ever hel
 the CPU seconds each process spent per transfer (all threads; less disturbed by busy shared cores than wall time).
 
 Printed as a Markdown table; with ``--out DIR`` also written to ``DIR/transport.json`` (a list of
-``{transport, mib, gbps, ratio_to_tcp, peak_rss_mib, seconds, cpu_s_sender, cpu_s_receiver,
+``{transport, mib, model, gbps, ratio_to_tcp, peak_rss_mib, seconds, cpu_s_sender, cpu_s_receiver,
 peak_rss_mib_sender, peak_rss_mib_receiver}``) and ``DIR/transport.md``.
 """
 
@@ -24,7 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 HELP = "gRPC and gloo snapshot throughput vs raw TCP over loopback, with peak memory per process"
 
@@ -38,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed transfers per case (median reported)")
     parser.add_argument("--compress", choices=["fp16", "bf16"], default=None, help="gRPC wire compression")
     parser.add_argument("--chunk-mib", type=float, default=1.0, help="gRPC chunk size in MiB")
+    parser.add_argument("--model", default=None,
+                        help="move a zoo model's state_dict (mlp, cnn, vgg16, resnet20, resnet50, or package.module:factory) "
+                             "instead of --sizes")
+    parser.add_argument("--width", type=float, default=1.0, help="the --model's width multiplier")
+    parser.add_argument("--classes", type=int, default=100, help="the --model's number of classes")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -72,6 +78,31 @@ def make_snapshot(mib: float, piece_mib: float = 32.0) -> Dict[str, "object"]:
         total -= n
         i += 1
     return snap
+
+
+#: What a benchmark moves: MiB of synthetic float32 tensors, or a zoo model ``(name, width, num_classes)``.
+Spec = Union[float, Tuple[str, float, int]]
+
+
+def model_snapshot(name: str, width: float = 1.0, num_classes: int = 100) -> Dict[str, "object"]:
+    """The state_dict of a freshly built zoo model (32x32 RGB inputs), seeded so both processes build the same."""
+    import torch
+
+    from dimat.models import build
+
+    torch.manual_seed(0)
+    return build(name, num_classes, width, 3, 32).state_dict()
+
+
+def snapshot_of(spec: Spec) -> Dict[str, "object"]:
+    return model_snapshot(*spec) if isinstance(spec, tuple) else make_snapshot(spec)
+
+
+def spec_mib(spec: Spec) -> float:
+    """The payload size of ``spec`` in MiB (a model's: the bytes of its state_dict's tensors)."""
+    if not isinstance(spec, tuple):
+        return float(spec)
+    return sum(t.numel() * t.element_size() for t in snapshot_of(spec).values()) / (1 << 20)
 
 
 # ------------------------------------------------------------------------------------------------- roles
@@ -119,10 +150,10 @@ def _tcp_sender(q, mib: float, rounds: int, port: int) -> None:
     q.put({"times": starts, "cpu": cpus, "cpu_end": time.process_time(), "rss": peak_rss_mib()})
 
 
-def _grpc_receiver(q, mib: float, rounds: int, opts: dict, acks) -> None:
+def _grpc_receiver(q, spec: Spec, rounds: int, opts: dict, acks) -> None:
     from dimat.transport.grpc_transport import GrpcTransport
 
-    template = make_snapshot(mib)  # the receiver's own model, as in a real agent
+    template = snapshot_of(spec)  # the receiver's own model, as in a real agent
     t = GrpcTransport(1, [0], {}, send_to=[], listen="127.0.0.1:0", template=template, deadline_s=600, **opts)
     try:
         q.put({"address": t.address})
@@ -140,10 +171,10 @@ def _grpc_receiver(q, mib: float, rounds: int, opts: dict, acks) -> None:
         t.close()
 
 
-def _grpc_sender(q, mib: float, rounds: int, opts: dict, address: str, acks) -> None:
+def _grpc_sender(q, spec: Spec, rounds: int, opts: dict, address: str, acks) -> None:
     from dimat.transport.grpc_transport import GrpcTransport
 
-    snap = make_snapshot(mib)
+    snap = snapshot_of(spec)
     t = GrpcTransport(0, [], {1: address}, send_to=[1], listen="127.0.0.1:0", deadline_s=600, **opts)
     try:
         starts, cpus = [], []
@@ -159,12 +190,12 @@ def _grpc_sender(q, mib: float, rounds: int, opts: dict, address: str, acks) -> 
         t.close()
 
 
-def _torch_role(q, mib: float, rounds: int, rank: int, port: int) -> None:
+def _torch_role(q, spec: Spec, rounds: int, rank: int, port: int) -> None:
     import torch.distributed as dist
 
     from dimat.transport.torch_transport import TorchTransport
 
-    snap = make_snapshot(mib)
+    snap = snapshot_of(spec)
     t = TorchTransport(rank, [0] if rank == 1 else [], send_to=[1] if rank == 0 else [], world_size=2,
                        master_addr="127.0.0.1", master_port=port, backend="gloo", timeout_s=600)
     try:
@@ -200,13 +231,17 @@ def _run(target: Callable, args: tuple, q) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def measure(transport: str, mib: float, repeats: int = 3, compress: Optional[str] = None,
+def measure(transport: str, mib: Spec, repeats: int = 3, compress: Optional[str] = None,
             chunk_mib: float = 1.0, timeout_s: float = 600.0) -> dict:
-    """Move a ``mib`` MiB snapshot ``repeats`` (+1 warm-up) times between two fresh processes.
+    """Move a ``mib`` MiB snapshot, or a zoo model's given as ``(name, width, num_classes)``, ``repeats`` (+1
+    warm-up) times between two fresh processes (raw TCP moves the same number of bytes).
 
-    Returns ``{transport, mib, gbps, seconds, peak_rss_mib, peak_rss_mib_sender, peak_rss_mib_receiver}``.
+    Returns ``{transport, mib, model, gbps, seconds, peak_rss_mib, peak_rss_mib_sender, peak_rss_mib_receiver}``
+    (``model`` is None for synthetic tensors).
     """
     import multiprocessing as mp
+
+    spec, mib = mib, spec_mib(mib)
 
     ctx = mp.get_context("spawn")
     rounds = repeats + 1
@@ -232,12 +267,12 @@ def measure(transport: str, mib: float, repeats: int = 3, compress: Optional[str
             # With a shared secret, as a deployment runs (its HMAC covers the header only: no cost per byte).
             opts = {"compress": compress, "chunk_bytes": int(chunk_mib * (1 << 20)), "secret": "bench"}
             acks = ctx.Queue()
-            start(_grpc_receiver, (mib, rounds, opts, acks), qr)
-            start(_grpc_sender, (mib, rounds, opts, get(qr)["address"], acks), qs)
+            start(_grpc_receiver, (spec, rounds, opts, acks), qr)
+            start(_grpc_sender, (spec, rounds, opts, get(qr)["address"], acks), qs)
         elif transport == "torch":
             port = free_port()
-            start(_torch_role, (mib, rounds, 0, port), qs)
-            start(_torch_role, (mib, rounds, 1, port), qr)
+            start(_torch_role, (spec, rounds, 0, port), qs)
+            start(_torch_role, (spec, rounds, 1, port), qr)
         else:
             raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
         sent, recv = get(qs), get(qr)
@@ -252,7 +287,8 @@ def measure(transport: str, mib: float, repeats: int = 3, compress: Optional[str
     # CPU seconds per transfer, each process (all its threads): a figure that shared cores disturb less.
     cpu_sender = (sent["cpu_end"] - sent["cpu"][1]) / repeats
     cpu_receiver = (recv["cpu"][-1] - recv["cpu"][0]) / repeats
-    return {"transport": transport, "mib": mib, "gbps": nbytes * 8 / med / 1e9, "seconds": med,
+    return {"transport": transport, "mib": mib, "model": spec[0] if isinstance(spec, tuple) else None,
+            "gbps": nbytes * 8 / med / 1e9, "seconds": med,
             "cpu_s_sender": cpu_sender, "cpu_s_receiver": cpu_receiver,
             "peak_rss_mib": max(sent["rss"], recv["rss"]), "peak_rss_mib_sender": sent["rss"],
             "peak_rss_mib_receiver": recv["rss"]}
@@ -262,7 +298,8 @@ def table(rows: List[dict]) -> str:
     lines = ["| transport | MiB | Gbit/s | ratio to TCP | s per snapshot | CPU s sender / receiver | "
              "peak RSS sender / receiver (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['transport']} | {r['mib']:g} | {r['gbps']:.2f} | {r['ratio_to_tcp']:.2f} | "
+        size = f"{r['mib']:.1f} ({r['model']})" if r.get("model") else f"{r['mib']:g}"
+        lines.append(f"| {r['transport']} | {size} | {r['gbps']:.2f} | {r['ratio_to_tcp']:.2f} | "
                      f"{r['seconds']:.3f} | {r['cpu_s_sender']:.3f} / {r['cpu_s_receiver']:.3f} | "
                      f"{r['peak_rss_mib_sender']:.0f} / {r['peak_rss_mib_receiver']:.0f} |")
     return "\n".join(lines)
@@ -283,14 +320,24 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--sizes: sizes must be positive MiB, got {args.sizes!r}")
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    specs: List[Spec] = list(sizes)
+    if args.model is not None:
+        if not (args.width > 0 and args.classes >= 1):
+            raise UserError(f"--width must be > 0 and --classes >= 1, got {args.width} and {args.classes}")
+        specs = [(args.model, args.width, args.classes)]
+        try:
+            spec_mib(specs[0])  # builds it once here, so that a bad name fails before any process starts
+        except UserError as e:
+            raise UserError(f"--model: {e}") from None
     if "tcp" not in names:
         names = ["tcp"] + names  # every ratio needs the TCP figure of the same run
     rows = []
-    for mib in sizes:
+    for spec in specs:
         tcp = None
         for name in names:
-            print(f"measuring {name} {mib:g} MiB ...", file=sys.stderr, flush=True)
-            row = measure(name, mib, args.repeats, compress=args.compress, chunk_mib=args.chunk_mib)
+            what = f"{spec[0]} x{spec[1]:g}" if isinstance(spec, tuple) else f"{spec:g} MiB"
+            print(f"measuring {name} {what} ...", file=sys.stderr, flush=True)
+            row = measure(name, spec, args.repeats, compress=args.compress, chunk_mib=args.chunk_mib)
             if name == "tcp":
                 tcp = row["gbps"]
             row["ratio_to_tcp"] = row["gbps"] / tcp
