@@ -64,7 +64,8 @@ def test_flip_ignores_flat_features():
         assert torch.equal(xb, x[yb])
 
 
-@pytest.mark.parametrize("name, kind", [("sgd", torch.optim.SGD), ("msgd", torch.optim.SGD), ("adam", torch.optim.Adam)])
+@pytest.mark.parametrize("name, kind", [("sgd", torch.optim.SGD), ("msgd", torch.optim.SGD),
+                                        ("adam", torch.optim.Adam)])
 def test_optimizers(name, kind):
     opt = optimizer_factory(name, 0.1, weight_decay=0.01)(nn.Linear(2, 2))
     assert isinstance(opt, kind)

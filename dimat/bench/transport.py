@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compress", choices=["fp16", "bf16"], default=None, help="gRPC wire compression")
     parser.add_argument("--chunk-mib", type=float, default=1.0, help="gRPC chunk size in MiB")
     parser.add_argument("--model", default=None,
-                        help="move a zoo model's state_dict (mlp, cnn, vgg16, resnet20, resnet50, or package.module:factory) "
-                             "instead of --sizes")
+                        help="move a zoo model's state_dict instead of --sizes (mlp, cnn, vgg16, resnet20, resnet50, "
+                             "or package.module:factory)")
     parser.add_argument("--width", type=float, default=1.0, help="the --model's width multiplier")
     parser.add_argument("--classes", type=int, default=100, help="the --model's number of classes")
 

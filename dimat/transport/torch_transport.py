@@ -1,8 +1,8 @@
 """torch.distributed transport: neighbour-only point-to-point exchange over gloo (CPU) or nccl (CUDA).
 
 Every agent is one rank of one process group. ``post(r, snapshot)`` packs the snapshot into one flat uint8 buffer
-(:func:`dimat.transport.wire.pack`, behind a 16-byte prefix carrying the round and the architecture
-fingerprint); each in-neighbour's buffer arrives in a buffer of the same size. Nothing is gathered over ranks
+(:func:`dimat.transport.wire.pack`, behind a 32-byte prefix carrying the round, the architecture fingerprint, the
+payload size and the segment size); each in-neighbour's buffer arrives in a buffer of the same size. Nothing is gathered over ranks
 that are not neighbours.
 
 On gloo the prefix goes first, as a message of its own, then the payload in segments of :data:`SEGMENT_BYTES`:
@@ -62,8 +62,8 @@ class TorchTransport(Transport):
     device : where buffers live; default ``cuda:LOCAL_RANK`` for nccl, else CPU.
     timeout_s : process-group timeout in seconds: the longest a ``collect`` waits for a neighbour.
     compress : None, ``"fp16"`` or ``"bf16"``: cast float32/float64 tensors for the wire.
-    segment_bytes : bytes per gloo message (a positive multiple of 8; default :data:`SEGMENT_BYTES`). Both ends of
-        an exchange must use the same value.
+    segment_bytes : bytes per gloo message that I send (a positive multiple of 8; default :data:`SEGMENT_BYTES`).
+        Receivers follow the size each sender's prefix declares, so ranks may differ.
     reuse_buffers : receive into the same buffers every round, which saves allocating and page-faulting one
         payload per neighbour per round (about a third of the time of a loopback exchange). The snapshots
         ``collect`` returns then stay valid only until the next ``collect``: merge them (or clone them) before

@@ -299,14 +299,13 @@ def pack_range(snapshot: Mapping[str, torch.Tensor], layout: Layout, out: torch.
         if e.name not in flat:
             flat[e.name] = snapshot[e.name].detach().reshape(-1)
         src, wire = flat[e.name], DTYPES[e.wire_dtype]
-        size = itemsize(e.wire_dtype)
-        items = slice((lo - e.offset) // size, (hi - e.offset) // size)
         if src.device.type == "cpu" and out.device.type == "cpu" and src.dtype == wire:
             # numpy copies on the calling thread; a torch copy of one segment would wake the intra-op thread
             # pool, whose spinning threads then compete with the transport's own I/O threads for the cores.
             np.copyto(out[lo:hi].numpy(), src.view(torch.uint8)[lo - e.offset:hi - e.offset].numpy())
         else:  # a cast (compression) or another device: torch (numpy casts float32 to float16 ~10x slower)
-            out.narrow(0, lo, hi - lo).view(wire).copy_(src[items])
+            size = itemsize(e.wire_dtype)
+            out.narrow(0, lo, hi - lo).view(wire).copy_(src[(lo - e.offset) // size:(hi - e.offset) // size])
 
 
 def _view(buffer: torch.Tensor, e: Entry) -> torch.Tensor:
@@ -337,7 +336,8 @@ def check_finite(snapshot: Mapping[str, torch.Tensor]) -> None:
 
 
 def check_finite_range(payload: torch.Tensor, layout: Layout, start: int, end: int) -> None:
-    """:func:`check_finite` over payload bytes ``start`` to ``end`` only (item boundaries, as :func:`pack_range`).
+    """:func:`check_finite` over payload bytes ``start`` to ``end`` only (item boundaries, as :func:`pack_range`)
+    of a payload in CPU memory.
 
     Lets a receiver check each part of a payload as it arrives. Compressed tensors are checked in their wire dtype,
     which is finite exactly where the cast back is.
@@ -609,7 +609,8 @@ def decode_frame(raw: bytes) -> Union[memoryview, pb.SnapshotHeader]:
 
 __all__ = [
     "ALIGN", "DTYPES", "COMPRESS", "WireError", "AuthError", "Entry", "Layout", "lay_out", "layout_of",
-    "fingerprint", "tensor_views", "iter_payload", "payload_sha256", "pack", "pack_range", "unpack", "check_finite", "check_finite_range",
+    "fingerprint", "tensor_views", "iter_payload", "payload_sha256", "pack", "pack_range", "unpack", "check_finite",
+    "check_finite_range",
     "make_header", "header_auth_fields", "status_auth_fields", "sign", "Verifier", "layout_from_header",
     "check_against", "check_header", "Assembler", "encode_chunk", "encode_header", "decode_frame", "dtype_name",
 ]
