@@ -274,8 +274,6 @@ class GrpcTransport(Transport):
         self._lock = threading.Lock()
         self._closed = False
         self._inbox = _Inbox(inbox_rounds)
-        # sender -> the highest round it sent me anything for (late or refused included): who is alive
-        self._heard: Dict[int, int] = {}
         self._outgoing: Dict[int, _Outgoing] = {}
         self._round_deadline: Dict[int, float] = {}
         self._channels: Dict[int, grpc.Channel] = {}
@@ -353,28 +351,17 @@ class GrpcTransport(Transport):
 
         Waits until all of :attr:`neighbors` delivered or the deadline passes (``deadline_s`` after
         ``post(round)``, or after this call if ``round`` was not posted), then until my own round-``round`` sends
-        finish (same deadline). A neighbour I heard nothing from for the last round I collected (down, or not yet
-        back) is not waited for, neither its snapshot nor my send to it: its snapshot is taken if it is already
-        in, and once anything from it arrives again (even too late for a round) it is waited for as before. So
-        one dead agent costs its neighbours one deadline, not one per round, and their other neighbours do not
-        fall behind waiting for them. Afterwards snapshots for this round or older are refused as late.
+        finish (same deadline). Afterwards snapshots for this round or older are refused as late.
         """
         self._check_open()
         round = int(round)
         with self._lock:
             deadline = self._round_deadline.get(round, time.monotonic() + self.deadline_s)
-            absent = self._absent()
-        if absent:
-            log.info("agent %d round %d: not waiting for %s (nothing from them for round %d)", self.rank, round,
-                     sorted(absent), self._inbox.floor)
-        got = self._inbox.wait(round, [j for j in self.neighbors if j not in absent], deadline)
-        got.update(self._inbox.wait(round, sorted(absent), time.monotonic()))  # whatever is in already
+        got = self._inbox.wait(round, self.neighbors, deadline)
         with self._lock:
             out = self._outgoing.get(round)
         if out is not None:
-            for peer, f in zip(self.send_to, out.futures):
-                if peer in absent:
-                    continue
+            for f in out.futures:
                 try:
                     f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
                 except Exception:  # a send that overran its deadline; cancelled just below
@@ -399,13 +386,6 @@ class GrpcTransport(Transport):
         if missing:
             log.info("agent %d round %d: no snapshot from %s", self.rank, round, missing)
         return result
-
-    def _absent(self) -> set:
-        """Neighbours that sent nothing for the last collected round or later (none before the first collect)."""
-        floor = self._inbox.floor
-        if floor < 0:
-            return set()
-        return {j for j in self.neighbors if self._heard.get(j, -1) < floor}
 
     def close(self) -> None:
         """Stop serving, cancel sends in flight, close channels. Idempotent."""
@@ -560,8 +540,6 @@ class GrpcTransport(Transport):
                     context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
             if sender not in self.neighbors:
                 return refuse(f"sender {sender} is not a neighbour of agent {self.rank}")
-            with self._lock:
-                self._heard[sender] = max(self._heard.get(sender, -1), round)
             if round <= self._inbox.floor:
                 return refuse(f"late: round {round} arrived after round {self._inbox.floor} was collected")
             layout = wire.check_header(header, self._expected, self.max_snapshot_bytes)
