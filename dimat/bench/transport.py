@@ -17,6 +17,7 @@ peak_rss_mib_sender, peak_rss_mib_receiver}``) and ``DIR/transport.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -98,8 +99,10 @@ def snapshot_of(spec: Spec) -> Dict[str, "object"]:
     return model_snapshot(*spec) if isinstance(spec, tuple) else make_snapshot(spec)
 
 
+@functools.lru_cache(maxsize=None)
 def spec_mib(spec: Spec) -> float:
-    """The payload size of ``spec`` in MiB (a model's: the bytes of its state_dict's tensors)."""
+    """The payload size of ``spec`` in MiB (a model's: the bytes of its state_dict's tensors; built once per spec,
+    not once per transport measured)."""
     if not isinstance(spec, tuple):
         return float(spec)
     return sum(t.numel() * t.element_size() for t in snapshot_of(spec).values()) / (1 << 20)
