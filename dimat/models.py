@@ -3,7 +3,7 @@
 ``build(name, num_classes, width=1, in_channels=3, image_size=32)`` returns a freshly initialised model.
 ``width`` multiplies every hidden width (a float such as 0.5 is allowed); ``image_size`` is the side in
 pixels of the square input (use 1 for flat feature vectors, with ``in_channels`` the number of features).
-No model here holds permutation tables: the structure is derived by :mod:`dimat.permutation`.
+No model here holds permutation tables: the structure is derived by :mod:`dimat.merge.structure`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from dimat import merge, merge_repair, models, stats
+from dimat import merge, models
+from dimat.merge import matching, operators, repair, stats
 
 
 # --------------------------------------------------------------------------- hand-written permutations
@@ -252,7 +253,7 @@ def test_three_models_with_uneven_weights():
 
 def test_average_equals_activation_match_with_identity_permutations(monkeypatch):
     a, b, batches, _ = _pair("resnet20")
-    monkeypatch.setattr(stats, "match", lambda corr: torch.arange(corr.shape[0]))
+    monkeypatch.setattr(matching, "match", lambda corr: torch.arange(corr.shape[0]))
     for reset in (False, True):
         wa = merge.average([a, b], [0.3, 0.7], batches=batches, reset_bn=reset).state_dict()
         am = merge.activation_match([a, b], [0.3, 0.7], batches, reset_bn=reset).state_dict()
@@ -330,10 +331,10 @@ def test_reset_bn_stats_is_the_cumulative_average_and_restores_momentum():
 
 def test_groups_are_derived_once_per_architecture(monkeypatch):
     a, b, batches, _ = _pair("user_mlp")
-    merge._SPEC_CACHE.clear()
+    operators._SPEC_CACHE.clear()
     calls = []
-    real = merge.permutation.derive
-    monkeypatch.setattr(merge.permutation, "derive", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = operators.structure.derive
+    monkeypatch.setattr(operators.structure, "derive", lambda *a, **k: calls.append(1) or real(*a, **k))
     for _ in range(3):
         merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=False)
     assert len(calls) == 1
@@ -464,7 +465,7 @@ def test_activation_match_beats_average_on_independently_trained_cnns(digits_pai
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet20", "user_mlp", "user_conv_flat", "user_residual"])
 def test_the_correlations_alone_recover_the_permutation(kind, monkeypatch):
     # the parameter tie-break only separates units that never fire; these models have none on the batches
-    monkeypatch.setattr(merge, "_TIE_BREAK", 0.0)
+    monkeypatch.setattr(matching, "TIE_BREAK", 0.0)
     a, b, batches, probe = _pair(kind)
     merged = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=False)
     assert _rel(_logits(merged, probe), _logits(a, probe)) < 1e-4
@@ -474,13 +475,13 @@ def test_repair_gives_unbatchnormed_layers_the_endpoints_statistics(digits_pair)
     xtr, ytr, xte, yte, a, b = digits_pair
     batches = [xtr[i:i + 200] for i in range(0, 1400, 200)]
     fc1 = "classifier.1"
-    assert [n for n, _ in merge_repair.repair_layers(a, *merge.spec_for(a, batches[0]))] == [fc1]
+    assert [n for n, _ in repair.repair_layers(a, *merge.spec_for(a, batches[0]))] == [fc1]
     plain = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True, repair=False)
     fixed = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True, repair=True)
     # the endpoints' per-unit spread (units matched by sorting, which is permutation-free)
-    ends = [merge_repair.endpoint_stats(m, [fc1], batches)[fc1][1].sort().values for m in (a, b)]
+    ends = [repair.endpoint_stats(m, [fc1], batches)[fc1][1].sort().values for m in (a, b)]
     target = (ends[0] + ends[1]) / 2
-    got = {k: merge_repair.endpoint_stats(m, [fc1], batches)[fc1][1].sort().values for k, m in
+    got = {k: repair.endpoint_stats(m, [fc1], batches)[fc1][1].sort().values for k, m in
            (("plain", plain), ("fixed", fixed))}
     def off(v):
         return float((v - target).abs().mean() / target.mean())
@@ -535,7 +536,7 @@ def test_collected_correlations_match_numpy_at_every_site(bmm_limit, net, monkey
 
 def test_weight_match_without_batches_uses_an_example_or_an_earlier_derivation():
     a, b, batches, probe = _pair("user_residual")
-    merge._SPEC_CACHE.clear()
+    operators._SPEC_CACHE.clear()
     with pytest.raises(ValueError, match="needs batches or an example_input"):
         merge.weight_match([a, b], [0.5, 0.5])
     m1 = merge.weight_match([a, b], [0.5, 0.5], example_input=probe[:2], reset_bn=False)
@@ -547,10 +548,10 @@ def test_weight_match_without_batches_uses_an_example_or_an_earlier_derivation()
 def test_channels_last_fast_path_gives_the_same_merge(monkeypatch):
     a, b, batches, probe = _pair("resnet20")
     merge.spec_for(a, batches[0][0])
-    assert merge._channels_last(a, batches[0][0])  # resnet20 accepts channels-last inputs
+    assert operators._channels_last(a, batches[0][0])  # resnet20 accepts channels-last inputs
     fast = merge.activation_match([a, b], [0.4, 0.6], batches, reset_bn=True).state_dict()
-    monkeypatch.setattr(merge, "_channels_last", lambda model, example: False)
+    monkeypatch.setattr(operators, "_channels_last", lambda model, example: False)
     slow = merge.activation_match([a, b], [0.4, 0.6], batches, reset_bn=True).state_dict()
     for k in fast:
         assert torch.allclose(fast[k].float(), slow[k].float(), rtol=1e-4, atol=1e-5), k
-    assert not merge._accepts_channels_last(UserConvFlat(), torch.randn(2, 3, 8, 8))  # x.view(n, -1) raises
+    assert not operators._accepts_channels_last(UserConvFlat(), torch.randn(2, 3, 8, 8))  # x.view(n, -1) raises

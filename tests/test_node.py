@@ -255,7 +255,7 @@ def test_unknown_basis_is_refused():
 # --------------------------------------------------------------------------------------------- basis tags
 def _count_alignments(monkeypatch):
     """Count the models activation matching computes statistics for (the neighbours it aligns)."""
-    from dimat import stats
+    from dimat.merge import stats
 
     calls = []
     real = stats.collect_correlations

@@ -9,7 +9,7 @@ Three operators share one signature, ``fn(models, weights, batches=None, reset_b
 
 ``models[0]`` is always the agent's own model: the basis every neighbour is aligned to, and the source of integer
 buffers (``num_batches_tracked``). Each operator returns a NEW module; the inputs are never mutated. The groups of
-axes that may be permuted come from :func:`dimat.permutation.derive` (cached per architecture and input shape).
+axes that may be permuted come from :func:`dimat.merge.structure.derive` (cached per architecture and input shape).
 :data:`METHODS` maps config names to operators; :func:`get` looks one up.
 """
 
@@ -26,8 +26,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from dimat import merge_repair, permutation, stats
-from dimat.permutation import PermutationSpec
+from dimat.merge import matching, stats, structure
+from dimat.merge.repair import endpoint_stats, repair_layers, reset_and_repair
+from dimat.merge.structure import PermutationSpec
 
 __all__ = ["average", "weight_match", "activation_match", "reset_bn_stats", "spec_for", "METHODS", "get"]
 
@@ -272,10 +273,10 @@ def spec_for(model: nn.Module, example_input: torch.Tensor) -> Tuple[Permutation
         _SPEC_CACHE.move_to_end(key)
         return hit
     example = example_input[:2]
-    spec = permutation.derive(model, example)
+    spec = structure.derive(model, example)
     try:
         # traced in eval mode: code that tests self.training (functional dropout) must record the eval branch
-        graph = permutation.trace(copy.deepcopy(model).eval()).graph
+        graph = structure.trace(copy.deepcopy(model).eval()).graph
     except Exception:  # derive already warned; nothing is permuted
         graph = fx.Graph()
     _SPEC_CACHE[key] = (spec, graph)
@@ -316,7 +317,7 @@ def _channels_last(model: nn.Module, example: torch.Tensor) -> bool:
 
 def _repair_targets(models, w, perms_per_model, spec, graph, batches, stat_batches, cl=False):
     """Weighted per-channel output (mean, std) of the aligned endpoints, for layers that no BatchNorm follows."""
-    layers = merge_repair.repair_layers(models[0], spec, graph)
+    layers = repair_layers(models[0], spec, graph)
     if not layers:
         return {}
     device = _device_of(models[0])
@@ -326,7 +327,7 @@ def _repair_targets(models, w, perms_per_model, spec, graph, batches, stat_batch
         if wj <= 0:
             continue
         inputs = (_to(x, device, cl) for x in iter_inputs(batches, stat_batches))
-        found = merge_repair.endpoint_stats(model, names, inputs)
+        found = endpoint_stats(model, names, inputs)
         perms = perms_per_model[j - 1] if j > 0 else {}
         for name, gi in layers:
             mean, std = found[name]
@@ -352,7 +353,7 @@ def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, 
     """Apply the permutations, take the weighted sum, then reset BN statistics (and REPAIR) on the batches."""
     t = time.perf_counter()
     aligned = [states[0]] + [
-        permutation.apply_permutation(sd, spec, perms) if perms else sd
+        structure.apply_permutation(sd, spec, perms) if perms else sd
         for sd, perms in zip(states[1:], perms_per_model)
     ]
     merged = _new_model(models[0], _weighted_sum(aligned, w))
@@ -365,7 +366,7 @@ def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, 
         if targets:
             device = _device_of(merged)
             inputs = (_to(x, device, cl) for x in iter_inputs(batches, stat_batches))
-            merge_repair.reset_and_repair(merged, inputs, targets)
+            reset_and_repair(merged, inputs, targets)
         else:
             reset_bn_stats(merged, batches, stat_batches, channels_last=cl)
     if profile is not None:
@@ -382,29 +383,6 @@ def _first_input(batches: Batches) -> torch.Tensor:
             "the statistics and again for the BN reset; got a one-shot iterator"
         )
     return next(iter_inputs(batches, 1))
-
-
-#: weight of the parameter tie-break next to correlations in [-1, 1]: it only decides between units whose
-#: correlations tie, e.g. units that never fire on the statistics batches (correlation 0 with everything).
-_TIE_BREAK = 1e-6
-
-
-def _unit_distance(s0: Dict[str, torch.Tensor], sj: Dict[str, torch.Tensor], group) -> torch.Tensor:
-    """Normalised squared distance between units of two models by their per-unit 1-D tensors (biases, BN entries)."""
-    cols0, colsj = [], []
-    for a in group.axes:
-        t0 = s0[a.tensor]
-        if t0.dim() != 1 or a.block != 1 or not t0.is_floating_point():
-            continue
-        v0 = t0[a.offset: a.offset + a.units].detach().cpu().double()
-        vj = sj[a.tensor][a.offset: a.offset + a.units].detach().cpu().double()
-        scale = float(torch.cat([v0, vj]).std()) + 1e-12
-        cols0.append(v0 / scale)
-        colsj.append(vj / scale)
-    if not cols0:
-        return torch.zeros(group.size, group.size, dtype=torch.float64)
-    d = torch.cdist(torch.stack(cols0, 1), torch.stack(colsj, 1)) ** 2
-    return d / (float(d.max()) + 1e-30)
 
 
 def activation_match(
@@ -432,7 +410,7 @@ def activation_match(
     reset_bn : recompute BatchNorm running statistics of the result on the batches (momentum restored after).
     stat_batches : number of batches used for the statistics and the BN reset (None: all).
     repair : with ``reset_bn``, also apply the REPAIR variance correction to permuted conv/linear layers that no
-        BatchNorm follows (see :mod:`dimat.merge_repair`); costs one more forward pass per model, and only when
+        BatchNorm follows (see :mod:`dimat.merge.repair`); costs one more forward pass per model, and only when
         such layers exist.
     profile : optional dict that receives the seconds spent: ``stats_s``, ``assign_s``, ``apply_s``,
         ``bn_reset_s`` (BN reset and REPAIR).
@@ -461,7 +439,7 @@ def activation_match(
     perms: List[Dict[int, torch.Tensor]] = [{} for _ in models[1:]]
     for j, corr in zip(todo, corrs):
         perms[j - 1] = {
-            gi: stats.match(c - _TIE_BREAK * _unit_distance(states[0], states[j], spec.groups[gi]))
+            gi: matching.match(c - matching.TIE_BREAK * matching.unit_distance(states[0], states[j], spec.groups[gi]))
             for gi, c in corr.items()
         }
     if profile is not None:
@@ -470,65 +448,6 @@ def activation_match(
     return _merge_aligned(
         models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, graph, repair, cl
     )
-
-
-# ------------------------------------------------------------------------------------------ weight matching
-def _unit_rows(t: torch.Tensor, a: permutation.AxisSlice) -> torch.Tensor:
-    """The entries of tensor ``t`` owned by each unit of axis slice ``a``, one row per unit (float64)."""
-    x = t.movedim(a.axis, 0)[a.offset: a.offset + a.units * a.block]
-    return x.reshape(a.units, -1).double()
-
-
-def _permute_except(t: torch.Tensor, slices, perms: Dict[int, torch.Tensor], skip) -> torch.Tensor:
-    """``t`` with the current permutation of every group applied to its axes, except the axis slice ``skip``."""
-    for gi, a in slices:
-        if a == skip:
-            continue
-        p = perms[gi]
-        idx = torch.arange(t.shape[a.axis])
-        idx[a.offset: a.offset + a.units * a.block] = (
-            a.offset + p[:, None] * a.block + torch.arange(a.block)[None, :]
-        ).reshape(-1)
-        t = t.index_select(a.axis, idx)
-    return t
-
-
-def _weight_matching_perms(
-    s0: Dict[str, torch.Tensor],
-    sj: Dict[str, torch.Tensor],
-    spec: PermutationSpec,
-    groups: Sequence[int],
-    names: set,
-    max_sweeps: int = 100,
-    seed: int = 0,
-) -> Dict[int, torch.Tensor]:
-    """Git Re-Basin coordinate descent: per group, assign on sum over its axes of W0 Wj^T until no improvement."""
-    slices_of: Dict[str, List[Tuple[int, permutation.AxisSlice]]] = {}
-    for gi in groups:
-        for a in spec.groups[gi].axes:
-            if a.tensor in names:
-                slices_of.setdefault(a.tensor, []).append((gi, a))
-    perms = {gi: torch.arange(spec.groups[gi].size) for gi in groups}
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(max_sweeps):
-        improved = False
-        for k in torch.randperm(len(groups), generator=gen).tolist():
-            gi = groups[k]
-            n = spec.groups[gi].size
-            cost = torch.zeros(n, n, dtype=torch.float64)
-            for a in spec.groups[gi].axes:
-                if a.tensor not in names:
-                    continue
-                other = _permute_except(sj[a.tensor], slices_of[a.tensor], perms, a)
-                cost += _unit_rows(s0[a.tensor], a) @ _unit_rows(other, a).T
-            new = stats.match(cost)
-            ar = torch.arange(n)
-            if float(cost[ar, new].sum()) > float(cost[ar, perms[gi]].sum()) + 1e-12 * float(cost.abs().max()):
-                perms[gi] = new
-                improved = True
-        if not improved:
-            break
-    return perms
 
 
 def weight_match(
@@ -586,7 +505,7 @@ def weight_match(
     if spec.permutable:
         cpu = [{k: v.detach().cpu() for k, v in sd.items() if k in names} for sd in states]
         for j in todo:
-            perms[j - 1] = _weight_matching_perms(cpu[0], cpu[j], spec, spec.permutable, names)
+            perms[j - 1] = matching.weight_matching_perms(cpu[0], cpu[j], spec, spec.permutable, names)
     if profile is not None:
         profile["stats_s"] = 0.0
         profile["assign_s"] = time.perf_counter() - t

@@ -826,5 +826,5 @@ def derive(model: nn.Module, example_input: torch.Tensor, self_test: bool = True
                 notes.append(f"group {i} [{new[i].name}] failed the invariance self-test ({e:.2e}); frozen")
             spec = PermutationSpec(groups=tuple(new), warnings=tuple(notes))
     for n in notes:
-        warnings.warn(f"dimat.permutation: {n}", stacklevel=2)
+        warnings.warn(f"dimat.merge.structure: {n}", stacklevel=2)
     return spec

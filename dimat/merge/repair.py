@@ -18,8 +18,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from dimat.permutation import PermutationSpec
-from dimat.stats import eval_mode
+from dimat.merge.structure import PermutationSpec
+from dimat.merge.stats import eval_mode
 
 __all__ = ["repair_layers", "endpoint_stats", "reset_and_repair"]
 

@@ -1,4 +1,4 @@
-"""Tests for dimat.permutation: derived groups, the invariance self-test, freezing, apply_permutation, describe."""
+"""Tests for dimat.merge.structure: derived groups, the invariance self-test, freezing, apply_permutation, describe."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dimat import models
-from dimat.permutation import (
+from dimat.merge.structure import (
     INVARIANCE_TOL,
     AxisSlice,
     PermutationSpec,

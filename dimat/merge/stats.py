@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from dimat.permutation import PermutationSpec, Site
+from dimat.merge.structure import PermutationSpec, Site
 
 __all__ = ["CrossStats", "units_view", "unit_features", "site_module", "collect_correlations", "match", "eval_mode"]
 
@@ -245,13 +245,3 @@ def collect_correlations(
             count[gi] = count.get(gi, 0) + 1
         out.append({gi: c / count[gi] for gi, c in corr.items()})
     return out
-
-
-def match(corr: torch.Tensor) -> torch.Tensor:
-    """The permutation maximising the summed correlation: unit i of the basis takes neighbour unit ``perm[i]``."""
-    from scipy.optimize import linear_sum_assignment
-
-    rows, cols = linear_sum_assignment(np.asarray(corr.cpu(), dtype=np.float64), maximize=True)
-    perm = np.empty(len(rows), dtype=np.int64)
-    perm[rows] = cols
-    return torch.from_numpy(perm)

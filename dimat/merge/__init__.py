@@ -1,0 +1,52 @@
+"""The merge core: combine an agent's model with its neighbours' models into one new model.
+
+It knows nothing about transports. One module each, in the order a merge runs:
+
+* :mod:`dimat.merge.structure`: the permutation groups, derived from a trace of the model and checked by an
+  invariance self-test (:func:`derive`, :class:`PermutationSpec`, :func:`apply_permutation`);
+* :mod:`dimat.merge.stats`: streaming activation statistics at each group's sites;
+* :mod:`dimat.merge.matching`: linear assignment (activation or weight matching);
+* :mod:`dimat.merge.operators`: the merge operators (:func:`average`, :func:`weight_match`,
+  :func:`activation_match`), their registry :data:`METHODS` and :func:`get`;
+* :mod:`dimat.merge.repair`: the BatchNorm reset's companion, REPAIR's variance correction.
+"""
+
+from dimat.merge import matching, operators, repair, stats, structure
+from dimat.merge.operators import (
+    METHODS,
+    Batches,
+    MergeFn,
+    activation_match,
+    average,
+    batch_input,
+    get,
+    iter_inputs,
+    reset_bn_stats,
+    spec_for,
+    weight_match,
+)
+from dimat.merge.structure import PermutationSpec, apply_permutation, check_invariance, derive, random_perms
+
+__all__ = [
+    "METHODS",
+    "Batches",
+    "MergeFn",
+    "PermutationSpec",
+    "activation_match",
+    "apply_permutation",
+    "average",
+    "batch_input",
+    "check_invariance",
+    "derive",
+    "get",
+    "iter_inputs",
+    "random_perms",
+    "reset_bn_stats",
+    "spec_for",
+    "weight_match",
+    "matching",
+    "operators",
+    "repair",
+    "stats",
+    "structure",
+]
