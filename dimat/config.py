@@ -299,9 +299,9 @@ def _check_values(where: str, c: Dict[str, Any]) -> None:
 
 def known_methods() -> List[str]:
     """Methods a config may name: the merge registry, ``none`` (local training only) and the gossip baselines."""
-    from dimat import gossip, merge
+    from dimat import baselines, merge
 
-    return sorted(set(merge.METHODS) | {"none"} | set(gossip.METHODS))
+    return sorted(set(merge.METHODS) | {"none"} | set(baselines.STEP_METHODS))
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -502,6 +502,17 @@ class LaunchResult:
         return self.wait.ok
 
 
+def check_multiprocess(cfg: Mapping) -> None:
+    """UserError unless ``cfg`` can run one process per agent (the merge methods can; the step-level gossip
+    baselines and the centralised bound run only in ``dimat run``)."""
+    from dimat import gossip
+
+    method = cfg["merge"]["method"]
+    if gossip.handles(method):
+        raise UserError(f"merge.method: {method!r} exchanges models every local step and runs only in 'dimat run'; "
+                        f"one process per agent runs the merge methods (dimat, wm, wa, none)")
+
+
 def launch(
     cfg: Mapping,
     transport: str,
@@ -529,9 +540,8 @@ def launch(
     host : address the gRPC servers / the torch rendezvous bind (local agents only).
     echo : where progress lines go.
     """
-    from dimat.agent_main import check_multiprocess
     from dimat.config import Config, dump
-    from dimat.runner import check_run_dir, prepare
+    from dimat.build import check_run_dir, prepare
 
     if transport not in ("grpc", "torch"):
         raise UserError(f"--transport must be grpc or torch, got {transport!r}")

@@ -13,6 +13,7 @@ transport. A round is::
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from dimat.metrics import MetricsWriter
 from dimat.node import MergeResult, Node
 from dimat.train import evaluate, train_epochs
 
-__all__ = ["Agent", "run_round", "pretrain", "agent_state", "restore_agent"]
+__all__ = ["Agent", "run_round", "pretrain", "agent_state", "restore_agent", "restore_latest", "progress_bar"]
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
 _PHASE_IDS = {"pretrain": 0, "merge": 1, "train": 2}
@@ -191,3 +192,34 @@ def run_round(
             a.optimizer = None
     _checkpoint(agents, r, ckpt_dir)
     return results
+
+
+# ---------------------------------------------------------------------------------------------- driving
+def progress_bar(total: int, initial: int, desc: str, quiet: bool, leave: bool = True):
+    """A tqdm bar on stderr, shown only on a terminal and without ``quiet``; ``leave=False`` for inner bars."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="round" if leave else "agent-phase", leave=leave,
+                disable=quiet or not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True)
+
+
+def restore_latest(
+    agents: Sequence[Agent], ckpt_dir: Path, metrics_path: Path,
+    before_restore: Optional[Callable[[int], None]] = None,
+) -> Tuple[int, Dict[int, Dict[str, Any]]]:
+    """Restore the local agents from the latest round they all completed and drop later metrics records.
+
+    ``before_restore(round)`` runs first when there is a checkpoint (to set up what the restore loads into).
+    Returns the last completed step (-2 nothing, -1 pretraining, r >= 0 round r) and the loaded checkpoints by rank.
+    """
+    done, saved = -2, {}
+    last = checkpoint.resume_round(ckpt_dir, [a.rank for a in agents])
+    if last is not None:
+        if before_restore is not None:
+            before_restore(last)
+        for a in agents:
+            saved[a.rank] = checkpoint.load(ckpt_dir, a.rank, last)
+            restore_agent(a, saved[a.rank])
+        done = last
+    MetricsWriter.truncate_after(metrics_path, done)
+    return done, saved

@@ -11,7 +11,8 @@ from dimat import checkpoint, merge
 from dimat.config import resolve
 from dimat.errors import UserError
 from dimat.metrics import read_metrics
-from dimat.runner import build_agent, prepare, run
+from dimat.build import build_agent, prepare
+from dimat.runner import run
 
 TIMINGS = ("train_s", "merge_s", "comm_s")
 RECORD_KEYS = {"round", "agent", "phase", "test_acc", "test_loss", "local_test_acc", "train_loss", "train_s",
