@@ -122,3 +122,222 @@ def test_forward_flag_and_shape_check():
     _randomise_bn(a, torch.Generator().manual_seed(1))
     b = _permute_flag_cnn(a, torch.Generator().manual_seed(2))
     _check_identity(a, b, torch.randn(16, 3, 16, 16))
+
+
+def _apply(model: nn.Module, moves) -> nn.Module:
+    """A copy of ``model`` with ``moves``: (tensor name, axis, index vector) applied by index_select."""
+    b = copy.deepcopy(model)
+    sd = b.state_dict()
+    for name, axis, idx in moves:
+        sd[name] = _rows(sd[name], idx, axis)
+    b.load_state_dict(sd)
+    return b
+
+
+def _block_perm(blocks: int, size: int, g) -> torch.Tensor:
+    """A permutation of blocks*size units that moves whole blocks and the units inside them."""
+    return _heads_perm(blocks, size, _perm(blocks, g), _perm(size, g))
+
+
+# -------------------------------------------------------------------------------------- GroupNorm, depthwise
+class GNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.g1 = nn.GroupNorm(2, 8)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.g2 = nn.GroupNorm(3, 6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = F.relu(self.g1(self.c1(x)))
+        h = F.relu(self.g2(self.c2(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_groupnorm():
+    torch.manual_seed(0)
+    a = GNNet()
+    with torch.no_grad():
+        for gn in (a.g1, a.g2):
+            gn.weight.uniform_(0.5, 1.5)
+            gn.bias.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(3)
+    p1, p2 = _block_perm(2, 4, g), _block_perm(3, 2, g)
+    b = _apply(a, [("c1.weight", 0, p1), ("c1.bias", 0, p1), ("g1.weight", 0, p1), ("g1.bias", 0, p1),
+                   ("c2.weight", 1, p1), ("c2.weight", 0, p2), ("c2.bias", 0, p2), ("g2.weight", 0, p2),
+                   ("g2.bias", 0, p2), ("fc.weight", 1, p2)])
+    _check_identity(a, b, torch.randn(24, 3, 8, 8))
+
+
+class DWNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b2 = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = F.relu(self.b1(self.c1(x)))
+        h = F.relu(self.b2(self.dw(h)))
+        return self.fc(F.relu(self.pw(h)).mean((2, 3)))
+
+
+def test_depthwise_conv():
+    torch.manual_seed(0)
+    a = DWNet()
+    _randomise_bn(a, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(4)
+    p1, p2 = _perm(8, g), _perm(6, g)
+    moves = [(f"{m}.{k}", 0, p1) for m in ("b1", "b2") for k in ("weight", "bias", "running_mean", "running_var")]
+    moves += [("c1.weight", 0, p1), ("c1.bias", 0, p1), ("dw.weight", 0, p1), ("dw.bias", 0, p1),
+              ("pw.weight", 1, p1), ("pw.weight", 0, p2), ("pw.bias", 0, p2), ("fc.weight", 1, p2)]
+    _check_identity(a, _apply(a, moves), torch.randn(24, 3, 8, 8))
+
+
+# --------------------------------------------------------------------------------------------- attention
+class ViTBlockMHA(nn.Module):
+    """A small ViT: patch conv, cls token, positional embedding, pre-norm blocks with nn.MultiheadAttention."""
+
+    def __init__(self, dim=16, heads=4, depth=2, classes=5, image=8, patch=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        n = (image // patch) ** 2
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.5)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            self.blocks.append(nn.ModuleDict(dict(
+                ln1=nn.LayerNorm(dim), attn=nn.MultiheadAttention(dim, heads, batch_first=True),
+                ln2=nn.LayerNorm(dim), fc1=nn.Linear(dim, 2 * dim), fc2=nn.Linear(2 * dim, dim))))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        for blk in self.blocks:
+            y = blk["ln1"](h)
+            h = h + blk["attn"](y, y, y, need_weights=False)[0]
+            h = h + blk["fc2"](F.gelu(blk["fc1"](blk["ln2"](h))))
+        return self.head(self.norm(h)[:, 0])
+
+
+def _jitter_ln(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.3)
+
+
+def test_vit_with_multihead_attention_cls_token_and_positions():
+    torch.manual_seed(0)
+    a = ViTBlockMHA()
+    _jitter_ln(a)
+    g = torch.Generator().manual_seed(5)
+    dim, heads, hd = 16, 4, 4
+    s = _perm(dim, g)  # the residual stream
+    moves = [("patch.weight", 0, s), ("patch.bias", 0, s), ("cls", 2, s), ("pos", 2, s), ("norm.weight", 0, s),
+             ("norm.bias", 0, s), ("head.weight", 1, s)]
+    for i in range(2):
+        b = f"blocks.{i}"
+        hp = _perm(heads, g)
+        qk = _heads_perm(heads, hd, hp, _perm(hd, g))
+        vo = _heads_perm(heads, hd, hp, _perm(hd, g))
+        inner = torch.cat([qk, qk + dim, vo + 2 * dim])  # rows of the packed [q; k; v] projection
+        mlp = _perm(2 * dim, g)
+        moves += [(f"{b}.ln1.weight", 0, s), (f"{b}.ln1.bias", 0, s), (f"{b}.ln2.weight", 0, s),
+                  (f"{b}.ln2.bias", 0, s), (f"{b}.attn.in_proj_weight", 1, s),
+                  (f"{b}.attn.in_proj_weight", 0, inner), (f"{b}.attn.in_proj_bias", 0, inner),
+                  (f"{b}.attn.out_proj.weight", 1, vo), (f"{b}.attn.out_proj.weight", 0, s),
+                  (f"{b}.attn.out_proj.bias", 0, s), (f"{b}.fc1.weight", 1, s), (f"{b}.fc1.weight", 0, mlp),
+                  (f"{b}.fc1.bias", 0, mlp), (f"{b}.fc2.weight", 1, mlp), (f"{b}.fc2.weight", 0, s),
+                  (f"{b}.fc2.bias", 0, s)]
+    _check_identity(a, _apply(a, moves), torch.randn(24, 3, 8, 8))
+
+
+class SDPAttention(nn.Module):
+    """Hand-written attention: separate, fused or grouped-query q/k/v projections, a view into heads, SDPA."""
+
+    def __init__(self, dim=16, heads=4, kv_heads=4, fused=False, manual=False):
+        super().__init__()
+        self.h, self.kvh, self.d = heads, kv_heads, dim // heads
+        self.fused, self.manual = fused, manual
+        if fused:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q = nn.Linear(dim, dim)
+            self.k = nn.Linear(dim, kv_heads * self.d)
+            self.v = nn.Linear(dim, kv_heads * self.d)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        if self.fused:
+            q, k, v = self.qkv(x).view(B, T, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = self.q(x).view(B, T, self.h, self.d).transpose(1, 2)
+            k = self.k(x).view(B, T, self.kvh, self.d).transpose(1, 2)
+            v = self.v(x).view(B, T, self.kvh, self.d).transpose(1, 2)
+        if self.manual:
+            att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.d), dim=-1)
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.kvh != self.h)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab=20, dim=16, classes=3, **attn):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = SDPAttention(dim, **attn)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids, mask=None):
+        h = self.emb(ids)
+        h = h + self.attn(self.ln1(h))
+        h = h + self.mlp(self.ln2(h))
+        return self.head(h.mean(1))
+
+
+def _permute_tiny(a: TinyTransformer, g, heads=4, kv_heads=4, fused=False) -> nn.Module:
+    dim, d = 16, 4
+    s, mlp = _perm(dim, g), _perm(32, g)
+    moves = [("emb.weight", 1, s), ("head.weight", 1, s), ("mlp.0.weight", 1, s), ("mlp.0.weight", 0, mlp),
+             ("mlp.0.bias", 0, mlp), ("mlp.2.weight", 1, mlp), ("mlp.2.weight", 0, s), ("mlp.2.bias", 0, s),
+             ("attn.o.weight", 0, s), ("attn.o.bias", 0, s)]
+    moves += [(f"ln{i}.{k}", 0, s) for i in (1, 2) for k in ("weight", "bias")]
+    group = heads // kv_heads
+    kvp = _perm(kv_heads, g)  # key/value heads; each carries its query heads along
+    within = _perm(group, g)  # query heads inside a key/value group
+    qheads = (kvp[:, None] * group + within[None, :]).reshape(-1)
+    qk_in, vo_in = _perm(d, g), _perm(d, g)
+    q_idx, o_idx = _heads_perm(heads, d, qheads, qk_in), _heads_perm(heads, d, qheads, vo_in)
+    k_idx, v_idx = _heads_perm(kv_heads, d, kvp, qk_in), _heads_perm(kv_heads, d, kvp, vo_in)
+    moves += [("attn.o.weight", 1, o_idx)]
+    if fused:
+        rows = torch.cat([q_idx, k_idx + dim, v_idx + 2 * dim])
+        moves += [("attn.qkv.weight", 1, s), ("attn.qkv.weight", 0, rows), ("attn.qkv.bias", 0, rows)]
+    else:
+        for name, idx in (("q", q_idx), ("k", k_idx), ("v", v_idx)):
+            moves += [(f"attn.{name}.weight", 1, s), (f"attn.{name}.weight", 0, idx), (f"attn.{name}.bias", 0, idx)]
+    return _apply(a, moves)
+
+
+@pytest.mark.parametrize("kind", ["separate", "fused", "gqa", "mqa", "manual"])
+def test_hand_written_attention(kind):
+    torch.manual_seed(0)
+    kw = dict(separate={}, fused=dict(fused=True), gqa=dict(kv_heads=2), mqa=dict(kv_heads=1),
+              manual=dict(manual=True))[kind]
+    a = TinyTransformer(**kw)
+    _jitter_ln(a)
+    b = _permute_tiny(a, torch.Generator().manual_seed(6), kv_heads=kw.get("kv_heads", 4), fused=kw.get("fused", False))
+    _check_identity(a, b, torch.randint(0, 20, (24, 7)))

@@ -822,7 +822,8 @@ class _Deriver:
                 continue
             for d in ds[1:]:
                 self.unify(ds[0], d, node.name)
-            out[-k] = tracked[0]
+            # an operand that varies along this dim without carrying units pins it: the result carries none
+            out[-k] = tracked[0] if len(tracked) == len(ds) else None
         return self.norm_lay(out)
 
     def transpose(self, node: fx.Node) -> Lay:
