@@ -341,3 +341,104 @@ def test_hand_written_attention(kind):
     _jitter_ln(a)
     b = _permute_tiny(a, torch.Generator().manual_seed(6), kv_heads=kw.get("kv_heads", 4), fused=kw.get("fused", False))
     _check_identity(a, b, torch.randint(0, 20, (24, 7)))
+
+
+# ------------------------------------------------------------------------------------------------- LSTM
+class LSTMClassifier(nn.Module):
+    def __init__(self, vocab=20, emb=8, hidden=12, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, emb)
+        self.lstm = nn.LSTM(emb, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, ids):
+        out, (h, c) = self.lstm(self.emb(ids))
+        return self.fc(h[-1])
+
+
+def test_lstm_classifier():
+    torch.manual_seed(0)
+    a = LSTMClassifier()
+    g = torch.Generator().manual_seed(7)
+    e, hp = _perm(8, g), _perm(12, g)
+    gates = torch.cat([hp + 12 * i for i in range(4)])  # i, f, g, o blocks share one hidden permutation
+    moves = [("emb.weight", 1, e), ("lstm.weight_ih_l0", 1, e), ("lstm.weight_ih_l0", 0, gates),
+             ("lstm.weight_hh_l0", 0, gates), ("lstm.weight_hh_l0", 1, hp), ("lstm.bias_ih_l0", 0, gates),
+             ("lstm.bias_hh_l0", 0, gates), ("fc.weight", 1, hp)]
+    _check_identity(a, _apply(a, moves), torch.randint(0, 20, (24, 6)))
+
+
+# --------------------------------------------------------------------------------------- Hugging Face models
+transformers = pytest.importorskip("transformers")
+
+
+class HFClassifier(nn.Module):
+    """A Hugging Face model wrapped the way a user would: forward returns the logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).logits
+
+
+def _hf_layer_moves(prefix: str, s, g, heads, d, inter, names):
+    """Moves of one encoder layer: q/k/v/o and the MLP; names = (q, k, v, o, ln_attn, fc1, fc2, ln_out)."""
+    q, k, v, o, ln_a, fc1, fc2, ln_o = (f"{prefix}.{n}" for n in names)
+    hp = _perm(heads, g)
+    qk, vo = _heads_perm(heads, d, hp, _perm(d, g)), _heads_perm(heads, d, hp, _perm(d, g))
+    m = _perm(inter, g)
+    moves = []
+    for name, idx in ((q, qk), (k, qk), (v, vo)):
+        moves += [(f"{name}.weight", 1, s), (f"{name}.weight", 0, idx), (f"{name}.bias", 0, idx)]
+    moves += [(f"{o}.weight", 1, vo), (f"{o}.weight", 0, s), (f"{o}.bias", 0, s),
+              (f"{fc1}.weight", 1, s), (f"{fc1}.weight", 0, m), (f"{fc1}.bias", 0, m),
+              (f"{fc2}.weight", 1, m), (f"{fc2}.weight", 0, s), (f"{fc2}.bias", 0, s)]
+    moves += [(f"{ln}.{p}", 0, s) for ln in (ln_a, ln_o) for p in ("weight", "bias")]
+    return moves
+
+
+def test_huggingface_bert_for_sequence_classification():
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=24, max_position_embeddings=16, num_labels=3,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    a = HFClassifier(transformers.BertForSequenceClassification(cfg))
+    _jitter_ln(a)
+    g = torch.Generator().manual_seed(8)
+    s, pool = _perm(16, g), _perm(16, g)
+    e = "model.bert.embeddings"
+    moves = [(f"{e}.word_embeddings.weight", 1, s), (f"{e}.position_embeddings.weight", 1, s),
+             (f"{e}.token_type_embeddings.weight", 1, s), (f"{e}.LayerNorm.weight", 0, s),
+             (f"{e}.LayerNorm.bias", 0, s), ("model.bert.pooler.dense.weight", 1, s),
+             ("model.bert.pooler.dense.weight", 0, pool), ("model.bert.pooler.dense.bias", 0, pool),
+             ("model.classifier.weight", 1, pool)]
+    names = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
+    for i in range(2):
+        moves += _hf_layer_moves(f"model.bert.encoder.layer.{i}", s, g, 4, 4, 24, names)
+    _check_identity(a, _apply(a, moves), torch.randint(0, 30, (24, 9)))
+
+
+def test_huggingface_vit_for_image_classification():
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=24, num_labels=5)
+    torch.manual_seed(0)
+    a = HFClassifier(transformers.ViTForImageClassification(cfg))
+    _jitter_ln(a)
+    with torch.no_grad():
+        a.model.vit.embeddings.cls_token.normal_()
+        a.model.vit.embeddings.position_embeddings.normal_()
+    g = torch.Generator().manual_seed(9)
+    s = _perm(16, g)
+    e = "model.vit.embeddings"
+    moves = [(f"{e}.cls_token", 2, s), (f"{e}.position_embeddings", 2, s),
+             (f"{e}.patch_embeddings.projection.weight", 0, s), (f"{e}.patch_embeddings.projection.bias", 0, s),
+             ("model.vit.layernorm.weight", 0, s), ("model.vit.layernorm.bias", 0, s),
+             ("model.classifier.weight", 1, s)]
+    names = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "layernorm_before",
+             "mlp.fc1", "mlp.fc2", "layernorm_after")
+    for i in range(2):
+        moves += _hf_layer_moves(f"model.vit.layers.{i}", s, g, 4, 4, 24, names)
+    _check_identity(a, _apply(a, moves), torch.randn(24, 3, 8, 8))
