@@ -18,7 +18,7 @@ from torch import nn
 
 from dimat import merge
 from dimat.merge import UnalignedError, matching
-from dimat.merge.structure import derive
+from dimat.merge.structure import check_invariance, derive
 
 
 def _perm(n: int, g: torch.Generator) -> torch.Tensor:
@@ -442,3 +442,71 @@ def test_huggingface_vit_for_image_classification():
     for i in range(2):
         moves += _hf_layer_moves(f"model.vit.layers.{i}", s, g, 4, 4, 24, names)
     _check_identity(a, _apply(a, moves), torch.randn(24, 3, 8, 8))
+
+
+# ------------------------------------------------------------------------------------ what cannot be aligned
+class SortNet(nn.Module):
+    """Sorting the hidden units by value: their order carries meaning, so no permutation of them is allowed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.fc2 = nn.Linear(10, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)).sort(dim=1).values
+        return self.out(torch.relu(self.fc2(h)))
+
+
+def test_unalignable_units_are_reported_and_strict_raises():
+    torch.manual_seed(0)
+    a, b = SortNet(), SortNet()
+    x = torch.randn(32, 6)
+    with pytest.warns(UserWarning, match="sort"):
+        spec, _ = merge.spec_for(a, x)
+    cov = spec.coverage()
+    assert cov.fraction < 1.0 and [n for n, _ in cov.frozen] == ["fc1"]
+    assert "sort is not understood" in cov.frozen[0][1] and "fc1" in spec.describe()
+    with pytest.raises(UnalignedError, match="fc1: aten op sort is not understood"):
+        merge.activation_match([a, b], [0.5, 0.5], [x], strict=True)
+    merged = merge.activation_match([a, b], [0.5, 0.5], [x])  # not strict: fc1 averaged, fc2 still aligned
+    assert torch.isfinite(_out(merged, x)).all()
+
+
+class RotaryAttention(nn.Module):
+    """Attention with rotary position embeddings: dims i and i + d/2 rotate together with position-dependent
+    angles, so the within-head order of q and k is fixed; heads and V/O dims may still move."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.o = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)
+        q, k, v = (t.view(B, T, self.h, self.d).transpose(1, 2) for t in (q, k, v))
+        pos = torch.arange(T, dtype=x.dtype)[:, None]
+        freq = 1.0 / 100 ** (torch.arange(self.d // 2, dtype=x.dtype) / (self.d // 2))
+        ang = torch.cat([pos * freq, pos * freq], dim=-1)
+
+        def rot(t):
+            t1, t2 = t.chunk(2, dim=-1)
+            return t * ang.cos() + torch.cat([-t2, t1], dim=-1) * ang.sin()
+
+        y = F.scaled_dot_product_attention(rot(q), rot(k), v)
+        return self.head(self.o(y.transpose(1, 2).reshape(B, T, C)).mean(1))
+
+
+def test_rotary_attention_keeps_within_head_order_but_moves_heads():
+    torch.manual_seed(0)
+    model, x = RotaryAttention(), torch.randn(2, 5, 16)
+    spec = derive(model, x)
+    q = next(g for g in spec.groups for a in g.axes if a.tensor == "qkv.weight" and a.axis == 0 and a.offset == 0)
+    assert q.permutable and q.structured
+    assert q.factors[0].units == 4 and not q.factors[0].fixed  # the heads move
+    assert all(f.fixed for f in q.factors[1:])  # the rotated dims do not
+    assert max(check_invariance(model, spec, x).values()) < 1e-4

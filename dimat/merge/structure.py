@@ -1449,9 +1449,6 @@ def _emit(d: _Deriver, state: Mapping[str, torch.Tensor], aliases: Mapping[str, 
             return []
         if len(flat) == 1:
             return push(flat[0][0], offset, block, reason, depth + 1)
-        if any(c2 is not None and d.struct.get(c2) is not None for c2, _ in flat):
-            return [(("bad", r), offset, block, reason or "segments inside a factor of structured units",
-                     math.prod(n for _, n in flat))]
         return [(("fac", tuple(flat)), offset, block, reason, math.prod(n for _, n in flat))]
 
     best: Dict[int, Tuple[int, str]] = {}
@@ -1498,7 +1495,9 @@ def _emit(d: _Deriver, state: Mapping[str, torch.Tensor], aliases: Mapping[str, 
         factors: Tuple[Factor, ...] = ()
         if target[0] == "fac":
             factors = tuple(
-                Factor("", n, "fixed by the layout") if k is None else Factor(f"c{k}", n, frozen.get(k, ""))
+                Factor("", n, "fixed by the layout") if k is None else Factor(
+                    f"c{k}", n, frozen.get(k, "") or ("cut into segments inside a factor (e.g. rotary halves)"
+                                                      if d.struct.get(k) is not None else ""))
                 for k, n in target[1])
             if not reason and not any(f.units > 1 and not f.fixed for f in factors):
                 reason = "every factor is fixed: " + "; ".join(sorted({f.fixed for f in factors if f.fixed}))
