@@ -33,8 +33,14 @@ def _rows(t: torch.Tensor, p: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def _heads_perm(heads: int, d: int, head_p: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
-    """Index over heads*d entries: new head h takes old head head_p[h], new dim i takes old dim inner[i]."""
-    return (head_p[:, None] * d + inner[None, :]).reshape(-1)
+    """Index over heads*d entries: new head h takes old head head_p[h]; inside it, new dim i takes old dim
+    inner[i] (inner of shape [d]) or inner[h, i] (shape [heads, d]: a different permutation in every head)."""
+    inner = inner[None, :] if inner.dim() == 1 else inner
+    return (head_p[:, None] * d + inner).reshape(-1)
+
+
+def _per_head(heads: int, d: int, g) -> torch.Tensor:
+    return torch.stack([_perm(d, g) for _ in range(heads)])
 
 
 def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +141,8 @@ def _apply(model: nn.Module, moves) -> nn.Module:
 
 
 def _block_perm(blocks: int, size: int, g) -> torch.Tensor:
-    """A permutation of blocks*size units that moves whole blocks and the units inside them."""
-    return _heads_perm(blocks, size, _perm(blocks, g), _perm(size, g))
+    """A permutation of blocks*size units that moves whole blocks and, differently in each, the units inside."""
+    return _heads_perm(blocks, size, _perm(blocks, g), _per_head(blocks, size, g))
 
 
 # -------------------------------------------------------------------------------------- GroupNorm, depthwise
@@ -246,8 +252,8 @@ def test_vit_with_multihead_attention_cls_token_and_positions():
     for i in range(2):
         b = f"blocks.{i}"
         hp = _perm(heads, g)
-        qk = _heads_perm(heads, hd, hp, _perm(hd, g))
-        vo = _heads_perm(heads, hd, hp, _perm(hd, g))
+        qk = _heads_perm(heads, hd, hp, _per_head(heads, hd, g))
+        vo = _heads_perm(heads, hd, hp, _per_head(heads, hd, g))
         inner = torch.cat([qk, qk + dim, vo + 2 * dim])  # rows of the packed [q; k; v] projection
         mlp = _perm(2 * dim, g)
         moves += [(f"{b}.ln1.weight", 0, s), (f"{b}.ln1.bias", 0, s), (f"{b}.ln2.weight", 0, s),
@@ -319,7 +325,10 @@ def _permute_tiny(a: TinyTransformer, g, heads=4, kv_heads=4, fused=False) -> nn
     kvp = _perm(kv_heads, g)  # key/value heads; each carries its query heads along
     within = _perm(group, g)  # query heads inside a key/value group
     qheads = (kvp[:, None] * group + within[None, :]).reshape(-1)
-    qk_in, vo_in = _perm(d, g), _perm(d, g)
+    if group == 1:  # one permutation per head (Q/K share it, V/O share another)
+        qk_in, vo_in = _per_head(heads, d, g), _per_head(heads, d, g)
+    else:  # a key/value head serves several query heads: they share its within-head permutation
+        qk_in, vo_in = _perm(d, g), _perm(d, g)
     q_idx, o_idx = _heads_perm(heads, d, qheads, qk_in), _heads_perm(heads, d, qheads, vo_in)
     k_idx, v_idx = _heads_perm(kv_heads, d, kvp, qk_in), _heads_perm(kv_heads, d, kvp, vo_in)
     moves += [("attn.o.weight", 1, o_idx)]
@@ -387,7 +396,7 @@ def _hf_layer_moves(prefix: str, s, g, heads, d, inter, names):
     """Moves of one encoder layer: q/k/v/o and the MLP; names = (q, k, v, o, ln_attn, fc1, fc2, ln_out)."""
     q, k, v, o, ln_a, fc1, fc2, ln_o = (f"{prefix}.{n}" for n in names)
     hp = _perm(heads, g)
-    qk, vo = _heads_perm(heads, d, hp, _perm(d, g)), _heads_perm(heads, d, hp, _perm(d, g))
+    qk, vo = _heads_perm(heads, d, hp, _per_head(heads, d, g)), _heads_perm(heads, d, hp, _per_head(heads, d, g))
     m = _perm(inter, g)
     moves = []
     for name, idx in ((q, qk), (k, qk), (v, vo)):
