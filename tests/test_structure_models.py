@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -519,3 +521,45 @@ def test_rotary_attention_keeps_within_head_order_but_moves_heads():
     assert q.factors[0].units == 4 and not q.factors[0].fixed  # the heads move
     assert all(f.fixed for f in q.factors[1:])  # the rotated dims do not
     assert max(check_invariance(model, spec, x).values()) < 1e-4
+
+
+def hf_vit(num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """A user factory (``model.name: test_structure_models:hf_vit``): a small Hugging Face ViT returning logits."""
+    hidden = max(8, int(96 * width) // 4 * 4)
+    cfg = transformers.ViTConfig(image_size=image_size, patch_size=4, num_channels=in_channels, hidden_size=hidden,
+                                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * hidden,
+                                 num_labels=num_classes)
+    return HFClassifier(transformers.ViTForImageClassification(cfg))
+
+
+TIN20 = os.environ.get("DIMAT_TIN20", str(Path(__file__).resolve().parents[2] / "shared/data/tin20-dev.npz"))
+
+
+@pytest.mark.slow
+def test_dimat_run_with_a_user_vit_factory(tmp_path, capsys):
+    import json
+
+    from dimat.cli import main
+
+    if not os.path.exists(TIN20):
+        pytest.skip(f"{TIN20} is absent")
+    cfg = tmp_path / "vit.yaml"
+    cfg.write_text(f"""agents: 2
+threads: 2
+rounds: 2
+data:
+  dataset: npz:{os.path.abspath(TIN20)}
+model:
+  name: test_structure_models:hf_vit
+  width: 0.25
+merge:
+  method: dimat
+  stat_batches: 2
+train:
+  epochs: 1
+  batch_size: 100
+""")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "-q"]) == 0
+    assert "can align only" not in capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["merge_coverage"]["fraction"] == 1.0 and summary["final_mean_acc"] > 0.05
