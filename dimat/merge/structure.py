@@ -1373,16 +1373,15 @@ class _Deriver:
                 self.order.setdefault(h, self.step)
                 self.unify(d_in, self.dims(w_ih)[1], node.name)
                 self.unify(((h, hidden),), self.dims(w_hh)[1], node.name)
-                for p in params[base: base + per]:
-                    if p is params[base + 1] or p is w_ih or True:
-                        dp = self.dims(p)[0]
-                        if dp is None:
-                            continue
-                        g, hh = self.regroup([dp], [gates * hidden], [gates, hidden], node.name) if gates > 1 \
-                            else (None, dp)
-                        if g is not None:
-                            self.freeze(g, f"{kind} gates are never permuted")
-                        self.unify(hh, ((h, hidden),), node.name)
+                for p in params[base: base + per]:  # rows of every weight and bias: gates x hidden units
+                    dp = self.dims(p)[0]
+                    if dp is None:
+                        continue
+                    g, hh = self.regroup([dp], [gates * hidden], [gates, hidden], node.name) if gates > 1 \
+                        else (None, dp)
+                    if g is not None:
+                        self.freeze(g, f"{kind} gates are never permuted")
+                    self.unify(hh, ((h, hidden),), node.name)
                 outs.append(h)
                 states.append(self.norm_lay([None, ((h, hidden),)]))
             if dirs == 1:
@@ -1754,10 +1753,11 @@ def check_invariance(
     wanted = set(spec.permutable if groups is None else groups)
     errors: Dict[int, float] = {}
     done: set = set()
+    bundles = spec.bundles()
     for gi in (spec.permutable if groups is None else groups):
         if gi in done:
             continue
-        bundle = next((b for b in spec.bundles() if gi in b), [gi])
+        bundle = next((b for b in bundles if gi in b), [gi])
         keys = tester.key_perms(_key_shapes(spec, bundle))
         perms = {i: compose(spec.groups[i], keys) for i in bundle}
         e = tester.error(spec, perms)
@@ -1812,8 +1812,6 @@ def _self_test(model: nn.Module, spec: PermutationSpec, x: torch.Tensor, notes: 
         for i in bundle:
             groups[i] = replace(groups[i], frozen=f"failed the invariance self-test (relative change {e:.2e})")
             notes.append(f"group {i} [{groups[i].name}] failed the invariance self-test ({e:.2e}); frozen")
-        for i in range(len(groups)):  # a frozen group's factors must not move in the groups that share them
-            pass
     out = PermutationSpec(tuple(groups), spec.warnings, spec.weights)
     return _fix_shared_factors(out)
 
