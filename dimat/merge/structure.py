@@ -1094,6 +1094,10 @@ class _Deriver:
         if self.L(ids) not in (None, _UNIFORM):
             raise _FreezeSignal("embedding lookup with indices that carry units")
         self.unify(dw[0], None, f"{node.name} vocabulary")
+        if w.op == "get_attr" and dw[1] is not None:
+            for c, _ in dw[1]:
+                if c is not None:
+                    self.hint[c] = w.target.rsplit(".", 1)[0]
         return self.norm_lay([None] * len(_meta_shape(ids)) + [dw[1]])
 
     # ---- shapes
@@ -1500,7 +1504,7 @@ def _emit(d: _Deriver, state: Mapping[str, torch.Tensor], aliases: Mapping[str, 
         if target[0] == "fac":
             factors = tuple(
                 Factor("", n, "fixed by the layout") if k is None else Factor(
-                    f"c{k}", n, frozen.get(k, "") or ("cut into segments inside a factor (e.g. rotary halves)"
+                    f"{best.get(k, (0, 'u'))[1]}#{k}", n, frozen.get(k, "") or ("cut into segments inside a factor (e.g. rotary halves)"
                                                       if d.struct.get(k) is not None else ""))
                 for k, n in target[1])
             if not reason and not any(f.units > 1 and not f.fixed for f in factors):
@@ -1508,7 +1512,7 @@ def _emit(d: _Deriver, state: Mapping[str, torch.Tensor], aliases: Mapping[str, 
         elif target[0] == "bad":
             reason = reason or "unsupported unit structure"
         else:
-            factors = (Factor(f"c{target[1]}", g["units"]),)
+            factors = (Factor(f"{best.get(target[1], (0, 'u'))[1]}#{target[1]}", g["units"]),)
         for a in axes:
             t = state[a.tensor]
             if a.axis >= t.dim() or a.offset + a.units * a.block > t.shape[a.axis]:
