@@ -563,3 +563,15 @@ train:
     assert "can align only" not in capsys.readouterr().err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["merge_coverage"]["fraction"] == 1.0 and summary["final_mean_acc"] > 0.05
+
+
+@pytest.mark.parametrize("kind", ["separate", "gqa"])
+def test_weight_matching_recovers_structured_permutations(kind):
+    torch.manual_seed(0)
+    kv = 2 if kind == "gqa" else 4
+    a = TinyTransformer(kv_heads=kv)
+    _jitter_ln(a)
+    b = _permute_tiny(a, torch.Generator().manual_seed(11), kv_heads=kv)
+    x = torch.randint(0, 20, (8, 7))
+    merged = merge.weight_match([a, b], [0.5, 0.5], [x], reset_bn=False)
+    assert _rel(_out(merged, x), _out(a, x)) < 1e-4
