@@ -575,3 +575,40 @@ def test_weight_matching_recovers_structured_permutations(kind):
     x = torch.randint(0, 20, (8, 7))
     merged = merge.weight_match([a, b], [0.5, 0.5], [x], reset_bn=False)
     assert _rel(_out(merged, x), _out(a, x)) < 1e-4
+
+
+class TiedNet(nn.Module):
+    """A layer called twice, and an output head tied to the input embedding (as language models do)."""
+
+    def __init__(self, vocab=12, dim=10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight  # tied: one tensor, two state-dict names
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + torch.tanh(self.mix(h))
+        h = h + torch.tanh(self.mix(h))  # the same module again
+        return self.out(self.ln(h)).mean(1)
+
+
+def test_tied_parameters_and_a_module_called_twice():
+    torch.manual_seed(0)
+    a = TiedNet()
+    _jitter_ln(a)
+    s = _perm(10, torch.Generator().manual_seed(12))
+    b = copy.deepcopy(a)
+    with torch.no_grad():  # the test's own permutation of the tied tensor and of everything on the stream
+        b.emb.weight.copy_(a.emb.weight[:, s])
+        b.mix.weight.copy_(a.mix.weight[s][:, s])
+        b.mix.bias.copy_(a.mix.bias[s])
+        b.ln.weight.copy_(a.ln.weight[s])
+        b.ln.bias.copy_(a.ln.bias[s])
+    assert b.out.weight is b.emb.weight
+    spec = derive(a, torch.randint(0, 12, (2, 5)))
+    g = next(g for g in spec.groups for x in g.axes if x.tensor == "emb.weight" and x.axis == 1)
+    assert {"out.weight", "emb.weight"} <= {x.tensor for x in g.axes}  # both names of the tied tensor move
+    _check_identity(a, b, torch.randint(0, 12, (24, 5)))

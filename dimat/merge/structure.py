@@ -435,7 +435,11 @@ class _Deriver:
         return self.uf.find(c)
 
     def freeze_cls(self, c: int, reason: str) -> None:
-        self.frozen.setdefault(self.find(c), reason)
+        r = self.find(c)
+        if reason == OUTPUT_REASON:  # the logits are not hidden units, whatever else pinned them
+            self.frozen[r] = reason
+        else:
+            self.frozen.setdefault(r, reason)
 
     def freeze(self, d: Any, reason: str) -> None:
         if d is None or d == _UNIFORM:
@@ -462,7 +466,7 @@ class _Deriver:
         fa, fb = self.frozen.pop(ra, None), self.frozen.pop(rb, None)
         root = self.uf.union(ra, rb)
         if fa or fb:
-            self.frozen[root] = fa or fb
+            self.frozen[root] = OUTPUT_REASON if OUTPUT_REASON in (fa, fb) else (fa or fb)
         self.order[root] = min(self.order.get(ra, 1 << 60), self.order.get(rb, 1 << 60))
         if sa is not None and sb is not None:
             self.struct[root] = sa
@@ -1426,7 +1430,9 @@ def _emit(d: _Deriver, state: Mapping[str, torch.Tensor], aliases: Mapping[str, 
     become structured groups whose factors are keyed by their classes."""
     frozen: Dict[int, str] = {}
     for c, why in d.frozen.items():
-        frozen.setdefault(d.find(c), why)
+        r = d.find(c)
+        if why == OUTPUT_REASON or r not in frozen:
+            frozen[r] = why
     activated = {d.find(c) for c in d.activated}
     todo = list(activated)
     while todo:  # the parts of an activated class (segments, factors) are activated too
@@ -1720,8 +1726,12 @@ class _Tester:
     def error(self, spec: PermutationSpec, perms: Mapping[int, torch.Tensor]) -> float:
         # permute the groups' tensors in place, run, restore: far cheaper than reloading the whole model
         saved = {}
+        done = set()
         for (name, axis), idx in _axis_indices(self.state, spec, perms).items():
             t = self.state[name].data
+            if (t.data_ptr(), axis) in done:  # a tied tensor: one storage under several names, permuted once
+                continue
+            done.add((t.data_ptr(), axis))
             saved.setdefault(name, t.clone())
             t.copy_(t.index_select(axis, idx))
         try:
