@@ -13,11 +13,12 @@ the same agent whichever way it is started:
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ from dimat.topology import Topology
 from dimat.train import optimizer_factory
 from dimat.transport.base import Transport
 
-__all__ = ["Setup", "RUN_FILES", "prepare", "resolve_device", "build_agent", "check_run_dir"]
+__all__ = ["Setup", "RUN_FILES", "prepare", "resolve_device", "build_agent", "check_run_dir", "merge_coverage",
+           "coverage_record", "warn_coverage", "ALIGNING_METHODS"]
 
 #: files a run folder holds; their presence marks a folder as a run
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
@@ -84,6 +86,42 @@ def _check_model(cfg: Mapping[str, Any], ds: Dataset) -> None:
     except RuntimeError as e:
         raise UserError(f"model {cfg['model']['name']!r} cannot run on dataset "
                         f"{cfg['data']['dataset']!r} ({' '.join(str(e).split())[:200]})") from None
+
+
+#: merge methods that align units (their coverage is reported); the others average or do not merge at all
+ALIGNING_METHODS = ("dimat", "wm")
+
+
+def merge_coverage(cfg: Mapping[str, Any], ds: Dataset):
+    """How much of the run's model the merge can align (:class:`dimat.merge.structure.Coverage`), or None when
+    the merge method aligns nothing. Derives (and caches) the model's permutation groups on two training inputs."""
+    if cfg["merge"]["method"] not in ALIGNING_METHODS:
+        return None
+    from dimat.merge import spec_for
+
+    torch.manual_seed(cfg["seed"])
+    model = _build_model(cfg, ds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported below, once, as one line
+        spec, _ = spec_for(model, ds.x_train[:2])
+    return spec.coverage()
+
+
+def coverage_record(cov) -> Optional[Dict[str, Any]]:
+    """The coverage as summary.json records it: fraction of hidden-unit parameters in permuted groups, and every
+    group the merge averages without aligning, with the reason."""
+    if cov is None:
+        return None
+    return {"fraction": round(cov.fraction, 6), "not_permuted": [{"group": n, "reason": r} for n, r in cov.frozen]}
+
+
+def warn_coverage(cfg: Mapping[str, Any], cov, stream=None) -> None:
+    """One warning line on stderr when the merge cannot align every hidden unit of the model."""
+    if cov is None or cov.fraction >= 1.0:
+        return
+    print(f"dimat: warning: merge.method {cfg['merge']['method']!r} can align only {100 * cov.fraction:.1f}% of "
+          f"model {cfg['model']['name']!r}'s hidden-unit parameters; the rest is averaged without alignment: "
+          + "; ".join(f"{n}: {r}" for n, r in cov.frozen), file=stream or sys.stderr)
 
 
 def _build_model(cfg: Mapping[str, Any], ds: Dataset) -> torch.nn.Module:

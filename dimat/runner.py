@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from dimat import gossip
-from dimat.build import build_agent, check_run_dir, prepare
+from dimat.build import build_agent, check_run_dir, coverage_record, merge_coverage, prepare, warn_coverage
 from dimat.config import Config, dump
 from dimat.errors import UserError
 from dimat.loop import Agent, pretrain, progress_bar, restore_latest, run_round
@@ -103,6 +103,8 @@ def run(
                         f"one process (inproc); run {cfg['transport']['name']!r} transports with 'dimat launch'")
     setup = prepare(cfg)  # every input error surfaces here, before anything is written
     check_run_dir(cfg, out, resume)
+    coverage = merge_coverage(cfg, setup.dataset)
+    warn_coverage(cfg, coverage)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_text(out / "config.yaml", dump(cfg))
@@ -123,5 +125,7 @@ def run(
         return None
     summary = summarize(read_metrics([out / "metrics.jsonl"]), cfg["merge"]["method"], len(agents),
                         cfg["rounds"], wall_s=time.perf_counter() - t0)
+    if coverage is not None:
+        summary["merge_coverage"] = coverage_record(coverage)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

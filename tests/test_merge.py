@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dimat import merge, models
-from dimat.merge import matching, operators, repair, stats
+from dimat.merge import matching, operators, repair, stats, structure
 
 
 # --------------------------------------------------------------------------- hand-written permutations
@@ -475,7 +475,8 @@ def test_repair_gives_unbatchnormed_layers_the_endpoints_statistics(digits_pair)
     xtr, ytr, xte, yte, a, b = digits_pair
     batches = [xtr[i:i + 200] for i in range(0, 1400, 200)]
     fc1 = "classifier.1"
-    assert [n for n, _ in repair.repair_layers(a, *merge.spec_for(a, batches[0]))] == [fc1]
+    spec = merge.spec_for(a, batches[0])[0]
+    assert [n for n, _ in repair.repair_layers(a, spec, structure.module_graph(a))] == [fc1]
     plain = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True, repair=False)
     fixed = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True, repair=True)
     # the endpoints' per-unit spread (units matched by sorting, which is permutation-free)
