@@ -69,6 +69,7 @@ DEFAULTS: Dict[str, Any] = {
         "consensus_lambda": 0.4,  # TALL-mask threshold
         "consensus_k": 2,  # participants whose masks must keep an entry
         "fisher_floor": 1e-8,  # added to every Fisher entry before weighting
+        "fisher_samples": 256,  # most local samples the Fisher is estimated on (one backward pass each)
         "regmean_alpha": 0.9,  # factor on the Gram matrices' off-diagonal entries
     },
     "gossip": {  # the gradient-gossip baselines (merge.method cdsgd, cdmsgd, dpsgd, sgp); see dimat/gossip.py

@@ -191,7 +191,8 @@ class Node:
         kind = self.combine.payload
         if kind is not None:  # computed before the clock of the exchange starts: merge work, not communication
             t0 = time.perf_counter()
-            self._payload = payload_mod.compute(kind, self.model, self.batches, self.stat_batches)
+            self._payload = payload_mod.compute(kind, self.model, self.batches, self.stat_batches,
+                                                self.combine.fisher_samples)
             self._payload_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         state = self.model.state_dict()

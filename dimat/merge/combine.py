@@ -66,6 +66,7 @@ class CombineOptions:
     consensus_k : how many participants' masks must keep an entry (>= 1).
     fisher_floor : added to every Fisher entry before weighting (> 0), so that entries without information fall
         back to the plain weighted mean.
+    fisher_samples : the most local samples the Fisher is estimated on (each costs one backward pass).
     regmean_alpha : factor on the off-diagonal entries of every Gram matrix, in [0, 1] (0: diagonal only).
     """
 
@@ -77,6 +78,7 @@ class CombineOptions:
     consensus_lambda: float = 0.4
     consensus_k: int = 2
     fisher_floor: float = 1e-8
+    fisher_samples: int = 256
     regmean_alpha: float = 0.9
 
     def __post_init__(self) -> None:
@@ -99,6 +101,9 @@ class CombineOptions:
             raise bad("consensus_k", "must be an integer >= 1")
         if not (math.isfinite(self.fisher_floor) and self.fisher_floor > 0):
             raise bad("fisher_floor", "must be > 0")
+        if isinstance(self.fisher_samples, bool) or not isinstance(self.fisher_samples, int) \
+                or self.fisher_samples < 1:
+            raise bad("fisher_samples", "must be an integer >= 1")
         if not 0 <= self.regmean_alpha <= 1:
             raise bad("regmean_alpha", "must be in [0, 1]")
 

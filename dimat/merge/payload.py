@@ -119,11 +119,13 @@ def input_grams(model: nn.Module, batches: Iterable, limit: Optional[int] = None
     return {name: (acc[name] / max(count[name], 1)).float() for name in layers}
 
 
-def fisher_diag(model: nn.Module, batches: Iterable, limit: Optional[int] = None) -> Dict[str, torch.Tensor]:
+def fisher_diag(model: nn.Module, batches: Iterable, limit: Optional[int] = None,
+                max_samples: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Parameter name -> diagonal empirical Fisher (mean squared per-sample gradient of log p(y|x)), eval mode.
 
-    Per-sample gradients come from ``torch.func.vmap``; a model that vmap cannot trace falls back to one backward
-    pass per sample.
+    Uses the first ``limit`` batches, and at most ``max_samples`` samples of them (None: all): every sample costs
+    one backward pass. Per-sample gradients come from ``torch.func.vmap``; a model that vmap cannot trace falls
+    back to one backward pass per sample.
     """
     from torch.func import functional_call, grad, vmap
 
@@ -136,7 +138,7 @@ def fisher_diag(model: nn.Module, batches: Iterable, limit: Optional[int] = None
 
     def logp(p, x, y):
         out = functional_call(model, (p, buffers), (x[None],))
-        return torch.log_softmax(out, -1)[0, y]
+        return -F.cross_entropy(out, y[None])  # log p(y | x), without indexing by a batched y
 
     per_sample = vmap(grad(logp), in_dims=(None, 0, 0))
     try:
@@ -144,6 +146,10 @@ def fisher_diag(model: nn.Module, batches: Iterable, limit: Optional[int] = None
         for x, y in _pairs(batches, limit):
             if y is None or y.is_floating_point():
                 raise ValueError("the Fisher payload needs (input, integer label) batches")
+            if max_samples is not None:
+                if total >= max_samples:
+                    break
+                x, y = x[:max_samples - total], y[:max_samples - total]
             x, y = x.to(dev), y.to(dev)
             try:
                 g = per_sample(params, x, y)
@@ -169,10 +175,12 @@ def _loop_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str,
     return {n: torch.stack(v) for n, v in rows.items()}
 
 
-def compute(kind: str, model: nn.Module, batches: Iterable, limit: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """The payload of ``kind`` (``fisher`` or ``gram``) of ``model`` on ``limit`` local batches."""
+def compute(kind: str, model: nn.Module, batches: Iterable, limit: Optional[int] = None,
+            fisher_samples: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """The payload of ``kind`` (``fisher`` or ``gram``) of ``model`` on ``limit`` local batches (the Fisher on
+    at most ``fisher_samples`` samples of them)."""
     if kind == "fisher":
-        return fisher_diag(model, batches, limit)
+        return fisher_diag(model, batches, limit, fisher_samples)
     if kind == "gram":
         return input_grams(model, batches, limit)
     raise ValueError(f"unknown payload kind {kind!r}; choose one of {', '.join(KINDS)}")
