@@ -310,6 +310,9 @@ def _check_values(where: str, c: Dict[str, Any]) -> None:
         raise bad("merge.method", f"must be one of {', '.join(methods)}, got {f['merge.method']!r}")
     if not f["topology"]:
         raise bad("topology", "must be a topology kind or a file path, got an empty string")
+    if f["eval.consensus"] and (f["transport.name"] != "inproc" or f["merge.method"] not in ("dimat", "wa", "wm", "none")):
+        raise bad("eval.consensus", "needs every model in one process: only dimat run (transport inproc) with "
+                  "merge.method dimat, wa, wm or none evaluates the consensus model")
     if f["model.init"] not in ("different", "same"):
         raise bad("model.init", f"must be different or same, got {f['model.init']!r}")
     _check_merge(f, bad)
