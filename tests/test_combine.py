@@ -321,3 +321,69 @@ def test_config_keys_reach_the_node_and_bad_values_name_the_key():
                       ({"merge": {"consensus_k": 0}}, "merge.consensus_k")):
         with pytest.raises(UserError, match=f"run.yaml: key '{key}'"):
             resolve(data, where="run.yaml")
+
+
+# ------------------------------------------------------------------------- torch.distributed, two processes
+def _torch_worker(rank, port, q):
+    import traceback
+
+    torch.set_num_threads(1)
+    try:
+        from dimat.transport.torch_transport import TorchTransport
+
+        t = TorchTransport(rank, [1 - rank], world_size=2, master_addr="127.0.0.1", master_port=port,
+                           timeout_s=30)
+        try:
+            nd = Node(_mlp(rank), Topology.build("ring", 2), rank, t, _batches(seed=rank), method="dimat",
+                      stat_batches=2, combine=CombineOptions(rule="regmean"))
+            res = nd.merge_round(0)
+            q.put((rank, ({k: v.tolist() for k, v in nd.model.state_dict().items()}, res.received,
+                          res.comm_bytes)))
+        finally:
+            t.close()
+    except BaseException:
+        q.put((rank, "error: " + traceback.format_exc()))
+
+
+@pytest.mark.slow  # two spawned processes: about 45 s on a busy 2-core machine
+def test_payload_crosses_torch_distributed_and_merges_as_in_process():
+    import queue
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_torch_worker, args=(r, port, q), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        for _ in range(2):
+            rank, value = q.get(timeout=90)
+            assert not (isinstance(value, str) and value.startswith("error")), value
+            got[rank] = value
+    except queue.Empty:
+        pytest.fail("a torch.distributed rank did not answer in time")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    # the same two agents in process
+    topo = Topology.build("ring", 2)
+    ts = make_inproc([topo.neighbors(k) for k in range(2)])
+    ns = [Node(_mlp(k), topo, k, ts[k], _batches(seed=k), method="dimat", stat_batches=2,
+               combine=CombineOptions(rule="regmean")) for k in range(2)]
+    for nd in ns:
+        nd.post(0)
+    res = [nd.merge_round(0) for nd in ns]
+    for k in range(2):
+        state, received, comm = got[k]
+        # the wire counts aligned tensor offsets: the same tensors, payload included, plus padding
+        assert received == [1 - k] and 0 <= comm - res[k].comm_bytes <= 2 * wire.ALIGN * (len(state) + 6)
+        for name, t in ns[k].model.state_dict().items():
+            assert torch.allclose(torch.tensor(state[name], dtype=t.dtype), t, atol=1e-5), name
