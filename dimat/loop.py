@@ -113,6 +113,7 @@ def agent_state(agent: Agent, r: int) -> Dict[str, Any]:
         "basis_tag": agent.node.basis_tag,
         "optimizer": agent.optimizer.state_dict() if agent.optimizer is not None else None,
         "generator": agent.generator.get_state(),
+        "last_test_acc": agent.last_test_acc,  # so that a resumed run reports the same accuracy changes
     }
 
 
@@ -121,6 +122,7 @@ def restore_agent(agent: Agent, state: Mapping[str, Any]) -> None:
     agent.model.load_state_dict(state["model"])
     agent.node.basis_tag = int(state.get("basis_tag", agent.rank))  # checkpoints from before tags: own rank
     agent.generator.set_state(state["generator"])
+    agent.last_test_acc = state.get("last_test_acc")
     if state.get("optimizer") is not None:
         agent.optimizer = agent.make_optimizer(agent.model)
         agent.optimizer.load_state_dict(state["optimizer"])
