@@ -71,3 +71,28 @@ def test_bad_guard_values_are_refused():
         activation_match([a, b], [0.5, 0.5], _data(), identity_prior=-1.0)
     with pytest.raises(ValueError, match="keep_margin"):
         activation_match([a, b], [0.5, 0.5], _data(), keep_margin=float("nan"))
+
+
+def test_node_forwards_the_guards_to_dimat_and_refuses_them_elsewhere():
+    from dimat.node import Node
+    from dimat.topology import Topology
+    from dimat.transport.inproc import make_inproc
+
+    topo = Topology.build("ring", 2)
+    ts = make_inproc([topo.neighbors(k) for k in range(2)])
+    data = [(x, torch.zeros(len(x), dtype=torch.long)) for x in _data()]
+    ns = [Node(_mlp(k), topo, k, ts[k], data, identity_prior=0.2, keep_margin=0.1) for k in range(2)]
+    seen = {}
+
+    def spy(models, weights, **kw):
+        seen.update(kw)
+        return activation_match(models, weights, **kw)
+
+    ns[0].merge_fn = spy
+    for n in ns:
+        n.post(0)
+    res = ns[0].merge_round(0)
+    assert seen["identity_prior"] == 0.2 and seen["keep_margin"] == 0.1
+    assert set(res.telemetry["edges"]["1"]) == {"dist", "moved", "corr_before", "corr_after"}
+    with pytest.raises(ValueError, match="identity_prior and keep_margin"):
+        Node(_mlp(0), topo, 0, ts[0], data, method="wa", keep_margin=0.1)
