@@ -53,6 +53,11 @@ def test_run_writes_per_edge_telemetry_and_plot_draws_it(tmp_path):
     assert rounds == [0, 1] and all(0 < m <= 1 for m in mean)
     out = plot_accuracy([tmp_path / "r"], tmp_path / "m.png", metric="consensus_dist")
     assert out.stat().st_size > 0
+    from dimat.cli import main as cli_main
     from dimat.errors import UserError
+
     with pytest.raises(UserError, match="no 'merge' records with 'nope'"):
         run_curve(tmp_path / "r", metric="nope")
+    assert cli_main(["plot", str(tmp_path / "r"), "--metric", "align_corr_after"]) == 0
+    assert (tmp_path / "r" / "align_corr_after.png").stat().st_size > 0
+    assert cli_main(["plot", str(tmp_path / "r"), "--metric", "nope"]) != 0
