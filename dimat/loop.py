@@ -113,7 +113,7 @@ def agent_state(agent: Agent, r: int) -> Dict[str, Any]:
         "basis_tag": agent.node.basis_tag,
         "optimizer": agent.optimizer.state_dict() if agent.optimizer is not None else None,
         "generator": agent.generator.get_state(),
-        "last_test_acc": agent.last_test_acc,  # so that a resumed run reports the same accuracy changes
+        "last_test_acc": getattr(agent, "last_test_acc", None),  # a resumed run reports the same acc_change
     }
 
 
