@@ -186,9 +186,16 @@ def _template(cfg: Mapping, setup: Setup) -> Dict[str, torch.Tensor]:
 
     from dimat.node import with_basis_tag
 
+    from dimat.merge import payload
+    from dimat.merge.combine import CombineOptions
+
     ds = setup.dataset
-    state = models.build(cfg["model"]["name"], ds.num_classes, width=cfg["model"]["width"],
-                         in_channels=ds.in_channels, image_size=ds.image_size).state_dict()
+    model = models.build(cfg["model"]["name"], ds.num_classes, width=cfg["model"]["width"],
+                         in_channels=ds.in_channels, image_size=ds.image_size)
+    state = model.state_dict()
+    kind = CombineOptions.from_config(cfg["merge"]).payload
+    if kind is not None:  # the combine rule's payload travels in the snapshot (same order as Node.post)
+        state = {**state, **payload.encode(kind, payload.template(kind, model))}
     return with_basis_tag(state, 0) if cfg["merge"]["basis"] == "shared" else state
 
 

@@ -28,6 +28,7 @@ from dimat.config import Config, first_difference
 from dimat.data import Batches, Dataset, load_dataset, partition_dataset
 from dimat.errors import UserError
 from dimat.loop import Agent
+from dimat.merge.combine import CombineOptions
 from dimat.node import Node
 from dimat.topology import Topology
 from dimat.train import optimizer_factory
@@ -177,7 +178,8 @@ def build_agent(cfg: Mapping[str, Any], setup: Setup, rank: int, transport: Opti
     """Agent ``rank`` of the run: model initialised with seed + rank, its data partition and a Node."""
     ds = setup.dataset
     train_idx, test_idx = setup.parts[rank]
-    torch.manual_seed(cfg["seed"] + rank)  # different inits per agent (ALGORITHM.md section 2)
+    # model.init: different inits per agent (seed + rank), or one init shared by every agent (seed)
+    torch.manual_seed(cfg["seed"] + (rank if cfg["model"].get("init", "different") == "different" else 0))
     model = _build_model(cfg, ds).to(resolve_device(cfg["device"]))  # data stay on the CPU, moved per batch
     # Merge statistics and BN resets read the first batches of this fixed random order: the rows of a dataset
     # are often sorted by class, and the first rows of a sorted partition would show the merge one class only.
@@ -185,7 +187,9 @@ def build_agent(cfg: Mapping[str, Any], setup: Setup, rank: int, transport: Opti
     local = Batches(ds.x_train, ds.y_train, order, batch_size=cfg["train"]["batch_size"])
     m = cfg["merge"]
     node = Node(model, setup.topology, rank, transport, local, method=m["method"], stat_batches=m["stat_batches"],
-                bn_batches=m["bn_batches"], reset_bn=m["reset_bn"], basis=m["basis"])
+                bn_batches=m["bn_batches"], reset_bn=m["reset_bn"], basis=m["basis"],
+                combine=CombineOptions.from_config(m), combine_seed=cfg["seed"],
+                identity_prior=m["identity_prior"], keep_margin=m["keep_margin"])
     t = cfg["train"]
     train_idx_t, test_idx_t = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
     return Agent(

@@ -48,6 +48,7 @@ class Agent:
     make_optimizer : ``model -> optimizer``.
     generator : the agent's RNG (data order, augmentation); seeded with ``seed + rank``.
     optimizer : the optimizer kept across rounds (``keep_optimizer_state``), else None.
+    last_test_acc : the test accuracy of the agent's latest record (for the accuracy change across a merge).
     """
 
     rank: int
@@ -58,6 +59,7 @@ class Agent:
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     generator: torch.Generator
     optimizer: Optional[torch.optim.Optimizer] = None
+    last_test_acc: Optional[float] = None
 
     @property
     def model(self) -> nn.Module:
@@ -74,7 +76,11 @@ def _seed_phase(seed: int, r: int, rank: int, phase: str) -> None:
 def _evaluate(agent: Agent, eval_batch_size: int) -> Dict[str, float]:
     acc, loss = evaluate(agent.model, *agent.test, batch_size=eval_batch_size)
     local_acc, _ = evaluate(agent.model, *agent.local_test, batch_size=eval_batch_size)
-    return {"test_acc": acc, "test_loss": loss, "local_test_acc": local_acc}
+    agent.last_test_acc, before = acc, agent.last_test_acc
+    out = {"test_acc": acc, "test_loss": loss, "local_test_acc": local_acc}
+    if before is not None:
+        out["acc_change"] = acc - before  # since the agent's previous evaluation (for a merge: across it)
+    return out
 
 
 def _train(agent: Agent, epochs: int, cfg: Mapping[str, Any]) -> Tuple[float, float]:
@@ -107,6 +113,7 @@ def agent_state(agent: Agent, r: int) -> Dict[str, Any]:
         "basis_tag": agent.node.basis_tag,
         "optimizer": agent.optimizer.state_dict() if agent.optimizer is not None else None,
         "generator": agent.generator.get_state(),
+        "last_test_acc": getattr(agent, "last_test_acc", None),  # a resumed run reports the same acc_change
     }
 
 
@@ -115,6 +122,7 @@ def restore_agent(agent: Agent, state: Mapping[str, Any]) -> None:
     agent.model.load_state_dict(state["model"])
     agent.node.basis_tag = int(state.get("basis_tag", agent.rank))  # checkpoints from before tags: own rank
     agent.generator.set_state(state["generator"])
+    agent.last_test_acc = state.get("last_test_acc")
     if state.get("optimizer") is not None:
         agent.optimizer = agent.make_optimizer(agent.model)
         agent.optimizer.load_state_dict(state["optimizer"])
@@ -176,7 +184,8 @@ def run_round(
         results.append(res)
         if writer is not None:
             writer.write(_record(a, r, "merge", **_evaluate(a, eval_bs), merge_s=res.merge_s, comm_s=res.comm_s,
-                                 comm_bytes=res.comm_bytes, received=res.received, missing=res.missing))
+                                 comm_bytes=res.comm_bytes, received=res.received, missing=res.missing,
+                                 **res.telemetry))
         if progress:
             progress()
     if r < cfg["rounds"] - 1:

@@ -15,6 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from dimat import gossip
 from dimat.build import build_agent, check_run_dir, coverage_record, merge_coverage, prepare, warn_coverage
 from dimat.config import Config, dump
+from dimat.consensus import consensus_record
 from dimat.errors import UserError
 from dimat.loop import Agent, pretrain, progress_bar, restore_latest, run_round
 from dimat.metrics import MetricsWriter, atomic_write_text, read_metrics, summarize
@@ -62,6 +63,8 @@ def drive(
                 inner.reset(total=len(agents) * (2 if r < rounds - 1 else 1))
                 inner.set_description(f"round {r}")
                 results = run_round(agents, r, cfg, writer, ckpt_dir, progress=inner.update)
+                if cfg["eval"].get("consensus"):  # all models merged into one: what a global merge would give
+                    writer.write(consensus_record(agents, r, cfg))
                 outer.update(1)
                 missing = sum(len(x.missing) for x in results)
                 if missing:
