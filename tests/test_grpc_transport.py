@@ -272,17 +272,24 @@ def _raw_send(address, frames, timeout=DEADLINE):
             return e
 
 
-def _frames(snap, sender=1, round=0, secret=SECRET, payload=None, header_edit=None, chunk=100):
-    layout = wire.layout_of(snap)
-    data = bytes(wire.pack(snap, layout).numpy()) if payload is None else payload
+def _frames(snap, sender=1, round=0, secret=SECRET, payload=None, header_edit=None, chunk=100, receiver=0,
+            key=None, trailer=True):
+    """The frames of one snapshot stream, signed with ``key`` (bytes) or the shared ``secret`` (str)."""
     import hashlib
 
-    h = wire.make_header(sender, round, layout, hashlib.sha256(bytes(wire.pack(snap, layout).numpy())).digest())
+    layout = wire.layout_of(snap)
+    data = bytes(wire.pack(snap, layout).numpy()) if payload is None else payload
+    h = wire.make_header(sender, round, layout, receiver=receiver)
     if header_edit is not None:
         header_edit(h)
-    if secret is not None:
-        h.auth.CopyFrom(wire.sign(secret.encode(), wire.header_auth_fields(h)))
-    return [wire.encode_header(h)] + [wire.encode_chunk(data[i:i + chunk]) for i in range(0, len(data), chunk)]
+    key = key if key is not None else secret.encode() if secret is not None else None
+    if key is not None:
+        h.auth.CopyFrom(wire.sign(key, wire.header_auth_fields(h)))
+    frames = [wire.encode_header(h)] + [wire.encode_chunk(data[i:i + chunk]) for i in range(0, len(data), chunk)]
+    if trailer:
+        digest = hashlib.sha256(bytes(wire.pack(snap, layout).numpy())).digest()
+        frames.append(wire.encode_trailer(wire.make_trailer(h, digest, key)))
+    return frames
 
 
 @pytest.fixture
