@@ -571,10 +571,31 @@ def test_a_client_that_cancels_mid_payload_leaves_nothing_and_the_round_goes_on(
     assert torch.equal(victim.collect(0)[1]["w"], _snap(1)["w"])
 
 
+def test_a_client_that_stalls_mid_payload_is_cut_off_after_the_deadline(make):
+    victim = make(0, [1], {}, template=_snap(0), deadline_s=1.0)
+    frames = _frames(_snap(1), sender=1, chunk=1000)
+    release = threading.Event()
+
+    def stream():
+        yield from frames[:3]
+        release.wait(20)  # stalls, and the call has no deadline of its own
+
+    t0 = time.monotonic()
+    with grpc.insecure_channel(victim.address) as ch:
+        call = ch.stream_unary(f"/{SERVICE}/SendSnapshot", request_serializer=None,
+                               response_deserializer=pb.SendReply.FromString)
+        fut = call.future(stream())
+        assert _wait_for(lambda: any("not complete" in r.reason for r in victim.rejected), timeout=10)
+        assert time.monotonic() - t0 < 8
+        release.set()
+        with pytest.raises(grpc.RpcError):
+            fut.result(timeout=10)
+
+
 def test_rounds_beyond_inbox_rounds_wait_their_turn_instead_of_evicting_earlier_ones(make, caplog):
     caplog.set_level(logging.INFO, logger="dimat.transport")
     a = make(0, [1], {}, template=_snap(0), inbox_rounds=2, deadline_s=DEADLINE)
-    for r in (0, 1):
+    for r in (1, 0):  # in either order: both are within the window
         assert _raw_send(a.address, _frames(_snap(r), sender=1, round=r)).accepted
     early = _raw_send(a.address, _frames(_snap(2), sender=1, round=2))
     assert isinstance(early, grpc.RpcError) and early.code() == grpc.StatusCode.UNAVAILABLE  # try again later

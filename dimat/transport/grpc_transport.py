@@ -108,30 +108,34 @@ class _Inbox:
         self._items: Dict[Tuple[int, int], Tuple[Snapshot, wire.Layout]] = {}
         self._cond = threading.Condition()
 
-    def admit(self, round: int, sender: int) -> Optional[Tuple[str, bool]]:
+    def admit(self, round: int, sender: int, current: int = -1) -> Optional[Tuple[str, bool]]:
         """Why a round-``round`` snapshot from ``sender`` cannot be stored now, and whether it may be later
-        (True: the sender should try again); None when it can."""
+        (True: the sender should try again); None when it can. ``current``: the round this agent is in (its
+        latest post), when it is past the last collected one."""
         with self._cond:
-            return self._why_not(round, sender)
+            return self._why_not(round, sender, current)
 
-    def _why_not(self, round: int, sender: int) -> Optional[Tuple[str, bool]]:
+    def _why_not(self, round: int, sender: int, current: int) -> Optional[Tuple[str, bool]]:
         if round <= self.floor:
             return f"late: round {round} arrived after round {self.floor} was collected", False
         if (round, sender) in self._items:
             # A snapshot that arrived is final: a second one for the same round (a replay with a fresh nonce, a
             # second process claiming the rank) must not replace what a merge may already be about to use.
             return f"overwrite: round {round} from {sender} has already arrived", False
-        held = sum(1 for _, s in self._items if s == sender)
-        if held >= self.max_rounds:
-            # Keep the rounds needed soonest; the sender retries this one once I have collected some.
-            return (f"ahead: {held} rounds from {sender} already wait (inbox_rounds={self.max_rounds}); "
-                    f"try again after round {self.floor + 1} is collected"), True
+        # At most max_rounds rounds past the one I am in (the round after the last collected, or the one I
+        # posted last, e.g. after a restart). A window of rounds rather than a count per sender: two rounds'
+        # streams may arrive in either order, and the earlier round must never be the one turned away.
+        base = max(self.floor, current - 1)
+        if round > base + self.max_rounds:
+            return (f"ahead: round {round} is more than inbox_rounds={self.max_rounds} rounds past round "
+                    f"{base + 1}; try again once round {round - self.max_rounds} is collected"), True
         return None
 
-    def put(self, round: int, sender: int, snap: Snapshot, layout: wire.Layout) -> Optional[Tuple[str, bool]]:
+    def put(self, round: int, sender: int, snap: Snapshot, layout: wire.Layout,
+            current: int = -1) -> Optional[Tuple[str, bool]]:
         """Store a snapshot; why it was not stored (and whether to try again), or None."""
         with self._cond:
-            why = self._why_not(round, sender)
+            why = self._why_not(round, sender, current)
             if why is not None:
                 return why
             self._items[(round, sender)] = (snap, layout)
@@ -566,6 +570,8 @@ class GrpcTransport(Transport):
     def _on_snapshot(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.SendReply:
         peer = context.peer()
         round, sender = -1, -1
+        stalled = threading.Event()
+        watchdog = None
 
         def refuse(reason: str) -> pb.SendReply:
             self._reject(round, sender, reason, peer)
@@ -590,24 +596,37 @@ class GrpcTransport(Transport):
                     context.abort(grpc.StatusCode.UNAVAILABLE, reason)
                 return refuse(reason)
             layout = wire.check_header(header, self._expected, self.max_snapshot_bytes)
+            # A sender that stops sending (without a deadline of its own) must not hold a server thread forever.
+            watchdog = threading.Timer(self.deadline_s, lambda: (stalled.set(), context.cancel()))
+            watchdog.daemon = True
+            watchdog.start()
             snap = self._receive_payload(frames, header, layout, key)
         except wire.WireError as e:
-            return refuse(str(e))
+            # (a stream cancelled by the watchdog may also just end: then the trailer is missing)
+            return refuse(self._cut_off_reason() if stalled.is_set() else str(e))
         except Exception as e:
             if context.code() is not None:  # context.abort() above: let gRPC end the call with that status
                 raise
+            if stalled.is_set():
+                return refuse(self._cut_off_reason())
             # The stream itself broke: the peer went away, or gRPC refused a message over max_message_bytes.
             return refuse(f"stream broken ({type(e).__name__}{': ' + str(e) if str(e) else ''}): the peer went "
                           f"away or sent a frame over the {self.max_message_bytes}-byte limit")
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
         if self._closed:
             context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down")
-        why = self._inbox.put(round, sender, snap, layout)
+        why = self._inbox.put(round, sender, snap, layout, self.latest_posted)
         if why is not None:  # another stream for the same round and sender got there first
             return refuse(why[0])
         with self._lock:
             self.bytes_received += layout.payload_bytes
         log.debug("agent %d: round %d from %d accepted (%d bytes)", self.rank, round, sender, layout.payload_bytes)
         return pb.SendReply(accepted=True)
+
+    def _cut_off_reason(self) -> str:
+        return f"payload not complete {self.deadline_s:g} s (deadline_s) after its header: the stream was cancelled"
 
     def _authenticate(self, header: pb.SnapshotHeader, context: grpc.ServicerContext) -> Optional[bytes]:
         """Check the header's HMAC against the key of the sender it claims (aborting the call with UNAUTHENTICATED
@@ -631,7 +650,7 @@ class GrpcTransport(Transport):
             return f"addressed to agent {header.receiver}, this is agent {self.rank}", False
         if sender not in self.neighbors:
             return f"sender {sender} is not a neighbour of agent {self.rank}", False
-        return self._inbox.admit(round, sender)
+        return self._inbox.admit(round, sender, self.latest_posted)
 
     def _receive_payload(self, frames: Iterator[bytes], header: pb.SnapshotHeader, layout: wire.Layout,
                          key: Optional[bytes]) -> Snapshot:
