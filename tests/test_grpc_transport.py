@@ -595,13 +595,13 @@ def test_a_client_that_stalls_mid_payload_is_cut_off_after_the_deadline(make):
 def test_rounds_beyond_inbox_rounds_wait_their_turn_instead_of_evicting_earlier_ones(make, caplog):
     caplog.set_level(logging.INFO, logger="dimat.transport")
     a = make(0, [1], {}, template=_snap(0), inbox_rounds=2, deadline_s=DEADLINE)
+    a.post(0, _snap(0))  # agent 0 is in round 0: rounds 0 and 1 fit, round 2 must wait
     for r in (1, 0):  # in either order: both are within the window
         assert _raw_send(a.address, _frames(_snap(r), sender=1, round=r)).accepted
     early = _raw_send(a.address, _frames(_snap(2), sender=1, round=2))
     assert isinstance(early, grpc.RpcError) and early.code() == grpc.StatusCode.UNAVAILABLE  # try again later
     assert "inbox_rounds=2" in early.details() and not a.rejected
     assert any("postponed" in r.getMessage() for r in caplog.records)
-    a.post(0, _snap(0))
     assert int(a.collect(0)[1]["n"]) == 0  # round 0 was kept (it used to be evicted by round 2)
     assert _raw_send(a.address, _frames(_snap(2), sender=1, round=2)).accepted  # room now
     # End to end: a sender three rounds ahead gets every round through, by retrying within its deadline.
@@ -613,6 +613,17 @@ def test_rounds_beyond_inbox_rounds_wait_their_turn_instead_of_evicting_earlier_
     for r in range(3):
         c.post(r, _snap(0))
         assert int(c.collect(r)[1]["n"]) == r
+
+
+def test_before_its_first_round_an_agent_keeps_each_senders_newest_rounds(make):
+    """A restarted agent does not know yet which round it will rejoin at: its neighbours' latest are kept."""
+    a = make(0, [1], {}, template=_snap(0), inbox_rounds=2, deadline_s=1.0)
+    for r in (5, 6, 7):
+        assert _raw_send(a.address, _frames(_snap(r), sender=1, round=r)).accepted
+    a.post(6, _snap(0))  # rejoins at round 6
+    assert int(a.collect(6)[1]["n"]) == 6
+    a.post(7, _snap(0))
+    assert int(a.collect(7)[1]["n"]) == 7
 
 
 def test_status_from_a_non_neighbour_is_refused_and_logged(make, caplog):

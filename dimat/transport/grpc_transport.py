@@ -97,8 +97,11 @@ class TLSConfig:
 class _Inbox:
     """Validated snapshots by ``(round, sender)``, with a condition variable for ``collect``.
 
-    Snapshots of rounds at or below the last collected round are refused (late); future rounds are kept (a fast
-    neighbour may post r+1 before I collect r), at most ``max_rounds`` per sender, oldest evicted first.
+    Snapshots of rounds at or below the last collected round are refused (late); an arrived (round, sender) is
+    never replaced; future rounds are kept (a fast neighbour may post r+1 before I collect r), up to ``max_rounds``
+    rounds past my current one (later ones are postponed: the sender retries). Before my first post or collect
+    my current round is unknown (a restarted agent rejoins at its neighbours' round): then the newest
+    ``max_rounds`` rounds per sender are kept.
     """
 
     def __init__(self, max_rounds: int):
@@ -126,6 +129,8 @@ class _Inbox:
         # posted last, e.g. after a restart). A window of rounds rather than a count per sender: two rounds'
         # streams may arrive in either order, and the earlier round must never be the one turned away.
         base = max(self.floor, current - 1)
+        if base < 0 and current < 0:
+            return None  # no round yet (just started, or rejoining): the newest rounds are kept (see put)
         if round > base + self.max_rounds:
             return (f"ahead: round {round} is more than inbox_rounds={self.max_rounds} rounds past round "
                     f"{base + 1}; try again once round {round - self.max_rounds} is collected"), True
@@ -139,6 +144,14 @@ class _Inbox:
             if why is not None:
                 return why
             self._items[(round, sender)] = (snap, layout)
+            if self.floor < 0 and current < 0:
+                # Before my first round I do not know which rounds I will need: a restarted agent rejoins at its
+                # neighbours' current round, so keep their newest max_rounds rounds.
+                mine = sorted(r for r, s in self._items if s == sender)
+                for r in mine[:-self.max_rounds]:
+                    del self._items[(r, sender)]
+                    log.info("inbox: dropped round %d from %d (kept its newest %d rounds: no round of mine yet)",
+                             r, sender, self.max_rounds)
             self._cond.notify_all()
         return None
 
