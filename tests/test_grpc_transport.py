@@ -640,6 +640,11 @@ def test_status_from_a_non_neighbour_is_refused_and_logged(make, caplog):
     outsider = make(3, [0], {0: b.address}, secret=None, credentials=_cred(3))
     assert outsider.peer_status(0) is None
     assert "no key for agent 3" in b.rejected[-1].reason
+    # ... and an agent whose credentials hold no key for a peer says so instead of calling it.
+    keyless = make(1, [0, 5], {0: b.address, 5: "127.0.0.1:9"}, secret=None, credentials=_cred(1), deadline_s=0.5)
+    assert keyless.peer_status(5) is None
+    keyless.post(0, _snap(1))
+    assert keyless.collect(0) == {}
 
 
 # ------------------------------------------------------------------------------------------------------ TLS

@@ -473,7 +473,11 @@ class GrpcTransport(Transport):
         """
         self._check_open()
         req = pb.StatusRequest(sender=self.rank, receiver=int(peer))
-        key = self._key_for(peer)
+        try:
+            key = self._key_for(peer)
+        except wire.AuthError as e:
+            log.warning("agent %d: cannot ask %d for its Status: %s", self.rank, peer, e)
+            return None
         if key is not None:
             req.auth.CopyFrom(wire.sign(key, wire.status_auth_fields(self.rank, int(peer))))
         try:
@@ -492,7 +496,10 @@ class GrpcTransport(Transport):
             if remaining <= 0:
                 break
             attempts += 1
-            ok, retry, last = self._send_once(peer, out, remaining)
+            try:
+                ok, retry, last = self._send_once(peer, out, remaining)
+            except wire.AuthError as e:  # my credentials hold no key for this peer: no attempt can succeed
+                ok, retry, last = False, False, str(e)
             if ok:
                 return True
             if not retry:
@@ -615,8 +622,12 @@ class GrpcTransport(Transport):
             watchdog.start()
             snap = self._receive_payload(frames, header, layout, key)
         except wire.WireError as e:
-            # (a stream cancelled by the watchdog may also just end: then the trailer is missing)
-            return refuse(self._cut_off_reason() if stalled.is_set() else str(e))
+            # A cancelled stream (by its client, or by the watchdog) may also just end, without its trailer.
+            if stalled.is_set():
+                return refuse(self._cut_off_reason())
+            if not context.is_active():
+                return refuse(f"stream broken: the peer cancelled or went away ({e})")
+            return refuse(str(e))
         except Exception as e:
             if context.code() is not None:  # context.abort() above: let gRPC end the call with that status
                 raise
