@@ -86,6 +86,7 @@ DEFAULTS: Dict[str, Any] = {
         "deadline_s": 60.0,  # seconds an agent waits for its neighbours' snapshots per round
         "compress": None,  # None | fp16 | bf16: float tensors on the wire (grpc, torch); see docs/transport.md
         "secret_file": None,  # file holding the shared secret (grpc; else $DIMAT_SECRET; never the secret itself)
+        "credentials_file": None,  # per-agent keys binding identity to rank (grpc; "{rank}" is replaced)
         "tls_cert": None,  # PEM certificate, key and CA for TLS between agents (grpc)
         "tls_key": None,
         "tls_ca": None,
@@ -108,6 +109,7 @@ TYPES: Dict[str, Tuple[type, ...]] = {
     "gossip.lr": (int, float, type(None)),
     "transport.compress": (str, type(None)),
     "transport.secret_file": (str, type(None)),
+    "transport.credentials_file": (str, type(None)),
     "transport.tls_cert": (str, type(None)),
     "transport.tls_key": (str, type(None)),
     "transport.tls_ca": (str, type(None)),
