@@ -26,6 +26,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -106,6 +107,8 @@ class Deployment:
     @property
     def env(self) -> Dict[str, str]:
         env = dict(os.environ)
+        # flwr's CLIs (and the SuperLink's own `flower-superexec`) are found on PATH: use this Python's first.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["FLWR_HOME"] = str(self.workdir / "flwr-home")
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"  # no network: skip Flower's check for a newer release
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -113,9 +116,9 @@ class Deployment:
 
     def start(self, startup_timeout: float = 120.0) -> None:
         """Start everything and wait (at most ``startup_timeout`` s) until every SuperNode has registered."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if self.supernodes < 1:
             raise ValueError(f"supernodes must be >= 1, got {self.supernodes}")
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.port, *self.node_ports = free_ports(1 + self.supernodes)
         security = ["--insecure"]
         if self.tls:
@@ -193,9 +196,16 @@ class Deployment:
         text = out.stdout + out.stderr
         if out.returncode != 0:
             raise RuntimeError(f"flwr run failed (exit {out.returncode}):\n{text[-3000:]}")
-        runs = json.loads(self.flwr("list", CONNECTION, "--format", "json").stdout)["runs"]
-        run = max(runs, key=lambda r: r.get("created-at", ""))
-        return {"run_id": run["run-id"], "status": run["status"], "log": text, "seconds": time.monotonic() - t}
+        started = re.search(r"Successfully started run (\d+)", text)
+        if not started:
+            raise RuntimeError(f"flwr run printed no run id:\n{text[-3000:]}")
+        run_id = started.group(1)
+        listing = self.flwr("list", CONNECTION, "--run-id", run_id, "--format", "json")
+        try:
+            (run,) = [r for r in json.loads(listing.stdout)["runs"] if str(r["run-id"]) == run_id]
+        except (ValueError, KeyError) as e:
+            raise RuntimeError(f"flwr list did not describe run {run_id}: {listing.stdout}{listing.stderr}") from e
+        return {"run_id": run_id, "status": run["status"], "log": text, "seconds": time.monotonic() - t}
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM every process group started here, SIGKILL what is left after ``timeout`` s, then sweep up
