@@ -15,6 +15,13 @@ Two layers:
 
   They are created on first access, so importing this module never imports flwr.
 
+* :func:`alignment_telemetry` (per-round figures the strategies log with ``telemetry=True``: how many units the
+  matching moved, unit correlation before and after) and :func:`align_to_local` (client side: the received
+  global model permuted into the client's own unit order before local training). Both need only torch.
+
+A complete Flower App for Flower's deployment runtime (SuperLink, SuperNodes, ``flwr run``) is in
+``examples/flower-app/``.
+
 Wire format. ``DimatFedAvg``: clients send ``[v.cpu().numpy() for v in model.state_dict().values()]`` (the usual
 Flower PyTorch convention, BatchNorm buffers included) and load what they receive with
 ``model.load_state_dict(dict(zip(model.state_dict().keys(), map(torch.as_tensor, arrays))))``.

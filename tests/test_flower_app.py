@@ -205,6 +205,30 @@ def test_app_round_in_process_client_train_and_aligned_aggregation(app_modules):
     assert 0 <= entry["alignment"]["moved_fraction"] <= 1 and "assign_s" in entry["operator_profile"]
 
 
+def test_app_client_trains_on_an_npz_from_the_run_config(app_modules, tmp_path):
+    import numpy as np
+    from flwr.app import ArrayRecord, Context, RecordDict
+
+    from dimat.errors import UserError
+
+    task, client_app, _ = app_modules
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    np.savez(path, x_train=rng.integers(0, 255, (120, 8, 8, 3), dtype=np.uint8), y_train=np.arange(120) % 4,
+             x_test=rng.integers(0, 255, (40, 8, 8, 3), dtype=np.uint8), y_test=np.arange(40) % 4)
+    cfg = run_config(dataset=f"npz:{path}", partition="iid", **{"local-epochs": 1})
+    s = task.Settings.from_run_config(cfg)
+    model = task.new_model(s, 0)
+    assert model(torch.zeros(2, 3, 8, 8)).shape == (2, 4)  # built for the file's images and classes
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
+                  run_config=cfg)
+    reply = client_app.train(train_message(ArrayRecord(model.state_dict()), 1), ctx)
+    assert reply.content["metrics"]["num-examples"] == 54  # half of the 108 samples the server does not keep
+    bad = run_config(dataset=f"npz:{tmp_path / 'absent.npz'}")
+    with pytest.raises(UserError, match="absent.npz: no such file"):
+        task.new_model(task.Settings.from_run_config(bad), 0)
+
+
 def test_app_client_rejects_a_supernode_without_partition(app_modules):
     from flwr.app import ArrayRecord, Context, RecordDict
 

@@ -221,7 +221,7 @@ class Deployment:
                 p.wait(timeout=5)
         ports = [self.port, *self.node_ports]
         deadline = time.monotonic() + timeout
-        while (left := _processes_using(ports)) and time.monotonic() < deadline:
+        while _processes_using(ports) and time.monotonic() < deadline:
             time.sleep(0.5)  # SuperExec notices its parent is gone and exits by itself within seconds
         for pid in _processes_using(ports):
             try:

@@ -14,9 +14,8 @@ import logging
 import time
 from logging import INFO
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
