@@ -260,6 +260,15 @@ def deploy_env(monkeypatch):
 
 def check_run(res, out: Path, rounds: int, names):
     assert res["status"] == "finished:completed", res["log"][-3000:]
+    results = check_results(out, rounds, names)
+    if "dimat" in names:
+        assert "units moved, unit correlation" in res["log"]
+        assert "DimatFedAvg(dimat): test accuracy after each round" in res["log"]
+    return results
+
+
+def check_results(out: Path, rounds: int, names):
+    """results.json of the ServerApp: accuracy after every round, and every DimatFedAvg round matched units."""
     results = json.loads((out / "results.json").read_text())
     for name in names:
         run = results["runs"][name]
@@ -278,8 +287,6 @@ def check_run(res, out: Path, rounds: int, names):
             a = e["alignment"]
             assert a["units"] > 0 and len(a["per_model"]) == 2 and 0 <= a["moved_fraction"] <= 1
             assert a["corr_matched"] >= a["corr_identity"] - 1e-9
-        assert "units moved, unit correlation" in res["log"]
-        assert "DimatFedAvg(dimat): test accuracy after each round" in res["log"]
     return results
 
 
@@ -289,7 +296,7 @@ def test_flower_deployment_insecure_three_rounds(deploy_env, tmp_path):
     d = deploy_env.Deployment(tmp_path / "deploy", supernodes=3)
     with d:
         assert (tmp_path / "deploy" / "flwr-home" / "config.toml").read_text().count("insecure = true") == 1
-        res = d.run_app(run_config=f"num-server-rounds=3 strategy='dimat' out-dir='{out}'", timeout=480)
+        res = d.run_app(run_config=f"num-server-rounds=3 strategy='dimat' out-dir='{out}'", timeout=900)
         ports = [d.port, *d.node_ports]
     check_run(res, out, 3, ["dimat"])
     assert all(p.poll() is not None for p in d.procs) and deploy_env._processes_using(ports) == []
@@ -300,12 +307,35 @@ def test_flower_deployment_tls_both_strategies(deploy_env, tmp_path):
     out = tmp_path / "out"
     d = deploy_env.Deployment(tmp_path / "deploy", supernodes=3, tls=True)
     with d:
-        res = d.run_app(run_config=f"num-server-rounds=2 strategy='both' out-dir='{out}'", timeout=480)
+        res = d.run_app(run_config=f"num-server-rounds=2 strategy='both' out-dir='{out}'", timeout=900)
         ports = [d.port, *d.node_ports]
     assert f"running on https://127.0.0.1:{d.port}" in d.tail("superlink", 10_000)
     results = check_run(res, out, 2, ["dimat", "fedavg"])
     assert "FedAvg: test accuracy after each round" in res["log"] and results["runs"]["fedavg"]["merge_log"] == []
     assert all(p.poll() is not None for p in d.procs) and deploy_env._processes_using(ports) == []
+
+
+def in_process_module():
+    if "flower_app_in_process" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("flower_app_in_process", APP / "in_process.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["flower_app_in_process"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["flower_app_in_process"]
+
+
+def test_app_on_an_in_process_grid_two_rounds_of_both_strategies(app_modules, tmp_path):
+    """The ServerApp's main and the ClientApp on a Grid that calls the ClientApp in this process (Flower's
+    simulation runtime would need Ray): the default suite's stand-in for the slow deployment tests."""
+    ip = in_process_module()
+    ip.run(ip.app_run_config(f"num-server-rounds=2 local-epochs=1 out-dir='{tmp_path}'"), nodes=3)
+    results = check_results(tmp_path, 2, ["dimat", "fedavg"])
+    assert results["runs"]["fedavg"]["merge_log"] == [] and results["settings"]["local_epochs"] == 1
+
+
+def test_in_process_run_config_rejects_an_unknown_key(app_modules):
+    with pytest.raises(ValueError, match="--run-config: unknown key 'roundz'"):
+        in_process_module().app_run_config("roundz=3")
 
 
 def test_deployment_needs_a_supernode(tmp_path):
