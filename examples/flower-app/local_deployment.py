@@ -112,6 +112,9 @@ class Deployment:
         env["FLWR_HOME"] = str(self.workdir / "flwr-home")
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"  # no network: skip Flower's check for a newer release
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # One torch thread per app process: the ServerApp and every ClientApp are processes of their own on the
+        # same cores, and OpenMP workers of several processes spinning against each other slow small models a lot.
+        env.setdefault("OMP_NUM_THREADS", "1")
         return env
 
     def start(self, startup_timeout: float = 120.0) -> None:
