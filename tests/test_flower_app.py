@@ -341,3 +341,21 @@ def test_in_process_run_config_rejects_an_unknown_key(app_modules):
 def test_deployment_needs_a_supernode(tmp_path):
     with pytest.raises(ValueError, match="supernodes must be >= 1"):
         deployment_module().Deployment(tmp_path, supernodes=0).start()
+
+
+def test_cleanup_sweep_matches_only_our_whole_addresses():
+    """stop() kills leftover processes naming our ports: 127.0.0.1:4000 must not catch 127.0.0.1:40001."""
+    import subprocess
+    import time
+
+    mod = deployment_module()
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "--addr", "127.0.0.1:40001"])
+    try:
+        deadline = time.monotonic() + 10
+        while p.pid not in mod._processes_using([40001]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert p.pid in mod._processes_using([40001])
+        assert p.pid not in mod._processes_using([4000, 400])
+    finally:
+        p.kill()
+        p.wait(timeout=10)

@@ -253,7 +253,8 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
 
 def _processes_using(ports: Sequence[int]) -> List[int]:
     """Live processes whose command line names one of our 127.0.0.1 ports (the app runtimes started for us)."""
-    needles = [f"127.0.0.1:{p}".encode() for p in ports if p]
+    # The address is a whole argument (NUL-terminated in /proc/PID/cmdline): port 4000 must not match 40001.
+    needles = [f"127.0.0.1:{p}\0".encode() for p in ports if p]
     found = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
