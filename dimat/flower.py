@@ -15,6 +15,13 @@ Two layers:
 
   They are created on first access, so importing this module never imports flwr.
 
+* :func:`alignment_telemetry` (per-round figures the strategies log with ``telemetry=True``: how many units the
+  matching moved, unit correlation before and after) and :func:`align_to_local` (client side: the received
+  global model permuted into the client's own unit order before local training). Both need only torch.
+
+A complete Flower App for Flower's deployment runtime (SuperLink, SuperNodes, ``flwr run``) is in
+``examples/flower-app/``.
+
 Wire format. ``DimatFedAvg``: clients send ``[v.cpu().numpy() for v in model.state_dict().values()]`` (the usual
 Flower PyTorch convention, BatchNorm buffers included) and load what they receive with
 ``model.load_state_dict(dict(zip(model.state_dict().keys(), map(torch.as_tensor, arrays))))``.
@@ -31,8 +38,10 @@ round does not depend on arrival order.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
+import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -42,7 +51,14 @@ from torch import nn
 from dimat import merge
 
 # DimatFedAvg and MessageDimatFedAvg are public too, but built on first access (they need flwr).
-__all__ = ["ModelAggregator", "state_to_ndarrays", "ndarrays_to_state", "FLOWER_HINT"]
+__all__ = [
+    "ModelAggregator",
+    "alignment_telemetry",
+    "align_to_local",
+    "state_to_ndarrays",
+    "ndarrays_to_state",
+    "FLOWER_HINT",
+]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +129,16 @@ class ModelAggregator:
         when ``calibration`` is given, otherwise ``"wa"`` (plain weighted averaging, FedAvg's arithmetic).
     reset_bn : recompute BatchNorm running statistics of the merged model on ``calibration`` (ignored without it).
     stat_batches : number of calibration batches used for statistics and the BatchNorm reset (None: all).
+    telemetry : after every merge, also measure how far the clients were from the reference's unit order
+        (:func:`alignment_telemetry`, one more statistics pass over the calibration batches) and put it in
+        :attr:`last_report`. Needs ``calibration``.
+
+    Attributes
+    ----------
+    last_report : dict describing the latest merge (None before the first): ``method``, ``clients``,
+        ``reference`` (index into the results given), ``weights`` (normalised, reference first), ``merge_s``
+        (seconds), ``operator_profile`` (the operator's own timings: ``stats_s``/``assign_s`` exist only when it
+        matched units) and, with ``telemetry``, ``alignment``.
     """
 
     def __init__(
@@ -122,6 +148,7 @@ class ModelAggregator:
         method: Optional[str] = None,
         reset_bn: bool = True,
         stat_batches: Optional[int] = None,
+        telemetry: bool = False,
     ) -> None:
         self.template = _template(model)
         self.calibration = _calibration(calibration)
@@ -133,6 +160,12 @@ class ModelAggregator:
             raise ValueError(f"stat_batches must be a positive int or None, got {stat_batches!r}")
         self.reset_bn = bool(reset_bn)
         self.stat_batches = stat_batches
+        if telemetry and self.calibration is None:
+            raise ValueError("telemetry (alignment statistics) needs calibration batches held by the server")
+        self.telemetry = bool(telemetry)
+        self.last_report: Optional[Dict[str, Any]] = None
+        # Only operators that match units take a `profile` dict; it records the seconds of each of their stages.
+        self._takes_profile = "profile" in inspect.signature(self._merge).parameters
 
     def aggregate(self, results: Sequence[Tuple[Any, float]]) -> NDArrays:
         """Merge ``[(arrays, num_examples), ...]`` (one pair per client) into one model's arrays (state_dict order).
@@ -155,13 +188,30 @@ class ModelAggregator:
             raise ValueError("every client reported num_examples=0; nothing to weight the merge by")
         order = _reference_first(counts)
         models = [self._model(results[i][0], f"client {i}") for i in order]
-        return self._merge(
+        weights = [counts[i] for i in order]
+        profile: Dict[str, float] = {}
+        extra = {"profile": profile} if self._takes_profile else {}
+        t = time.perf_counter()
+        merged = self._merge(
             models,
-            [counts[i] for i in order],
+            weights,
             batches=self.calibration,
             reset_bn=self.reset_bn and self.calibration is not None,
             stat_batches=self.stat_batches,
+            **extra,
         )
+        report: Dict[str, Any] = {
+            "method": self.method,
+            "clients": len(models),
+            "reference": order[0],
+            "weights": [w / sum(weights) for w in weights],
+            "merge_s": time.perf_counter() - t,
+            "operator_profile": dict(profile),
+        }
+        if self.telemetry:
+            report["alignment"] = alignment_telemetry(models, self.calibration, self.stat_batches)
+        self.last_report = report
+        return merged
 
     def _model(self, arrays: Any, who: str) -> nn.Module:
         model = copy.deepcopy(self.template)
@@ -209,6 +259,91 @@ def _reference_first(counts: Sequence[float]) -> List[int]:
     return [ref] + [i for i in range(len(counts)) if i != ref]
 
 
+# ------------------------------------------------------------------------------------------------ telemetry
+def alignment_telemetry(
+    models: Sequence[nn.Module], batches: Iterable[Any], stat_batches: Optional[int] = None
+) -> Dict[str, Any]:
+    """How far ``models[1:]`` are from ``models[0]``'s unit order, by activation correlation on ``batches``.
+
+    For every permutable group of the architecture this computes, per other model, the unit correlations with
+    ``models[0]`` and their best assignment, with the same functions activation matching uses
+    (:func:`dimat.merge.stats.collect_correlations`, :func:`dimat.merge.matching.match`; no parameter
+    tie-break). Nothing is modified.
+
+    Returns a dict: ``groups`` (permutable groups), ``units`` (their units, summed), ``moved_fraction`` (share of
+    units, over all groups and other models, that the assignment maps to a different index: 0 when the models
+    already share the reference's order), ``corr_identity`` and ``corr_matched`` (mean Pearson correlation of
+    unit ``i`` of ``models[0]`` with unit ``i`` of the other model, and with the unit it is assigned; both in
+    [-1, 1]) and ``per_model`` (the same three figures for each of ``models[1:]``, in order).
+    """
+    if len(models) < 2:
+        return {"groups": 0, "units": 0, "moved_fraction": 0.0, "corr_identity": float("nan"),
+                "corr_matched": float("nan"), "per_model": []}
+    example = next(merge.iter_inputs(batches, 1))
+    spec, graph = merge.spec_for(models[0], example)
+    groups = spec.permutable
+    corrs: List[Dict[int, torch.Tensor]] = []
+    if groups:
+        corrs = merge.stats.collect_correlations(
+            list(models), spec, graph, merge.iter_inputs(batches, stat_batches), groups
+        )
+    per_model = []
+    for corr in corrs:
+        moved = units = 0
+        c_id = c_match = 0.0
+        for c in corr.values():
+            c = torch.nan_to_num(c.double())
+            perm = merge.matching.match(c)
+            idx = torch.arange(len(perm))
+            moved += int((perm != idx).sum())
+            units += len(perm)
+            c_id += float(c[idx, idx].sum())
+            c_match += float(c[idx, perm].sum())
+        per_model.append({"moved_fraction": moved / max(units, 1), "corr_identity": c_id / max(units, 1),
+                          "corr_matched": c_match / max(units, 1), "units": units})
+    total = sum(p["units"] for p in per_model)
+
+    def mean(key: str) -> float:
+        return sum(p[key] * p["units"] for p in per_model) / total if total else float("nan")
+
+    return {
+        "groups": len(groups),
+        "units": per_model[0]["units"] if per_model else 0,
+        "moved_fraction": mean("moved_fraction") if total else 0.0,
+        "corr_identity": mean("corr_identity"),
+        "corr_matched": mean("corr_matched"),
+        "per_model": [{k: v for k, v in p.items() if k != "units"} for p in per_model],
+    }
+
+
+# ----------------------------------------------------------------------------------------- client-side helper
+def align_to_local(
+    received: nn.Module,
+    local: nn.Module,
+    batches: Iterable[Any],
+    keep: float = 0.0,
+    stat_batches: Optional[int] = None,
+) -> nn.Module:
+    """Client side: the received global model re-expressed in the unit order of the client's own ``local`` model.
+
+    Activation matching on the client's ``batches`` finds, for every permutable group, the permutation of the
+    received model's units that best matches ``local``'s units; the result is the received model with its units
+    permuted (the same function, ``keep=0``), or the weighted average ``keep * local + (1 - keep) * aligned``
+    (``0 < keep < 1``: the client keeps part of its own previous model, a DIMAT-style local merge; BatchNorm
+    statistics are then recomputed on ``batches``). Neither input is modified; a new module is returned.
+
+    Call it before local training with the model the client trained last round; the server's aligned
+    aggregation (:class:`MessageDimatFedAvg` / :class:`DimatFedAvg` with activation matching) then maps every
+    client back to one reference basis. With plain weight averaging on the server (FedAvg, ``method="wa"``)
+    permuting clients apart breaks the average: use it only with a matching server.
+    """
+    if not (isinstance(keep, (int, float)) and not isinstance(keep, bool) and 0.0 <= keep < 1.0):
+        raise ValueError(f"keep (weight of the client's own model) must be a number in [0, 1), got {keep!r}")
+    return merge.activation_match(
+        [local, received], [keep, 1.0 - keep], batches, reset_bn=keep > 0, stat_batches=stat_batches
+    )
+
+
 # --------------------------------------------------------------------------------------- flwr-dependent part
 _CLASSES: Dict[str, type] = {}
 
@@ -238,10 +373,23 @@ class _Merging:
         method: Optional[str] = None,
         reset_bn: bool = True,
         stat_batches: Optional[int] = None,
+        telemetry: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # the FedAvg that follows in the strategy's MRO
-        self.aggregator = ModelAggregator(model, calibration, method, reset_bn, stat_batches)
+        self.aggregator = ModelAggregator(model, calibration, method, reset_bn, stat_batches, telemetry)
+        #: one dict per aggregated round: ``{"round": r, "client_ids": [...], **aggregator.last_report}``
+        self.merge_log: List[Dict[str, Any]] = []
+
+    def _record(self, server_round: int, client_ids: Sequence[Any]) -> None:
+        report = {"round": int(server_round), "client_ids": [str(c) for c in client_ids],
+                  **(self.aggregator.last_report or {})}
+        self.merge_log.append(report)
+        a = report.get("alignment")
+        if a:
+            log.info("round %s: %s merge of %d clients, %.0f%% of %d units moved, unit correlation %.3f -> %.3f",
+                     server_round, report["method"], report["clients"], 100 * a["moved_fraction"], a["units"],
+                     a["corr_identity"], a["corr_matched"])
 
 
 def _build_dimat_fedavg() -> type:
@@ -261,7 +409,8 @@ def _build_dimat_fedavg() -> type:
         model : the clients' architecture (``nn.Module`` or zero-argument factory); see :class:`ModelAggregator`.
         calibration : batches held by the server for activation statistics and the BatchNorm reset. Without it the
             strategy falls back to weighted averaging (FedAvg's arithmetic).
-        method, reset_bn, stat_batches : as in :class:`ModelAggregator`.
+        method, reset_bn, stat_batches, telemetry : as in :class:`ModelAggregator`; each round's report is
+            appended to ``merge_log``.
         **kwargs : every FedAvg keyword (``min_fit_clients``, ``initial_parameters``, ``evaluate_fn``, ...).
         """
 
@@ -278,6 +427,7 @@ def _build_dimat_fedavg() -> type:
             results = sorted(results, key=lambda r: str(getattr(r[0], "cid", "")))
             pairs = [(parameters_to_ndarrays(res.parameters), res.num_examples) for _, res in results]
             arrays = self.aggregator.aggregate(pairs)
+            self._record(server_round, [getattr(proxy, "cid", "") for proxy, _ in results])
             log.info("round %s: merged %d client models with %r", server_round, len(pairs), self.aggregator.method)
             metrics: Dict[str, Any] = {}
             if self.fit_metrics_aggregation_fn:
@@ -308,7 +458,8 @@ def _build_message_dimat_fedavg() -> type:
         model : the clients' architecture (``nn.Module`` or zero-argument factory); see :class:`ModelAggregator`.
         calibration : batches held by the server for activation statistics and the BatchNorm reset. Without it the
             strategy falls back to weighted averaging (FedAvg's arithmetic).
-        method, reset_bn, stat_batches : as in :class:`ModelAggregator`.
+        method, reset_bn, stat_batches, telemetry : as in :class:`ModelAggregator`; each round's report is
+            appended to ``merge_log``.
         **kwargs : every FedAvg keyword (``fraction_train``, ``min_train_nodes``, ``weighted_by_key``, ...).
         """
 
@@ -331,6 +482,7 @@ def _build_message_dimat_fedavg() -> type:
                 for c in contents
             ]
             merged = self.aggregator.merge(pairs)
+            self._record(server_round, [m.metadata.src_node_id for m in valid])
             return ArrayRecord(merged.state_dict()), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     MessageDimatFedAvg.__module__ = __name__
