@@ -249,7 +249,10 @@ def test_no_results_and_wrong_architecture_are_errors():
 
 
 def test_missing_flwr_gives_an_install_hint(monkeypatch):
-    monkeypatch.setitem(sys.modules, "flwr", None)  # makes `import flwr...` raise ImportError
+    # None in sys.modules makes `import flwr...` raise ImportError; submodules another test imported already
+    # would otherwise be found without their parent being looked at
+    for name in [m for m in list(sys.modules) if m == "flwr" or m.startswith("flwr.")] + ["flwr"]:
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setattr(flower, "_CLASSES", {})
     with pytest.raises(ImportError, match=r"pip install 'dimat\[flower\]'"):
         flower.DimatFedAvg
