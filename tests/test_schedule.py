@@ -295,3 +295,35 @@ def test_topology_show_describes_a_schedule(capsys, tmp_path):
     assert "cycle of ring.json, fc" in capsys.readouterr().out
     assert cli_main(["topology", "show", "random-matching"]) == 2
     assert "give --agents N" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["grpc", "torch"])
+def test_launch_on_a_directed_schedule_reproduces_dimat_run(tmp_path, transport):
+    """4 agent processes on the one-peer exponential schedule (directed in round 0, hop 2 in round 1) compute what
+    the in-process simulation computes, over gRPC and over torch.distributed."""
+    import os
+    import subprocess
+    import sys
+
+    from dimat.config import load_config
+    from dimat.metrics import read_metrics
+    from dimat.runner import run
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"agents": 4, "rounds": 3, "topology": "one-peer-exponential", "threads": 1,
+                               "data": {"dataset": "synthetic:train=400,test=100"},
+                               "model": {"name": "mlp", "width": 0.25}, "train": {"epochs": 1},
+                               "transport": {"deadline_s": 30}}))
+    run(load_config(cfg), tmp_path / "ref", quiet=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "-m", "dimat", "launch", str(cfg), "--transport", transport, "--out",
+                           str(tmp_path / "out"), "--timeout", "150"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=200, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    keys = ("round", "agent", "phase", "test_acc", "received", "missing", "comm_bytes")
+    ref = [{k: r.get(k) for k in keys} for r in read_metrics([tmp_path / "ref" / "metrics.jsonl"])]
+    got = [{k: r.get(k) for k in keys} for r in read_metrics([tmp_path / "out" / "metrics.jsonl"])]
+    assert got == ref
+    assert [r["received"] for r in got if r["phase"] == "merge" and r["agent"] == 0] == [[1], [2], [1]]
