@@ -159,6 +159,12 @@ def _merges(outs: Sequence[Path], n: int) -> List[dict]:
     return [r for r in recs if r["phase"] == "merge"]
 
 
+def test_without_ip_the_tests_say_why_in_one_line(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    why = _netns_unavailable()
+    assert why == "the 'ip' command (iproute2) is not installed"
+
+
 # ---------------------------------------------------------------------------------------------- torchrun
 def test_torchrun_two_nodes_in_two_namespaces(hosts, tmp_path):
     """torchrun --nnodes 2 --nproc-per-node 1, c10d rendezvous at host 0's address, gloo between the hosts."""
