@@ -68,8 +68,7 @@ def _topology(cfg: Mapping[str, Any]) -> Schedule:
         # Legal but noteworthy graphs (disconnected, asymmetric) are reported once here, not per agent.
         warnings.simplefilter("always")
         sched = Schedule.from_spec(cfg["topology"], cfg["agents"], seed=seed)
-        if not sched.is_static:
-            sched.union()  # a schedule whose rounds together never join all agents is worth a warning
+        sched.union()  # a schedule whose rounds together never join all agents is worth a warning
         return sched
 
 

@@ -71,6 +71,7 @@ class Schedule:
         self.period = period
         self._graph_at = functools.lru_cache(maxsize=256)(graph_at)
         self.peers = peers
+        self._union: Optional[Topology] = None
 
     # ------------------------------------------------------------------------------------------ constructors
     @classmethod
@@ -224,15 +225,17 @@ class Schedule:
         """Every edge any round may use, as one graph (Metropolis-Hastings weights on its undirected version).
 
         Its weights are not used for merging; it says who may ever talk to whom (addresses, connections).
-        A static schedule's union is its topology.
+        A static schedule's union is its topology. A union that leaves agents apart is reported with a
+        :class:`~dimat.topology.TopologyWarning` (once).
         """
         if self.is_static:
             return self.at(0)
-        c = self.union_connectivity()
-        c = ((c + c.T) > 0).astype(np.int64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TopologyWarning)
-            return Topology(c, metropolis_hastings(c), f"union of {self.name}", self.peers)
+        if self._union is None:  # built once, so that a disconnected union is reported once
+            c = self.union_connectivity()
+            c = ((c + c.T) > 0).astype(np.int64)
+            self._union = Topology(c, metropolis_hastings(c), f"union of {self.name}", self.peers,
+                                   source=f"topology schedule {self.name!r}: the union of all rounds")
+        return self._union
 
     def mixing_product(self, rounds: int, start: int = 0) -> np.ndarray:
         """``pi_{start+rounds-1} @ ... @ pi_{start}``: what ``rounds`` rounds of mixing do to the agents' models

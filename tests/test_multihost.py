@@ -167,10 +167,12 @@ def test_without_ip_the_tests_say_why_in_one_line(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- torchrun
 def test_torchrun_two_nodes_in_two_namespaces(hosts, tmp_path):
-    """torchrun --nnodes 2 --nproc-per-node 1, c10d rendezvous at host 0's address, gloo between the hosts."""
+    """torchrun --nnodes 2 --nproc-per-node 1, c10d rendezvous at host 0's address, gloo between the hosts. The
+    topology alternates between a ring and no edges at all, so the torch transport also follows a schedule."""
     h = hosts(2)
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(json.dumps(dict(TINY, agents=2, rounds=2, topology="ring", transport={"deadline_s": 30})))
+    cfg.write_text(json.dumps(dict(TINY, agents=2, rounds=3, topology=["ring", "disconnected"],
+                                   transport={"deadline_s": 30})))
     endpoint = f"{h.addrs[0]}:29400"  # a port of host 0's own network stack, where nothing else runs
     logs, procs, outs = [], [], []
     for k in range(2):
@@ -186,8 +188,10 @@ def test_torchrun_two_nodes_in_two_namespaces(hosts, tmp_path):
     codes = _wait(procs, 150)
     assert codes == [0, 0], _logs(logs)
     merges = _merges(outs, 2)
-    assert sorted((r["agent"], r["round"]) for r in merges) == [(k, r) for k in range(2) for r in range(2)]
-    assert all(r["received"] == [1 - r["agent"]] and not r["missing"] for r in merges)  # across the hosts
+    assert sorted((r["agent"], r["round"]) for r in merges) == [(k, r) for k in range(2) for r in range(3)]
+    # Rounds 0 and 2 exchange across the hosts; round 1 has no edges.
+    assert all(r["received"] == ([] if r["round"] == 1 else [1 - r["agent"]]) and not r["missing"] for r in merges)
+    assert all((r["comm_bytes"] == 0) == (r["round"] == 1) for r in merges)
     # One agent per host, and each host's folder holds only its own agent's records.
     assert [{r["agent"] for r in _merges([out], 2)} for out in outs] in ([{0}, {1}], [{1}, {0}])
 

@@ -110,6 +110,19 @@ def test_union_keeps_the_files_peers(tmp_path):
     assert s.union().peers == {k: f"10.0.0.{k + 1}:7000" for k in range(4)}
 
 
+def test_a_union_that_leaves_agents_apart_is_reported_once():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = Schedule.from_spec(["disconnected", "disconnected"], 3)
+        caught.clear()  # each entry's own warning
+        s.union()
+        s.union()
+    assert [str(w.message) for w in caught] == [
+        "topology schedule 'cycle of disconnected, disconnected': the union of all rounds: the graph is "
+        "disconnected (3 components)"]
+    assert "union of all rounds: DISCONNECTED (3 components)" in s.describe()
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("spec,match", [
     ("nonsense", "unknown topology kind 'nonsense'.*one-peer-exponential, random-matching"),
