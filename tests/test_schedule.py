@@ -214,6 +214,12 @@ def test_create_builds_transports_that_follow_a_schedule():
     assert static.round_peers is None and static.neighbors == [0, 2]
 
 
+def test_grpc_under_a_schedule_needs_the_address_of_every_potential_peer():
+    sched = Schedule.random_matching(4, seed=0)
+    with pytest.raises(ValueError, match=r"no address for neighbour\(s\) \[2, 3\]"):
+        create("grpc", 0, sched, {"listen": "127.0.0.1:0"}, peers={0: "127.0.0.1:1", 1: "127.0.0.1:2"})
+
+
 def test_grpc_follows_the_schedule_and_refuses_a_sender_outside_the_rounds_graph():
     from dimat.transport.grpc_transport import GrpcTransport
 
