@@ -118,7 +118,7 @@ class Schedule:
     def random_matching(cls, num_agents: int, seed: int = 0) -> "Schedule":
         """Round r: a random perfect matching drawn from ``(seed, r)``; each pair averages (weights 1/2, 1/2).
 
-        With an odd N the unpaired agent keeps its model that round. Never repeats (no period).
+        With an odd N the unpaired agent keeps its model that round. No period.
         """
         n = _check_n("random-matching", num_agents)
         seed = int(seed)
