@@ -233,15 +233,18 @@ def test_grpc_agents_over_three_namespaces(hosts, tmp_path):
 
 def test_a_partition_of_two_deadlines_is_survived_and_healed(hosts, tmp_path):
     """Three hosts, one agent each, on a ring (everyone is everyone's neighbour). Host 2's link goes down during
-    the run for two deadlines, then comes back. Every agent finishes every round; while cut off, host 2 merges
-    nothing and the others merge without it; once healed, a round is complete again for everyone.
+    the run for two deadlines, then comes back. Every agent runs to the last round; while cut off, host 2 merges
+    nothing and the others merge without it; once healed, snapshots cross between host 2 and the others again.
 
-    Written against the round protocol of this branch (every round waits up to one deadline for a missing
-    neighbour); it asks only what any protocol must do: end, finish every round, and heal."""
+    It asks only what any round protocol must do: end, reach the last round, and heal. A protocol may let an
+    agent skip rounds to catch up with its neighbours, so the rounds in between are not required. A protocol that
+    stops waiting for a neighbour after one missed deadline runs the other rounds of the cut at the speed of
+    training, so the run has enough rounds, and enough training per round, to go on after the link is back."""
     h = hosts(3)
-    deadline = 3.0
-    rounds = 10
-    cfg = dict(TINY, agents=3, rounds=rounds, topology="ring", transport={"deadline_s": deadline})
+    deadline = 2.0
+    rounds = 40
+    cfg = dict(TINY, agents=3, rounds=rounds, topology="ring", transport={"deadline_s": deadline},
+               data={"dataset": "synthetic:train=3000,test=150"}, train={"epochs": 2})
     procs, logs, outs = _grpc_agents(h, tmp_path, cfg, per_host=1)
     try:
         _wait_for_round(outs, 3, 1, timeout=90)  # every agent has merged round 1: the run is under way
@@ -255,16 +258,18 @@ def test_a_partition_of_two_deadlines_is_survived_and_healed(hosts, tmp_path):
     codes = _wait(procs, 200)
     assert codes == [0, 0, 0], _logs(logs)
     merges = _merges(outs, 3)
-    assert sorted((r["agent"], r["round"]) for r in merges) == [(k, r) for k in range(3) for r in range(rounds)]
     by = {(r["agent"], r["round"]): r for r in merges}
-    partial = [r for r in merges if r["missing"]]
-    assert partial, "the cut lost nothing: the partition did not happen during a round"
-    # Every agent had merged round 1 before the cut (round 0 may have missed an agent that started late).
-    cut_off = [r for r in range(2, rounds) if by[(2, r)]["missing"] == [0, 1]]
+    for k in range(3):  # every agent ran to the end, in order
+        mine = [r["round"] for r in merges if r["agent"] == k]
+        assert mine == sorted(set(mine)) and mine[-1] == rounds - 1 and mine[:2] == [0, 1], (k, mine)
+    # Cut off: a round after round 1 (every agent had merged round 1 before the cut) in which host 2 got nothing.
+    cut_off = [r for r in range(2, rounds) if (2, r) in by and by[(2, r)]["missing"] == [0, 1]]
     assert cut_off, "host 2 was never cut off from both neighbours"
-    healed_rounds = [r for r in range(cut_off[0] + 1, rounds) if all(not by[(k, r)]["missing"] for k in range(3))]
-    assert healed_rounds, "no complete round after the partition: " + str([by[(k, r)] for k in range(3)
-                                                                           for r in range(cut_off[0], rounds)])
+    assert any(2 in by[(k, r)]["missing"] for k in (0, 1) for r in range(2, rounds) if (k, r) in by)
+    # Healed: after the cut, a snapshot crossed between host 2 and the others again.
+    crossed = [(r["agent"], r["round"]) for r in merges if r["round"] > cut_off[0]
+               and (2 in r["received"] if r["agent"] != 2 else r["received"])]
+    assert crossed, "no snapshot crossed between host 2 and the others after the partition:\n" + _logs(logs)
     assert healed - cut >= 2 * deadline
 
 
