@@ -172,7 +172,7 @@ def _open_transport(cfg: Config, setup: Setup, rank: int, name: str, peers: Opti
 
     kw = {"template": _template(cfg, setup)} if name == "grpc" else {}
     try:
-        return make_transport(name, cfg, rank=rank, topology=setup.topology, peers=peers, **kw)
+        return make_transport(name, cfg, rank=rank, topology=setup.graphs, peers=peers, **kw)
     except ValueError as e:
         if launcher.is_addr_in_use(e):
             raise  # `dimat agent` exits with EXIT_PORT_IN_USE, which the launcher retries

@@ -24,12 +24,14 @@ import numpy as np
 import torch
 
 from dimat import models
+from dimat.baselines import STEP_METHODS
 from dimat.config import Config, first_difference
 from dimat.data import Batches, Dataset, load_dataset, partition_dataset
 from dimat.errors import UserError
 from dimat.loop import Agent
 from dimat.merge.combine import CombineOptions
 from dimat.node import Node
+from dimat.schedule import Schedule
 from dimat.topology import Topology
 from dimat.train import optimizer_factory
 from dimat.transport.base import Transport
@@ -43,19 +45,31 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 
 @dataclass
 class Setup:
-    """What every agent of a run shares: the topology, the dataset and the partition (train, test) indices."""
+    """What every agent of a run shares: the topology, the dataset and the partition (train, test) indices.
+
+    ``schedule`` is set for a time-varying topology (``topology`` is then the union of its rounds: every edge
+    some round uses, for addresses and connections); None for a static one.
+    """
 
     topology: Topology
     dataset: Dataset
     parts: List[tuple]
+    schedule: Optional[Schedule] = None
+
+    @property
+    def graphs(self) -> Any:
+        """What a Node and a transport follow: the schedule if there is one, else the static topology."""
+        return self.schedule if self.schedule is not None else self.topology
 
 
-def _topology(cfg: Mapping[str, Any]) -> Topology:
+def _topology(cfg: Mapping[str, Any]) -> Schedule:
     seed = cfg["topology_seed"] if cfg["topology_seed"] is not None else cfg["seed"]
     with warnings.catch_warnings():
         # Legal but noteworthy graphs (disconnected, asymmetric) are reported once here, not per agent.
         warnings.simplefilter("always")
-        return Topology.from_spec(cfg["topology"], cfg["agents"], seed=seed)
+        sched = Schedule.from_spec(cfg["topology"], cfg["agents"], seed=seed)
+        sched.union()  # a schedule whose rounds together never join all agents is worth a warning
+        return sched
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -156,9 +170,13 @@ def prepare(cfg: Mapping[str, Any]) -> Setup:
     if cfg["threads"] is not None:
         torch.set_num_threads(cfg["threads"])
     with _field(cfg, "topology"):
-        topo = _topology(cfg)
-        if topo.num_agents != cfg["agents"]:
-            raise UserError(f"the topology has {topo.num_agents} agents but key 'agents' is {cfg['agents']}")
+        sched = _topology(cfg)
+        if sched.num_agents != cfg["agents"]:
+            raise UserError(f"the topology has {sched.num_agents} agents but key 'agents' is {cfg['agents']}")
+        if not sched.is_static and cfg["merge"]["method"] in STEP_METHODS:
+            raise UserError(f"{sched.name} changes the graph every round, but merge.method "
+                            f"{cfg['merge']['method']!r} (a gradient-gossip baseline) needs a static topology")
+        topo = sched.union()
     with _field(cfg, "data.dataset"):
         ds = load_dataset(cfg["data"]["dataset"], seed=cfg["seed"])
     with _field(cfg, "data.flip"):
@@ -171,7 +189,7 @@ def prepare(cfg: Mapping[str, Any]) -> Setup:
         _check_model(cfg, ds)
     with _field(cfg, "device"):
         resolve_device(cfg["device"])
-    return Setup(topo, ds, parts)
+    return Setup(topo, ds, parts, None if sched.is_static else sched)
 
 
 def build_agent(cfg: Mapping[str, Any], setup: Setup, rank: int, transport: Optional[Transport]) -> Agent:
@@ -186,7 +204,7 @@ def build_agent(cfg: Mapping[str, Any], setup: Setup, rank: int, transport: Opti
     order = np.random.default_rng([cfg["seed"], rank, 2]).permutation(train_idx)
     local = Batches(ds.x_train, ds.y_train, order, batch_size=cfg["train"]["batch_size"])
     m = cfg["merge"]
-    node = Node(model, setup.topology, rank, transport, local, method=m["method"], stat_batches=m["stat_batches"],
+    node = Node(model, setup.graphs, rank, transport, local, method=m["method"], stat_batches=m["stat_batches"],
                 bn_batches=m["bn_batches"], reset_bn=m["reset_bn"], basis=m["basis"],
                 combine=CombineOptions.from_config(m), combine_seed=cfg["seed"],
                 identity_prior=m["identity_prior"], keep_margin=m["keep_margin"])

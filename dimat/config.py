@@ -32,7 +32,7 @@ DEFAULTS: Dict[str, Any] = {
     "seed": 0,  # agent k uses seed + k for its init and data order
     "agents": 5,  # number of agents N; must equal the topology's size
     "rounds": 10,  # merge rounds R
-    "topology": "ring",  # a kind name (ring, fc, torus, ...) or a path to a topology file
+    "topology": "ring",  # a kind (ring, fc, ...), a file, a schedule (one-peer-exponential, random-matching) or a list
     "topology_seed": None,  # seed for random topologies (None: use `seed`)
     "data": {
         "dataset": "digits",  # digits | synthetic[:opts] | npz:PATH | imagefolder:PATH | cifar:PATH
@@ -100,7 +100,7 @@ DEFAULTS: Dict[str, Any] = {
 
 #: Accepted types of keys whose default is None or that accept more than the default's type.
 TYPES: Dict[str, Tuple[type, ...]] = {
-    "topology": (str,),
+    "topology": (str, list),
     "topology_seed": (int, type(None)),
     "model.width": (int, float),
     "merge.stat_batches": (int, type(None)),
@@ -203,7 +203,8 @@ def _default(key: str) -> Any:
 
 
 def _type_name(types: Sequence[type]) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+             list: "a list"}
     shown = [t for t in types if not (t is int and float in types)]  # "a number" covers the integers
     return " or ".join(names.get(t, t.__name__) for t in shown)
 
@@ -311,7 +312,12 @@ def _check_values(where: str, c: Dict[str, Any]) -> None:
     if f["merge.method"] not in methods:
         raise bad("merge.method", f"must be one of {', '.join(methods)}, got {f['merge.method']!r}")
     if not f["topology"]:
-        raise bad("topology", "must be a topology kind or a file path, got an empty string")
+        raise bad("topology", "must be a topology kind, a file path or a non-empty list of them, got "
+                              f"{f['topology']!r}")
+    if isinstance(f["topology"], list):
+        for k, entry in enumerate(f["topology"]):
+            if not isinstance(entry, str) or not entry:
+                raise bad("topology", f"entry {k} must be a topology kind or file, got {entry!r}")
     if f["eval.consensus"] and (f["transport.name"] != "inproc" or f["merge.method"] not in ("dimat", "wa", "wm", "none")):
         raise bad("eval.consensus", "needs every model in one process: only dimat run (transport inproc) with "
                   "merge.method dimat, wa, wm or none evaluates the consensus model")

@@ -98,8 +98,10 @@ class Node:
     Parameters
     ----------
     model : the agent's model; merges are loaded into it in place.
-    topology : a :class:`dimat.topology.Topology` (its ``neighbors(rank)`` and ``pi``), or an N x N mixing
-        matrix, in which case the neighbours are the ranks j != rank with ``pi[rank][j] > 0``.
+    topology : a :class:`dimat.topology.Topology` (its ``neighbors(rank)`` and ``pi``), an N x N mixing
+        matrix, in which case the neighbours are the ranks j != rank with ``pi[rank][j] > 0``, or a
+        :class:`dimat.schedule.Schedule`, whose round-r graph round r uses (:meth:`graph_at`; the transport must
+        follow the same schedule). :attr:`neighbors` is then every agent this one merges in some round.
     rank : this agent's index in the topology.
     transport : moves snapshots (:class:`dimat.transport.base.Transport`); unused when ``method="none"``.
     batches : re-iterable of local ``(input, target)`` batches (or input tensors) for activation statistics and
@@ -148,15 +150,19 @@ class Node:
     ):
         if basis not in self.BASES:
             raise ValueError(f"basis must be one of {', '.join(self.BASES)}, got {basis!r}")
-        pi = mixing_matrix(topology)
+        # A time-varying topology (a dimat.schedule.Schedule) gives each round its own graph; see graph_at.
+        self.schedule = topology if hasattr(topology, "round_peers") else None
+        pi = mixing_matrix(topology.at(0) if self.schedule is not None else topology)
         if not 0 <= rank < len(pi):
             raise ValueError(f"rank {rank} is outside the topology's {len(pi)} agents")
         self.model = model
         self.topology = topology
         self.rank = int(rank)
         self.pi_row = pi[rank]
-        if hasattr(topology, "neighbors"):  # a Topology: its connectivity decides, even where a weight is 0
-            self.neighbors: List[int] = list(topology.neighbors(self.rank))
+        if self.schedule is not None:
+            self.neighbors: List[int] = list(self.schedule.potential_neighbors(self.rank))
+        elif hasattr(topology, "neighbors"):  # a Topology: its connectivity decides, even where a weight is 0
+            self.neighbors = list(topology.neighbors(self.rank))
         else:
             self.neighbors = [j for j in range(len(pi)) if j != rank and pi[rank][j] > 0]
         self.method = method
@@ -182,6 +188,14 @@ class Node:
         # Byte counters at the end of the previous round: gRPC counts bytes in background threads as transfers
         # complete, so a round's bytes are the counters' growth between collects, not their change during a call.
         self._bytes_mark = (transport.bytes_sent, transport.bytes_received) if transport is not None else (0, 0)
+
+    def graph_at(self, r: int) -> tuple[List[int], np.ndarray]:
+        """Round ``r``'s neighbours of this agent and its row of the mixing matrix (the same every round for a
+        static topology)."""
+        if self.schedule is None:
+            return self.neighbors, self.pi_row
+        g = self.schedule.at(r)
+        return g.neighbors(self.rank), g.pi[self.rank]
 
     # ----------------------------------------------------------------------------------------------- exchange
     def post(self, r: int) -> None:
@@ -221,10 +235,11 @@ class Node:
         mark = (self.transport.bytes_sent, self.transport.bytes_received)
         result.bytes_sent, result.bytes_received = mark[0] - self._bytes_mark[0], mark[1] - self._bytes_mark[1]
         self._bytes_mark = mark
-        result.received = sorted(j for j in snapshots if j in self.neighbors)
-        result.missing = [j for j in self.neighbors if j not in snapshots]
+        neighbors, pi_row = self.graph_at(r)
+        result.received = sorted(j for j in snapshots if j in neighbors)
+        result.missing = [j for j in neighbors if j not in snapshots]
         ranks = [self.rank] + result.received
-        raw = [float(self.pi_row[j]) for j in ranks]
+        raw = [float(pi_row[j]) for j in ranks]
         total = sum(raw)
         if total <= 0:  # e.g. a zero self-weight and no neighbour arrived: keep what we have
             raw, total = [1.0] * len(ranks), float(len(ranks))

@@ -113,7 +113,7 @@ def run(
         atomic_write_text(out / "config.yaml", dump(cfg))
     from dimat.transport.inproc import make_inproc
 
-    transports = make_inproc([setup.topology.neighbors(k) for k in range(cfg["agents"])])
+    transports = make_inproc([setup.topology.neighbors(k) for k in range(cfg["agents"])], setup.schedule)
     if gossip.handles(cfg["merge"]["method"]):  # gradient-gossip baselines and centralised: a step-level loop
         agents, driver = gossip.build_agents(cfg, setup, transports), gossip.drive
     else:

@@ -40,7 +40,9 @@ def create(name: str, rank: int, topology: Any = None, transport_cfg: Optional[M
     name : ``"inproc"``, ``"grpc"`` or ``"torch"``.
     rank : this agent's rank.
     topology : a :class:`dimat.topology.Topology` (or anything with ``neighbors(i)``, ``num_agents`` and
-        ``peers``); not needed when ``neighbors`` (and for gRPC ``peers``) are given.
+        ``peers``); not needed when ``neighbors`` (and for gRPC ``peers``) are given. A time-varying
+        :class:`dimat.schedule.Schedule`: the transport connects to every agent this one exchanges with in some
+        round and follows the schedule round by round (for gRPC, ``peers`` must give all their addresses).
     transport_cfg : the config's ``transport`` section. Keys used: ``deadline_s`` (all); for grpc ``listen``,
         ``compress``, ``credentials_file`` (per-agent keys, ``{rank}`` replaced by ``rank``; see
         :mod:`dimat.transport.identity`) or ``secret`` / ``secret_file`` (else the ``DIMAT_SECRET`` environment
@@ -59,6 +61,14 @@ def create(name: str, rank: int, topology: Any = None, transport_cfg: Optional[M
     ValueError : unknown name, missing neighbours or addresses, bad settings.
     """
     cfg: Dict[str, Any] = {k: v for k, v in dict(transport_cfg or {}).items() if v is not None}
+    round_peers = None
+    if topology is not None and hasattr(topology, "round_peers"):  # a time-varying topology (dimat.schedule)
+        if not topology.is_static:
+            round_peers = topology.round_peers(rank)
+        # Set up once for every agent this one may exchange with in some round; each round then uses its own.
+        neighbors = topology.potential_neighbors(rank) if neighbors is None else neighbors
+        send_to = topology.potential_out_neighbors(rank) if send_to is None else send_to
+        topology = topology.union()
     if neighbors is None:
         if topology is None:
             raise ValueError("give a topology or neighbors")
@@ -70,7 +80,7 @@ def create(name: str, rank: int, topology: Any = None, transport_cfg: Optional[M
 
         if mailbox is None or not isinstance(mailbox, Mailbox):
             raise ValueError("the inproc transport needs the run's shared mailbox (mailbox=Mailbox())")
-        return InProcTransport(rank, neighbors, mailbox)
+        return InProcTransport(rank, neighbors, mailbox, send_to=send_to, round_peers=round_peers)
     if name == "grpc":
         from dimat.transport.grpc_transport import GrpcTransport
 
@@ -82,13 +92,13 @@ def create(name: str, rank: int, topology: Any = None, transport_cfg: Optional[M
         credentials = _credentials(cfg, rank)
         secret = _secret(cfg, environment=credentials is None)
         return GrpcTransport(rank, neighbors, peers, send_to=send_to, template=template, secret=secret,
-                             credentials=credentials, tls=_tls(cfg), **kw)
+                             credentials=credentials, tls=_tls(cfg), round_peers=round_peers, **kw)
     if name == "torch":
         from dimat.transport.torch_transport import TorchTransport
 
         kw = {k: cfg[k] for k in _TORCH_KEYS if k in cfg}
         kw.setdefault("timeout_s", cfg.get("deadline_s", 60.0))
-        return TorchTransport(rank, neighbors, send_to=send_to, **kw)
+        return TorchTransport(rank, neighbors, send_to=send_to, round_peers=round_peers, **kw)
     raise ValueError(f"unknown transport {name!r}; choose one of {', '.join(TRANSPORTS)}")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Dict, Mapping
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,11 +26,30 @@ class Transport(abc.ABC):
     ----------
     rank : this agent's index in the topology.
     bytes_sent, bytes_received : running totals of payload bytes (for metrics).
+    neighbors, send_to : the ranks I collect from and send to; under a time-varying topology, every rank I may
+        collect from or send to in some round.
+    round_peers : None for a static topology; else ``round -> (neighbours, send_to)`` of that round (from
+        :meth:`dimat.schedule.Schedule.round_peers`), which ``post`` and ``collect`` follow.
     """
 
     rank: int
     bytes_sent: int = 0
     bytes_received: int = 0
+    neighbors: List[int] = []
+    send_to: List[int] = []
+    round_peers: Optional[Callable[[int], Tuple[Sequence[int], Sequence[int]]]] = None
+
+    def neighbors_at(self, round: int) -> List[int]:
+        """Ranks whose round-``round`` snapshots I collect."""
+        if self.round_peers is None:
+            return self.neighbors
+        return sorted(int(j) for j in self.round_peers(int(round))[0] if int(j) != self.rank)
+
+    def send_to_at(self, round: int) -> List[int]:
+        """Ranks my round-``round`` snapshot goes to."""
+        if self.round_peers is None:
+            return self.send_to
+        return sorted(int(j) for j in self.round_peers(int(round))[1] if int(j) != self.rank)
 
     @abc.abstractmethod
     def post(self, round: int, snapshot: Mapping[str, torch.Tensor]) -> None:

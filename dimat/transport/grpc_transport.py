@@ -26,7 +26,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import grpc
 import torch
@@ -236,6 +236,9 @@ class GrpcTransport(Transport):
     inbox_rounds : rounds kept per sender ahead of the last collected round; a sender further ahead is told to
         try again (UNAVAILABLE, so it retries within its deadline) rather than have an earlier round dropped.
     max_workers : server threads (concurrent incoming calls); default ``2 * len(neighbors) + 4``.
+    round_peers : a time-varying topology's ``round -> (neighbours, send_to)``; ``neighbors``, ``send_to`` and
+        ``peers`` then cover every round (every agent this one may ever exchange with), and each round sends to,
+        accepts from and waits for that round's peers only.
 
     Attributes
     ----------
@@ -268,8 +271,10 @@ class GrpcTransport(Transport):
         max_clock_skew_s: float = 300.0,
         inbox_rounds: int = 2,
         max_workers: Optional[int] = None,
+        round_peers: Optional[Callable[[int], Tuple[Sequence[int], Sequence[int]]]] = None,
     ):
         self.rank = int(rank)
+        self.round_peers = round_peers
         self.neighbors: List[int] = sorted({int(j) for j in neighbors} - {self.rank})
         self.send_to: List[int] = sorted({int(j) for j in (neighbors if send_to is None else send_to)} - {self.rank})
         self.peers: Dict[int, str] = {int(k): str(v) for k, v in peers.items()}
@@ -398,7 +403,7 @@ class GrpcTransport(Transport):
                 self._outgoing[round].cancel()
             self._outgoing[round] = out
             self.latest_posted = max(self.latest_posted, round)
-            out.futures = [self._senders.submit(self._send_loop, j, out) for j in self.send_to]
+            out.futures = [self._senders.submit(self._send_loop, j, out) for j in self.send_to_at(round)]
 
     def collect(self, round: int) -> Dict[int, Snapshot]:
         """Neighbours' round-``round`` snapshots that arrived and passed validation before the deadline.
@@ -411,7 +416,8 @@ class GrpcTransport(Transport):
         round = int(round)
         with self._lock:
             deadline = self._round_deadline.get(round, time.monotonic() + self.deadline_s)
-        got = self._inbox.wait(round, self.neighbors, deadline)
+        neighbors = self.neighbors_at(round)
+        got = self._inbox.wait(round, neighbors, deadline)
         with self._lock:
             out = self._outgoing.get(round)
         if out is not None:
@@ -436,7 +442,7 @@ class GrpcTransport(Transport):
                     self._reject(round, sender, str(e), "collect")
                     continue
             result[sender] = snap
-        missing = [j for j in self.neighbors if j not in result]
+        missing = [j for j in neighbors if j not in result]
         if missing:
             log.info("agent %d round %d: no snapshot from %s", self.rank, round, missing)
         return result
@@ -672,8 +678,8 @@ class GrpcTransport(Transport):
         sender, round = int(header.sender), int(header.round)
         if header.receiver != self.rank:
             return f"addressed to agent {header.receiver}, this is agent {self.rank}", False
-        if sender not in self.neighbors:
-            return f"sender {sender} is not a neighbour of agent {self.rank}", False
+        if sender not in self.neighbors_at(round):
+            return f"sender {sender} is not a neighbour of agent {self.rank} in round {round}", False
         return self._inbox.admit(round, sender, self.latest_posted)
 
     def _receive_payload(self, frames: Iterator[bytes], header: pb.SnapshotHeader, layout: wire.Layout,

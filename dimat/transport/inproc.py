@@ -6,7 +6,7 @@ what its neighbours receive for that round (Jacobi-style rounds: everyone merges
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,11 +36,18 @@ class InProcTransport(Transport):
     rank : this agent's index.
     neighbors : ranks this agent receives from (not including itself).
     mailbox : the mailbox shared by all agents of the run.
+    send_to : ranks that read this agent's snapshots (default ``neighbors``: a symmetric graph); only counted.
+    round_peers : a time-varying topology's ``round -> (neighbours, send_to)`` (see :class:`Transport`).
     """
 
-    def __init__(self, rank: int, neighbors: Sequence[int], mailbox: Mailbox):
+    def __init__(self, rank: int, neighbors: Sequence[int], mailbox: Mailbox,
+                 send_to: Optional[Sequence[int]] = None,
+                 round_peers: Optional[Callable[[int], Tuple[Sequence[int], Sequence[int]]]] = None):
         self.rank = rank
         self.neighbors: List[int] = [int(j) for j in neighbors if int(j) != rank]
+        self.send_to: List[int] = (list(self.neighbors) if send_to is None
+                                   else [int(j) for j in send_to if int(j) != rank])
+        self.round_peers = round_peers
         self.mailbox = mailbox
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -48,12 +55,12 @@ class InProcTransport(Transport):
     def post(self, round: int, snapshot: Mapping[str, torch.Tensor]) -> None:
         frozen = {k: v.detach().clone() for k, v in snapshot.items()}
         self.mailbox.put(round, self.rank, frozen)
-        # Count what a real network would carry: one copy per neighbour that reads it (symmetric graphs).
-        self.bytes_sent += snapshot_nbytes(frozen) * len(self.neighbors)
+        # Count what a real network would carry: one copy per agent that reads it this round.
+        self.bytes_sent += snapshot_nbytes(frozen) * len(self.send_to_at(round))
 
     def collect(self, round: int) -> Dict[int, Snapshot]:
         got: Dict[int, Snapshot] = {}
-        for j in self.neighbors:
+        for j in self.neighbors_at(round):
             snap = self.mailbox.get(round, j)
             if snap is not None:
                 got[j] = snap
@@ -61,7 +68,14 @@ class InProcTransport(Transport):
         return got
 
 
-def make_inproc(neighbors: Sequence[Sequence[int]]) -> List[InProcTransport]:
-    """One transport per agent over a fresh shared mailbox; ``neighbors[i]`` are agent i's neighbours."""
+def make_inproc(neighbors: Sequence[Sequence[int]], schedule: Optional[object] = None) -> List[InProcTransport]:
+    """One transport per agent over a fresh shared mailbox; ``neighbors[i]`` are agent i's neighbours.
+
+    ``schedule``: a time-varying topology (:class:`dimat.schedule.Schedule`); each round's peers then come from
+    it (``neighbors`` should then be each agent's potential neighbours).
+    """
     box = Mailbox()
-    return [InProcTransport(i, nb, box) for i, nb in enumerate(neighbors)]
+    send_to = [[k for k, nb in enumerate(neighbors) if i in nb and k != i] for i in range(len(neighbors))]
+    return [InProcTransport(i, nb, box, send_to=send_to[i],
+                            round_peers=schedule.round_peers(i) if schedule is not None else None)
+            for i, nb in enumerate(neighbors)]

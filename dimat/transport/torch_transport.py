@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -68,6 +68,9 @@ class TorchTransport(Transport):
         payload per neighbour per round (about a third of the time of a loopback exchange). The snapshots
         ``collect`` returns then stay valid only until the next ``collect``: merge them (or clone them) before
         that, as the round loop does. False: fresh buffers every round.
+    round_peers : a time-varying topology's ``round -> (neighbours, send_to)``; ``neighbors`` and ``send_to``
+        then cover every round. Every rank derives the same graphs from the schedule, so each round's sends and
+        receives still match.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class TorchTransport(Transport):
         compress: Optional[str] = None,
         segment_bytes: int = SEGMENT_BYTES,
         reuse_buffers: bool = True,
+        round_peers: Optional[Callable[[int], Tuple[Sequence[int], Sequence[int]]]] = None,
     ):
         if not dist.is_available():
             raise RuntimeError("this torch build has no torch.distributed")
@@ -97,6 +101,7 @@ class TorchTransport(Transport):
         self.rank = int(rank)
         self.neighbors: List[int] = sorted({int(j) for j in neighbors} - {self.rank})
         self.send_to: List[int] = sorted({int(j) for j in (neighbors if send_to is None else send_to)} - {self.rank})
+        self.round_peers = round_peers
         self.compress = None if compress == "none" else compress
         self.timeout_s = float(timeout_s)
         self.bytes_sent = 0
@@ -163,7 +168,7 @@ class TorchTransport(Transport):
         self._send_buf[:PREFIX_BYTES].copy_(_prefix(int(round), layout.fingerprint, layout.payload_bytes,
                                                     self.segment_bytes))
         if self._segmented:
-            if self.send_to:  # a rank that only receives has nothing to pack
+            if self.send_to_at(round):  # a rank that only receives has nothing to pack
                 self._pack_and_send(snapshot, layout, round)
         else:
             wire.pack(snapshot, layout, out=self._send_buf[PREFIX_BYTES:])
@@ -179,11 +184,12 @@ class TorchTransport(Transport):
         try:
             if cast:
                 wire.pack(snapshot, layout, out=payload)
-            self._sends += [dist.isend(self._send_buf[:PREFIX_BYTES], j, tag=0) for j in self.send_to]
+            send_to = self.send_to_at(round)
+            self._sends += [dist.isend(self._send_buf[:PREFIX_BYTES], j, tag=0) for j in send_to]
             for k, (start, end) in enumerate(_segments(layout.payload_bytes, self.segment_bytes), start=1):
                 if not cast:
                     wire.pack_range(snapshot, layout, payload, start, end, flat)
-                self._sends += [dist.isend(payload[start:end], j, tag=k) for j in self.send_to]
+                self._sends += [dist.isend(payload[start:end], j, tag=k) for j in send_to]
         except Exception as e:
             raise self._failed(round, e) from e
 
@@ -199,7 +205,8 @@ class TorchTransport(Transport):
         if self._posted != int(round) or self._send_buf is None or self._layout is None:
             raise ValueError(f"rank {self.rank}: collect({round}) before post({round}); every rank posts, then collects")
         size = self._send_buf.numel()
-        recv = {j: self._recv.get(j) if self.reuse_buffers else None for j in self.neighbors}
+        send_to = self.send_to_at(round)
+        recv = {j: self._recv.get(j) if self.reuse_buffers else None for j in self.neighbors_at(round)}
         recv = {j: b if b is not None and b.numel() == size else torch.empty(size, dtype=torch.uint8,
                                                                              device=self.device)
                 for j, b in recv.items()}
@@ -210,13 +217,13 @@ class TorchTransport(Transport):
             if self._segmented:
                 refused = self._receive_segments(recv, round)
             else:
-                ops = [dist.P2POp(dist.isend, self._send_buf, j) for j in self.send_to]
+                ops = [dist.P2POp(dist.isend, self._send_buf, j) for j in send_to]
                 ops += [dist.P2POp(dist.irecv, buf, j) for j, buf in recv.items()]
                 for req in dist.batch_isend_irecv(ops) if ops else []:
                     req.wait()
         except Exception as e:
             raise self._failed(round, e) from e
-        self.bytes_sent += self._layout.payload_bytes * len(self.send_to)
+        self.bytes_sent += self._layout.payload_bytes * len(send_to)
         expect = _prefix(int(round), self._layout.fingerprint, 0, 0)[:_MATCH_BYTES].to(self.device)
         out: Dict[int, Snapshot] = {}
         for j, buf in recv.items():
