@@ -2,7 +2,7 @@
 
 Where DIMAT exchanges whole models once per round, a gossip method exchanges a message every ``gossip.comm_every``
 local steps. To compare the two at equal training, a gossip run keeps DIMAT's round structure
-(ALGORITHM.md section 2) and its metrics records:
+(the round of :mod:`dimat.loop`) and its metrics records:
 
     optional: pretrain_epochs of local training (the same as DIMAT's, :func:`dimat.loop.pretrain`)
     for r in 0 .. R-1:
