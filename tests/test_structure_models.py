@@ -327,12 +327,12 @@ def _permute_tiny(a: TinyTransformer, g, heads=4, kv_heads=4, fused=False) -> nn
     kvp = _perm(kv_heads, g)  # key/value heads; each carries its query heads along
     within = _perm(group, g)  # query heads inside a key/value group
     qheads = (kvp[:, None] * group + within[None, :]).reshape(-1)
-    if group == 1:  # one permutation per head (Q/K share it, V/O share another)
-        qk_in, vo_in = _per_head(heads, d, g), _per_head(heads, d, g)
-    else:  # a key/value head serves several query heads: they share its within-head permutation
-        qk_in, vo_in = _perm(d, g), _perm(d, g)
-    q_idx, o_idx = _heads_perm(heads, d, qheads, qk_in), _heads_perm(heads, d, qheads, vo_in)
-    k_idx, v_idx = _heads_perm(kv_heads, d, kvp, qk_in), _heads_perm(kv_heads, d, kvp, vo_in)
+    # one permutation per key/value head (Q/K share it, V/O share another); the query heads of a key/value
+    # head share its permutation
+    qk_kv, vo_kv = _per_head(kv_heads, d, g), _per_head(kv_heads, d, g)
+    of_q = torch.arange(heads) // group  # new query head -> its new key/value head
+    q_idx, o_idx = _heads_perm(heads, d, qheads, qk_kv[of_q]), _heads_perm(heads, d, qheads, vo_kv[of_q])
+    k_idx, v_idx = _heads_perm(kv_heads, d, kvp, qk_kv), _heads_perm(kv_heads, d, kvp, vo_kv)
     moves += [("attn.o.weight", 1, o_idx)]
     if fused:
         rows = torch.cat([q_idx, k_idx + dim, v_idx + 2 * dim])

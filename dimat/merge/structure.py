@@ -91,14 +91,16 @@ class Factor:
     Groups that name the same ``key`` share this factor's permutation (e.g. the heads of Q, K, V and the output
     projection). A factor with a non-empty ``fixed`` reason is never permuted (identity). A ``per_block`` factor
     (the innermost one, e.g. the dims of a head or the channels of a GroupNorm group) may be permuted differently
-    inside every block of the factors before it: its permutation is then a ``[blocks, units]`` tensor, row ``b``
-    for the block at new position ``b``.
+    inside every block of its first ``block_factors`` factors (all factors before it, or the leading ones that
+    every group holding it shares: with GQA, the key/value heads): its permutation is then a ``[blocks, units]``
+    tensor, row ``b`` for the block at new position ``b``.
     """
 
     key: str
     units: int
     fixed: str = ""
     per_block: bool = False
+    block_factors: int = 0
 
     def __str__(self) -> str:
         extra = ", per block" if self.per_block and not self.fixed else ""
@@ -1628,7 +1630,11 @@ def compose(group: Group, key_perms: Mapping[str, torch.Tensor]) -> torch.Tensor
             moved = digit
         else:
             p = torch.as_tensor(p, dtype=torch.long)
-            moved = p[new // (inner * f.units), digit] if p.dim() == 2 else p[digit]
+            if p.dim() == 2:
+                row = new // math.prod(sizes[f.block_factors:]) if f.block_factors else new // (inner * f.units)
+                moved = p[row, digit]
+            else:
+                moved = p[digit]
         old = old * f.units + moved
     return old
 
@@ -1637,11 +1643,11 @@ def _key_shapes(spec: PermutationSpec, groups: Sequence[int]) -> Dict[str, Tuple
     """key -> (blocks, units): blocks > 0 for a per-block factor, 0 for one permutation shared by all blocks."""
     shapes: Dict[str, Tuple[int, int]] = {}
     for gi in groups:
-        before = 1
-        for f in spec.groups[gi].effective_factors():
+        fs = spec.groups[gi].effective_factors()
+        for i, f in enumerate(fs):
             if f.key and not f.fixed and f.units > 1:
-                shapes[f.key] = (before if f.per_block else 0, f.units)
-            before *= f.units
+                lead = math.prod(h.units for h in fs[:f.block_factors or i])
+                shapes[f.key] = (lead if f.per_block else 0, f.units)
     return shapes
 
 
@@ -1663,19 +1669,26 @@ def random_perms(spec: PermutationSpec, generator: Optional[torch.Generator] = N
 
 
 def _mark_per_block(groups: List[Group]) -> List[Group]:
-    """Let the innermost factor vary per block where every group holding its key puts it last, after the same
-    factors (q and k rows: heads then dims); anywhere else one permutation must serve every block."""
-    prefixes: Dict[str, set] = {}
+    """Let the innermost factor vary per block of the leading factors that every group holding its key puts
+    before it (q and k rows: heads; GQA: the key/value heads); one permutation serves every block elsewhere."""
+    prefixes: Dict[str, List[Optional[tuple]]] = {}
     for g in groups:
         fs = g.effective_factors()
         for i, f in enumerate(fs):
             if f.key:
-                last = i == len(fs) - 1
-                pre = tuple((h.key, h.units) for h in fs[:i]) if last else None
-                prefixes.setdefault(f.key, set()).add(pre)
-    ok = {k for k, pres in prefixes.items()
-          if len(pres) == 1 and None not in pres and math.prod(n for _, n in next(iter(pres))) > 1}
-    return [replace(g, factors=tuple(replace(f, per_block=True) if i == len(g.factors) - 1 and f.key in ok else f
+                last = i == len(fs) - 1 and len(fs) > 1
+                prefixes.setdefault(f.key, []).append(tuple((h.key, h.units) for h in fs[:i]) if last else None)
+    lead: Dict[str, int] = {}
+    for k, pres in prefixes.items():
+        if any(p is None for p in pres):
+            continue
+        n = 0
+        while all(len(p) > n and p[n] == pres[0][n] and p[n][0] for p in pres):
+            n += 1
+        if n and math.prod(u for _, u in pres[0][:n]) > 1:
+            lead[k] = n
+    return [replace(g, factors=tuple(replace(f, per_block=True, block_factors=lead[f.key])
+                                     if i == len(g.factors) - 1 and f.key in lead else f
                                      for i, f in enumerate(g.factors))) if g.structured else g for g in groups]
 
 
