@@ -1,7 +1,7 @@
 """One agent of a multi-process run: set it up from the config and its rank, run its rounds, rejoin after a crash.
 
 This is what ``dimat agent`` runs, in its own process, over the gRPC or the torch.distributed transport. The
-agent is built exactly as ``dimat run`` builds agent ``rank`` (:func:`dimat.runner.build_agent`: same seed, data
+agent is built exactly as ``dimat run`` builds agent ``rank`` (:func:`dimat.build.build_agent`: same seed, data
 partition and order), and every round is :func:`dimat.loop.run_round` with a list of one agent, so a
 multi-process run whose exchanges all arrive in time computes what ``dimat run`` computes.
 
@@ -38,10 +38,10 @@ from dimat.config import Config, dump, first_difference
 from dimat.errors import UserError
 from dimat.loop import Agent, pretrain, restore_agent, run_round
 from dimat.metrics import MetricsWriter, atomic_write_text
-from dimat.runner import Setup, build_agent, prepare
+from dimat.build import Setup, build_agent, prepare
 from dimat.transport.base import Transport
 
-__all__ = ["run_agent", "check_multiprocess", "claim_run_dir", "rejoin_round", "peers_for"]
+__all__ = ["run_agent", "claim_run_dir", "rejoin_round", "peers_for"]
 
 _T0 = time.perf_counter()  # about when the agent process started (this module is imported first thing)
 
@@ -74,12 +74,12 @@ def run_agent(
     if rank >= cfg["agents"]:
         raise UserError(f"--rank {rank} is out of range: the config has {cfg['agents']} agents (ranks 0.."
                         f"{cfg['agents'] - 1})")
-    check_multiprocess(cfg)
+    launcher.check_multiprocess(cfg)
     if transport == "torch":
         _check_world_size(cfg)
     cfg = _with_transport(cfg, transport)
     setup = prepare(cfg)  # every input error surfaces before anything is written
-    from dimat.runner import merge_coverage, warn_coverage
+    from dimat.build import merge_coverage, warn_coverage
 
     warn_coverage(cfg, merge_coverage(cfg, setup.dataset))
     peers = peers_for(cfg, setup, peers_file) if transport == "grpc" else None
@@ -96,17 +96,6 @@ def run_agent(
             _aggregate_after_all(cfg, out, rank, log)
     log(f"agent {rank}: done in {time.perf_counter() - _T0:.1f} s")
     return 0
-
-
-def check_multiprocess(cfg: Mapping) -> None:
-    """UserError unless ``cfg`` can run one process per agent (the merge methods can; the step-level gossip
-    baselines and the centralised bound run only in ``dimat run``)."""
-    from dimat import gossip
-
-    method = cfg["merge"]["method"]
-    if gossip.handles(method):
-        raise UserError(f"merge.method: {method!r} exchanges models every local step and runs only in 'dimat run'; "
-                        f"one process per agent runs the merge methods (dimat, wm, wa, none)")
 
 
 def _check_world_size(cfg: Mapping, env: Mapping[str, str] = os.environ) -> None:
@@ -197,9 +186,16 @@ def _template(cfg: Mapping, setup: Setup) -> Dict[str, torch.Tensor]:
 
     from dimat.node import with_basis_tag
 
+    from dimat.merge import payload
+    from dimat.merge.combine import CombineOptions
+
     ds = setup.dataset
-    state = models.build(cfg["model"]["name"], ds.num_classes, width=cfg["model"]["width"],
-                         in_channels=ds.in_channels, image_size=ds.image_size).state_dict()
+    model = models.build(cfg["model"]["name"], ds.num_classes, width=cfg["model"]["width"],
+                         in_channels=ds.in_channels, image_size=ds.image_size)
+    state = model.state_dict()
+    kind = CombineOptions.from_config(cfg["merge"]).payload
+    if kind is not None:  # the combine rule's payload travels in the snapshot (same order as Node.post)
+        state = {**state, **payload.encode(kind, payload.template(kind, model))}
     return with_basis_tag(state, 0) if cfg["merge"]["basis"] == "shared" else state
 
 

@@ -264,6 +264,10 @@ class SGP(Rule):
 #: config name -> rule class (the methods ``merge.method`` may name besides the merge operators)
 RULES: Dict[str, Type[Rule]] = {"cdsgd": CDSGD, "cdmsgd": CDMSGD, "dpsgd": DPSGD, "sgp": SGP}
 
+#: the config methods (``merge.method``) run by the step-level loop of :mod:`dimat.gossip`: the rules and the
+#: centralised bound (one model trained on the union of the partitions)
+STEP_METHODS = tuple(sorted(RULES)) + ("centralised",)
+
 
 def get(name: str, momentum: Optional[float] = None) -> Rule:
     """A new rule registered under ``name`` (see :data:`RULES`); ValueError listing the valid names.

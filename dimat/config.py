@@ -42,6 +42,7 @@ DEFAULTS: Dict[str, Any] = {
     "model": {
         "name": "mlp",  # a zoo model: mlp, cnn, vgg16, resnet20, resnet50
         "width": 1.0,  # multiplier on every hidden width
+        "init": "different",  # different (agent k initialised with seed + k) | same (every agent with seed)
     },
     "train": {
         "optimizer": "adam",  # sgd | msgd (momentum 0.9) | adam
@@ -58,6 +59,18 @@ DEFAULTS: Dict[str, Any] = {
         "bn_batches": None,  # a separate number of batches for the BN reset, done outside the operator (no REPAIR)
         "reset_bn": True,  # recompute BatchNorm statistics of the merged model on local data
         "basis": "own",  # own (DIMAT: align to the agent's model) | shared (carry basis tags; see dimat.Node)
+        "identity_prior": 0.0,  # dimat: lambda added to the correlation's diagonal before each assignment
+        "keep_margin": None,  # dimat: keep a group's order unless matching gains more correlation than this
+        "combine": "mean",  # after alignment: mean | ties | dare | consensus | fisher | regmean
+        "combine_scale": 1.0,  # lambda on the combined task vector (ties, dare, consensus)
+        "ties_density": 0.2,  # share of each task vector's entries ties keeps (per tensor)
+        "dare_drop": 0.5,  # dare's drop probability
+        "dare_then": "mean",  # mean | ties: how dare combines the sparsified task vectors
+        "consensus_lambda": 0.4,  # TALL-mask threshold
+        "consensus_k": 2,  # participants whose masks must keep an entry
+        "fisher_floor": 1e-8,  # added to every Fisher entry before weighting
+        "fisher_samples": 256,  # most local samples the Fisher is estimated on (one backward pass each)
+        "regmean_alpha": 0.9,  # factor on the Gram matrices' off-diagonal entries
     },
     "gossip": {  # the gradient-gossip baselines (merge.method cdsgd, cdmsgd, dpsgd, sgp); see dimat/gossip.py
         "comm_every": 1,  # local steps between two exchanges
@@ -66,12 +79,14 @@ DEFAULTS: Dict[str, Any] = {
     },
     "eval": {
         "batch_size": 1000,
+        "consensus": False,  # dimat run: also evaluate all agents aligned and merged into one, every round
     },
     "transport": {
         "name": "inproc",  # inproc (dimat run) | grpc | torch (dimat launch / dimat agent)
         "deadline_s": 60.0,  # seconds an agent waits for its neighbours' snapshots per round
         "compress": None,  # None | fp16 | bf16: float tensors on the wire (grpc, torch); see docs/transport.md
         "secret_file": None,  # file holding the shared secret (grpc; else $DIMAT_SECRET; never the secret itself)
+        "credentials_file": None,  # per-agent keys binding identity to rank (grpc; "{rank}" is replaced)
         "tls_cert": None,  # PEM certificate, key and CA for TLS between agents (grpc)
         "tls_key": None,
         "tls_ca": None,
@@ -90,9 +105,11 @@ TYPES: Dict[str, Tuple[type, ...]] = {
     "model.width": (int, float),
     "merge.stat_batches": (int, type(None)),
     "merge.bn_batches": (int, type(None)),
+    "merge.keep_margin": (int, float, type(None)),
     "gossip.lr": (int, float, type(None)),
     "transport.compress": (str, type(None)),
     "transport.secret_file": (str, type(None)),
+    "transport.credentials_file": (str, type(None)),
     "transport.tls_cert": (str, type(None)),
     "transport.tls_key": (str, type(None)),
     "transport.tls_ca": (str, type(None)),
@@ -295,13 +312,40 @@ def _check_values(where: str, c: Dict[str, Any]) -> None:
         raise bad("merge.method", f"must be one of {', '.join(methods)}, got {f['merge.method']!r}")
     if not f["topology"]:
         raise bad("topology", "must be a topology kind or a file path, got an empty string")
+    if f["eval.consensus"] and (f["transport.name"] != "inproc" or f["merge.method"] not in ("dimat", "wa", "wm", "none")):
+        raise bad("eval.consensus", "needs every model in one process: only dimat run (transport inproc) with "
+                  "merge.method dimat, wa, wm or none evaluates the consensus model")
+    if f["model.init"] not in ("different", "same"):
+        raise bad("model.init", f"must be different or same, got {f['model.init']!r}")
+    _check_merge(f, bad)
+
+
+def _check_merge(f: Dict[str, Any], bad) -> None:
+    """The alignment guards, the combine rule and its settings, and the combinations that cannot work."""
+    from dimat.merge.combine import CombineOptions
+
+    if f["merge.identity_prior"] < 0:
+        raise bad("merge.identity_prior", f"must be >= 0, got {f['merge.identity_prior']}")
+    if f["merge.method"] != "dimat":
+        for key, off in (("merge.identity_prior", 0.0), ("merge.keep_margin", None)):
+            if f[key] != off:
+                raise bad(key, f"guards activation matching (merge.method dimat), but merge.method is "
+                               f"{f['merge.method']!r}")
+    try:
+        CombineOptions.from_config({k[len("merge."):]: v for k, v in f.items() if k.startswith("merge.")})
+    except ValueError as e:  # "combine option NAME must ..., got X": name the config key
+        name, _, rest = str(e)[len("combine option "):].partition(" ")
+        raise bad("merge.combine" if name == "rule" else f"merge.{name}", rest) from None
+    if f["merge.basis"] == "shared" and f["train.keep_optimizer_state"] and f["merge.method"] in ("dimat", "wm"):
+        raise bad("train.keep_optimizer_state", "cannot be true with merge.basis shared: a merge may load the "
+                  "model in a neighbour's unit order while the kept optimizer state stays in the old one")
 
 
 def known_methods() -> List[str]:
     """Methods a config may name: the merge registry, ``none`` (local training only) and the gossip baselines."""
-    from dimat import gossip, merge
+    from dimat import baselines, merge
 
-    return sorted(set(merge.METHODS) | {"none"} | set(gossip.METHODS))
+    return sorted(set(merge.METHODS) | {"none"} | set(baselines.STEP_METHODS))
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -49,7 +49,8 @@ from torch.nn import functional as F
 
 from dimat import baselines, checkpoint
 from dimat.baselines import Rule, RuleState
-from dimat.loop import Agent, _evaluate, _record, _seed_phase, agent_state, pretrain
+from dimat.build import Setup, build_agent
+from dimat.loop import Agent, _evaluate, _record, _seed_phase, agent_state, pretrain, progress_bar, restore_latest
 from dimat.metrics import MetricsWriter
 from dimat.train import shuffled_batches
 
@@ -59,7 +60,7 @@ __all__ = ["METHODS", "handles", "make_rule", "rule_states", "steps_per_epoch", 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 #: the config methods (``merge.method``) that this loop runs instead of the DIMAT round loop
-METHODS = tuple(sorted(baselines.RULES)) + ("centralised",)
+METHODS = baselines.STEP_METHODS
 
 
 def handles(method: str) -> bool:
@@ -304,10 +305,8 @@ def _as_local_cfg(cfg: Mapping[str, Any]) -> Any:
 def build_agents(cfg: Mapping[str, Any], setup: Any, transports: Sequence[Any]) -> List[Agent]:
     """The agents of an in-process gossip run (one agent on the union of the partitions for ``centralised``).
 
-    ``setup`` is a :class:`dimat.runner.Setup`; ``transports[k]`` is agent k's transport.
+    ``setup`` is a :class:`dimat.build.Setup`; ``transports[k]`` is agent k's transport.
     """
-    from dimat.runner import Setup, build_agent
-
     local = _as_local_cfg(cfg)
     if cfg["merge"]["method"] == "centralised":
         train = np.concatenate([p[0] for p in setup.parts])
@@ -350,8 +349,6 @@ def drive(
     -------
     True when all rounds are done, False when stopped early by ``stop_after_round``.
     """
-    from dimat.runner import progress_bar, restore_latest
-
     ckpt_dir = run_dir / "checkpoints"
     rule = make_rule(cfg)
     states = rule_states(agents[0].node.topology, [a.rank for a in agents])

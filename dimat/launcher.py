@@ -5,8 +5,9 @@ merges or transports beyond the command line of ``dimat agent``. Layout of a lau
 
     OUT/config.yaml             the resolved config every agent runs (written by the launcher)
     OUT/peers.json              {"peers": {"0": "127.0.0.1:PORT", ...}}        (gRPC)
-    OUT/secret                  a random shared secret (mode 0600) for the gRPC agents, unless the config
-                                names one (transport.secret_file) or $DIMAT_SECRET is set
+    OUT/keys/agent-K.keys.yaml  per-agent credentials (mode 0600) for the gRPC agents, unless the config names
+                                a secret or credentials (transport.secret_file, credentials_file) or
+                                $DIMAT_SECRET is set
     OUT/pids/agent-K.pid        the pid of agent K (rewritten by an agent restarted with --resume)
     OUT/pids/agent-K.exit       agent K's exit status, written by the agent as it exits (absent if it was killed)
     OUT/logs/agent-K.log        agent K's stdout and stderr
@@ -502,6 +503,17 @@ class LaunchResult:
         return self.wait.ok
 
 
+def check_multiprocess(cfg: Mapping) -> None:
+    """UserError unless ``cfg`` can run one process per agent (the merge methods can; the step-level gossip
+    baselines and the centralised bound run only in ``dimat run``)."""
+    from dimat import gossip
+
+    method = cfg["merge"]["method"]
+    if gossip.handles(method):
+        raise UserError(f"merge.method: {method!r} exchanges models every local step and runs only in 'dimat run'; "
+                        f"one process per agent runs the merge methods (dimat, wm, wa, none)")
+
+
 def launch(
     cfg: Mapping,
     transport: str,
@@ -529,9 +541,8 @@ def launch(
     host : address the gRPC servers / the torch rendezvous bind (local agents only).
     echo : where progress lines go.
     """
-    from dimat.agent_main import check_multiprocess
     from dimat.config import Config, dump
-    from dimat.runner import check_run_dir, prepare
+    from dimat.build import check_run_dir, prepare
 
     if transport not in ("grpc", "torch"):
         raise UserError(f"--transport must be grpc or torch, got {transport!r}")
@@ -540,16 +551,18 @@ def launch(
     plain = Config.wrap(cfg).to_dict()
     plain["out"] = str(out)
     plain["transport"] = dict(plain["transport"], name=transport)
-    secret = _secret_path(plain, out) if transport == "grpc" else None
-    if secret is not None:
-        plain["transport"]["secret_file"] = str(secret)
+    keys = _credentials_dir(plain, out) if transport == "grpc" else None
+    if keys is not None:
+        plain["transport"]["credentials_file"] = str(keys / "agent-{rank}.keys.yaml")
     # Input errors surface here once, not N times in N agents' logs; and a finished run is never overwritten.
     check_multiprocess(plain)
     prepare(plain)
     check_run_dir(Config.wrap(plain), out, resume)
     out.mkdir(parents=True, exist_ok=True)
-    if secret is not None and not secret.exists():
-        _write_secret(secret)
+    if keys is not None and not (keys / f"agent-{n - 1}.keys.yaml").exists():
+        from dimat.transport.identity import write_credentials
+
+        write_credentials(keys, n)  # a fresh master key, used for these files and forgotten
     config_path = out / "config.yaml"
     _atomic_write(config_path, dump(plain))
 
@@ -595,25 +608,20 @@ def _clear_outputs(out: Path, n: int) -> None:
             checkpoint.path_for(out / "checkpoints", k, prev=prev).unlink(missing_ok=True)
 
 
-def _secret_path(cfg: Mapping, out: Path) -> Optional[Path]:
-    """Where a launch keeps a generated gRPC secret, or None when the user gave one (config or environment).
+def _credentials_dir(cfg: Mapping, out: Path) -> Optional[Path]:
+    """Where a launch keeps generated per-agent gRPC credentials, or None when the user gave a secret or
+    credentials (config or environment).
 
-    Local agents listen on ports that any local user could connect to; with a secret only the agents of this
-    run (and whoever can read the run folder's 0600 secret file, e.g. an agent restarted with --resume) can post.
+    Local agents listen on ports that any local user could connect to; with credentials only the agents of this
+    run (and whoever can read the run folder's 0600 key files, e.g. an agent restarted with --resume) can post,
+    each only as itself (see dimat/transport/identity.py).
     """
     from dimat.transport import SECRET_ENV
 
-    if cfg["transport"].get("secret_file") or os.environ.get(SECRET_ENV):
+    t = cfg["transport"]
+    if t.get("secret_file") or t.get("credentials_file") or os.environ.get(SECRET_ENV):
         return None
-    return out.resolve() / "secret"
-
-
-def _write_secret(path: Path) -> None:
-    import secrets
-
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
+    return out.resolve() / "keys"
 
 
 def _start(config_path: Path, transport: str, n: int, out: Path, resume: bool, host: str) -> List[AgentProcess]:
@@ -660,7 +668,7 @@ def write_summary(out_dir: Path | str, cfg: Mapping, wall_s: float, with_summary
 
 def _coverage(cfg: Mapping) -> Optional[dict]:
     """The merge's coverage of the run's model, as ``dimat run`` records it (None if it cannot be computed)."""
-    from dimat.runner import ALIGNING_METHODS, coverage_record, merge_coverage
+    from dimat.build import ALIGNING_METHODS, coverage_record, merge_coverage
 
     if cfg["merge"]["method"] not in ALIGNING_METHODS:
         return None

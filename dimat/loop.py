@@ -13,6 +13,7 @@ transport. A round is::
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from dimat.metrics import MetricsWriter
 from dimat.node import MergeResult, Node
 from dimat.train import evaluate, train_epochs
 
-__all__ = ["Agent", "run_round", "pretrain", "agent_state", "restore_agent"]
+__all__ = ["Agent", "run_round", "pretrain", "agent_state", "restore_agent", "restore_latest", "progress_bar"]
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
 _PHASE_IDS = {"pretrain": 0, "merge": 1, "train": 2}
@@ -47,6 +48,7 @@ class Agent:
     make_optimizer : ``model -> optimizer``.
     generator : the agent's RNG (data order, augmentation); seeded with ``seed + rank``.
     optimizer : the optimizer kept across rounds (``keep_optimizer_state``), else None.
+    last_test_acc : the test accuracy of the agent's latest record (for the accuracy change across a merge).
     """
 
     rank: int
@@ -57,6 +59,7 @@ class Agent:
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     generator: torch.Generator
     optimizer: Optional[torch.optim.Optimizer] = None
+    last_test_acc: Optional[float] = None
 
     @property
     def model(self) -> nn.Module:
@@ -73,7 +76,11 @@ def _seed_phase(seed: int, r: int, rank: int, phase: str) -> None:
 def _evaluate(agent: Agent, eval_batch_size: int) -> Dict[str, float]:
     acc, loss = evaluate(agent.model, *agent.test, batch_size=eval_batch_size)
     local_acc, _ = evaluate(agent.model, *agent.local_test, batch_size=eval_batch_size)
-    return {"test_acc": acc, "test_loss": loss, "local_test_acc": local_acc}
+    agent.last_test_acc, before = acc, agent.last_test_acc
+    out = {"test_acc": acc, "test_loss": loss, "local_test_acc": local_acc}
+    if before is not None:
+        out["acc_change"] = acc - before  # since the agent's previous evaluation (for a merge: across it)
+    return out
 
 
 def _train(agent: Agent, epochs: int, cfg: Mapping[str, Any]) -> Tuple[float, float]:
@@ -106,6 +113,7 @@ def agent_state(agent: Agent, r: int) -> Dict[str, Any]:
         "basis_tag": agent.node.basis_tag,
         "optimizer": agent.optimizer.state_dict() if agent.optimizer is not None else None,
         "generator": agent.generator.get_state(),
+        "last_test_acc": getattr(agent, "last_test_acc", None),  # a resumed run reports the same acc_change
     }
 
 
@@ -114,6 +122,7 @@ def restore_agent(agent: Agent, state: Mapping[str, Any]) -> None:
     agent.model.load_state_dict(state["model"])
     agent.node.basis_tag = int(state.get("basis_tag", agent.rank))  # checkpoints from before tags: own rank
     agent.generator.set_state(state["generator"])
+    agent.last_test_acc = state.get("last_test_acc")
     if state.get("optimizer") is not None:
         agent.optimizer = agent.make_optimizer(agent.model)
         agent.optimizer.load_state_dict(state["optimizer"])
@@ -175,7 +184,8 @@ def run_round(
         results.append(res)
         if writer is not None:
             writer.write(_record(a, r, "merge", **_evaluate(a, eval_bs), merge_s=res.merge_s, comm_s=res.comm_s,
-                                 comm_bytes=res.comm_bytes, received=res.received, missing=res.missing))
+                                 comm_bytes=res.comm_bytes, received=res.received, missing=res.missing,
+                                 **res.telemetry))
         if progress:
             progress()
     if r < cfg["rounds"] - 1:
@@ -191,3 +201,34 @@ def run_round(
             a.optimizer = None
     _checkpoint(agents, r, ckpt_dir)
     return results
+
+
+# ---------------------------------------------------------------------------------------------- driving
+def progress_bar(total: int, initial: int, desc: str, quiet: bool, leave: bool = True):
+    """A tqdm bar on stderr, shown only on a terminal and without ``quiet``; ``leave=False`` for inner bars."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="round" if leave else "agent-phase", leave=leave,
+                disable=quiet or not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True)
+
+
+def restore_latest(
+    agents: Sequence[Agent], ckpt_dir: Path, metrics_path: Path,
+    before_restore: Optional[Callable[[int], None]] = None,
+) -> Tuple[int, Dict[int, Dict[str, Any]]]:
+    """Restore the local agents from the latest round they all completed and drop later metrics records.
+
+    ``before_restore(round)`` runs first when there is a checkpoint (to set up what the restore loads into).
+    Returns the last completed step (-2 nothing, -1 pretraining, r >= 0 round r) and the loaded checkpoints by rank.
+    """
+    done, saved = -2, {}
+    last = checkpoint.resume_round(ckpt_dir, [a.rank for a in agents])
+    if last is not None:
+        if before_restore is not None:
+            before_restore(last)
+        for a in agents:
+            saved[a.rank] = checkpoint.load(ckpt_dir, a.rank, last)
+            restore_agent(a, saved[a.rank])
+        done = last
+    MetricsWriter.truncate_after(metrics_path, done)
+    return done, saved

@@ -2,8 +2,11 @@
 
 A record holds ``round, agent, phase`` (``pretrain`` with round -1, then ``merge`` and ``train``), ``test_acc``,
 ``test_loss`` (full test set), ``local_test_acc`` (the agent's own test partition), ``train_loss``, ``train_s``,
-``merge_s``, ``comm_s``, ``comm_bytes`` (sent + received this phase) and, after a merge, ``received`` /
-``missing`` neighbour ranks. The in-process runner writes every agent to one file; a multi-process run gives each
+``merge_s``, ``comm_s``, ``comm_bytes`` (sent + received this phase), ``acc_change`` (test accuracy minus the
+agent's previous record's) and, after a merge, ``received`` / ``missing`` neighbour ranks and the merge telemetry
+of :class:`dimat.node.MergeResult` (``edges`` per neighbour, ``consensus_dist``, ``units_moved``,
+``align_corr_before``, ``align_corr_after``). With ``eval.consensus`` the simulation adds one ``consensus`` record
+per round (agent -1): all agents' models merged into one. The in-process runner writes every agent to one file; a multi-process run gives each
 agent its own :class:`MetricsWriter` (one file per agent) and :func:`read_metrics` reads them together.
 """
 
@@ -125,10 +128,12 @@ def summarize(records: Iterable[Mapping[str, Any]], method: str, agents: int, ro
     }
 
 
-def per_round(records: Iterable[Mapping[str, Any]], phase: str = "merge") -> Dict[int, List[float]]:
-    """round -> test accuracies of the agents in ``phase`` (for plots)."""
+def per_round(records: Iterable[Mapping[str, Any]], phase: str = "merge", key: str = "test_acc"
+              ) -> Dict[int, List[float]]:
+    """round -> the agents' values of field ``key`` (default the test accuracy) in ``phase`` (for plots)."""
     out: Dict[int, List[float]] = {}
     for r in records:
-        if r["phase"] == phase and r.get("test_acc") is not None:
-            out.setdefault(r["round"], []).append(r["test_acc"])
+        v = r.get(key)
+        if r["phase"] == phase and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.setdefault(r["round"], []).append(v)
     return dict(sorted(out.items()))

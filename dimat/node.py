@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from dimat import merge as merge_ops
+from dimat.merge import combine as combine_mod
+from dimat.merge import payload as payload_mod
 from dimat.transport.base import Transport
 
 __all__ = ["Node", "MergeResult", "BASIS_KEY", "with_basis_tag"]
@@ -57,6 +59,12 @@ class MergeResult:
     bytes_sent, bytes_received : payload bytes the transport counted since the previous merge round (or since the
         node was built) up to the end of this round's collect. Transports that send and receive in the background
         (gRPC) count a transfer when it completes, so per-round figures are attributed at collect time.
+    telemetry : merge telemetry (empty when nothing was merged): ``edges``, neighbour rank -> ``dist`` (relative
+        L2 distance between the merged parameters and the neighbour's aligned parameters, before the BatchNorm
+        reset), ``moved`` (share of the neighbour's units that alignment moved) and, for ``dimat``,
+        ``corr_before`` / ``corr_after`` (mean correlation of the units in place, then of the matched units);
+        and the means of these over the edges: ``consensus_dist``, ``units_moved``, ``align_corr_before``,
+        ``align_corr_after``.
     """
 
     round: int
@@ -67,6 +75,7 @@ class MergeResult:
     comm_s: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    telemetry: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def comm_bytes(self) -> int:
@@ -111,6 +120,11 @@ class Node:
         one hop per round; once every agent carries it, a merge is a weighted average plus the BatchNorm reset.
         The weights, the data the statistics are computed on (the agent's own batches) and where the result goes
         do not change. A snapshot without a valid tag is aligned, as under ``"own"``.
+    combine : how aligned models are combined (:class:`dimat.merge.combine.CombineOptions`; None: the weighted
+        mean). Rules that need a payload (``fisher``, ``regmean``) compute it on ``stat_batches`` local batches
+        at post time and send it inside the snapshot under reserved names.
+    combine_seed : the run's seed; ``dare`` draws its drops from a generator seeded by (seed, round, rank).
+    identity_prior, keep_margin : alignment guards of ``dimat`` (see :mod:`dimat.merge.guard`).
     """
 
     BASES = ("own", "shared")
@@ -127,6 +141,10 @@ class Node:
         bn_batches: Optional[int] = None,
         reset_bn: bool = True,
         basis: str = "own",
+        combine: Optional[combine_mod.CombineOptions] = None,
+        combine_seed: int = 0,
+        identity_prior: float = 0.0,
+        keep_margin: Optional[float] = None,
     ):
         if basis not in self.BASES:
             raise ValueError(f"basis must be one of {', '.join(self.BASES)}, got {basis!r}")
@@ -152,6 +170,13 @@ class Node:
         self.reset_bn = reset_bn
         self.basis = basis
         self.basis_tag = self.rank  # under "shared": whose unit order self.model is in (see `basis`)
+        self.combine = combine or combine_mod.CombineOptions()
+        self.combine_seed = int(combine_seed)
+        self._guards = {"identity_prior": float(identity_prior), "keep_margin": keep_margin}
+        if method != "dimat" and (identity_prior or keep_margin is not None):
+            raise ValueError(f"identity_prior and keep_margin guard activation matching; method {method!r} has none")
+        self._payload: Optional[Dict[str, torch.Tensor]] = None  # this round's own payload (in own unit order)
+        self._payload_s = 0.0
         self._posted: Optional[int] = None
         self._post_s = 0.0  # seconds of the last post
         # Byte counters at the end of the previous round: gRPC counts bytes in background threads as transfers
@@ -163,8 +188,16 @@ class Node:
         """Send the model's current weights as this agent's round-``r`` snapshot (once per round)."""
         if self.merge_fn is None or self._posted == r:
             return
+        kind = self.combine.payload
+        if kind is not None:  # computed before the clock of the exchange starts: merge work, not communication
+            t0 = time.perf_counter()
+            self._payload = payload_mod.compute(kind, self.model, self.batches, self.stat_batches,
+                                                self.combine.fisher_samples)
+            self._payload_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         state = self.model.state_dict()
+        if kind is not None:
+            state = {**state, **payload_mod.encode(kind, self._payload)}
         if self.basis == "shared":
             state = with_basis_tag(state, self.basis_tag)
         self.transport.post(r, state)
@@ -199,15 +232,15 @@ class Node:
         if not result.received:
             return result
         t0 = time.perf_counter()
-        self._merge(ranks, snapshots, result.weights)
-        result.merge_s = time.perf_counter() - t0
+        result.telemetry = self._merge(ranks, snapshots, result.weights, r)
+        result.merge_s = time.perf_counter() - t0 + self._payload_s
         return result
 
     # -------------------------------------------------------------------------------------------------- merge
     def _neighbor_model(self, snapshot: Dict[str, torch.Tensor]) -> nn.Module:
         # load_state_dict copies into the clone's own tensors: the received snapshot is never written to.
         m = copy.deepcopy(self.model)
-        m.load_state_dict({k: v for k, v in snapshot.items() if k != BASIS_KEY})
+        m.load_state_dict({k: v for k, v in payload_mod.split(snapshot)[0].items() if k != BASIS_KEY})
         return m
 
     def _tag_of(self, rank: int, snapshot: Dict[str, torch.Tensor]) -> Optional[int]:
@@ -234,17 +267,72 @@ class Node:
         order = sorted(ranks, key=lambda j: (tags[j] != ref, j != self.rank, j))
         return order, [i for i, j in enumerate(order) if i > 0 and tags[j] == ref], ref
 
+    def _combine_hook(self, order: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]], r: int,
+                      dist: Dict[int, float], moved: Dict[int, float]):
+        """The operator's combine step: this agent's rule, base and payloads (validated), for participants
+        ``order``."""
+        kind = self.combine.payload
+        payloads = None
+        if kind is not None:
+            payloads = []
+            for j in order:
+                if j == self.rank:
+                    payloads.append(self._payload)
+                    continue
+                got = payload_mod.split(snapshots[j])[1].get(kind)
+                payload_mod.check(got, self._payload, kind, f"agent {j}")
+                payloads.append(got)
+        gen = None
+        if self.combine.rule == "dare":
+            seed = np.random.SeedSequence([self.combine_seed, int(r) + 1, self.rank]).generate_state(2)
+            gen = torch.Generator().manual_seed(int(seed[0]) << 32 | int(seed[1]))
+        layers = {n: m.bias is not None for n, m in payload_mod.gram_layers(self.model).items()} \
+            if kind == "gram" else None
+        params = {n for n, _ in self.model.named_parameters()}
+        return combine_mod.make_hook(self.combine, list(order).index(self.rank), params, payloads, layers, gen,
+                                     distances=dist, moved=moved)
+
     @torch.no_grad()
     def _merge(self, ranks: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]],
-               weights: Dict[int, float]) -> None:
+               weights: Dict[int, float], r: int = 0) -> Dict[str, Any]:
         # The operator aligns every model to the first one it is given.
         order, same, tag = self._order(ranks, snapshots)
         models = [self.model if j == self.rank else self._neighbor_model(snapshots[j]) for j in order]
         own_reset = self.reset_bn and self.bn_batches is not None  # a separate batch budget for the BN reset
-        kw = {"same_basis": same} if same else {}
+        kw: Dict[str, Any] = {"same_basis": same} if same else {}
+        dist: Dict[int, float] = {}
+        moved: Dict[int, float] = {}
+        align: Dict[int, Dict[str, float]] = {}
+        if self.method == "dimat":
+            kw.update(self._guards, report=align)
+        kw["combine"] = self._combine_hook(order, snapshots, r, dist, moved)
         merged = self.merge_fn(models, [weights[j] for j in order], batches=self.batches,
                                reset_bn=self.reset_bn and not own_reset, stat_batches=self.stat_batches, **kw)
         if own_reset and self.batches is not None:
             merge_ops.reset_bn_stats(merged, self.batches, self.bn_batches)
         self.model.load_state_dict(merged.state_dict())
         self.basis_tag = tag  # only once the merged model is in place
+        return _telemetry(order, self.rank, dist, moved, align)
+
+
+def _telemetry(order: Sequence[int], own: int, dist: Dict[int, float], moved: Dict[int, float],
+               align: Dict[int, Dict[str, float]]) -> Dict[str, Any]:
+    """Per-edge telemetry keyed by neighbour rank, and its means over the edges (see :class:`MergeResult`)."""
+    edges: Dict[str, Dict[str, float]] = {}
+    for pos, j in enumerate(order):
+        if j == own:
+            continue
+        e: Dict[str, float] = {}
+        if pos in dist:
+            e["dist"] = dist[pos]
+        e["moved"] = align[pos]["moved"] if pos in align else moved.get(pos, 0.0)
+        if pos in align:
+            e["corr_before"], e["corr_after"] = align[pos]["corr_before"], align[pos]["corr_after"]
+        edges[str(j)] = e
+    out: Dict[str, Any] = {"edges": edges}
+    for key, name in (("dist", "consensus_dist"), ("moved", "units_moved"), ("corr_before", "align_corr_before"),
+                      ("corr_after", "align_corr_after")):
+        vals = [e[key] for e in edges.values() if key in e and e[key] == e[key]]
+        if vals:
+            out[name] = sum(vals) / len(vals)
+    return out

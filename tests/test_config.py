@@ -162,3 +162,31 @@ def test_method_list_comes_from_the_merge_registry(monkeypatch):
     monkeypatch.setitem(merge.METHODS, "mine", merge.average)
     assert "mine" in config.known_methods() and "none" in config.known_methods()
     assert resolve({"merge": {"method": "mine"}}).merge.method == "mine"
+
+
+@pytest.mark.parametrize("data, key", [
+    # a merge in a neighbour's unit order would meet Adam moments / momentum kept in the old order
+    ({"merge": {"basis": "shared"}, "train": {"keep_optimizer_state": True}}, "train.keep_optimizer_state"),
+    ({"merge": {"basis": "shared", "method": "wm"}, "train": {"keep_optimizer_state": True}},
+     "train.keep_optimizer_state"),
+    ({"merge": {"identity_prior": -0.1}}, "merge.identity_prior"),
+    ({"merge": {"method": "wa", "identity_prior": 0.1}}, "merge.identity_prior"),
+    ({"merge": {"method": "wm", "keep_margin": 0.1}}, "merge.keep_margin"),
+    ({"merge": {"combine": "median"}}, "merge.combine"),
+    ({"merge": {"regmean_alpha": 2.0}}, "merge.regmean_alpha"),
+    ({"merge": {"fisher_samples": 0}}, "merge.fisher_samples"),
+    ({"model": {"init": "shared"}}, "model.init"),
+])
+def test_merge_and_init_keys_are_checked(data, key):
+    with pytest.raises(UserError, match=f"run.yaml: key '{key}'"):
+        resolve(data, where="run.yaml")
+
+
+def test_kept_optimizer_state_is_fine_where_no_merge_reorders_units():
+    for data in ({"merge": {"basis": "own"}, "train": {"keep_optimizer_state": True}},
+                 {"merge": {"basis": "shared", "method": "wa"}, "train": {"keep_optimizer_state": True}}):
+        assert resolve(data).train.keep_optimizer_state is True
+    cfg = resolve({"merge": {"keep_margin": 0.02, "identity_prior": 0.1, "combine": "regmean"},
+                   "model": {"init": "same"}})
+    assert (cfg.merge.keep_margin, cfg.merge.identity_prior, cfg.merge.combine, cfg.model.init) == \
+        (0.02, 0.1, "regmean", "same")

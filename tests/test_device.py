@@ -10,7 +10,7 @@ import yaml
 
 from dimat.cli import main
 from dimat.errors import UserError
-from dimat.runner import resolve_device
+from dimat.build import resolve_device
 
 CUDA = torch.cuda.is_available()
 

@@ -143,7 +143,7 @@ def test_grpc_agent_killed_after_round_1_rejoins(run_dir):
     assert len(files) == 8
     from dimat import models
     from dimat.config import load_config
-    from dimat.runner import prepare
+    from dimat.build import prepare
 
     ds = prepare(load_config(cfg)).dataset
     for f in files:

@@ -17,7 +17,8 @@ from dimat.config import resolve
 from dimat.errors import UserError
 from dimat.loop import Agent
 from dimat.node import Node
-from dimat.runner import prepare, run
+from dimat.build import prepare
+from dimat.runner import run
 from dimat.topology import Topology
 from dimat.transport.base import snapshot_nbytes
 from dimat.transport.inproc import make_inproc

@@ -272,17 +272,24 @@ def _raw_send(address, frames, timeout=DEADLINE):
             return e
 
 
-def _frames(snap, sender=1, round=0, secret=SECRET, payload=None, header_edit=None, chunk=100):
-    layout = wire.layout_of(snap)
-    data = bytes(wire.pack(snap, layout).numpy()) if payload is None else payload
+def _frames(snap, sender=1, round=0, secret=SECRET, payload=None, header_edit=None, chunk=100, receiver=0,
+            key=None, trailer=True):
+    """The frames of one snapshot stream, signed with ``key`` (bytes) or the shared ``secret`` (str)."""
     import hashlib
 
-    h = wire.make_header(sender, round, layout, hashlib.sha256(bytes(wire.pack(snap, layout).numpy())).digest())
+    layout = wire.layout_of(snap)
+    data = bytes(wire.pack(snap, layout).numpy()) if payload is None else payload
+    h = wire.make_header(sender, round, layout, receiver=receiver)
     if header_edit is not None:
         header_edit(h)
-    if secret is not None:
-        h.auth.CopyFrom(wire.sign(secret.encode(), wire.header_auth_fields(h)))
-    return [wire.encode_header(h)] + [wire.encode_chunk(data[i:i + chunk]) for i in range(0, len(data), chunk)]
+    key = key if key is not None else secret.encode() if secret is not None else None
+    if key is not None:
+        h.auth.CopyFrom(wire.sign(key, wire.header_auth_fields(h)))
+    frames = [wire.encode_header(h)] + [wire.encode_chunk(data[i:i + chunk]) for i in range(0, len(data), chunk)]
+    if trailer:
+        digest = hashlib.sha256(bytes(wire.pack(snap, layout).numpy())).digest()
+        frames.append(wire.encode_trailer(wire.make_trailer(h, digest, key)))
+    return frames
 
 
 @pytest.fixture
@@ -334,6 +341,13 @@ BAD = {
     "declared size over the limit": (lambda s: _frames(s, header_edit=lambda h: setattr(h, "payload_bytes", 1 << 40)),
                                      "exceeds the limit"),
     "no header": (lambda s: [wire.encode_chunk(b"abc")], "does not start with a header"),
+    "second header inside the payload": (lambda s: (lambda f: f[:3] + [f[0]] + f[3:])(_frames(s)),
+                                         "second header inside the payload"),
+    "no trailer": (lambda s: _frames(s, trailer=False), "without a trailer"),
+    "frame after the trailer": (lambda s: _frames(s) + [wire.encode_chunk(b"\0" * 8)], "after the trailer"),
+    "trailer signed with another key": (lambda s: _frames(s)[:-1] + [wire.encode_trailer(wire.make_trailer(
+        wire.decode_frame(_frames(s)[0]), bytes(32), b"another key"))], "unauthenticated trailer"),
+    "addressed to another agent": (lambda s: _frames(s, receiver=2), "addressed to agent 2"),
 }
 
 
@@ -402,6 +416,235 @@ def test_exactly_4_mib_chunks_pass_the_explicit_message_limits(make):
     b.post(0, big)
     got = a.collect(0)
     assert torch.equal(got[1]["w"], big["w"])
+
+
+# ---------------------------------------------------------------------------- identity, replay, overwrite
+MASTER = b"cluster master key for the tests"
+
+
+def _cred(rank, n=4):
+    from dimat.transport.identity import derive
+
+    return derive(MASTER, rank, range(n))
+
+
+def _wait_for(pred, timeout=DEADLINE):
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pred()
+
+
+_IMPERSONATOR = """
+import sys, grpc
+from dimat.transport import wire
+from dimat.transport.identity import load_credentials
+from dimat.transport.grpc_transport import SERVICE
+from dimat.transport._proto import dimat_pb2 as pb
+import torch
+cred = load_credentials(sys.argv[1], 3)  # valid credentials of agent 3
+g = torch.Generator().manual_seed(99)
+snap = {"w": torch.randn(64, 33, generator=g) * 1000, "b": torch.randn(33, generator=g), "n": torch.tensor(2)}
+layout = wire.layout_of(snap)
+data = bytes(wire.pack(snap, layout).numpy())
+import hashlib
+for key in (cred.key_for(0), cred.key_for(2)):  # its own key with the victim, and its key with agent 2
+    h = wire.make_header(2, 0, layout, key, receiver=0)  # claims to be agent 2
+    frames = [wire.encode_header(h), wire.encode_chunk(data),
+              wire.encode_trailer(wire.make_trailer(h, hashlib.sha256(data).digest(), key))]
+    with grpc.insecure_channel(sys.argv[2]) as ch:
+        call = ch.stream_unary(f"/{SERVICE}/SendSnapshot", request_serializer=None,
+                               response_deserializer=pb.SendReply.FromString)
+        try:
+            print("accepted" if call(iter(frames), timeout=10).accepted else "refused")
+        except grpc.RpcError as e:
+            print(e.code().name)
+"""
+
+
+def test_a_process_with_rank_3_credentials_posting_as_rank_2_is_refused_logged_and_never_merged(
+        make, tmp_path, caplog):
+    import os
+    import sys
+
+    from dimat.transport.identity import write_credentials
+
+    caplog.set_level(logging.WARNING, logger="dimat.transport")
+    files = write_credentials(tmp_path, 4, master=MASTER)
+    victim = make(0, [2, 3], {}, secret=None, credentials=_cred(0), template=_snap(0), deadline_s=1.0)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.run([sys.executable, "-c", _IMPERSONATOR, str(files[3]), victim.address], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["UNAUTHENTICATED", "UNAUTHENTICATED"], proc.stderr
+    assert [r.sender for r in victim.rejected] == [2, 2]
+    assert all("impersonation" in r.reason for r in victim.rejected)
+    assert sum("agent 2's key" in r.getMessage() for r in caplog.records) == 2  # one log line per attempt
+    # The genuine agent 2 still gets through, and only its snapshot is merged.
+    real = make(2, [0], {0: victim.address}, secret=None, credentials=_cred(2))
+    real.post(0, _snap(2))
+    victim.post(0, _snap(0))
+    got = victim.collect(0)
+    assert sorted(got) == [2] and torch.equal(got[2]["w"], _snap(2)["w"])
+
+
+def test_two_agents_with_credentials_exchange_and_peer_status(make):
+    a = make(0, [1], {1: "127.0.0.1:1"}, secret=None, credentials=_cred(0))
+    b = make(1, [0], {0: a.address}, secret=None, credentials=_cred(1))
+    a.peers[1] = b.address
+    a.post(0, _snap(0))
+    b.post(0, _snap(1))
+    assert torch.equal(a.collect(0)[1]["w"], _snap(1)["w"])
+    assert torch.equal(b.collect(0)[0]["w"], _snap(0)["w"])
+    assert b.peer_status(0).latest_collected_round == 0
+    with pytest.raises(ValueError, match="belong to agent 1"):
+        GrpcTransport(0, [], {}, listen="127.0.0.1:0", credentials=_cred(1))
+    with pytest.raises(ValueError, match="not both"):
+        GrpcTransport(0, [], {}, listen="127.0.0.1:0", credentials=_cred(0), secret="s")
+
+
+def test_a_replayed_stream_is_refused_logged_and_merged_once(victim, caplog):
+    caplog.set_level(logging.WARNING, logger="dimat.transport")
+    frames = _frames(_snap(1), sender=1)
+    assert _raw_send(victim.address, frames).accepted
+    again = _raw_send(victim.address, frames)  # a recorded copy of the same stream, sent again
+    assert isinstance(again, grpc.RpcError) and again.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "replayed" in victim.rejected[-1].reason
+    assert any("replayed" in r.getMessage() for r in caplog.records)
+    victim.post(0, _snap(0))
+    got = victim.collect(0)
+    assert sorted(got) == [1] and torch.equal(got[1]["w"], _snap(1)["w"])
+    # The same stream after the round was collected: refused too (its nonce is still remembered).
+    assert isinstance(_raw_send(victim.address, frames), grpc.RpcError)
+
+
+def test_an_arrived_snapshot_is_never_overwritten(victim, caplog):
+    caplog.set_level(logging.WARNING, logger="dimat.transport")
+    assert _raw_send(victim.address, _frames(_snap(1), sender=1)).accepted
+    # A second, validly signed stream for the same round and sender (fresh nonce), carrying other values.
+    reply = _raw_send(victim.address, _frames(_snap(5, scale=1000.0), sender=1))
+    assert not reply.accepted and "overwrite" in reply.reason
+    assert victim.rejected[-1][:2] == (0, 1) and "already arrived" in victim.rejected[-1].reason
+    assert any("overwrite" in r.getMessage() for r in caplog.records)
+    victim.post(0, _snap(0))
+    got = victim.collect(0)
+    assert torch.equal(got[1]["w"], _snap(1)["w"])  # the first one, untouched
+
+
+def test_two_senders_claiming_one_rank_deliver_one_whole_snapshot(make):
+    a = make(0, [1], {}, template=_snap(0), deadline_s=DEADLINE)
+    twins = [make(1, [0], {0: a.address}, secret=SECRET) for _ in range(2)]  # e.g. a restart beside the original
+    snaps = [_snap(10), _snap(11)]
+    for t, snap in zip(twins, snaps):
+        t.post(0, snap)
+    assert _wait_for(lambda: any("overwrite" in r.reason for r in a.rejected))  # the second: refused, logged
+    a.post(0, _snap(0))
+    got = a.collect(0)
+    assert list(got) == [1]
+    assert any(torch.equal(got[1]["w"], s["w"]) for s in snaps)  # the first, whole, not a mixture
+    assert sum(r.sender == 1 for r in a.rejected) == 1
+
+
+def test_a_client_that_cancels_mid_payload_leaves_nothing_and_the_round_goes_on(victim, caplog):
+    caplog.set_level(logging.WARNING, logger="dimat.transport")
+    frames = _frames(_snap(1), sender=1, chunk=1000)
+    stalled = threading.Event()
+
+    def stream():
+        yield from frames[:3]  # header and two chunks of nine
+        stalled.set()
+        time.sleep(1.0)  # cancelled meanwhile
+        yield from frames[3:]
+
+    with grpc.insecure_channel(victim.address) as ch:
+        call = ch.stream_unary(f"/{SERVICE}/SendSnapshot", request_serializer=None,
+                               response_deserializer=pb.SendReply.FromString)
+        fut = call.future(stream(), timeout=DEADLINE)
+        assert stalled.wait(DEADLINE)
+        time.sleep(0.1)
+        fut.cancel()
+    assert _wait_for(lambda: any("stream broken" in r.reason for r in victim.rejected))
+    assert victim.rejected[-1].sender == 1 and victim._inbox.admit(0, 1) is None  # nothing stored for (0, 1)
+    assert any("stream broken" in r.getMessage() for r in caplog.records)
+    # The same round from the same sender is still welcome, and is what gets merged.
+    assert _raw_send(victim.address, _frames(_snap(1), sender=1)).accepted
+    victim.post(0, _snap(0))
+    assert torch.equal(victim.collect(0)[1]["w"], _snap(1)["w"])
+
+
+def test_a_client_that_stalls_mid_payload_is_cut_off_after_the_deadline(make):
+    victim = make(0, [1], {}, template=_snap(0), deadline_s=1.0)
+    frames = _frames(_snap(1), sender=1, chunk=1000)
+    release = threading.Event()
+
+    def stream():
+        yield from frames[:3]
+        release.wait(20)  # stalls, and the call has no deadline of its own
+
+    t0 = time.monotonic()
+    with grpc.insecure_channel(victim.address) as ch:
+        call = ch.stream_unary(f"/{SERVICE}/SendSnapshot", request_serializer=None,
+                               response_deserializer=pb.SendReply.FromString)
+        fut = call.future(stream())
+        assert _wait_for(lambda: any("not complete" in r.reason for r in victim.rejected), timeout=10)
+        assert time.monotonic() - t0 < 8
+        release.set()
+        with pytest.raises(grpc.RpcError):
+            fut.result(timeout=10)
+
+
+def test_rounds_beyond_inbox_rounds_wait_their_turn_instead_of_evicting_earlier_ones(make, caplog):
+    caplog.set_level(logging.INFO, logger="dimat.transport")
+    a = make(0, [1], {}, template=_snap(0), inbox_rounds=2, deadline_s=DEADLINE)
+    a.post(0, _snap(0))  # agent 0 is in round 0: rounds 0 and 1 fit, round 2 must wait
+    for r in (1, 0):  # in either order: both are within the window
+        assert _raw_send(a.address, _frames(_snap(r), sender=1, round=r)).accepted
+    early = _raw_send(a.address, _frames(_snap(2), sender=1, round=2))
+    assert isinstance(early, grpc.RpcError) and early.code() == grpc.StatusCode.UNAVAILABLE  # try again later
+    assert "inbox_rounds=2" in early.details() and not a.rejected
+    assert any("postponed" in r.getMessage() for r in caplog.records)
+    assert int(a.collect(0)[1]["n"]) == 0  # round 0 was kept (it used to be evicted by round 2)
+    assert _raw_send(a.address, _frames(_snap(2), sender=1, round=2)).accepted  # room now
+    # End to end: a sender three rounds ahead gets every round through, by retrying within its deadline.
+    b = make(1, [0], {0: a.address}, retry_max_s=0.2)
+    c = make(0, [1], {}, template=_snap(0), inbox_rounds=1, deadline_s=DEADLINE)
+    b.peers[0] = c.address
+    for r in range(3):
+        b.post(r, _snap(r))
+    for r in range(3):
+        c.post(r, _snap(0))
+        assert int(c.collect(r)[1]["n"]) == r
+
+
+def test_before_its_first_round_an_agent_keeps_each_senders_newest_rounds(make):
+    """A restarted agent does not know yet which round it will rejoin at: its neighbours' latest are kept."""
+    a = make(0, [1], {}, template=_snap(0), inbox_rounds=2, deadline_s=1.0)
+    for r in (5, 6, 7):
+        assert _raw_send(a.address, _frames(_snap(r), sender=1, round=r)).accepted
+    a.post(6, _snap(0))  # rejoins at round 6
+    assert int(a.collect(6)[1]["n"]) == 6
+    a.post(7, _snap(0))
+    assert int(a.collect(7)[1]["n"]) == 7
+
+
+def test_status_from_a_non_neighbour_is_refused_and_logged(make, caplog):
+    caplog.set_level(logging.WARNING, logger="dimat.transport")
+    a = make(0, [1], {})
+    stranger = make(5, [0], {0: a.address})  # holds the shared secret, but 0 does not know it as a neighbour
+    assert stranger.peer_status(0) is None
+    assert a.rejected[-1].sender == 5 and "not a neighbour" in a.rejected[-1].reason
+    assert any("not a neighbour" in r.getMessage() for r in caplog.records)
+    friend = make(1, [0], {0: a.address})
+    assert friend.peer_status(0).rank == 0
+    # With per-agent credentials, a rank without a key of its own with 0 cannot even authenticate.
+    b = make(0, [1], {}, secret=None, credentials=_cred(0, n=2))
+    outsider = make(3, [0], {0: b.address}, secret=None, credentials=_cred(3))
+    assert outsider.peer_status(0) is None
+    assert "no key for agent 3" in b.rejected[-1].reason
+    # ... and an agent whose credentials hold no key for a peer says so instead of calling it.
+    keyless = make(1, [0, 5], {0: b.address, 5: "127.0.0.1:9"}, secret=None, credentials=_cred(1), deadline_s=0.5)
+    assert keyless.peer_status(5) is None
+    keyless.post(0, _snap(1))
+    assert keyless.collect(0) == {}
 
 
 # ------------------------------------------------------------------------------------------------------ TLS

@@ -402,9 +402,10 @@ def test_launch_reproduces_dimat_run(tiny, tmp_path, transport):
         assert launcher.log_path(out, k).exists()
     if transport == "grpc":
         assert sorted(launcher.read_peers(out / "peers.json", n=3)) == [0, 1, 2]
-        # A generated shared secret, readable by the owner only, that every agent used.
-        assert (out / "secret").stat().st_mode & 0o777 == 0o600
-        assert f"secret_file: {(out / 'secret').resolve()}" in (out / "config.yaml").read_text()
+        # Generated per-agent credentials, readable by the owner only, that every agent used.
+        assert all((out / f"keys/agent-{k}.keys.yaml").stat().st_mode & 0o777 == 0o600 for k in range(3))
+        assert f"credentials_file: {(out / 'keys').resolve()}/agent-{{rank}}.keys.yaml" in (
+            out / "config.yaml").read_text()
         assert not any("no shared secret" in launcher.log_path(out, k).read_text() for k in range(3))
     # Same seeds, same data order, every snapshot in time: the very same numbers as the simulation.
     got = read_metrics([out / "metrics.jsonl"])

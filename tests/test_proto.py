@@ -35,9 +35,13 @@ def test_generated_code_imports_by_package_path():
     assert hasattr(pb2_grpc, "PeerStub") and hasattr(pb2_grpc, "add_PeerServicer_to_server")
 
 
-def test_frame_is_a_header_or_a_raw_chunk():
+def test_frame_is_a_header_a_raw_chunk_or_a_trailer():
     from dimat.transport._proto import dimat_pb2 as pb
 
     oneof = pb.Frame.DESCRIPTOR.oneofs_by_name["kind"]
-    assert [f.name for f in oneof.fields] == ["header", "chunk"]
+    assert [f.name for f in oneof.fields] == ["header", "chunk", "trailer"]
+    # The digest follows the payload (the sender hashes as it sends); field 6 of the header is retired.
+    assert "payload_sha256" not in pb.SnapshotHeader.DESCRIPTOR.fields_by_name
+    assert "payload_sha256" in pb.SnapshotTrailer.DESCRIPTOR.fields_by_name
+    assert "receiver" in pb.SnapshotHeader.DESCRIPTOR.fields_by_name
     assert pb.Frame.DESCRIPTOR.fields_by_name["chunk"].type == pb.Frame.DESCRIPTOR.fields_by_name["chunk"].TYPE_BYTES

@@ -28,13 +28,18 @@ def _snapshot():
 def _roundtrip(snap, compress=None, chunk_bytes=64):
     layout = wire.layout_of(snap, compress)
     pieces = wire.tensor_views(snap, layout)
-    digest = wire.payload_sha256(pieces, layout.payload_bytes)
-    header = wire.make_header(3, 5, layout, digest, secret=b"k")
+    header = wire.make_header(3, 5, layout, b"k", receiver=4)
     checked = wire.check_header(header, wire.layout_of(snap), max_payload_bytes=1 << 20)
-    asm = wire.Assembler(checked, header.payload_sha256)
+    asm = wire.Assembler(checked)
+    running, offset = wire.StreamHash(), 0
     for c in wire.iter_payload(pieces, layout.payload_bytes, chunk_bytes):
+        running.update(offset, c)
+        offset += len(c)
         asm.add(wire.decode_frame(wire.encode_chunk(c)))
-    return layout, asm.finish()
+    trailer = wire.decode_frame(wire.encode_trailer(wire.make_trailer(header, running.digest(offset), b"k")))
+    wire.verify_trailer(header, trailer, b"k")
+    assert trailer.payload_sha256 == wire.payload_sha256(pieces, layout.payload_bytes)
+    return layout, asm.finish(trailer.payload_sha256)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 1 << 20])
@@ -105,7 +110,7 @@ def test_bad_snapshots_are_refused_by_layout_of():
 # ------------------------------------------------------------------------------------------------ headers
 def _header(snap, **changes):
     layout = wire.layout_of(snap)
-    h = wire.make_header(1, 0, layout, wire.payload_sha256(wire.tensor_views(snap, layout), layout.payload_bytes))
+    h = wire.make_header(1, 0, layout)
     for k, v in changes.items():
         setattr(h, k, v)
     return h
@@ -137,8 +142,6 @@ def test_header_inconsistencies_are_refused():
     h = _header(snap)
     h.tensors[0].shape[:] = [-3, -4]
     cases.append((h, "negative"))
-    h = _header(snap, payload_sha256=b"short")
-    cases.append((h, "SHA-256"))
     for h, reason in cases:
         with pytest.raises(wire.WireError, match=reason):
             wire.check_header(h, mine, 1 << 20)
@@ -160,56 +163,117 @@ def test_other_architectures_are_refused(theirs, reason):
 
 
 def test_assembler_refuses_long_short_wrong_hash_and_nan():
+    import hashlib
+
     snap = {"w": torch.ones(16)}
     layout = wire.layout_of(snap)
     good = bytes(wire.pack(snap, layout).numpy())
-    h = _header(snap)
+    digest = hashlib.sha256(good).digest()
 
-    asm = wire.Assembler(layout, h.payload_sha256)
+    asm = wire.Assembler(layout)
     asm.add(good)
     with pytest.raises(wire.WireError, match="longer"):
         asm.add(b"x")
 
-    asm = wire.Assembler(layout, h.payload_sha256)
+    asm = wire.Assembler(layout)
     asm.add(good[:-4])
     with pytest.raises(wire.WireError, match="shorter"):
-        asm.finish()
+        asm.finish(digest)
 
-    asm = wire.Assembler(layout, h.payload_sha256)
+    asm = wire.Assembler(layout)
     asm.add(good[:-1] + b"\x00")
     with pytest.raises(wire.WireError, match="SHA-256"):
-        asm.finish()
+        asm.finish(digest)
 
     bad = {"w": torch.ones(16)}
     bad["w"][3] = float("nan")
-    bh = _header(bad)
-    asm = wire.Assembler(layout, bh.payload_sha256)
-    asm.add(bytes(wire.pack(bad, layout).numpy()))
-    with pytest.raises(wire.WireError, match="non-finite"):
-        asm.finish()
+    asm = wire.Assembler(layout)
+    with pytest.raises(wire.WireError, match="non-finite"):  # found in place, as the chunk arrives
+        asm.add(bytes(wire.pack(bad, layout).numpy()))
+
+
+def test_assembler_checks_values_in_place_chunk_by_chunk_whatever_the_cut():
+    """A NaN is found in the chunk that completes it, even when chunks cut values in half; and not before."""
+    snap = {"a": torch.ones(5, dtype=torch.float64), "h": torch.ones(7).half(), "b": torch.ones(9)}
+    snap["b"][8] = float("inf")
+    layout = wire.layout_of(snap)
+    data = bytes(wire.pack(snap, layout).numpy())
+    bad_end = layout.entries[2].offset + layout.entries[2].nbytes
+    for cut in (1, 3, 5, 8):
+        asm = wire.Assembler(layout)
+        with pytest.raises(wire.WireError, match="'b' has non-finite"):
+            for i in range(0, len(data), cut):
+                asm.add(data[i:i + cut])
+        assert bad_end - 8 < asm.received <= bad_end + cut  # refused as soon as the bad value was whole
+
+
+def test_assembler_fills_a_given_buffer_and_refuses_a_wrong_one():
+    layout = wire.layout_of({"w": torch.ones(4)})
+    buf = torch.empty(16, dtype=torch.uint8)
+    asm = wire.Assembler(layout, buf)
+    asm.add(bytes(wire.pack({"w": torch.ones(4)}, layout).numpy()))
+    import hashlib
+
+    out = asm.finish(hashlib.sha256(bytes(buf.numpy())).digest())
+    assert out["w"].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # a view, not a copy
+    with pytest.raises(ValueError, match="16 elements"):
+        wire.Assembler(layout, torch.empty(8, dtype=torch.uint8))
+
+
+def test_buffer_pool_reuses_a_buffer_only_when_no_tensor_refers_to_it():
+    pool = wire.BufferPool(2)
+    a = pool.get(64)
+    view = a[8:16].view(torch.float32)  # a snapshot's tensor viewed out of the buffer
+    ptr = a.data_ptr()
+    del a
+    b = pool.get(64)
+    assert b.data_ptr() != ptr  # the first buffer is still in use through the view
+    del view
+    c = pool.get(64)
+    assert c.data_ptr() == ptr  # now it is free: reused
+    d = pool.get(64)  # both pooled buffers busy, capacity reached: a fresh, unpooled one
+    assert d.data_ptr() not in (ptr, b.data_ptr()) and pool.nbytes == 128
+    del b, c, d
+    e = pool.get(32)  # another size: a free buffer of the old size makes room
+    assert e.numel() == 32 and pool.nbytes <= 128
+
+
+def test_stream_hash_is_taken_once_by_whichever_stream_leads():
+    import hashlib
+
+    data = bytes(range(256)) * 10
+    h = wire.StreamHash()
+    chunks = [(i, data[i:i + 100]) for i in range(0, len(data), 100)]
+    for off, c in chunks[:5]:  # stream A gets halfway, then stops (cancelled)
+        h.update(off, c)
+    for off, c in chunks:  # stream B, from the start: skips what A hashed, takes over at A's position
+        h.update(off, c)
+    assert h.digest(len(data)) == hashlib.sha256(data).digest()
+    with pytest.raises(RuntimeError, match="hashed"):
+        wire.StreamHash().digest(10)
 
 
 # ------------------------------------------------------------------------------------------------- auth
 def test_hmac_verifies_and_refuses_wrong_secret_tampering_replay_and_stale_stamps():
     snap = {"w": torch.ones(4)}
     layout = wire.layout_of(snap)
-    digest = wire.payload_sha256(wire.tensor_views(snap, layout), layout.payload_bytes)
-    h = wire.make_header(1, 2, layout, digest, secret=b"right")
+    h = wire.make_header(1, 2, layout, b"right", receiver=0)
     v = wire.Verifier(b"right", max_skew_s=60)
     v.verify(wire.header_auth_fields(h), h.auth)
     with pytest.raises(wire.AuthError, match="replayed"):
         v.verify(wire.header_auth_fields(h), h.auth)
 
-    wrong = wire.make_header(1, 2, layout, digest, secret=b"wrong")
+    wrong = wire.make_header(1, 2, layout, b"wrong", receiver=0)
     with pytest.raises(wire.AuthError, match="wrong shared secret"):
         v.verify(wire.header_auth_fields(wrong), wrong.auth)
 
-    tampered = wire.make_header(1, 2, layout, digest, secret=b"right")
-    tampered.round = 3
-    with pytest.raises(wire.AuthError, match="HMAC"):
-        v.verify(wire.header_auth_fields(tampered), tampered.auth)
+    for field, value in (("round", 3), ("receiver", 5), ("sender", 4)):
+        tampered = wire.make_header(1, 2, layout, b"right", receiver=0)
+        setattr(tampered, field, value)
+        with pytest.raises(wire.AuthError, match="HMAC"):
+            v.verify(wire.header_auth_fields(tampered), tampered.auth)
 
-    old = wire.make_header(1, 2, layout, digest, secret=b"right", now=time.time() - 3600)
+    old = wire.make_header(1, 2, layout, b"right", receiver=0, now=time.time() - 3600)
     with pytest.raises(wire.AuthError, match="timestamp"):
         v.verify(wire.header_auth_fields(old), old.auth)
 
@@ -218,6 +282,40 @@ def test_hmac_verifies_and_refuses_wrong_secret_tampering_replay_and_stale_stamp
     with pytest.raises(wire.AuthError, match="missing"):
         v.verify(wire.header_auth_fields(h), pb.Auth())
 
+
+def test_per_agent_keys_bind_the_signature_to_the_claimed_sender():
+    from dimat.transport.identity import derive
+
+    master = b"m" * 32
+    me, three = derive(master, 0, range(4)), derive(master, 3, range(4))
+    v = wire.Verifier(me.key_for)
+    layout = wire.layout_of({"w": torch.ones(4)})
+    honest = wire.make_header(3, 0, layout, three.key_for(0), receiver=0)
+    v.verify(wire.header_auth_fields(honest), honest.auth, sender=3)
+    forged = wire.make_header(2, 0, layout, three.key_for(0), receiver=0)  # 3's key, claiming to be 2
+    with pytest.raises(wire.AuthError, match="agent 2's key.*impersonation"):
+        v.verify(wire.header_auth_fields(forged), forged.auth, sender=2)
+    # 3's key with agent 2 does not help either: it is the key of the pair (2, 3), not (2, 0)
+    forged = wire.make_header(2, 0, layout, three.key_for(2), receiver=0)
+    with pytest.raises(wire.AuthError, match="impersonation"):
+        v.verify(wire.header_auth_fields(forged), forged.auth, sender=2)
+    with pytest.raises(wire.AuthError, match="no key for agent 9"):
+        v.verify(wire.header_auth_fields(honest), honest.auth, sender=9)
+
+
+def test_trailer_is_chained_to_its_header():
+    layout = wire.layout_of({"w": torch.ones(4)})
+    h1 = wire.make_header(1, 0, layout, b"k", receiver=0)
+    h2 = wire.make_header(1, 0, layout, b"k", receiver=0)
+    t = wire.make_trailer(h1, bytes(32), b"k")
+    wire.verify_trailer(h1, t, b"k")
+    with pytest.raises(wire.AuthError, match="trailer"):
+        wire.verify_trailer(h2, t, b"k")  # moved onto another stream
+    with pytest.raises(wire.AuthError, match="trailer"):
+        wire.verify_trailer(h1, wire.make_trailer(h1, bytes(32), b"other"), b"k")
+    with pytest.raises(wire.WireError, match="not a SHA-256"):
+        wire.verify_trailer(h1, wire.make_trailer(h1, b"short", b"k"), b"k")
+    wire.verify_trailer(h1, wire.make_trailer(h1, bytes(32)), None)  # no key: only the digest's form
 
 # ---------------------------------------------------------------------------------------------- framing
 def test_hand_framed_chunks_equal_protobuf_frames_both_ways():

@@ -104,7 +104,7 @@ def grid(config: Optional[str], methods: Sequence[str], partitions: Optional[Seq
     is a UserError naming the flag or key)."""
     from dimat.config import load_config
     from dimat.errors import UserError
-    from dimat.runner import prepare
+    from dimat.build import prepare
 
     base = load_config(config, overrides)
     partitions = list(partitions or [base["data"]["partition"]])

@@ -267,7 +267,8 @@ def measure(transport: str, mib: Spec, repeats: int = 3, compress: Optional[str]
             start(_tcp_receiver, (mib, rounds), qr)
             start(_tcp_sender, (mib, rounds, get(qr)["address"]), qs)
         elif transport == "grpc":
-            # With a shared secret, as a deployment runs (its HMAC covers the header only: no cost per byte).
+            # With a shared secret, as a deployment runs (its HMACs cover the header and the trailer's digest: no
+            # cost per byte beyond the SHA-256, which the transport takes with or without a key).
             opts = {"compress": compress, "chunk_bytes": int(chunk_mib * (1 << 20)), "secret": "bench"}
             acks = ctx.Queue()
             start(_grpc_receiver, (spec, rounds, opts, acks), qr)
@@ -335,6 +336,7 @@ def main(args: argparse.Namespace) -> int:
     if "tcp" not in names:
         names = ["tcp"] + names  # every ratio needs the TCP figure of the same run
     rows = []
+    load_before = os.getloadavg()
     for spec in specs:
         tcp = None
         for name in names:
@@ -347,8 +349,11 @@ def main(args: argparse.Namespace) -> int:
             rows.append(row)
     md = table(rows)
     command = "dimat bench transport " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "transport"] else ""
+    load_after = os.getloadavg()
+    # The machine's load (1-minute average) around the run: ratios measured on busy shared cores are noisier.
     info = (f"{platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
-            f"median of {args.repeats} transfers after one warm-up; compress={args.compress}")
+            f"median of {args.repeats} transfers after one warm-up; compress={args.compress}; "
+            f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     print(md)
     print(info)
     if args.out is not None:

@@ -9,9 +9,18 @@ It knows nothing about transports. One module each, in the order a merge runs:
 * :mod:`dimat.merge.operators`: the merge operators (:func:`average`, :func:`weight_match`,
   :func:`activation_match`), their registry :data:`METHODS` and :func:`get`;
 * :mod:`dimat.merge.repair`: the BatchNorm reset's companion, REPAIR's variance correction.
+
+Around the operators:
+
+* :mod:`dimat.merge.guard`: alignment guards (identity prior, keep margin) that keep units in place on noise;
+* :mod:`dimat.merge.combine`: the combine rules after alignment (``merge.combine``: mean, ties, dare, consensus,
+  fisher, regmean), given to an operator as its ``combine=`` hook;
+* :mod:`dimat.merge.payload`: the per-snapshot data two of those rules need (Fisher, input Gram matrices);
+* :mod:`dimat.merge.telemetry`: per-edge figures of a merge (correlation gain, units moved, distances).
 """
 
 from dimat.merge import matching, operators, repair, stats, structure
+from dimat.merge import combine, guard, payload, telemetry
 from dimat.merge.operators import (
     METHODS,
     Batches,
@@ -51,4 +60,8 @@ __all__ = [
     "repair",
     "stats",
     "structure",
+    "combine",
+    "guard",
+    "payload",
+    "telemetry",
 ]

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from dimat.merge import matching, stats, structure
+from dimat.merge import guard, matching, stats, structure, telemetry
 from dimat.merge.repair import endpoint_stats, repair_layers, reset_and_repair
 from dimat.merge.structure import PermutationSpec
 
@@ -36,6 +36,11 @@ __all__ = [
 ]
 
 Batches = Iterable[Any]
+#: A combine hook: ``fn(aligned_states, weights, perms_per_model, spec) -> state``. It replaces the weighted sum of
+#: the aligned state dicts (see :mod:`dimat.merge.combine`); ``perms_per_model[j - 1]`` is the permutation given to
+#: model j (empty: identity) and ``spec`` the groups (None when nothing was aligned).
+CombineFn = Callable[[List[Dict[str, torch.Tensor]], List[float], List[Dict[int, torch.Tensor]],
+                      Optional[PermutationSpec]], Dict[str, torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------------------------- input checking
@@ -229,6 +234,7 @@ def average(
     reset_bn: bool = False,
     stat_batches: Optional[int] = None,
     same_basis: Sequence[int] = (),
+    combine: Optional[CombineFn] = None,
 ) -> nn.Module:
     """WA: the weighted average of every floating-point tensor, without alignment.
 
@@ -240,6 +246,7 @@ def average(
     reset_bn : when true (and ``batches`` is given), recompute BatchNorm statistics of the result on ``batches``.
     stat_batches : number of batches used for the BN reset (None: all).
     same_basis : accepted for a uniform signature and ignored: nothing is aligned here.
+    combine : replaces the weighted sum (see :data:`CombineFn`); called with identity permutations.
 
     Returns
     -------
@@ -249,7 +256,8 @@ def average(
     _to_align(w, same_basis)  # the same checks as the aligning operators
     if reset_bn and batches is not None:
         _first_input(batches)  # an empty iterable is an error before any work is done
-    return _finish(models[0], _weighted_sum(states, w), batches, reset_bn, stat_batches)
+    state = _weighted_sum(states, w) if combine is None else combine(states, w, [{} for _ in states[1:]], None)
+    return _finish(models[0], state, batches, reset_bn, stat_batches)
 
 
 # ------------------------------------------------------------------------------------- groups, cached per arch
@@ -391,14 +399,15 @@ def _cached_spec(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[P
 
 
 def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, stat_batches, profile,
-                   graph=None, repair=False, cl=False):
+                   graph=None, repair=False, cl=False, combine=None):
     """Apply the permutations, take the weighted sum, then reset BN statistics (and REPAIR) on the batches."""
     t = time.perf_counter()
     aligned = [states[0]] + [
         structure.apply_permutation(sd, spec, perms) if perms else sd
         for sd, perms in zip(states[1:], perms_per_model)
     ]
-    merged = _new_model(models[0], _weighted_sum(aligned, w))
+    merged = _new_model(models[0], _weighted_sum(aligned, w) if combine is None
+                        else combine(aligned, w, perms_per_model, spec))
     t_apply = time.perf_counter() - t
     t = time.perf_counter()
     if reset_bn and batches is not None:
@@ -437,6 +446,10 @@ def activation_match(
     profile: Optional[Dict[str, float]] = None,
     same_basis: Sequence[int] = (),
     strict: bool = False,
+    combine: Optional[CombineFn] = None,
+    identity_prior: float = 0.0,
+    keep_margin: Optional[float] = None,
+    report: Optional[Dict[int, Dict[str, float]]] = None,
 ) -> nn.Module:
     """DIMAT: align every neighbour to ``models[0]`` by activation correlation on local batches, then average.
 
@@ -463,12 +476,23 @@ def activation_match(
     strict : raise :class:`UnalignedError` instead of averaging units that cannot be aligned: frozen hidden-unit
         groups (see :meth:`PermutationSpec.coverage`) and permutable groups that have no activation site (these
         are otherwise aligned by weight matching).
+    combine : replaces the weighted sum of the aligned models (see :data:`CombineFn`).
+    identity_prior, keep_margin : guards against moving units on noise (see :mod:`dimat.merge.guard`; plain groups only: structured groups are
+        matched factor by factor without them): lambda
+        added to the correlation's diagonal before the assignment, and the margin by which a group's matched
+        correlation must beat the diagonal's for the group to be permuted at all (None: no test).
+    report : optional dict that receives, per aligned model index j, the mean correlation before (diagonal) and
+        after alignment and the share of units moved (:func:`dimat.merge.telemetry.alignment`).
 
     Returns
     -------
     A new module; the inputs are not modified.
     """
     states, w = _check(models, weights)
+    if not (math.isfinite(identity_prior) and identity_prior >= 0):
+        raise ValueError(f"identity_prior must be a finite number >= 0, got {identity_prior!r}")
+    if keep_margin is not None and not math.isfinite(keep_margin):
+        raise ValueError(f"keep_margin must be a finite number or None, got {keep_margin!r}")
     device = _device_of(models[0])
     example = _first_input(batches).to(device)
     spec, graph = spec_for(models[0], example)
@@ -487,13 +511,16 @@ def activation_match(
     t = time.perf_counter()
     perms: List[Dict[int, torch.Tensor]] = [{} for _ in models[1:]]
     for j, corr in zip(todo, corrs):
-        perms[j - 1] = _perms_from_correlations(spec, corr, states[0], states[j], models[0])
+        perms[j - 1] = _perms_from_correlations(spec, corr, states[0], states[j], models[0], identity_prior,
+                                                keep_margin)
+        if report is not None:
+            report[j] = telemetry.alignment(corr, perms[j - 1])
     if profile is not None:
         profile["stats_s"] = t_stats
         profile["assign_s"] = time.perf_counter() - t
     return _merge_aligned(
         models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, _module_graph(models[0]), repair,
-        cl
+        cl, combine
     )
 
 
@@ -519,10 +546,11 @@ def _check_alignable(spec: PermutationSpec) -> None:
             f"strict activation matching: {len(bad)} group(s) cannot be aligned by activations: " + "; ".join(bad))
 
 
-def _perms_from_correlations(spec, corr, s0, sj, model) -> Dict[int, torch.Tensor]:
+def _perms_from_correlations(spec, corr, s0, sj, model, identity_prior: float = 0.0,
+                             keep_margin: Optional[float] = None) -> Dict[int, torch.Tensor]:
     """Per permutable group, the permutation aligning the neighbour: plain groups by one assignment on their
-    correlation (ties broken by parameters), bundles of structured groups factor by factor; groups that no
-    activation site observes are aligned by weight matching."""
+    correlation (ties broken by parameters, guarded by ``identity_prior`` and ``keep_margin``), bundles of
+    structured groups factor by factor; groups that no activation site observes are aligned by weight matching."""
     out: Dict[int, torch.Tensor] = {}
     blind: List[int] = []
     for bundle in spec.bundles():
@@ -530,7 +558,8 @@ def _perms_from_correlations(spec, corr, s0, sj, model) -> Dict[int, torch.Tenso
             gi = bundle[0]
             if gi in corr:
                 g = spec.groups[gi]
-                out[gi] = matching.match(corr[gi] - matching.TIE_BREAK * matching.unit_distance(s0, sj, g))
+                score = corr[gi] - matching.TIE_BREAK * matching.unit_distance(s0, sj, g)
+                out[gi] = guard.guarded_match(score, corr[gi], identity_prior, keep_margin)
             else:
                 blind.append(gi)
             continue
@@ -558,6 +587,7 @@ def weight_match(
     example_input: Optional[torch.Tensor] = None,
     profile: Optional[Dict[str, float]] = None,
     same_basis: Sequence[int] = (),
+    combine: Optional[CombineFn] = None,
 ) -> nn.Module:
     """WM: align every neighbour to ``models[0]`` by Git Re-Basin weight matching, then average.
 
@@ -575,6 +605,7 @@ def weight_match(
     example_input : an input batch for deriving the groups when ``batches`` is None.
     profile : optional dict that receives ``assign_s``, ``apply_s``, ``bn_reset_s`` (seconds).
     same_basis : as in :func:`activation_match`: models taken with the identity permutation.
+    combine : as in :func:`activation_match`.
 
     Returns
     -------
@@ -608,13 +639,14 @@ def weight_match(
     if profile is not None:
         profile["stats_s"] = 0.0
         profile["assign_s"] = time.perf_counter() - t
-    return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, cl=cl)
+    return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, cl=cl,
+                          combine=combine)
 
 
 MergeFn = Callable[..., nn.Module]
 
 #: config name -> merge operator; every entry accepts
-#: ``fn(models, weights, batches=, reset_bn=, stat_batches=, same_basis=)``.
+#: ``fn(models, weights, batches=, reset_bn=, stat_batches=, same_basis=, combine=)``.
 METHODS: Dict[str, MergeFn] = {"dimat": activation_match, "wa": average, "wm": weight_match}
 
 

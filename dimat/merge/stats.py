@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
 from dimat.merge.structure import PermutationSpec, Site
 
-__all__ = ["CrossStats", "units_view", "unit_features", "site_module", "collect_correlations", "match", "eval_mode"]
+__all__ = ["CrossStats", "units_view", "unit_features", "site_module", "collect_correlations", "eval_mode"]
 
 
 class CrossStats:

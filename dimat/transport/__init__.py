@@ -42,7 +42,9 @@ def create(name: str, rank: int, topology: Any = None, transport_cfg: Optional[M
     topology : a :class:`dimat.topology.Topology` (or anything with ``neighbors(i)``, ``num_agents`` and
         ``peers``); not needed when ``neighbors`` (and for gRPC ``peers``) are given.
     transport_cfg : the config's ``transport`` section. Keys used: ``deadline_s`` (all); for grpc ``listen``,
-        ``compress``, ``secret`` / ``secret_file`` (else the ``DIMAT_SECRET`` environment variable),
+        ``compress``, ``credentials_file`` (per-agent keys, ``{rank}`` replaced by ``rank``; see
+        :mod:`dimat.transport.identity`) or ``secret`` / ``secret_file`` (else the ``DIMAT_SECRET`` environment
+        variable),
         ``tls_cert``, ``tls_key``, ``tls_ca``, ``tls_client_auth``, ``tls_server_name`` and the limits and
         backoff of :class:`~dimat.transport.grpc_transport.GrpcTransport`; for torch ``backend``,
         ``timeout_s`` (default ``deadline_s``), ``compress`` and the explicit rendezvous (``world_size``,
@@ -77,8 +79,10 @@ def create(name: str, rank: int, topology: Any = None, transport_cfg: Optional[M
         if not peers:
             raise ValueError("the grpc transport needs every neighbour's address (peers)")
         kw = {k: cfg[k] for k in _GRPC_KEYS if k in cfg}
-        return GrpcTransport(rank, neighbors, peers, send_to=send_to, template=template, secret=_secret(cfg),
-                             tls=_tls(cfg), **kw)
+        credentials = _credentials(cfg, rank)
+        secret = _secret(cfg, environment=credentials is None)
+        return GrpcTransport(rank, neighbors, peers, send_to=send_to, template=template, secret=secret,
+                             credentials=credentials, tls=_tls(cfg), **kw)
     if name == "torch":
         from dimat.transport.torch_transport import TorchTransport
 
@@ -99,7 +103,19 @@ def out_neighbors(topology: Any, rank: int) -> List[int]:
     return [k for k in range(topology.num_agents) if k != rank and rank in topology.neighbors(k)]
 
 
-def _secret(cfg: Mapping[str, Any]) -> Optional[bytes]:
+def _credentials(cfg: Mapping[str, Any], rank: int):
+    """Per-agent credentials from ``credentials_file`` (``{rank}`` replaced), or None."""
+    if not cfg.get("credentials_file"):
+        return None
+    if cfg.get("secret") or cfg.get("secret_file"):
+        raise ValueError("transport.credentials_file and a shared secret (transport.secret / secret_file) are both "
+                         "set: give one")
+    from dimat.transport.identity import credentials_path, load_credentials
+
+    return load_credentials(credentials_path(cfg["credentials_file"], rank), rank)
+
+
+def _secret(cfg: Mapping[str, Any], environment: bool = True) -> Optional[bytes]:
     if cfg.get("secret"):
         return str(cfg["secret"]).encode()
     if cfg.get("secret_file"):
@@ -111,7 +127,7 @@ def _secret(cfg: Mapping[str, Any]) -> Optional[bytes]:
         if not secret:
             raise ValueError(f"transport.secret_file {path} is empty")
         return secret
-    env = os.environ.get(SECRET_ENV)
+    env = os.environ.get(SECRET_ENV) if environment else None  # per-agent credentials replace it
     return env.encode() if env else None
 
 

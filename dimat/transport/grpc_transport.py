@@ -2,16 +2,19 @@
 
 Each agent runs a ``dimat.v1.Peer`` server (proto/dimat.proto) plus the standard ``grpc.health.v1.Health``
 service. ``post(r, snapshot)`` returns at once; background threads stream the snapshot to every neighbour
-(header, then raw bytes in chunks of about 1 MiB), retrying with exponential backoff until the round's deadline.
-Incoming snapshots are authenticated (shared-secret HMAC), validated (manifest against my model, exact byte
-count, SHA-256, finite values) and kept in an inbox by ``(round, sender)``; ``collect(r)`` waits until every
+(header, raw bytes in chunks of about 1 MiB hashed as they go, then the digest in a trailer), retrying with
+exponential backoff until the round's deadline. Incoming snapshots are authenticated (an HMAC with the key of the
+(sender, me) pair from per-agent credentials, or with a shared secret), validated (manifest against my model,
+exact byte count, SHA-256, finite values) and kept in an inbox by ``(round, sender)``, where an arrived snapshot
+is never replaced; ``collect(r)`` waits until every
 neighbour's round-r snapshot is there or the deadline passes. A neighbour that is down, late or sends something
 invalid is skipped for that round, with a logged reason (logger ``dimat.transport``) and an entry in
 :attr:`GrpcTransport.rejected`.
 
 Memory: the sender streams straight from the snapshot's tensors (no copy unless compressing or the tensor is
-not a contiguous CPU tensor), the receiver writes each payload into one preallocated buffer and views the tensors
-out of it. So a process holds its model, plus one payload-sized buffer per neighbour snapshot it receives.
+not a contiguous CPU tensor), the receiver writes each payload into one preallocated buffer (reused once nothing
+refers to the snapshot it held) and views the tensors out of it. So a process holds its model, plus one
+payload-sized buffer per neighbour snapshot it holds at once.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dimat.transport import wire
 from dimat.transport._proto import dimat_pb2 as pb
 from dimat.transport._proto import dimat_pb2_grpc as pb_grpc
 from dimat.transport.base import Snapshot, Transport
+from dimat.transport.identity import Credentials
 
 log = logging.getLogger("dimat.transport")
 
@@ -93,8 +97,11 @@ class TLSConfig:
 class _Inbox:
     """Validated snapshots by ``(round, sender)``, with a condition variable for ``collect``.
 
-    Snapshots of rounds at or below the last collected round are refused (late); future rounds are kept (a fast
-    neighbour may post r+1 before I collect r), at most ``max_rounds`` per sender, oldest evicted first.
+    Snapshots of rounds at or below the last collected round are refused (late); an arrived (round, sender) is
+    never replaced; future rounds are kept (a fast neighbour may post r+1 before I collect r), up to ``max_rounds``
+    rounds past my current one (later ones are postponed: the sender retries). Before my first post or collect
+    my current round is unknown (a restarted agent rejoins at its neighbours' round): then the newest
+    ``max_rounds`` rounds per sender are kept.
     """
 
     def __init__(self, max_rounds: int):
@@ -104,16 +111,47 @@ class _Inbox:
         self._items: Dict[Tuple[int, int], Tuple[Snapshot, wire.Layout]] = {}
         self._cond = threading.Condition()
 
-    def put(self, round: int, sender: int, snap: Snapshot, layout: wire.Layout) -> Optional[str]:
-        """Store a snapshot; the reason it was not stored, or None."""
+    def admit(self, round: int, sender: int, current: int = -1) -> Optional[Tuple[str, bool]]:
+        """Why a round-``round`` snapshot from ``sender`` cannot be stored now, and whether it may be later
+        (True: the sender should try again); None when it can. ``current``: the round this agent is in (its
+        latest post), when it is past the last collected one."""
         with self._cond:
-            if round <= self.floor:
-                return f"round {round} arrived after round {self.floor} was collected"
+            return self._why_not(round, sender, current)
+
+    def _why_not(self, round: int, sender: int, current: int) -> Optional[Tuple[str, bool]]:
+        if round <= self.floor:
+            return f"late: round {round} arrived after round {self.floor} was collected", False
+        if (round, sender) in self._items:
+            # A snapshot that arrived is final: a second one for the same round (a replay with a fresh nonce, a
+            # second process claiming the rank) must not replace what a merge may already be about to use.
+            return f"overwrite: round {round} from {sender} has already arrived", False
+        # At most max_rounds rounds past the one I am in (the round after the last collected, or the one I
+        # posted last, e.g. after a restart). A window of rounds rather than a count per sender: two rounds'
+        # streams may arrive in either order, and the earlier round must never be the one turned away.
+        base = max(self.floor, current - 1)
+        if base < 0 and current < 0:
+            return None  # no round yet (just started, or rejoining): the newest rounds are kept (see put)
+        if round > base + self.max_rounds:
+            return (f"ahead: round {round} is more than inbox_rounds={self.max_rounds} rounds past round "
+                    f"{base + 1}; try again once round {round - self.max_rounds} is collected"), True
+        return None
+
+    def put(self, round: int, sender: int, snap: Snapshot, layout: wire.Layout,
+            current: int = -1) -> Optional[Tuple[str, bool]]:
+        """Store a snapshot; why it was not stored (and whether to try again), or None."""
+        with self._cond:
+            why = self._why_not(round, sender, current)
+            if why is not None:
+                return why
             self._items[(round, sender)] = (snap, layout)
-            mine = sorted(r for r, s in self._items if s == sender)
-            for r in mine[:-self.max_rounds]:
-                del self._items[(r, sender)]
-                log.info("inbox: dropped round %d from %d (more than %d rounds ahead)", r, sender, self.max_rounds)
+            if self.floor < 0 and current < 0:
+                # Before my first round I do not know which rounds I will need: a restarted agent rejoins at its
+                # neighbours' current round, so keep their newest max_rounds rounds.
+                mine = sorted(r for r, s in self._items if s == sender)
+                for r in mine[:-self.max_rounds]:
+                    del self._items[(r, sender)]
+                    log.info("inbox: dropped round %d from %d (kept its newest %d rounds: no round of mine yet)",
+                             r, sender, self.max_rounds)
             self._cond.notify_all()
         return None
 
@@ -140,13 +178,13 @@ class _Inbox:
 
 
 class _Outgoing:
-    """One posted snapshot: its layout, its bytes (views), its hash, its deadline and its in-flight calls."""
+    """One posted snapshot: its layout, its bytes (views), its running hash, its deadline and its in-flight calls."""
 
-    def __init__(self, round: int, layout: wire.Layout, pieces, digest: bytes, deadline: float):
+    def __init__(self, round: int, layout: wire.Layout, pieces, deadline: float):
         self.round = round
         self.layout = layout
         self.pieces = pieces
-        self.digest = digest
+        self.hash = wire.StreamHash()  # taken by the streams as the bytes go, once for all neighbours
         self.deadline = deadline
         self.cancelled = threading.Event()
         self.calls: Dict[int, grpc.Future] = {}
@@ -177,7 +215,11 @@ class GrpcTransport(Transport):
         exactly its tensor names, dtypes and shapes. Default: learnt from my first ``post``; snapshots that arrive
         before that are checked when collected.
     secret : shared secret (str or bytes). Every snapshot and Status call must carry an HMAC made with it;
-        wrong or missing gets UNAUTHENTICATED. None: no authentication (logged as a warning).
+        wrong or missing gets UNAUTHENTICATED. It proves membership only: any holder can claim any rank.
+    credentials : per-agent credentials (:mod:`dimat.transport.identity`), instead of ``secret``: snapshots and
+        Status calls are signed with the key of the (sender, receiver) pair, looked up by the rank the sender
+        claims, so holding another agent's credentials is not enough to post as a third. Their ``rank`` must be
+        ``rank``. Neither: no authentication (logged as a warning).
     tls : certificates for TLS / mTLS; None: plaintext.
     compress : None, ``"fp16"`` or ``"bf16"``: cast float32/float64 tensors for the wire (cast back on receipt).
     deadline_s : seconds (from ``post(r)``, or from ``collect(r)`` when not posted) that a round's sends retry
@@ -191,7 +233,8 @@ class GrpcTransport(Transport):
     max_snapshot_bytes : largest payload accepted, checked before allocating anything.
     max_header_bytes : largest header accepted (the manifest grows with the number of tensors).
     max_clock_skew_s : how far a signed timestamp may be from this clock; nonces are remembered this long.
-    inbox_rounds : rounds kept per sender ahead of the last collected round.
+    inbox_rounds : rounds kept per sender ahead of the last collected round; a sender further ahead is told to
+        try again (UNAVAILABLE, so it retries within its deadline) rather than have an earlier round dropped.
     max_workers : server threads (concurrent incoming calls); default ``2 * len(neighbors) + 4``.
 
     Attributes
@@ -211,6 +254,7 @@ class GrpcTransport(Transport):
         listen: Optional[str] = None,
         template: Union[Mapping[str, torch.Tensor], wire.Layout, None] = None,
         secret: Union[str, bytes, None] = None,
+        credentials: Optional[Credentials] = None,
         tls: Optional[TLSConfig] = None,
         compress: Optional[str] = None,
         deadline_s: float = 60.0,
@@ -248,6 +292,12 @@ class GrpcTransport(Transport):
             secret = secret.encode()
         if secret is not None and not secret:
             raise ValueError("secret must not be empty (use None for no authentication)")
+        if credentials is not None:
+            if secret is not None:
+                raise ValueError("give a shared secret or per-agent credentials, not both")
+            if credentials.rank != self.rank:
+                raise ValueError(f"credentials {credentials.source} belong to agent {credentials.rank}, "
+                                 f"not to agent {self.rank}")
         self.compress = None if compress == "none" else compress
         self.deadline_s = float(deadline_s)
         self.connect_timeout_s = float(connect_timeout_s)
@@ -261,7 +311,9 @@ class GrpcTransport(Transport):
         # default would refuse exactly-4-MiB chunks.
         self.max_message_bytes = max(self.chunk_bytes, self.max_header_bytes) + 1024
         self._secret = secret
-        self._verifier = wire.Verifier(secret, max_clock_skew_s) if secret is not None else None
+        self._credentials = credentials
+        keys: Optional[wire.KeySource] = credentials.key_for if credentials is not None else secret
+        self._verifier = wire.Verifier(keys, max_clock_skew_s) if keys is not None else None
         self._tls = tls
         self._expected: Optional[wire.Layout] = (
             template if isinstance(template, wire.Layout) or template is None else wire.layout_of(template))
@@ -274,14 +326,17 @@ class GrpcTransport(Transport):
         self._lock = threading.Lock()
         self._closed = False
         self._inbox = _Inbox(inbox_rounds)
+        # Enough buffers for every snapshot the inbox may hold, one being merged and one arriving, per neighbour.
+        self._pool = wire.BufferPool(len(self.neighbors) * (inbox_rounds + 2))
         self._outgoing: Dict[int, _Outgoing] = {}
         self._round_deadline: Dict[int, float] = {}
         self._channels: Dict[int, grpc.Channel] = {}
         # Two rounds' sends may overlap (a neighbour still receiving round r when I post r+1).
         self._senders = ThreadPoolExecutor(max_workers=max(1, 2 * len(self.send_to)),
                                            thread_name_prefix=f"dimat-send-{self.rank}")
-        if secret is None:
-            log.warning("agent %d: no shared secret: snapshots are accepted from anyone who can connect", self.rank)
+        if keys is None:
+            log.warning("agent %d: no shared secret or credentials: snapshots are accepted from anyone who can "
+                        "connect", self.rank)
 
         self._server = grpc.server(ThreadPoolExecutor(max_workers=max_workers or 2 * len(self.neighbors) + 4,
                                                       thread_name_prefix=f"dimat-serve-{self.rank}"),
@@ -315,15 +370,15 @@ class GrpcTransport(Transport):
         for name in ("", SERVICE):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("agent %d: serving on %s (%s, %s)", self.rank, self.address, "TLS" if tls else "plaintext",
-                 "shared secret" if secret else "no secret")
+                 "per-agent credentials" if credentials else "shared secret" if secret else "no secret")
 
     # ------------------------------------------------------------------------------------------ Transport API
     def post(self, round: int, snapshot: Mapping[str, torch.Tensor]) -> None:
-        """Start sending my round-``round`` snapshot to ``send_to``; returns once it is hashed.
+        """Start sending my round-``round`` snapshot to ``send_to``; returns at once.
 
-        The payload's SHA-256 is taken here, so what neighbours receive is the snapshot as it was at this call or
-        nothing (a receiver refuses bytes that changed under the hash). Do not modify the tensors until
-        ``collect(round)`` returns: it also waits (within the deadline) for these sends to finish.
+        The payload is hashed as it streams (once for all neighbours) and the digest follows it. Do not modify the
+        tensors until ``collect(round)`` returns: it also waits (within the deadline) for these sends to finish;
+        a tensor changed under a send in flight fails the receiver's hash check and is dropped, never merged.
         """
         self._check_open()
         round = int(round)
@@ -334,9 +389,8 @@ class GrpcTransport(Transport):
         elif full.fingerprint != self._expected.fingerprint:
             wire.check_against(full, self._expected)  # raises WireError naming the difference
         pieces = wire.tensor_views(snapshot, layout)
-        digest = wire.payload_sha256(pieces, layout.payload_bytes)
         deadline = time.monotonic() + self.deadline_s
-        out = _Outgoing(round, layout, pieces, digest, deadline)
+        out = _Outgoing(round, layout, pieces, deadline)
         with self._lock:
             self._round_deadline[round] = deadline
             # Sends of older rounds go on until their own deadline (or until the receiver calls them late).
@@ -418,9 +472,14 @@ class GrpcTransport(Transport):
         refuses.
         """
         self._check_open()
-        req = pb.StatusRequest(sender=self.rank)
-        if self._secret is not None:
-            req.auth.CopyFrom(wire.sign(self._secret, wire.status_auth_fields(self.rank)))
+        req = pb.StatusRequest(sender=self.rank, receiver=int(peer))
+        try:
+            key = self._key_for(peer)
+        except wire.AuthError as e:
+            log.warning("agent %d: cannot ask %d for its Status: %s", self.rank, peer, e)
+            return None
+        if key is not None:
+            req.auth.CopyFrom(wire.sign(key, wire.status_auth_fields(self.rank, int(peer))))
         try:
             return pb_grpc.PeerStub(self._channel(peer)).Status(req, timeout=timeout_s or self.connect_timeout_s)
         except grpc.RpcError as e:
@@ -437,7 +496,10 @@ class GrpcTransport(Transport):
             if remaining <= 0:
                 break
             attempts += 1
-            ok, retry, last = self._send_once(peer, out, remaining)
+            try:
+                ok, retry, last = self._send_once(peer, out, remaining)
+            except wire.AuthError as e:  # my credentials hold no key for this peer: no attempt can succeed
+                ok, retry, last = False, False, str(e)
             if ok:
                 return True
             if not retry:
@@ -454,7 +516,8 @@ class GrpcTransport(Transport):
     def _send_once(self, peer: int, out: _Outgoing, remaining: float) -> Tuple[bool, bool, str]:
         """One attempt: (delivered, worth retrying, what happened)."""
         channel = self._channel(peer)
-        header = wire.make_header(self.rank, out.round, out.layout, out.digest, self._secret)
+        key = self._key_for(peer)
+        header = wire.make_header(self.rank, out.round, out.layout, key, receiver=peer)
         call = channel.stream_unary(_SEND_METHOD, request_serializer=None,
                                     response_deserializer=pb.SendReply.FromString)
         with out.lock:
@@ -462,7 +525,7 @@ class GrpcTransport(Transport):
                 return False, False, "cancelled"
             # wait_for_ready: a neighbour that is not up yet is waited for (gRPC reconnects with the backoff set
             # in _options) instead of failing the call at once.
-            fut = call.future(self._frames(header, out), timeout=max(0.001, out.deadline - time.monotonic()),
+            fut = call.future(self._frames(header, out, key), timeout=max(0.001, out.deadline - time.monotonic()),
                               wait_for_ready=True)
             out.calls[peer] = fut
         try:
@@ -481,12 +544,23 @@ class GrpcTransport(Transport):
             self.bytes_sent += out.layout.payload_bytes
         return True, False, "delivered"
 
-    def _frames(self, header: pb.SnapshotHeader, out: _Outgoing) -> Iterator[bytes]:
+    def _frames(self, header: pb.SnapshotHeader, out: _Outgoing, key: Optional[bytes]) -> Iterator[bytes]:
+        """Header, chunks (hashed as they go), trailer with the digest: the stream of one attempt."""
         yield wire.encode_header(header)
+        offset = 0
         for chunk in wire.iter_payload(out.pieces, out.layout.payload_bytes, self.chunk_bytes):
             if out.cancelled.is_set():
                 return
+            out.hash.update(offset, chunk)
+            offset += len(chunk)
             yield wire.encode_chunk(chunk)
+        yield wire.encode_trailer(wire.make_trailer(header, out.hash.digest(offset), key))
+
+    def _key_for(self, peer: int) -> Optional[bytes]:
+        """The key my messages to ``peer`` are signed with (None: no authentication)."""
+        if self._credentials is not None:
+            return self._credentials.key_for(peer)
+        return self._secret
 
     def _channel(self, peer: int) -> grpc.Channel:
         with self._lock:
@@ -516,6 +590,8 @@ class GrpcTransport(Transport):
     def _on_snapshot(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.SendReply:
         peer = context.peer()
         round, sender = -1, -1
+        stalled = threading.Event()
+        watchdog = None
 
         def refuse(reason: str) -> pb.SendReply:
             self._reject(round, sender, reason, peer)
@@ -531,51 +607,113 @@ class GrpcTransport(Transport):
             if not isinstance(header, pb.SnapshotHeader):
                 return refuse("stream does not start with a header")
             round, sender = int(header.round), int(header.sender)
-            if self._verifier is not None:
-                try:
-                    self._verifier.verify(wire.header_auth_fields(header),
-                                          header.auth if header.HasField("auth") else None)
-                except wire.AuthError as e:
-                    self._reject(round, sender, f"unauthenticated: {e}", peer)
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
-            if sender not in self.neighbors:
-                return refuse(f"sender {sender} is not a neighbour of agent {self.rank}")
-            if round <= self._inbox.floor:
-                return refuse(f"late: round {round} arrived after round {self._inbox.floor} was collected")
+            key = self._authenticate(header, context)
+            why = self._admit(header)
+            if why is not None:
+                reason, retry = why
+                if retry:  # not a refusal: the sender tries again within its deadline
+                    log.info("agent %d: round %d from %d postponed: %s", self.rank, round, sender, reason)
+                    context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+                return refuse(reason)
             layout = wire.check_header(header, self._expected, self.max_snapshot_bytes)
-            asm = wire.Assembler(layout, header.payload_sha256)
-            for raw in frames:
-                chunk = wire.decode_frame(raw)
-                if not isinstance(chunk, memoryview):
-                    return refuse("a second header inside the payload")
-                asm.add(chunk)
-            snap = asm.finish()
+            # A sender that stops sending (without a deadline of its own) must not hold a server thread forever.
+            watchdog = threading.Timer(self.deadline_s, lambda: (stalled.set(), context.cancel()))
+            watchdog.daemon = True
+            watchdog.start()
+            snap = self._receive_payload(frames, header, layout, key)
         except wire.WireError as e:
+            # A cancelled stream (by its client, or by the watchdog) may also just end, without its trailer.
+            if stalled.is_set():
+                return refuse(self._cut_off_reason())
+            if not context.is_active():
+                return refuse(f"stream broken: the peer cancelled or went away ({e})")
             return refuse(str(e))
         except Exception as e:
             if context.code() is not None:  # context.abort() above: let gRPC end the call with that status
                 raise
+            if stalled.is_set():
+                return refuse(self._cut_off_reason())
             # The stream itself broke: the peer went away, or gRPC refused a message over max_message_bytes.
             return refuse(f"stream broken ({type(e).__name__}{': ' + str(e) if str(e) else ''}): the peer went "
                           f"away or sent a frame over the {self.max_message_bytes}-byte limit")
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
         if self._closed:
             context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down")
-        why = self._inbox.put(round, sender, snap, layout)
-        if why is not None:
-            return refuse(f"late: {why}")
+        why = self._inbox.put(round, sender, snap, layout, self.latest_posted)
+        if why is not None:  # another stream for the same round and sender got there first
+            return refuse(why[0])
         with self._lock:
             self.bytes_received += layout.payload_bytes
         log.debug("agent %d: round %d from %d accepted (%d bytes)", self.rank, round, sender, layout.payload_bytes)
         return pb.SendReply(accepted=True)
 
+    def _cut_off_reason(self) -> str:
+        return f"payload not complete {self.deadline_s:g} s (deadline_s) after its header: the stream was cancelled"
+
+    def _authenticate(self, header: pb.SnapshotHeader, context: grpc.ServicerContext) -> Optional[bytes]:
+        """Check the header's HMAC against the key of the sender it claims (aborting the call with UNAUTHENTICATED
+        and a logged reason when it fails); the key the trailer must be signed with, None without keys."""
+        if self._verifier is None:
+            return None
+        sender = int(header.sender)
+        try:
+            self._verifier.verify(wire.header_auth_fields(header), header.auth if header.HasField("auth") else None,
+                                  sender)
+            return self._verifier.key_for(sender)
+        except wire.AuthError as e:
+            self._reject(int(header.round), sender, f"unauthenticated: {e}", context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
+            raise  # not reached: abort raises
+
+    def _admit(self, header: pb.SnapshotHeader) -> Optional[Tuple[str, bool]]:
+        """Whether an authenticated header may deliver a payload now: (reason, try again later) or None."""
+        sender, round = int(header.sender), int(header.round)
+        if header.receiver != self.rank:
+            return f"addressed to agent {header.receiver}, this is agent {self.rank}", False
+        if sender not in self.neighbors:
+            return f"sender {sender} is not a neighbour of agent {self.rank}", False
+        return self._inbox.admit(round, sender, self.latest_posted)
+
+    def _receive_payload(self, frames: Iterator[bytes], header: pb.SnapshotHeader, layout: wire.Layout,
+                         key: Optional[bytes]) -> Snapshot:
+        """Chunks into one pooled buffer (hashed and value-checked as they come), then the signed trailer."""
+        asm = wire.Assembler(layout, self._pool.get(layout.payload_bytes))
+        trailer = None
+        for raw in frames:
+            frame = wire.decode_frame(raw)
+            if trailer is not None:
+                raise wire.WireError("a frame after the trailer")
+            if isinstance(frame, memoryview):
+                asm.add(frame)
+            elif isinstance(frame, pb.SnapshotTrailer):
+                trailer = frame
+            else:
+                raise wire.WireError("a second header inside the payload")
+        if trailer is None:
+            raise wire.WireError(f"stream ended without a trailer after {asm.received} of "
+                                 f"{layout.payload_bytes} payload bytes")
+        try:
+            wire.verify_trailer(header, trailer, key)
+        except wire.AuthError as e:
+            raise wire.WireError(f"unauthenticated trailer: {e}") from None
+        return asm.finish(trailer.payload_sha256)
+
     def _on_status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        sender = int(request.sender)
         if self._verifier is not None:
             try:
-                self._verifier.verify(wire.status_auth_fields(request.sender),
-                                      request.auth if request.HasField("auth") else None)
+                self._verifier.verify(wire.status_auth_fields(sender, int(request.receiver)),
+                                      request.auth if request.HasField("auth") else None, sender)
             except wire.AuthError as e:
-                self._reject(-1, int(request.sender), f"unauthenticated Status call: {e}", context.peer())
+                self._reject(-1, sender, f"unauthenticated Status call: {e}", context.peer())
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
+        if request.receiver != self.rank or (sender not in self.neighbors and sender not in self.send_to):
+            why = (f"Status call addressed to agent {request.receiver}" if request.receiver != self.rank
+                   else f"Status call from {sender}, not a neighbour of agent {self.rank}")
+            self._reject(-1, sender, why, context.peer())
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         return pb.StatusReply(rank=self.rank, latest_posted_round=self.latest_posted,
                               latest_collected_round=self._inbox.floor,
                               fingerprint=self._expected.fingerprint if self._expected is not None else b"")

@@ -26,10 +26,11 @@ import functools
 import hashlib
 import hmac
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -270,6 +271,37 @@ def payload_sha256(pieces: Sequence[Tuple[int, memoryview]], payload_bytes: int)
     return h.digest()
 
 
+class StreamHash:
+    """The SHA-256 of one payload, taken as its chunks go out and shared by every stream that sends it.
+
+    Streams to several neighbours (and retries) send the same chunks in the same order; whichever stream is
+    furthest ahead hashes a chunk, the others skip it, so the payload is hashed once however many receivers it
+    has, and no stream waits for the hash before its first byte. A stream that reaches the end has passed every
+    offset, so the hash is complete by then (:meth:`digest`).
+    """
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.position = 0  # payload bytes hashed so far
+        self._lock = threading.Lock()
+
+    def update(self, offset: int, chunk: Union[bytes, memoryview]) -> None:
+        """Hash ``chunk`` (payload bytes from ``offset``) if it is the next one not hashed yet."""
+        if offset != self.position:
+            return
+        with self._lock:
+            if offset == self.position:
+                self._hash.update(chunk)
+                self.position += len(chunk)
+
+    def digest(self, payload_bytes: int) -> bytes:
+        """The digest, once all ``payload_bytes`` went through :meth:`update`."""
+        with self._lock:
+            if self.position != payload_bytes:
+                raise RuntimeError(f"hashed {self.position} of {payload_bytes} payload bytes")
+            return self._hash.copy().digest()
+
+
 def pack(snapshot: Mapping[str, torch.Tensor], layout: Layout,
          out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The payload as one flat uint8 tensor (``out`` is reused when given: same size, uint8, any device)."""
@@ -379,64 +411,106 @@ def entries_to_pb(layout: Layout) -> List[pb.TensorEntry]:
                            offset=e.offset, nbytes=e.nbytes) for e in layout.entries]
 
 
-def make_header(sender: int, round: int, layout: Layout, digest: bytes, secret: Optional[bytes] = None,
+def make_header(sender: int, round: int, layout: Layout, key: Optional[bytes] = None, receiver: int = -1,
                 now: Optional[float] = None) -> pb.SnapshotHeader:
-    """The first frame of a snapshot stream; signed with a fresh nonce when ``secret`` is given."""
-    h = pb.SnapshotHeader(sender=sender, round=round, fingerprint=layout.fingerprint,
-                          tensors=entries_to_pb(layout), payload_bytes=layout.payload_bytes, payload_sha256=digest)
-    if secret is not None:
-        h.auth.CopyFrom(sign(secret, header_auth_fields(h), now=now))
+    """The first frame of a snapshot stream to ``receiver``; signed with a fresh nonce when ``key`` is given (the
+    key of the (sender, receiver) pair, or the cluster's shared secret). The payload's digest is not in it: it
+    follows the payload in the trailer (:func:`make_trailer`)."""
+    h = pb.SnapshotHeader(sender=sender, receiver=receiver, round=round, fingerprint=layout.fingerprint,
+                          tensors=entries_to_pb(layout), payload_bytes=layout.payload_bytes)
+    if key is not None:
+        h.auth.CopyFrom(sign(key, header_auth_fields(h), now=now))
     return h
 
 
 def header_auth_fields(h: pb.SnapshotHeader) -> bytes:
-    """What a snapshot's HMAC protects: sender, round, fingerprint, payload size and hash, and the manifest."""
+    """What a snapshot header's HMAC protects: sender, receiver, round, fingerprint, payload size, the manifest."""
     manifest = hashlib.sha256()
     for e in h.tensors:
         manifest.update(f"{e.name}\0{e.dtype}\0{','.join(map(str, e.shape))}\0{e.wire_dtype}\0"
                         f"{e.offset}\0{e.nbytes}\n".encode())
-    return b"|".join([b"snapshot", str(h.sender).encode(), str(h.round).encode(), h.fingerprint.hex().encode(),
-                      str(h.payload_bytes).encode(), h.payload_sha256.hex().encode(), manifest.hexdigest().encode()])
+    return b"|".join([b"snapshot", str(h.sender).encode(), str(h.receiver).encode(), str(h.round).encode(),
+                      h.fingerprint.hex().encode(), str(h.payload_bytes).encode(), manifest.hexdigest().encode()])
 
 
-def status_auth_fields(sender: int) -> bytes:
-    return b"|".join([b"status", str(sender).encode()])
+def _trailer_message(h: pb.SnapshotHeader, digest: bytes) -> bytes:
+    # Chained to the header's own HMAC, which covers its nonce: a trailer cannot be moved onto another stream.
+    return b"dimat-v1|trailer|" + h.auth.hmac.hex().encode() + b"|" + digest.hex().encode()
+
+
+def make_trailer(h: pb.SnapshotHeader, digest: bytes, key: Optional[bytes] = None) -> pb.SnapshotTrailer:
+    """The last frame of a snapshot stream: the payload's SHA-256, signed (chained to ``h``) when ``key`` is given."""
+    t = pb.SnapshotTrailer(payload_sha256=digest)
+    if key is not None:
+        t.hmac = hmac.new(key, _trailer_message(h, digest), hashlib.sha256).digest()
+    return t
+
+
+def verify_trailer(h: pb.SnapshotHeader, t: pb.SnapshotTrailer, key: Optional[bytes]) -> None:
+    """Raise :class:`AuthError` unless ``t`` was signed with ``key`` for header ``h`` (no-op when ``key`` is None),
+    :class:`WireError` when the digest is not a SHA-256."""
+    if len(t.payload_sha256) != 32:
+        raise WireError("payload hash in the trailer is not a SHA-256 digest")
+    if key is None:
+        return
+    expect = hmac.new(key, _trailer_message(h, t.payload_sha256), hashlib.sha256).digest()
+    if not hmac.compare_digest(expect, t.hmac):
+        raise AuthError("trailer HMAC does not match the header's key")
+
+
+def status_auth_fields(sender: int, receiver: int = -1) -> bytes:
+    return b"|".join([b"status", str(sender).encode(), str(receiver).encode()])
 
 
 def _auth_message(fields: bytes, timestamp_ms: int, nonce: bytes) -> bytes:
     return b"dimat-v1|" + fields + b"|" + str(timestamp_ms).encode() + b"|" + nonce.hex().encode()
 
 
-def sign(secret: bytes, fields: bytes, now: Optional[float] = None) -> pb.Auth:
+def sign(key: bytes, fields: bytes, now: Optional[float] = None) -> pb.Auth:
     """HMAC-SHA256 over ``fields``, a timestamp and a fresh 16-byte nonce."""
     ts = int((time.time() if now is None else now) * 1000)
     nonce = os.urandom(16)
-    mac = hmac.new(secret, _auth_message(fields, ts, nonce), hashlib.sha256).digest()
+    mac = hmac.new(key, _auth_message(fields, ts, nonce), hashlib.sha256).digest()
     return pb.Auth(timestamp_ms=ts, nonce=nonce, hmac=mac)
 
 
+#: Where a :class:`Verifier` gets the key a claimed sender must have signed with: one shared secret (bytes), or
+#: a function of the sender's rank (per-agent credentials; it raises :class:`AuthError` for an unknown rank).
+KeySource = Union[bytes, Callable[[int], bytes]]
+
+
 class Verifier:
-    """Checks HMACs made with the shared secret, refusing replays and stamps outside a clock-skew window.
+    """Checks HMACs, refusing replays and stamps outside a clock-skew window.
 
     Parameters
     ----------
-    secret : the shared secret.
+    keys : the shared secret, or ``key_for(sender)`` giving the key of the (sender, me) pair; with per-agent keys
+        a header signed by agent 3 that claims to come from agent 2 fails the check, as 3 does not hold 2's key.
     max_skew_s : seconds a stamp may differ from this machine's clock (both ways); nonces are remembered this
         long, so a replay inside the window is refused too.
     """
 
-    def __init__(self, secret: bytes, max_skew_s: float = 300.0):
-        self.secret = secret
+    def __init__(self, keys: KeySource, max_skew_s: float = 300.0):
+        self._key_for: Callable[[int], bytes] = (lambda sender: keys) if isinstance(keys, bytes) else keys
+        self.per_agent = not isinstance(keys, bytes)
         self.max_skew_s = max_skew_s
         self._seen: Dict[bytes, float] = {}
         self._lock = threading.Lock()
 
-    def verify(self, fields: bytes, auth: Optional[pb.Auth], now: Optional[float] = None) -> None:
-        """Raise :class:`AuthError` unless ``auth`` is a fresh, valid HMAC of ``fields``."""
+    def key_for(self, sender: int) -> bytes:
+        """The key ``sender`` must sign with (AuthError for a rank without one)."""
+        return self._key_for(sender)
+
+    def verify(self, fields: bytes, auth: Optional[pb.Auth], sender: int = -1, now: Optional[float] = None) -> None:
+        """Raise :class:`AuthError` unless ``auth`` is a fresh, valid HMAC of ``fields`` by ``sender``'s key."""
         if auth is None or not auth.hmac:
-            raise AuthError("missing shared-secret authentication")
-        expect = hmac.new(self.secret, _auth_message(fields, auth.timestamp_ms, auth.nonce), hashlib.sha256)
+            raise AuthError("missing authentication")
+        key = self.key_for(sender)
+        expect = hmac.new(key, _auth_message(fields, auth.timestamp_ms, auth.nonce), hashlib.sha256)
         if not hmac.compare_digest(expect.digest(), auth.hmac):
+            if self.per_agent:
+                raise AuthError(f"HMAC does not match agent {sender}'s key: a wrong key, or another agent "
+                                f"posting as {sender} (impersonation)")
             raise AuthError("wrong shared secret (HMAC mismatch)")
         now = time.time() if now is None else now
         if abs(auth.timestamp_ms / 1000.0 - now) > self.max_skew_s:
@@ -447,7 +521,7 @@ class Verifier:
             for n in [n for n, t in self._seen.items() if t < now - self.max_skew_s]:
                 del self._seen[n]
             if auth.nonce in self._seen:
-                raise AuthError("replayed nonce")
+                raise AuthError("replayed nonce (a copy of an earlier stream)")
             self._seen[auth.nonce] = now
 
 
@@ -481,8 +555,6 @@ def layout_from_header(h: pb.SnapshotHeader) -> Layout:
         raise WireError(f"declared payload of {h.payload_bytes} bytes, manifest adds up to {layout.payload_bytes}")
     if layout.fingerprint != h.fingerprint:
         raise WireError("declared fingerprint does not match the manifest")
-    if len(h.payload_sha256) != 32:
-        raise WireError("payload hash is not a SHA-256 digest")
     return layout
 
 
@@ -517,40 +589,96 @@ def check_header(h: pb.SnapshotHeader, expected: Optional[Layout], max_payload_b
 
 
 class Assembler:
-    """Receives one payload chunk by chunk into a preallocated buffer, hashing as it goes.
+    """Receives one payload chunk by chunk into one preallocated buffer, hashing and checking values as it goes.
+
+    Each chunk is copied once, from the transport's message into its place in the buffer (the only copy on the
+    receiving side), hashed while it is still in the cache, and every tensor range that is complete is checked
+    for non-finite values in place, with numpy on the calling thread. ``finish`` then only compares the digest.
 
     Parameters
     ----------
     layout : the (checked) layout the header declared.
-    digest : the SHA-256 the header declared.
+    buffer : a flat uint8 CPU tensor of ``layout.payload_bytes`` to fill (e.g. from a :class:`BufferPool`);
+        default: a new one.
     """
 
-    def __init__(self, layout: Layout, digest: bytes):
+    def __init__(self, layout: Layout, buffer: Optional[torch.Tensor] = None):
         self.layout = layout
-        self.digest = digest
-        self.buffer = torch.empty(layout.payload_bytes, dtype=torch.uint8)
+        if buffer is None:
+            buffer = torch.empty(layout.payload_bytes, dtype=torch.uint8)
+        elif buffer.dtype != torch.uint8 or buffer.numel() != layout.payload_bytes or buffer.device.type != "cpu":
+            raise ValueError(f"buffer must be a CPU uint8 tensor of {layout.payload_bytes} elements")
+        self.buffer = buffer
         self._np = self.buffer.numpy()
         self._hash = hashlib.sha256()
         self.received = 0
+        self.checked = 0  # payload bytes checked for finite values
 
     def add(self, chunk: Union[bytes, memoryview]) -> None:
+        """Append ``chunk``: WireError when it runs past the declared size or completes a non-finite value."""
         n = len(chunk)
         if self.received + n > self.layout.payload_bytes:
             raise WireError(f"payload longer than the declared {self.layout.payload_bytes} bytes")
-        self._np[self.received:self.received + n] = np.frombuffer(chunk, dtype=np.uint8)
-        self._hash.update(chunk)
+        src = np.frombuffer(chunk, dtype=np.uint8)
+        self._hash.update(src)
+        self._np[self.received:self.received + n] = src
         self.received += n
+        upto = self.received if self.received == self.layout.payload_bytes else self.received // ALIGN * ALIGN
+        if upto > self.checked:  # any multiple of ALIGN is an item boundary of every tensor
+            check_finite_range(self.buffer, self.layout, self.checked, upto)
+            self.checked = upto
 
-    def finish(self) -> Dict[str, torch.Tensor]:
-        """The snapshot, after checking the byte count, hash and finiteness."""
+    def finish(self, digest: bytes) -> Dict[str, torch.Tensor]:
+        """The snapshot (views of the buffer), after checking the byte count and the ``digest`` (from the trailer)."""
         if self.received != self.layout.payload_bytes:
             raise WireError(f"payload of {self.received} bytes, shorter than the declared "
                             f"{self.layout.payload_bytes}")
-        if not hmac.compare_digest(self._hash.digest(), self.digest):
-            raise WireError("payload SHA-256 does not match the header")
-        snap = unpack(self.buffer, self.layout)
-        check_finite(snap)
-        return snap
+        if not hmac.compare_digest(self._hash.digest(), digest):
+            raise WireError("payload SHA-256 does not match the trailer")
+        return unpack(self.buffer, self.layout)
+
+
+class BufferPool:
+    """Receive buffers reused across snapshots, each handed out again only when no tensor still uses it.
+
+    A fresh buffer costs a page fault per 4 KiB page when first written, which on a virtual machine can take longer
+    than receiving the bytes (about 1 s per 400 MiB measured on the 2-core development VM). A buffer is free when
+    nothing but the pool refers to its numpy array: the tensors viewed out of it (and any view of those) keep the
+    array alive through their storage, so a snapshot still held by anyone, the inbox included, is never
+    overwritten.
+
+    Parameters
+    ----------
+    capacity : buffers kept at most; beyond that, buffers are allocated fresh and not kept.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self._arrays: List[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        """A flat uint8 CPU tensor of ``nbytes`` (contents undefined)."""
+        with self._lock:
+            stale = None
+            for i in range(len(self._arrays)):
+                # 2 = the list and getrefcount's own argument: no tensor's storage holds the array any more.
+                if sys.getrefcount(self._arrays[i]) == 2:
+                    if self._arrays[i].nbytes == nbytes:
+                        return torch.from_numpy(self._arrays[i])
+                    stale = i
+            if stale is not None:
+                del self._arrays[stale]  # a free buffer of another size: make room for this size
+            arr = np.empty(nbytes, dtype=np.uint8)
+            if len(self._arrays) < self.capacity:
+                self._arrays.append(arr)
+            return torch.from_numpy(arr)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the pool (free or in use)."""
+        with self._lock:
+            return sum(a.nbytes for a in self._arrays)
 
 
 # ------------------------------------------------------------------------------------------------- framing
@@ -582,8 +710,13 @@ def encode_header(h: pb.SnapshotHeader) -> bytes:
     return pb.Frame(header=h).SerializeToString()
 
 
-def decode_frame(raw: bytes) -> Union[memoryview, pb.SnapshotHeader]:
-    """A chunk (a view into ``raw``, not a copy) or a header; WireError for anything else."""
+def encode_trailer(t: pb.SnapshotTrailer) -> bytes:
+    """A serialized ``Frame(trailer=t)``."""
+    return pb.Frame(trailer=t).SerializeToString()
+
+
+def decode_frame(raw: bytes) -> Union[memoryview, pb.SnapshotHeader, pb.SnapshotTrailer]:
+    """A chunk (a view into ``raw``, not a copy), a header or a trailer; WireError for anything else."""
     if raw and raw[0] == _CHUNK_TAG:
         n, shift, i = 0, 0, 1
         while i < len(raw) and i < 11:
@@ -604,6 +737,8 @@ def decode_frame(raw: bytes) -> Union[memoryview, pb.SnapshotHeader]:
         return memoryview(frame.chunk)
     if kind == "header":
         return frame.header
+    if kind == "trailer":
+        return frame.trailer
     raise WireError("empty frame")
 
 
@@ -611,6 +746,7 @@ __all__ = [
     "ALIGN", "DTYPES", "COMPRESS", "WireError", "AuthError", "Entry", "Layout", "lay_out", "layout_of",
     "fingerprint", "tensor_views", "iter_payload", "payload_sha256", "pack", "pack_range", "unpack", "check_finite",
     "check_finite_range",
-    "make_header", "header_auth_fields", "status_auth_fields", "sign", "Verifier", "layout_from_header",
-    "check_against", "check_header", "Assembler", "encode_chunk", "encode_header", "decode_frame", "dtype_name",
+    "make_header", "header_auth_fields", "make_trailer", "verify_trailer", "status_auth_fields", "sign", "Verifier",
+    "KeySource", "layout_from_header", "check_against", "check_header", "Assembler", "BufferPool", "StreamHash",
+    "encode_chunk", "encode_header", "encode_trailer", "decode_frame", "dtype_name",
 ]

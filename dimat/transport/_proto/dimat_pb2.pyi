@@ -32,30 +32,40 @@ class Auth(_message.Message):
     def __init__(self, timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., hmac: _Optional[bytes] = ...) -> None: ...
 
 class SnapshotHeader(_message.Message):
-    __slots__ = ("sender", "round", "fingerprint", "tensors", "payload_bytes", "payload_sha256", "auth")
+    __slots__ = ("sender", "round", "fingerprint", "tensors", "payload_bytes", "auth", "receiver")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
-    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
     sender: int
     round: int
     fingerprint: bytes
     tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
     payload_bytes: int
-    payload_sha256: bytes
     auth: Auth
-    def __init__(self, sender: _Optional[int] = ..., round: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+    receiver: int
+    def __init__(self, sender: _Optional[int] = ..., round: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., receiver: _Optional[int] = ...) -> None: ...
+
+class SnapshotTrailer(_message.Message):
+    __slots__ = ("payload_sha256", "hmac")
+    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    HMAC_FIELD_NUMBER: _ClassVar[int]
+    payload_sha256: bytes
+    hmac: bytes
+    def __init__(self, payload_sha256: _Optional[bytes] = ..., hmac: _Optional[bytes] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
     header: SnapshotHeader
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[SnapshotHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    trailer: SnapshotTrailer
+    def __init__(self, header: _Optional[_Union[SnapshotHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., trailer: _Optional[_Union[SnapshotTrailer, _Mapping]] = ...) -> None: ...
 
 class SendReply(_message.Message):
     __slots__ = ("accepted", "reason")
@@ -66,12 +76,14 @@ class SendReply(_message.Message):
     def __init__(self, accepted: bool = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("sender", "auth")
+    __slots__ = ("sender", "auth", "receiver")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
     sender: int
     auth: Auth
-    def __init__(self, sender: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+    receiver: int
+    def __init__(self, sender: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., receiver: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("rank", "latest_posted_round", "latest_collected_round", "fingerprint")

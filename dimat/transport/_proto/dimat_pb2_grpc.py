@@ -50,14 +50,15 @@ class PeerServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def SendSnapshot(self, request_iterator, context):
-        """Deliver one snapshot. A wrong or missing secret ends the call with UNAUTHENTICATED right after the header.
+        """Deliver one snapshot. A wrong or missing key ends the call with UNAUTHENTICATED right after the header.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """The peer's rank and progress, for an agent that restarts and must catch up (authenticated like SendSnapshot).
+        """The peer's rank and progress, for an agent that restarts and must catch up (authenticated like SendSnapshot;
+        only the peer's neighbours may ask: PERMISSION_DENIED otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
