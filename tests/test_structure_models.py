@@ -327,12 +327,12 @@ def _permute_tiny(a: TinyTransformer, g, heads=4, kv_heads=4, fused=False) -> nn
     kvp = _perm(kv_heads, g)  # key/value heads; each carries its query heads along
     within = _perm(group, g)  # query heads inside a key/value group
     qheads = (kvp[:, None] * group + within[None, :]).reshape(-1)
-    if group == 1:  # one permutation per head (Q/K share it, V/O share another)
-        qk_in, vo_in = _per_head(heads, d, g), _per_head(heads, d, g)
-    else:  # a key/value head serves several query heads: they share its within-head permutation
-        qk_in, vo_in = _perm(d, g), _perm(d, g)
-    q_idx, o_idx = _heads_perm(heads, d, qheads, qk_in), _heads_perm(heads, d, qheads, vo_in)
-    k_idx, v_idx = _heads_perm(kv_heads, d, kvp, qk_in), _heads_perm(kv_heads, d, kvp, vo_in)
+    # one permutation per key/value head (Q/K share it, V/O share another); the query heads of a key/value
+    # head share its permutation
+    qk_kv, vo_kv = _per_head(kv_heads, d, g), _per_head(kv_heads, d, g)
+    of_q = torch.arange(heads) // group  # new query head -> its new key/value head
+    q_idx, o_idx = _heads_perm(heads, d, qheads, qk_kv[of_q]), _heads_perm(heads, d, qheads, vo_kv[of_q])
+    k_idx, v_idx = _heads_perm(kv_heads, d, kvp, qk_kv), _heads_perm(kv_heads, d, kvp, vo_kv)
     moves += [("attn.o.weight", 1, o_idx)]
     if fused:
         rows = torch.cat([q_idx, k_idx + dim, v_idx + 2 * dim])
@@ -612,3 +612,30 @@ def test_tied_parameters_and_a_module_called_twice():
     g = next(g for g in spec.groups for x in g.axes if x.tensor == "emb.weight" and x.axis == 1)
     assert {"out.weight", "emb.weight"} <= {x.tensor for x in g.axes}  # both names of the tied tensor move
     _check_identity(a, b, torch.randint(0, 12, (24, 5)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_other_huggingface_architectures_derive_fully(arch):
+    """GPT-2 (Conv1D layers: x @ W + b, a packed c_attn split into q, k, v, last-token pooling by index) and
+    Llama (RMSNorm, rotary embeddings, GQA, gated MLP): every hidden unit in a permuted group, and a randomly
+    permuted copy merges back."""
+    from dimat.merge.structure import apply_permutation, random_perms
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        inner = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+            vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=4, num_labels=3, pad_token_id=0))
+    else:
+        inner = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+            vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_labels=3, pad_token_id=0, max_position_embeddings=32))
+    a = HFClassifier(inner).eval()
+    x = torch.randint(1, 40, (16, 8))
+    spec, _ = merge.spec_for(a, x)
+    assert spec.coverage().fraction == 1.0, spec.coverage()
+    b = copy.deepcopy(a)
+    b.load_state_dict(apply_permutation(a.state_dict(), spec, random_perms(spec, torch.Generator().manual_seed(1))))
+    merged = merge.activation_match([a, b], [0.5, 0.5], [x], reset_bn=False, repair=False, strict=True)
+    assert _rel(_out(merged, x), _out(a, x)) < 1e-4
+    assert _rel(_out(merge.average([a, b], [0.5, 0.5]), x), _out(a, x)) > 1e-2

@@ -91,14 +91,16 @@ class Factor:
     Groups that name the same ``key`` share this factor's permutation (e.g. the heads of Q, K, V and the output
     projection). A factor with a non-empty ``fixed`` reason is never permuted (identity). A ``per_block`` factor
     (the innermost one, e.g. the dims of a head or the channels of a GroupNorm group) may be permuted differently
-    inside every block of the factors before it: its permutation is then a ``[blocks, units]`` tensor, row ``b``
-    for the block at new position ``b``.
+    inside every block of its first ``block_factors`` factors (all factors before it, or the leading ones that
+    every group holding it shares: with GQA, the key/value heads): its permutation is then a ``[blocks, units]``
+    tensor, row ``b`` for the block at new position ``b``.
     """
 
     key: str
     units: int
     fixed: str = ""
     per_block: bool = False
+    block_factors: int = 0
 
     def __str__(self) -> str:
         extra = ", per block" if self.per_block and not self.fixed else ""
@@ -186,6 +188,9 @@ class PermutationSpec:
     warnings: Tuple[str, ...] = field(default=())
     #: parameter entries per group (numbers of tensor entries the group's axes touch), for :meth:`coverage`
     weights: Tuple[int, ...] = field(default=(), compare=False)
+    #: why the model could not be analysed at all (nothing is permuted), and its parameter count
+    failed: str = ""
+    parameters: int = 0
 
     @property
     def permutable(self) -> List[int]:
@@ -206,6 +211,8 @@ class PermutationSpec:
 
     def coverage(self) -> Coverage:
         """Parameter entries in permuted groups over those in all hidden-unit groups (the logits do not count)."""
+        if self.failed:
+            return Coverage(0, max(self.parameters, 1), (("the whole model", self.failed),))
         permuted = total = 0
         frozen = []
         for i, g in enumerate(self.groups):
@@ -311,7 +318,9 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     # the slow, decomposable path of nn.MultiheadAttention runs only with autograd on
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm = make_fx(run, pre_dispatch=True)(*[t for _, t in named], example_input)
+        # values read back into Python (``.item()``, ``x in tensor``) take the example's values, as the call did
+        gm = make_fx(run, pre_dispatch=True, _error_on_data_dependent_ops=False)(*[t for _, t in named],
+                                                                                  example_input)
         graph = gm.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         for node, name in zip(placeholders[:-1], names):
@@ -321,7 +330,14 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
             node.replace_all_uses_with(attr)
             graph.erase_node(node)
         placeholders[-1].name = placeholders[-1].target = "x"
-        out = fx.GraphModule(work, graph)
+        # tensors the trace made constants of (``torch.tensor(...)`` in forward) travel with the graph
+        known = set(names)
+        constants = {n.target: getattr(gm, n.target) for n in graph.nodes
+                     if n.op == "get_attr" and n.target not in known}
+        root = {n: t for n, t in named}
+        root.update(constants)
+        out = fx.GraphModule(root, graph)
+        out.graph.dimat_constants = constants
         out.recompile()
     return out
 
@@ -397,6 +413,22 @@ def _is_tensor(node: Any) -> bool:
 
 class _FreezeSignal(Exception):
     pass
+
+
+_VIEWS = {"t", "transpose", "permute", "view", "reshape", "_to_copy", "to", "contiguous", "expand", "clone",
+          "detach", "alias", "unsqueeze", "squeeze"}
+
+
+def _param_source(node: Any, depth: int = 6) -> Optional[str]:
+    """The parameter a value is a view or copy of (``W.t()``, ``W.view(...)``), else None."""
+    while isinstance(node, fx.Node) and depth > 0:
+        if node.op == "get_attr":
+            return node.target
+        if node.op != "call_function" or _op_name(node) not in _VIEWS or not node.args:
+            return None
+        node = node.args[0]
+        depth -= 1
+    return None
 
 
 class _Deriver:
@@ -919,7 +951,21 @@ class _Deriver:
 
     def op_mm(self, node):
         a, b = node.args[:2]
-        return self.contract(node, (self.dims(a), _meta_shape(a)), (self.dims(b), _meta_shape(b)))
+        lay = self.contract(node, (self.dims(a), _meta_shape(a)), (self.dims(b), _meta_shape(b)))
+        self.weight_sites(node, a, b, lay)
+        return lay
+
+    def weight_sites(self, node, a, b, lay) -> None:
+        """``x @ W`` with a parameter W (GPT-2's Conv1D, hand-written layers): x is read by a layer, the product
+        is that layer's output, as for ``linear``."""
+        src = _param_source(b)
+        if src is None or _param_source(a) is not None or len(_meta_shape(b)) != 2:
+            return
+        what = src.rsplit(".", 1)[0]
+        self.site(a, -1, f"input of {what}")
+        if lay is not None:
+            self.lay[node.name] = lay
+            self.site(node, -1, f"output of {what}", True)
 
     op_bmm = op_mm
     op_matmul = op_mm
@@ -927,6 +973,7 @@ class _Deriver:
     def op_addmm(self, node):
         bias, a, b = node.args[:3]
         lay = self.contract(node, (self.dims(a), _meta_shape(a)), (self.dims(b), _meta_shape(b)))
+        self.weight_sites(node, a, b, lay)
         d = list(lay) if lay is not None else [None] * 2
         bd = self.dims(bias)
         sb = _meta_shape(bias)
@@ -1317,6 +1364,24 @@ class _Deriver:
 
     op_pad = op_constant_pad_nd
 
+    def op_index(self, node):
+        """``x[i0, i1, ...]`` with index tensors: the indexed dims (which must not carry units) are replaced by the
+        indices' broadcast shape; the other dims keep their units."""
+        src, idx = node.args[:2]
+        d = self.dims(src)
+        pos = [i for i, t in enumerate(idx) if t is not None]
+        for i in pos:
+            if d[i] is not None:
+                raise _FreezeSignal("indexing along a dimension that carries units")
+            if isinstance(idx[i], fx.Node) and self.L(idx[i]) not in (None, _UNIFORM):
+                raise _FreezeSignal("index tensors that carry units")
+        if pos != list(range(pos[0], pos[-1] + 1)):
+            raise _FreezeSignal("non-adjacent index tensors")
+        out_shape = _meta_shape(node)
+        rest_before, rest_after = d[:pos[0]], d[pos[-1] + 1:]
+        mid = len(out_shape) - len(rest_before) - len(rest_after)
+        return self.norm_lay(rest_before + [None] * mid + rest_after)
+
     def op_index_select(self, node):
         src, dim = node.args[:2]
         d = self.dims(src)
@@ -1628,7 +1693,11 @@ def compose(group: Group, key_perms: Mapping[str, torch.Tensor]) -> torch.Tensor
             moved = digit
         else:
             p = torch.as_tensor(p, dtype=torch.long)
-            moved = p[new // (inner * f.units), digit] if p.dim() == 2 else p[digit]
+            if p.dim() == 2:
+                row = new // math.prod(sizes[f.block_factors:]) if f.block_factors else new // (inner * f.units)
+                moved = p[row, digit]
+            else:
+                moved = p[digit]
         old = old * f.units + moved
     return old
 
@@ -1637,11 +1706,11 @@ def _key_shapes(spec: PermutationSpec, groups: Sequence[int]) -> Dict[str, Tuple
     """key -> (blocks, units): blocks > 0 for a per-block factor, 0 for one permutation shared by all blocks."""
     shapes: Dict[str, Tuple[int, int]] = {}
     for gi in groups:
-        before = 1
-        for f in spec.groups[gi].effective_factors():
+        fs = spec.groups[gi].effective_factors()
+        for i, f in enumerate(fs):
             if f.key and not f.fixed and f.units > 1:
-                shapes[f.key] = (before if f.per_block else 0, f.units)
-            before *= f.units
+                lead = math.prod(h.units for h in fs[:f.block_factors or i])
+                shapes[f.key] = (lead if f.per_block else 0, f.units)
     return shapes
 
 
@@ -1663,19 +1732,26 @@ def random_perms(spec: PermutationSpec, generator: Optional[torch.Generator] = N
 
 
 def _mark_per_block(groups: List[Group]) -> List[Group]:
-    """Let the innermost factor vary per block where every group holding its key puts it last, after the same
-    factors (q and k rows: heads then dims); anywhere else one permutation must serve every block."""
-    prefixes: Dict[str, set] = {}
+    """Let the innermost factor vary per block of the leading factors that every group holding its key puts
+    before it (q and k rows: heads; GQA: the key/value heads); one permutation serves every block elsewhere."""
+    prefixes: Dict[str, List[Optional[tuple]]] = {}
     for g in groups:
         fs = g.effective_factors()
         for i, f in enumerate(fs):
             if f.key:
-                last = i == len(fs) - 1
-                pre = tuple((h.key, h.units) for h in fs[:i]) if last else None
-                prefixes.setdefault(f.key, set()).add(pre)
-    ok = {k for k, pres in prefixes.items()
-          if len(pres) == 1 and None not in pres and math.prod(n for _, n in next(iter(pres))) > 1}
-    return [replace(g, factors=tuple(replace(f, per_block=True) if i == len(g.factors) - 1 and f.key in ok else f
+                last = i == len(fs) - 1 and len(fs) > 1
+                prefixes.setdefault(f.key, []).append(tuple((h.key, h.units) for h in fs[:i]) if last else None)
+    lead: Dict[str, int] = {}
+    for k, pres in prefixes.items():
+        if any(p is None for p in pres):
+            continue
+        n = 0
+        while all(len(p) > n and p[n] == pres[0][n] and p[n][0] for p in pres):
+            n += 1
+        if n and math.prod(u for _, u in pres[0][:n]) > 1:
+            lead[k] = n
+    return [replace(g, factors=tuple(replace(f, per_block=True, block_factors=lead[f.key])
+                                     if i == len(g.factors) - 1 and f.key in lead else f
                                      for i, f in enumerate(g.factors))) if g.structured else g for g in groups]
 
 
@@ -1884,7 +1960,8 @@ def derive(model: nn.Module, example_input: torch.Tensor, self_test: bool = True
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         msg = f"cannot trace {type(model).__name__} ({type(e).__name__}: {first}); nothing is permuted"
         warnings.warn(msg, stacklevel=2)
-        return PermutationSpec(groups=(), warnings=(msg,))
+        return PermutationSpec(groups=(), warnings=(msg,), failed=f"cannot trace ({type(e).__name__}: {first})",
+                               parameters=sum(p.numel() for p in model.parameters()))
     params = dict(work.named_parameters())
     params.update({n: b for n, b in work.named_buffers() if b.is_floating_point() and n in state})
     d = _Deriver(gm, state, params)
