@@ -176,7 +176,8 @@ def run_round(
         results.append(res)
         if writer is not None:
             writer.write(_record(a, r, "merge", **_evaluate(a, eval_bs), merge_s=res.merge_s, comm_s=res.comm_s,
-                                 comm_bytes=res.comm_bytes, received=res.received, missing=res.missing))
+                                 comm_bytes=res.comm_bytes, received=res.received, missing=res.missing,
+                                 ages=res.ages))
         if progress:
             progress()
     if r < cfg["rounds"] - 1:

@@ -57,6 +57,9 @@ class MergeResult:
     bytes_sent, bytes_received : payload bytes the transport counted since the previous merge round (or since the
         node was built) up to the end of this round's collect. Transports that send and receive in the background
         (gRPC) count a transfer when it completes, so per-round figures are attributed at collect time.
+    ages : for each rank in ``received``, how many rounds old its snapshot was (round minus the snapshot's round;
+        always 0 in synchronous rounds, up to the staleness bound in asynchronous ones, negative when the
+        neighbour is ahead).
     """
 
     round: int
@@ -67,6 +70,7 @@ class MergeResult:
     comm_s: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    ages: List[int] = field(default_factory=list)
 
     @property
     def comm_bytes(self) -> int:
@@ -190,6 +194,8 @@ class Node:
         self._bytes_mark = mark
         result.received = sorted(j for j in snapshots if j in self.neighbors)
         result.missing = [j for j in self.neighbors if j not in snapshots]
+        rounds = getattr(self.transport, "snapshot_rounds", None) or {}  # transports with asynchronous rounds
+        result.ages = [r - int(rounds.get(j, r)) for j in result.received]
         ranks = [self.rank] + result.received
         raw = [float(self.pi_row[j]) for j in ranks]
         total = sum(raw)

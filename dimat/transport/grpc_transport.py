@@ -39,6 +39,7 @@ log = logging.getLogger("dimat.transport")
 #: Fully qualified gRPC service name of the peer service (also reported by the health service).
 SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
 _SEND_METHOD = f"/{SERVICE}/SendSnapshot"
+_FETCH_METHOD = f"/{SERVICE}/FetchState"
 
 #: Status codes after which another attempt cannot succeed (the peer refused what we sent, not the network).
 _PERMANENT = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
@@ -127,6 +128,20 @@ class _Inbox:
                     return got
                 self._cond.wait(timeout=left)
 
+    def rounds_from(self, sender: int) -> List[int]:
+        """The rounds of ``sender`` held now (round protocol: who is in step, how far ahead the neighbours are)."""
+        with self._cond:
+            return sorted(r for r, s in self._items if s == sender)
+
+    def freshest(self, senders: Sequence[int], oldest: int) -> Dict[int, Tuple[int, Snapshot, wire.Layout]]:
+        """Asynchronous rounds: each sender's newest item of round ``oldest`` or later, with its round."""
+        with self._cond:
+            best: Dict[int, Tuple[int, Snapshot, wire.Layout]] = {}
+            for (r, s), (snap, layout) in self._items.items():
+                if s in senders and r >= oldest and (s not in best or r > best[s][0]):
+                    best[s] = (r, snap, layout)
+            return best
+
     def drop_through(self, round: int) -> None:
         with self._cond:
             self.floor = max(self.floor, round)
@@ -142,8 +157,12 @@ class _Inbox:
 class _Outgoing:
     """One posted snapshot: its layout, its bytes (views), its hash, its deadline and its in-flight calls."""
 
-    def __init__(self, round: int, layout: wire.Layout, pieces, digest: bytes, deadline: float):
+    def __init__(self, round: int, layout: wire.Layout, pieces, digest: bytes, deadline: float,
+                 detached: bool = False):
         self.round = round
+        # detached: the pieces are a private copy of the payload, so the sends may outlive collect(round) (the
+        # model changes after it); they stop at their deadline or when a newer round is posted.
+        self.detached = detached
         self.layout = layout
         self.pieces = pieces
         self.digest = digest
@@ -193,12 +212,26 @@ class GrpcTransport(Transport):
     max_clock_skew_s : how far a signed timestamp may be from this clock; nonces are remembered this long.
     inbox_rounds : rounds kept per sender ahead of the last collected round.
     max_workers : server threads (concurrent incoming calls); default ``2 * len(neighbors) + 4``.
+    sync : True (default): rounds in step with the round protocol (see :meth:`collect`): ``collect(r)`` waits for
+        the neighbours that are up, at most ``deadline_s``; a neighbour that misses a deadline is not waited for
+        again until a background probe finds it in step. False: asynchronous rounds: ``collect(r)`` never waits
+        and returns each neighbour's freshest snapshot of round ``r - staleness`` or later.
+    staleness : asynchronous rounds: the oldest snapshot merged is ``staleness`` rounds old (>= 0).
+    probe_interval_s : seconds between two probes (health check, then Status) of a neighbour that is not waited
+        for; default ``min(1, deadline_s / 4)``.
+    serve_state : keep a private copy of each posted snapshot: sends then go on after ``collect`` returns (to a
+        neighbour that is down or behind, until the round's deadline or my next post), and a neighbour that
+        (re)joins can fetch it as my state (:meth:`fetch_state`). Costs one copy of the model per post; always on
+        with ``sync=False``.
 
     Attributes
     ----------
     address : ``host:port`` actually bound.
     rejected : recent :class:`Rejection` records (what was refused and why), newest last.
     rejected_count : total refusals since construction.
+    down : neighbours not waited for now (they missed a deadline and no probe has found them in step since).
+    snapshot_rounds : sender -> round of each snapshot the last :meth:`collect` returned (its age is the
+        collected round minus this; always 0 with ``sync=True``).
     """
 
     def __init__(
@@ -224,6 +257,10 @@ class GrpcTransport(Transport):
         max_clock_skew_s: float = 300.0,
         inbox_rounds: int = 2,
         max_workers: Optional[int] = None,
+        sync: bool = True,
+        staleness: int = 1,
+        probe_interval_s: Optional[float] = None,
+        serve_state: bool = False,
     ):
         self.rank = int(rank)
         self.neighbors: List[int] = sorted({int(j) for j in neighbors} - {self.rank})
@@ -248,6 +285,14 @@ class GrpcTransport(Transport):
             secret = secret.encode()
         if secret is not None and not secret:
             raise ValueError("secret must not be empty (use None for no authentication)")
+        if not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 0:
+            raise ValueError(f"staleness must be an integer >= 0 rounds, got {staleness!r}")
+        if probe_interval_s is not None:
+            _check_positive(probe_interval_s=probe_interval_s)
+        self.sync = bool(sync)
+        self.staleness = int(staleness)
+        self.probe_interval_s = float(probe_interval_s or min(1.0, deadline_s / 4))
+        self.serve_state = bool(serve_state) or not self.sync
         self.compress = None if compress == "none" else compress
         self.deadline_s = float(deadline_s)
         self.connect_timeout_s = float(connect_timeout_s)
@@ -277,8 +322,15 @@ class GrpcTransport(Transport):
         self._outgoing: Dict[int, _Outgoing] = {}
         self._round_deadline: Dict[int, float] = {}
         self._channels: Dict[int, grpc.Channel] = {}
+        # Round protocol (see collect): neighbours not waited for, what probes learnt, my latest offered state.
+        self.down: Dict[int, float] = {}  # rank -> time.monotonic() it was marked down
+        self._peer_posted: Dict[int, int] = {}  # rank -> latest posted round its Status reported
+        self._collected = -1
+        self.snapshot_rounds: Dict[int, int] = {}
+        self._offer: Optional[_Outgoing] = None
+        self._stop = threading.Event()
         # Two rounds' sends may overlap (a neighbour still receiving round r when I post r+1).
-        self._senders = ThreadPoolExecutor(max_workers=max(1, 2 * len(self.send_to)),
+        self._senders = ThreadPoolExecutor(max_workers=max(1, 3 * len(self.send_to)),
                                            thread_name_prefix=f"dimat-send-{self.rank}")
         if secret is None:
             log.warning("agent %d: no shared secret: snapshots are accepted from anyone who can connect", self.rank)
@@ -295,6 +347,8 @@ class GrpcTransport(Transport):
             "Status": grpc.unary_unary_rpc_method_handler(
                 self._on_status, request_deserializer=pb.StatusRequest.FromString,
                 response_serializer=pb.StatusReply.SerializeToString),
+            "FetchState": grpc.unary_stream_rpc_method_handler(
+                self._on_fetch_state, request_deserializer=pb.StatusRequest.FromString),
         }),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -314,6 +368,8 @@ class GrpcTransport(Transport):
         self._server.start()
         for name in ("", SERVICE):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._prober = threading.Thread(target=self._probe_loop, name=f"dimat-probe-{self.rank}", daemon=True)
+        self._prober.start()
         log.info("agent %d: serving on %s (%s, %s)", self.rank, self.address, "TLS" if tls else "plaintext",
                  "shared secret" if secret else "no secret")
 
@@ -334,12 +390,21 @@ class GrpcTransport(Transport):
         elif full.fingerprint != self._expected.fingerprint:
             wire.check_against(full, self._expected)  # raises WireError naming the difference
         pieces = wire.tensor_views(snapshot, layout)
+        if self.serve_state:
+            pieces = _private_copy(pieces, layout.payload_bytes)
         digest = wire.payload_sha256(pieces, layout.payload_bytes)
         deadline = time.monotonic() + self.deadline_s
-        out = _Outgoing(round, layout, pieces, digest, deadline)
+        out = _Outgoing(round, layout, pieces, digest, deadline, detached=self.serve_state)
         with self._lock:
             self._round_deadline[round] = deadline
-            # Sends of older rounds go on until their own deadline (or until the receiver calls them late).
+            if self.serve_state:
+                self._offer = out
+            # Sends of older rounds go on until their own deadline (or until the receiver calls them late), except
+            # detached ones, which only a neighbour that is down or behind still receives: the new round
+            # supersedes them (and they would hold sender threads for a full deadline each).
+            for r, o in list(self._outgoing.items()):
+                if r < round and o.detached:
+                    self._outgoing.pop(r).cancel()
             if round in self._outgoing:
                 self._outgoing[round].cancel()
             self._outgoing[round] = out
@@ -349,43 +414,213 @@ class GrpcTransport(Transport):
     def collect(self, round: int) -> Dict[int, Snapshot]:
         """Neighbours' round-``round`` snapshots that arrived and passed validation before the deadline.
 
-        Waits until all of :attr:`neighbors` delivered or the deadline passes (``deadline_s`` after
-        ``post(round)``, or after this call if ``round`` was not posted), then until my own round-``round`` sends
-        finish (same deadline). Afterwards snapshots for this round or older are refused as late.
+        Round protocol (``sync=True``): waits until every neighbour that is up delivered or the deadline passes
+        (``deadline_s`` after ``post(round)``, or after this call if ``round`` was not posted), then until my own
+        round-``round`` sends to them finish (same deadline). A neighbour that misses the deadline is marked down
+        (:attr:`down`) and is not waited for in later rounds (its snapshot is taken if it is in already); it is
+        waited for again once a snapshot of this round or later from it is in, or a background probe finds it up
+        and in step. So a dead, frozen or cut-off neighbour costs one deadline in total. Afterwards snapshots for
+        this round or older are refused as late.
+
+        Asynchronous rounds (``sync=False``): returns at once, with each neighbour's freshest snapshot of round
+        ``round - staleness`` or later (:attr:`snapshot_rounds` says which round each is).
         """
         self._check_open()
         round = int(round)
+        if not self.sync:
+            return self._collect_async(round)
         with self._lock:
             deadline = self._round_deadline.get(round, time.monotonic() + self.deadline_s)
-        got = self._inbox.wait(round, self.neighbors, deadline)
+        waited, not_waited = self._split_neighbours(round)
+        got = self._inbox.wait(round, waited, deadline)
+        if not_waited:
+            got.update(self._inbox.wait(round, not_waited, time.monotonic()))  # whatever is in already
         with self._lock:
             out = self._outgoing.get(round)
         if out is not None:
-            for f in out.futures:
+            for peer, f in zip(self.send_to, out.futures):
+                if peer in not_waited:
+                    continue  # a detached send goes on without holding up the round
                 try:
                     f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
                 except Exception:  # a send that overran its deadline; cancelled just below
                     pass
-            out.cancel()
+        self._mark_down(round, [j for j in waited if j not in got])
         self._inbox.drop_through(round)
+        self._collected = round
         with self._lock:
             for r in [r for r in self._round_deadline if r <= round]:
                 del self._round_deadline[r]
             for r in [r for r in self._outgoing if r <= round]:
-                self._outgoing.pop(r).cancel()  # rounds up to this one are over for everyone
-        result: Dict[int, Snapshot] = {}
-        for sender, (snap, layout) in sorted(got.items()):
-            if self._expected is not None and layout.fingerprint != self._expected.fingerprint:
-                try:  # arrived before I knew my own model: check it now
-                    wire.check_against(layout, self._expected)
-                except wire.WireError as e:
-                    self._reject(round, sender, str(e), "collect")
-                    continue
-            result[sender] = snap
+                o = self._outgoing.pop(r)
+                if not o.detached:
+                    o.cancel()  # its pieces are the model's tensors, which change once I return
+        result = self._checked(round, {s: (round, snap, layout) for s, (snap, layout) in got.items()})
         missing = [j for j in self.neighbors if j not in result]
         if missing:
             log.info("agent %d round %d: no snapshot from %s", self.rank, round, missing)
         return result
+
+    def _checked(self, round: int, got: Mapping[int, Tuple[int, Snapshot, wire.Layout]]) -> Dict[int, Snapshot]:
+        """The snapshots that fit my model (those that arrived before I knew it are checked now)."""
+        result: Dict[int, Snapshot] = {}
+        rounds: Dict[int, int] = {}
+        for sender, (r, snap, layout) in sorted(got.items()):
+            if self._expected is not None and layout.fingerprint != self._expected.fingerprint:
+                try:  # arrived before I knew my own model: check it now
+                    wire.check_against(layout, self._expected)
+                except wire.WireError as e:
+                    self._reject(r, sender, str(e), "collect")
+                    continue
+            result[sender], rounds[sender] = snap, r
+        self.snapshot_rounds = rounds
+        return result
+
+    def _collect_async(self, round: int) -> Dict[int, Snapshot]:
+        """Asynchronous rounds: never waits; each neighbour's freshest snapshot at most ``staleness`` rounds old."""
+        oldest = round - self.staleness
+        got = self._inbox.freshest(self.neighbors, oldest)
+        # Keep what a later collect may still use (rounds after `oldest`); older rounds are refused from now on.
+        self._inbox.drop_through(oldest)
+        self._collected = max(self._collected, round)
+        result = self._checked(round, got)
+        if len(result) < len(self.neighbors):
+            log.info("agent %d round %d: no snapshot of round %d or later from %s", self.rank, round, oldest,
+                     [j for j in self.neighbors if j not in result])
+        return result
+
+    # ------------------------------------------------------------------------------------------ round protocol
+    def _split_neighbours(self, round: int) -> Tuple[List[int], List[int]]:
+        """(waited for, not waited for) in ``round``: a down neighbour whose snapshot of ``round`` or later is in
+        is in step again (it posted the round I am collecting) and is waited for from now on."""
+        for j in list(self.down):
+            if any(r >= round for r in self._inbox.rounds_from(j)):
+                self._admit(j, f"its round-{max(self._inbox.rounds_from(j) or [round])} snapshot arrived")
+        with self._lock:
+            down = set(self.down)
+        return [j for j in self.neighbors if j not in down], [j for j in self.neighbors if j in down]
+
+    def _mark_down(self, round: int, missed: Sequence[int]) -> None:
+        if not missed:
+            return
+        with self._lock:
+            for j in missed:
+                self.down.setdefault(j, time.monotonic())
+        log.warning("agent %d round %d: %s missed the deadline; not waited for until a probe finds them in step",
+                    self.rank, round, list(missed))
+
+    def _admit(self, peer: int, why: str) -> None:
+        with self._lock:
+            was = self.down.pop(peer, None)
+        if was is not None:
+            log.warning("agent %d: neighbour %d is back (%s, after %.1f s): waited for again", self.rank, peer, why,
+                        time.monotonic() - was)
+
+    def _probe_loop(self) -> None:
+        """Every ``probe_interval_s``: probe each neighbour that is down (in this background thread only)."""
+        while not self._stop.wait(self.probe_interval_s):
+            with self._lock:
+                down = list(self.down)
+            for j in down:
+                if self._stop.is_set():
+                    return
+                try:
+                    self._probe(j)
+                except Exception as e:  # a probe must never kill the thread (e.g. a channel closed under it)
+                    log.debug("agent %d: probe of %d failed: %r", self.rank, j, e)
+
+    def _probe(self, peer: int) -> bool:
+        """Health check, then Status: admit ``peer`` when it serves and has posted my latest round or the one
+        before (it will post my next round about when I do). True when admitted."""
+        timeout = min(self.connect_timeout_s, max(self.probe_interval_s, 0.5))
+        channel = self._channel(peer)
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE),
+                                                              timeout=timeout)
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                return False
+            status = self._ask_status(peer, timeout)
+        except grpc.RpcError:
+            return False
+        posted = int(status.latest_posted_round)
+        with self._lock:
+            self._peer_posted[peer] = posted
+            mine = self.latest_posted
+        if posted >= mine - 1 and posted >= 0:
+            self._admit(peer, f"probe: it posted round {posted}, I posted {mine}")
+            return True
+        return False
+
+    def round_hint(self) -> int:
+        """The latest round any neighbour has posted, as far as I know (-1: none): from the snapshots in my
+        inbox and from probes. An agent about to run an earlier round is behind and may skip ahead to it."""
+        rounds = [r for j in self.neighbors for r in self._inbox.rounds_from(j)]
+        with self._lock:
+            rounds += [r for j, r in self._peer_posted.items() if j in self.down]
+        return max(rounds, default=-1)
+
+    # ------------------------------------------------------------------------------------------ state transfer
+    def fetch_state(self, peer: int, timeout_s: Optional[float] = None) -> Optional[Tuple[int, Snapshot]]:
+        """Neighbour ``peer``'s latest posted snapshot and its round (state transfer, for an agent that joins
+        without a checkpoint), validated like any snapshot. None (logged) when it cannot be had within
+        ``timeout_s`` (default ``deadline_s``): the peer is down, refuses, or has posted nothing yet."""
+        self._check_open()
+        req = pb.StatusRequest(sender=self.rank)
+        if self._secret is not None:
+            req.auth.CopyFrom(wire.sign(self._secret, wire.status_auth_fields(self.rank)))
+        call = self._channel(peer).unary_stream(_FETCH_METHOD, request_serializer=pb.StatusRequest.SerializeToString,
+                                                response_deserializer=None)
+        round = -1
+        try:
+            frames = call(req, timeout=timeout_s or self.deadline_s, wait_for_ready=True)
+            header = wire.decode_frame(next(frames, b""))
+            if not isinstance(header, pb.SnapshotHeader):
+                raise wire.WireError("the state does not start with a header")
+            round = int(header.round)
+            if self._verifier is not None:
+                self._verifier.verify(wire.header_auth_fields(header), header.auth if header.HasField("auth") else None)
+            if int(header.sender) != peer:
+                raise wire.WireError(f"asked agent {peer} for its state, the answer says agent {header.sender}")
+            asm = wire.Assembler(wire.check_header(header, self._expected, self.max_snapshot_bytes),
+                                 header.payload_sha256)
+            for raw in frames:
+                chunk = wire.decode_frame(raw)
+                if not isinstance(chunk, memoryview):
+                    raise wire.WireError("a second header inside the state")
+                asm.add(chunk)
+            snap = asm.finish()
+        except grpc.RpcError as e:
+            log.warning("agent %d: state of %d not fetched: %s %s", self.rank, peer, e.code().name, e.details())
+            return None
+        except wire.WireError as e:
+            self._reject(round, peer, f"state transfer: {e}", "fetch_state")
+            return None
+        with self._lock:
+            self.bytes_received += asm.layout.payload_bytes
+        return round, snap
+
+    def _on_fetch_state(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        if self._verifier is not None:
+            try:
+                self._verifier.verify(wire.status_auth_fields(request.sender),
+                                      request.auth if request.HasField("auth") else None)
+            except wire.AuthError as e:
+                self._reject(-1, int(request.sender), f"unauthenticated FetchState call: {e}", context.peer())
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
+        if int(request.sender) not in set(self.neighbors) | set(self.send_to):
+            self._reject(-1, int(request.sender), "FetchState from an agent that is not a neighbour", context.peer())
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {request.sender} is not a neighbour")
+        with self._lock:
+            offer = self._offer
+        if offer is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "no state to give: nothing posted yet" if self.serve_state else "state transfer is off")
+        yield wire.encode_header(wire.make_header(self.rank, offer.round, offer.layout, offer.digest, self._secret))
+        for chunk in wire.iter_payload(offer.pieces, offer.layout.payload_bytes, self.chunk_bytes):
+            yield wire.encode_chunk(chunk)
+        with self._lock:
+            self.bytes_sent += offer.layout.payload_bytes
+        log.info("agent %d: gave my round-%d state to agent %d", self.rank, offer.round, request.sender)
 
     def close(self) -> None:
         """Stop serving, cancel sends in flight, close channels. Idempotent."""
@@ -395,21 +630,26 @@ class GrpcTransport(Transport):
             self._closed = True
             outs = list(self._outgoing.values())
             self._outgoing.clear()
+            self._offer = None
+        self._stop.set()
         for out in outs:
             out.cancel()
         self._inbox.close()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace=0.5).wait(5.0)
         self._senders.shutdown(wait=True, cancel_futures=True)
-        for ch in self._channels.values():
+        self._prober.join(timeout=2 * self.connect_timeout_s + 1.0)
+        with self._lock:
+            channels = list(self._channels.values())
+            self._channels.clear()
+        for ch in channels:
             ch.close()
-        self._channels.clear()
 
     # ------------------------------------------------------------------------------------------------ queries
     @property
     def latest_collected(self) -> int:
         """The last round collected (-1 before the first)."""
-        return self._inbox.floor
+        return self._collected
 
     def peer_status(self, peer: int, timeout_s: Optional[float] = None) -> Optional[pb.StatusReply]:
         """Ask neighbour ``peer`` for its rank and latest posted/collected rounds (e.g. to rejoin after a restart).
@@ -418,14 +658,17 @@ class GrpcTransport(Transport):
         refuses.
         """
         self._check_open()
-        req = pb.StatusRequest(sender=self.rank)
-        if self._secret is not None:
-            req.auth.CopyFrom(wire.sign(self._secret, wire.status_auth_fields(self.rank)))
         try:
-            return pb_grpc.PeerStub(self._channel(peer)).Status(req, timeout=timeout_s or self.connect_timeout_s)
+            return self._ask_status(peer, timeout_s or self.connect_timeout_s)
         except grpc.RpcError as e:
             log.info("agent %d: Status of %d failed: %s %s", self.rank, peer, e.code().name, e.details())
             return None
+
+    def _ask_status(self, peer: int, timeout_s: float) -> pb.StatusReply:
+        req = pb.StatusRequest(sender=self.rank)
+        if self._secret is not None:
+            req.auth.CopyFrom(wire.sign(self._secret, wire.status_auth_fields(self.rank)))
+        return pb_grpc.PeerStub(self._channel(peer)).Status(req, timeout=timeout_s)
 
     # ------------------------------------------------------------------------------------------------ sending
     def _send_loop(self, peer: int, out: _Outgoing) -> bool:
@@ -577,7 +820,7 @@ class GrpcTransport(Transport):
                 self._reject(-1, int(request.sender), f"unauthenticated Status call: {e}", context.peer())
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
         return pb.StatusReply(rank=self.rank, latest_posted_round=self.latest_posted,
-                              latest_collected_round=self._inbox.floor,
+                              latest_collected_round=self.latest_collected,
                               fingerprint=self._expected.fingerprint if self._expected is not None else b"")
 
     def _reject(self, round: int, sender: int, reason: str, where: str) -> None:
@@ -595,3 +838,11 @@ def _check_positive(**values: float) -> None:
     for name, v in values.items():
         if not v > 0:
             raise ValueError(f"{name} must be > 0, got {v}")
+
+
+def _private_copy(pieces: Sequence[Tuple[int, memoryview]], payload_bytes: int) -> List[Tuple[int, memoryview]]:
+    """The payload as one new buffer (padding zero), so that it no longer changes with the model."""
+    data = bytearray(payload_bytes)
+    for offset, mv in pieces:
+        data[offset:offset + len(mv)] = mv
+    return [(0, memoryview(data))]
