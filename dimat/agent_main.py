@@ -335,6 +335,7 @@ def _run_rounds(cfg: Config, agent: Agent, out: Path, last: Optional[int], first
         if last is None and cfg["train"]["pretrain_epochs"] > 0:
             pretrain([agent], cfg, writer, ckpt_dir)
             log(f"agent {agent.rank}: pretrained {cfg['train']['pretrain_epochs']} epochs")
+        _start_barrier(cfg, agent, rejoining=resume, log=log)
         r = first
         while r < cfg["rounds"]:
             r = _catch_up(cfg, agent, r, log)
@@ -343,6 +344,22 @@ def _run_rounds(cfg: Config, agent: Agent, out: Path, last: Optional[int], first
             log(f"agent {agent.rank}: round {r} ({r + 1} of {cfg['rounds']}): merged with {res.received}{missing}; "
                 f"comm {res.comm_s:.2f} s, merge {res.merge_s:.2f} s")
             r += 1
+
+
+def _start_barrier(cfg: Config, agent: Agent, rejoining: bool, log: Callable[[str], None]) -> None:
+    """Before the first round: wait (at most ``transport.startup_s``) until every neighbour is ready too, so that
+    agents that start seconds apart (imports, data, pretraining) do not miss each other's first round. An agent
+    that rejoins a running run only says it is ready."""
+    t = agent.node.transport
+    if not hasattr(t, "wait_ready"):
+        return
+    if rejoining:
+        t.mark_ready()
+        return
+    late = t.wait_ready(cfg["transport"]["startup_s"])
+    if late:
+        log(f"agent {agent.rank}: neighbours {late} not ready after {cfg['transport']['startup_s']:g} s "
+            f"(transport.startup_s); starting without them")
 
 
 def _catch_up(cfg: Config, agent: Agent, r: int, log: Callable[[str], None]) -> int:

@@ -40,6 +40,8 @@ log = logging.getLogger("dimat.transport")
 SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
 _SEND_METHOD = f"/{SERVICE}/SendSnapshot"
 _FETCH_METHOD = f"/{SERVICE}/FetchState"
+#: Health-service name an agent reports SERVING once it is ready for its first round (the start-up barrier).
+READY_SERVICE = f"{SERVICE}.rounds"
 
 #: Status codes after which another attempt cannot succeed (the peer refused what we sent, not the network).
 _PERMANENT = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
@@ -368,6 +370,7 @@ class GrpcTransport(Transport):
         self._server.start()
         for name in ("", SERVICE):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health.set(READY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)  # until mark_ready()
         self._prober = threading.Thread(target=self._probe_loop, name=f"dimat-probe-{self.rank}", daemon=True)
         self._prober.start()
         log.info("agent %d: serving on %s (%s, %s)", self.rank, self.address, "TLS" if tls else "plaintext",
@@ -551,6 +554,36 @@ class GrpcTransport(Transport):
             return True
         return False
 
+    def mark_ready(self) -> None:
+        """Tell neighbours (through the health service, :data:`READY_SERVICE`) that I am ready for my rounds."""
+        self._health.set(READY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+
+    def wait_ready(self, timeout_s: float) -> List[int]:
+        """Start-up barrier: :meth:`mark_ready`, then wait until every neighbour is ready too, at most
+        ``timeout_s`` seconds. Neighbours still not ready are marked down (returned, logged): they cost no
+        deadline and are waited for once a probe finds them in step. Without the barrier, agents that start a few
+        seconds apart would miss each other's first round and the late ones would skip ahead."""
+        self.mark_ready()
+        end = time.monotonic() + timeout_s
+        waiting = list(self.neighbors)
+        while waiting and time.monotonic() < end:
+            for j in list(waiting):
+                try:
+                    reply = health_pb2_grpc.HealthStub(self._channel(j)).Check(
+                        health_pb2.HealthCheckRequest(service=READY_SERVICE),
+                        timeout=max(0.05, min(self.connect_timeout_s, end - time.monotonic())))
+                except grpc.RpcError:
+                    continue
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    waiting.remove(j)
+            if waiting:
+                self._stop.wait(min(self.probe_interval_s, max(0.0, end - time.monotonic())))
+        if waiting:
+            log.warning("agent %d: neighbours %s not ready after %.0f s; starting without them", self.rank, waiting,
+                        timeout_s)
+            self._mark_down(-1, waiting)
+        return waiting
+
     def round_hint(self) -> int:
         """The latest round any neighbour has posted, as far as I know (-1: none): from the snapshots in my
         inbox and from probes. An agent about to run an earlier round is behind and may skip ahead to it."""
@@ -661,7 +694,7 @@ class GrpcTransport(Transport):
         try:
             return self._ask_status(peer, timeout_s or self.connect_timeout_s)
         except grpc.RpcError as e:
-            log.info("agent %d: Status of %d failed: %s %s", self.rank, peer, e.code().name, e.details())
+            log.warning("agent %d: Status of %d failed: %s %s", self.rank, peer, e.code().name, e.details())
             return None
 
     def _ask_status(self, peer: int, timeout_s: float) -> pb.StatusReply:
