@@ -363,14 +363,15 @@ def _start_barrier(cfg: Config, agent: Agent, rejoining: bool, log: Callable[[st
 
 
 def _catch_up(cfg: Config, agent: Agent, r: int, log: Callable[[str], None]) -> int:
-    """The round to run instead of ``r``: a later one when a neighbour has already posted it (this agent was
-    frozen, cut off or slow and its neighbours went on without it). Skipped rounds are not replayed (see the
-    module docstring); in asynchronous rounds only a lag beyond the staleness bound is skipped."""
+    """The round to run instead of ``r``: a later one when a neighbour has already posted a round two or more
+    ahead (this agent was frozen or cut off and its neighbours went on without it). One round behind is caught up
+    without skipping: the transport does not wait for a neighbour that is ahead. Skipped rounds are not replayed
+    (see the module docstring); in asynchronous rounds only a lag beyond the staleness bound is skipped."""
     hint = getattr(agent.node.transport, "round_hint", None)
     if hint is None:
         return r
     ahead = min(int(hint()), cfg["rounds"] - 1)
-    slack = 0 if cfg["transport"]["sync"] else cfg["transport"]["staleness"]
+    slack = 1 if cfg["transport"]["sync"] else max(1, cfg["transport"]["staleness"])
     if ahead > r + slack:
         log(f"agent {agent.rank}: a neighbour has posted round {ahead}; skipping rounds {r}..{ahead - 1}")
         return ahead

@@ -63,6 +63,7 @@ class _Hint:
 
 @pytest.mark.parametrize("sync, staleness, hint, r, want", [
     (True, 1, 7, 3, 7),     # a neighbour has posted round 7: skip 3..6
+    (True, 1, 4, 3, 3),     # one round behind: caught up by not waiting (the transport), not by skipping
     (True, 1, 3, 3, 3),     # in step
     (True, 1, -1, 0, 0),    # nothing known
     (True, 1, 40, 3, 9),    # never beyond the last round

@@ -169,7 +169,9 @@ def test_grpc_agent_killed_after_round_1_rejoins(run_dir):
 
 _WARM_START = """
 import os, sys, time
-import torch, dimat.agent_main, dimat.cli
+import torch, sklearn.datasets, scipy.optimize, grpc
+import dimat.agent_main, dimat.build, dimat.cli, dimat.data, dimat.models, dimat.merge
+import dimat.transport.grpc_transport
 end = time.monotonic() + 300
 while not os.path.exists(sys.argv[1]):
     if time.monotonic() > end:

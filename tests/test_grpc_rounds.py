@@ -135,6 +135,27 @@ def test_a_neighbour_that_answers_but_is_behind_is_not_waited_for_until_it_is_in
     assert sorted(b.collect(3)) == [0] and time.monotonic() - t0 < DEADLINE / 2
 
 
+def test_a_neighbour_that_is_ahead_is_not_waited_for_nor_marked_down(make):
+    """Agent 1 collected round 3 without agent 0 and posted round 4: agent 0, one round behind, takes agent 1's
+    round-3 snapshot at once and catches up by not waiting."""
+    a = make(0, [1], {1: "127.0.0.1:1"})
+    b = make(1, [0], {0: a.address})
+    a.peers[1] = b.address
+    b.post(3, _snap(13))
+    b.post(4, _snap(14))
+    _until(lambda: a._inbox.rounds_from(1) == [3, 4], DEADLINE, "agent 1's rounds 3 and 4 at agent 0")
+    a.post(3, _snap(3))
+    t0 = time.monotonic()
+    got = a.collect(3)
+    assert sorted(got) == [1] and time.monotonic() - t0 < DEADLINE / 2 and not a.down
+    assert a._inbox.rounds_from(1) == [4]  # nothing of round 4 from agent 1 is lost
+    b.post(6, _snap(16))  # agent 1 is past round 5 (its round-5 snapshot never came): not waited for either
+    _until(lambda: 6 in a._inbox.rounds_from(1), DEADLINE, "agent 1's round 6 at agent 0")
+    a.post(5, _snap(5))
+    t0 = time.monotonic()
+    assert a.collect(5) == {} and time.monotonic() - t0 < DEADLINE / 2 and not a.down
+
+
 def test_asynchronous_collect_never_waits_and_takes_the_freshest_snapshot_within_the_staleness(make):
     a = make(0, [1], {1: "127.0.0.1:1"}, sync=False, staleness=1)
     b = make(1, [0], {0: a.address}, sync=False, staleness=1)

@@ -494,14 +494,20 @@ class GrpcTransport(Transport):
 
     # ------------------------------------------------------------------------------------------ round protocol
     def _split_neighbours(self, round: int) -> Tuple[List[int], List[int]]:
-        """(waited for, not waited for) in ``round``: a down neighbour whose snapshot of ``round`` or later is in
-        is in step again (it posted the round I am collecting) and is waited for from now on."""
-        for j in list(self.down):
-            if any(r >= round for r in self._inbox.rounds_from(j)):
-                self._admit(j, f"its round-{max(self._inbox.rounds_from(j) or [round])} snapshot arrived")
+        """(waited for, not waited for) in ``round``. A down neighbour whose snapshot of ``round`` or later is in
+        is in step again (it posted the round I am collecting) and is waited for from now on. A neighbour that has
+        already posted a later round is not waited for (nor marked down): it collected ``round`` without me, so its
+        round-``round`` snapshot is in already or will not come; I am behind and catch up by not waiting."""
+        ahead = set()
+        for j in self.neighbors:
+            rounds = self._inbox.rounds_from(j)
+            if j in self.down and any(r >= round for r in rounds):
+                self._admit(j, f"its round-{max(rounds)} snapshot arrived")
+            if any(r > round for r in rounds):
+                ahead.add(j)
         with self._lock:
-            down = set(self.down)
-        return [j for j in self.neighbors if j not in down], [j for j in self.neighbors if j in down]
+            skip = set(self.down) | ahead
+        return [j for j in self.neighbors if j not in skip], [j for j in self.neighbors if j in skip]
 
     def _mark_down(self, round: int, missed: Sequence[int]) -> None:
         if not missed:
