@@ -440,15 +440,22 @@ class GrpcTransport(Transport):
             got.update(self._inbox.wait(round, not_waited, time.monotonic()))  # whatever is in already
         with self._lock:
             out = self._outgoing.get(round)
+        unreached = []  # out-neighbours my round-`round` send did not reach by the deadline
         if out is not None:
+            with self._lock:
+                down = set(self.down)
             for peer, f in zip(self.send_to, out.futures):
-                if peer in not_waited:
+                if peer in not_waited or peer in down:
                     continue  # a detached send goes on without holding up the round
                 try:
-                    f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+                    delivered = f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
                 except Exception:  # a send that overran its deadline; cancelled just below
-                    pass
-        self._mark_down(round, [j for j in waited if j not in got])
+                    delivered = False
+                if not delivered:
+                    unreached.append(peer)
+        # A neighbour that died after posting this round: its snapshot is in, but my send to it waited the whole
+        # deadline; marked down too, so that this is its one deadline.
+        self._mark_down(round, sorted({j for j in waited if j not in got} | set(unreached)))
         self._inbox.drop_through(round)
         self._collected = round
         with self._lock:
@@ -486,6 +493,9 @@ class GrpcTransport(Transport):
         # Keep what a later collect may still use (rounds after `oldest`); older rounds are refused from now on.
         self._inbox.drop_through(oldest)
         self._collected = max(self._collected, round)
+        with self._lock:  # sends run on (private copies) until their deadline or my next post
+            for r in [r for r in self._round_deadline if r <= round]:
+                del self._round_deadline[r]
         result = self._checked(round, got)
         if len(result) < len(self.neighbors):
             log.info("agent %d round %d: no snapshot of round %d or later from %s", self.rank, round, oldest,
@@ -541,6 +551,8 @@ class GrpcTransport(Transport):
     def _probe(self, peer: int) -> bool:
         """Health check, then Status: admit ``peer`` when it serves and has posted my latest round or the one
         before (it will post my next round about when I do). True when admitted."""
+        if self._closed:
+            return False
         timeout = min(self.connect_timeout_s, max(self.probe_interval_s, 0.5))
         channel = self._channel(peer)
         try:
