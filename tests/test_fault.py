@@ -3,8 +3,8 @@
 - 4 agents on a ring: agent 2 is SIGKILLed after its round-1 checkpoint and restarted with `dimat agent
   --resume`; it skips the rounds it missed. The other three finish every round; every checkpoint loads (slow:
   the restarted agent must find the others still running, so the run is long).
-- 4 agents on a ring: agent 2 is SIGKILLed and restarted with no checkpoint (state transfer from a neighbour),
-  and agent 0 is SIGSTOPped for 3 deadlines, then SIGCONTed; nobody hangs and the run ends.
+- 6 agents on a ring: agent 2 is SIGKILLed and restarted with no checkpoint (state transfer from a neighbour),
+  and agent 5 is SIGSTOPped for 3 deadlines, then SIGCONTed; nobody hangs and the run ends.
 - slow: 8 agents on a ring, 12 rounds of digits with the mlp, one test per fault, the kill test also timed
   against an uninterrupted run (at most 2 deadlines more).
 """
@@ -220,9 +220,6 @@ def _faults(tmp_path: Path, cfg: dict, kill: Optional[int] = None, restart: bool
             go.touch()
             assert restarted.poll() is None, (tmp_path / f"agent-{kill}.restart.log").read_text()
         if freeze is not None:
-            if restarted is not None:  # one fault at a time: in a ring of 4 two at once would leave agents alone
-                _wait_for(lambda: _rejoined(tmp_path / f"agent-{kill}.restart.log", out, kill), 120,
-                          "the restarted agent's first merge", poll=0.1)
             ckpt = _checkpoint_round(checkpoint.path_for(out / "checkpoints", freeze))
             _wait_for(lambda: (ckpt() or -1) >= 3 or launch.poll() is not None, 120, f"agent {freeze}'s round 3")
             assert launch.poll() is None, "the run ended before the freeze"
@@ -251,18 +248,6 @@ def _faults(tmp_path: Path, cfg: dict, kill: Optional[int] = None, restart: bool
     return result
 
 
-def _rejoined(log_file: Path, out: Path, rank: int) -> bool:
-    """Whether a restarted agent has merged with a neighbour since it joined (or ended)."""
-    text = log_file.read_text()
-    if "done in" in text:
-        return True
-    if "joining at round " not in text:
-        return False
-    joined = int(text.split("joining at round ")[1].split()[0].rstrip(";"))
-    return any(r["phase"] == "merge" and r["round"] >= joined and r["received"]
-               for r in read_metrics([launcher.agent_metrics_path(out, rank)]))
-
-
 def _joined_within_two_rounds(res: dict, agent: int, neighbours, rounds: int) -> int:
     """Checks that a restarted agent took a neighbour's state, joined at the round after it, merged within two
     rounds of joining (both ways) and finished; returns the round it joined at."""
@@ -279,23 +264,24 @@ def _joined_within_two_rounds(res: dict, agent: int, neighbours, rounds: int) ->
 
 
 def test_grpc_agents_survive_a_restart_without_checkpoint_and_a_frozen_agent(tmp_path):
-    """4 agents on a ring: agent 2 is killed and restarted with no checkpoint (it takes a neighbour's state and
-    joins within two rounds); agent 0 is frozen for 3 deadlines (its neighbours wait one deadline for it, then
-    carry on; once thawed it skips ahead to where they are). Nobody hangs and the run ends complete."""
+    """6 agents on a ring: agent 2 is killed and restarted with no checkpoint (it takes a neighbour's state and
+    joins within two rounds) while agent 5 is frozen for 3 deadlines (its neighbours wait one deadline for it,
+    then carry on; once thawed it skips ahead to where they are). The two are far enough apart that no agent
+    loses both neighbours. Nobody hangs and the run ends complete."""
     # Enough rounds that the others still run when the restarted agent is up and when the frozen one thaws.
-    rounds = 30
-    res = _faults(tmp_path, dict(CONFIG, rounds=rounds, train={"epochs": 4}), kill=KILLED, freeze=0)
+    rounds, frozen = 30, 5
+    res = _faults(tmp_path, dict(CONFIG, agents=6, rounds=rounds, train={"epochs": 4}), kill=KILLED, freeze=frozen)
     out, merges = res["out"], res["merges"]
-    assert res["returncode"] == 0, res["text"] + _dump_logs(out)
+    assert res["returncode"] == 0, res["text"] + _dump_logs(out, 6)
     _joined_within_two_rounds(res, KILLED, (1, 3), rounds)
-    for k in (1, 3):  # never frozen nor killed: every round, none waiting much beyond one deadline
+    for k in (0, 1, 3, 4):  # never frozen nor killed: every round, none waiting much beyond one deadline
         assert [r for (a, r) in sorted(merges) if a == k] == list(range(rounds)), f"agent {k}"
         assert all(merges[(k, r)]["comm_s"] < DEADLINE_S + 5.0 for r in range(rounds))
-    frozen_log = launcher.log_path(out, 0).read_text()
-    assert merges[(0, rounds - 1)]["received"], frozen_log  # it finished, merging with its neighbours
+    frozen_log = launcher.log_path(out, frozen).read_text()
+    assert merges[(frozen, rounds - 1)]["received"], frozen_log  # it finished, merging with its neighbours
     assert "skipping rounds" in frozen_log, frozen_log  # it caught up instead of trailing behind
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["agents"] == 4 and None not in summary["per_agent_acc"]
+    assert summary["agents"] == 6 and None not in summary["per_agent_acc"]
 
 
 RING8 = {
