@@ -326,6 +326,7 @@ class GrpcTransport(Transport):
         self._channels: Dict[int, grpc.Channel] = {}
         # Round protocol (see collect): neighbours not waited for, what probes learnt, my latest offered state.
         self.down: Dict[int, float] = {}  # rank -> time.monotonic() it was marked down
+        self._down_round: Dict[int, int] = {}  # rank -> the round it missed
         self._peer_posted: Dict[int, int] = {}  # rank -> latest posted round its Status reported
         self._collected = -1
         self.snapshot_rounds: Dict[int, int] = {}
@@ -524,7 +525,8 @@ class GrpcTransport(Transport):
             return
         with self._lock:
             for j in missed:
-                self.down.setdefault(j, time.monotonic())
+                if j not in self.down:
+                    self.down[j], self._down_round[j] = time.monotonic(), round
         log.warning("agent %d round %d: %s missed the deadline; not waited for until a probe finds them in step",
                     self.rank, round, list(missed))
 
@@ -549,8 +551,11 @@ class GrpcTransport(Transport):
                     log.debug("agent %d: probe of %d failed: %r", self.rank, j, e)
 
     def _probe(self, peer: int) -> bool:
-        """Health check, then Status: admit ``peer`` when it serves and has posted my latest round or the one
-        before (it will post my next round about when I do). True when admitted."""
+        """Health check, then Status: admit ``peer`` when it serves and has posted the round it missed, or a later
+        one. So a neighbour that was merely late is admitted at the first probe (it posted that round, too late),
+        before this agent can run ahead of it; one that is frozen, cut off or restarting is admitted once it has
+        caught up (it skips ahead to its neighbours' round); one that answers but posts nothing (hung) never is.
+        True when admitted."""
         if self._closed:
             return False
         timeout = min(self.connect_timeout_s, max(self.probe_interval_s, 0.5))
@@ -566,9 +571,9 @@ class GrpcTransport(Transport):
         posted = int(status.latest_posted_round)
         with self._lock:
             self._peer_posted[peer] = posted
-            mine = self.latest_posted
-        if posted >= mine - 1 and posted >= 0:
-            self._admit(peer, f"probe: it posted round {posted}, I posted {mine}")
+            missed = self._down_round.get(peer, -1)
+        if posted >= max(missed, 0):
+            self._admit(peer, f"probe: it posted round {posted}, it had missed round {missed}")
             return True
         return False
 
