@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -185,6 +186,18 @@ sys.exit(dimat.cli.main(sys.argv[2:]))
 """
 
 
+def _note_first_merge(out: Path, launch: subprocess.Popen, result: dict) -> None:
+    path = out / "metrics.jsonl"
+    while launch.poll() is None:
+        try:
+            if '"phase": "merge"' in path.read_text():
+                result["first_merge_at"] = time.monotonic()
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+
+
 def _faults(tmp_path: Path, cfg: dict, kill: Optional[int] = None, restart: bool = True,
             freeze: Optional[int] = None, timeout: float = 240.0) -> dict:
     """Launch ``cfg`` over gRPC; SIGKILL agent ``kill`` after its round-1 checkpoint (during round 2) and, with
@@ -202,6 +215,10 @@ def _faults(tmp_path: Path, cfg: dict, kill: Optional[int] = None, restart: bool
                                "--timeout", str(timeout)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     restarted, stopped, result = None, None, {"out": out}
+    # When the first merge record appears: the rounds' wall time without the start-up (imports, data, the
+    # start-up barrier), which on a busy machine is most of a short run and varies by several seconds.
+    first_merge = threading.Thread(target=_note_first_merge, args=(out, launch, result), daemon=True)
+    first_merge.start()
     go = tmp_path / "go"
     if kill is not None and restart:
         # The new machine is booted: its interpreter has imported torch and dimat and waits for the go. A cold
@@ -235,6 +252,8 @@ def _faults(tmp_path: Path, cfg: dict, kill: Optional[int] = None, restart: bool
             stopped = None
         result["text"], _ = launch.communicate(timeout=timeout + 30)
         result["wall_s"] = time.monotonic() - t0
+        first_merge.join(timeout=5)
+        result["rounds_s"] = time.monotonic() - result.get("first_merge_at", t0)
         if restarted is not None:
             assert restarted.wait(timeout=60) == 0, _dump_logs(out, n)
     finally:
@@ -308,8 +327,9 @@ def _comm_total(merges: dict, agent: int) -> float:
 
 @pytest.mark.slow
 def test_ring_of_8_sigkill_at_round_2_costs_at_most_two_deadlines(tmp_path):
-    """The other seven finish every round, and the run's wall time is at most the uninterrupted run's plus two
-    deadlines. Printed too: the most seconds any survivor spent in collect, against the uninterrupted run."""
+    """The other seven finish every round, and the rounds' wall time (from the first merge record to the end; the
+    start-up before it varies by several seconds on a busy machine) is at most the uninterrupted run's plus two
+    deadlines. Printed too: the whole wall times, and the most seconds any survivor spent in collect."""
     deadline, rounds = RING8["transport"]["deadline_s"], RING8["rounds"]
     base = _faults(tmp_path / "base", RING8)
     assert base["returncode"] == 0, base["text"]
@@ -322,8 +342,10 @@ def test_ring_of_8_sigkill_at_round_2_costs_at_most_two_deadlines(tmp_path):
             (("uninterrupted", base), ("killed", hit))}
     print(f"\n8-agent ring, {rounds} rounds, deadline {deadline} s: wall uninterrupted {base['wall_s']:.1f} s, "
           f"agent {KILLED} killed at round 2 {hit['wall_s']:.1f} s (+{hit['wall_s'] - base['wall_s']:.1f} s); "
+          f"from the first merge to the end {base['rounds_s']:.1f} -> {hit['rounds_s']:.1f} s "
+          f"(+{hit['rounds_s'] - base['rounds_s']:.1f} s); "
           f"most seconds in collect of a survivor {comm['uninterrupted']:.1f} -> {comm['killed']:.1f} s")
-    assert hit["wall_s"] <= base["wall_s"] + 2 * deadline
+    assert hit["rounds_s"] <= base["rounds_s"] + 2 * deadline
     assert comm["killed"] <= comm["uninterrupted"] + 2 * deadline
 
 
