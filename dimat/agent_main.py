@@ -336,6 +336,9 @@ def _run_rounds(cfg: Config, agent: Agent, out: Path, last: Optional[int], first
             pretrain([agent], cfg, writer, ckpt_dir)
             log(f"agent {agent.rank}: pretrained {cfg['train']['pretrain_epochs']} epochs")
         _start_barrier(cfg, agent, rejoining=resume, log=log)
+        if resume and hasattr(agent.node.transport, "wait_for_round"):
+            # Joining a running run: post the first round when the neighbours do (bounded by one deadline).
+            agent.node.transport.wait_for_round(first, cfg["transport"]["deadline_s"])
         r = first
         while r < cfg["rounds"]:
             r = _catch_up(cfg, agent, r, log)

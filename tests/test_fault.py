@@ -186,6 +186,11 @@ sys.exit(dimat.cli.main(sys.argv[2:]))
 """
 
 
+def restarted_log(tmp_path: Path, rank: int) -> str:
+    path = tmp_path / f"agent-{rank}.restart.log"
+    return f"\n--- restarted agent {rank} ---\n" + (path.read_text() if path.exists() else "(no log)")
+
+
 def _note_first_merge(out: Path, launch: subprocess.Popen, result: dict) -> None:
     path = out / "metrics.jsonl"
     while launch.poll() is None:
@@ -235,6 +240,7 @@ def _faults(tmp_path: Path, cfg: dict, kill: Optional[int] = None, restart: bool
             assert launch.poll() is None, "the run ended before the kill"
             os.kill(launcher.read_pid_file(out, kill), signal.SIGKILL)
             result["killed_after"] = ckpt()
+            assert result["killed_after"] < cfg["rounds"] // 2, f"the kill came late (after round {ckpt()})"
         if kill is not None and restart:
             for prev in (False, True):  # a new machine: no checkpoint at all
                 checkpoint.path_for(out / "checkpoints", kill, prev).unlink(missing_ok=True)
@@ -255,7 +261,7 @@ def _faults(tmp_path: Path, cfg: dict, kill: Optional[int] = None, restart: bool
         first_merge.join(timeout=5)
         result["rounds_s"] = time.monotonic() - result.get("first_merge_at", t0)
         if restarted is not None:
-            assert restarted.wait(timeout=60) == 0, _dump_logs(out, n)
+            assert restarted.wait(timeout=120) == 0, _dump_logs(out, n) + restarted_log(tmp_path, kill)
     finally:
         if stopped is not None:
             os.kill(stopped, signal.SIGCONT)

@@ -224,3 +224,12 @@ def test_round_protocol_settings_are_checked(make):
         make(0, [1], {1: "127.0.0.1:1"}, staleness=-1)
     with pytest.raises(ValueError, match="probe_interval_s"):
         make(0, [1], {1: "127.0.0.1:1"}, probe_interval_s=0)
+
+
+def test_wait_for_round_returns_when_a_neighbour_posts_it_or_at_the_timeout(make):
+    a = make(0, [1], {1: "127.0.0.1:1"})
+    b = make(1, [0], {0: a.address})
+    t0 = time.monotonic()
+    assert not a.wait_for_round(4, 0.3) and 0.25 < time.monotonic() - t0 < DEADLINE
+    b.post(4, _snap(4))
+    assert a.wait_for_round(4, DEADLINE)

@@ -607,6 +607,17 @@ class GrpcTransport(Transport):
             self._mark_down(-1, waiting)
         return waiting
 
+    def wait_for_round(self, round: int, timeout_s: float) -> bool:
+        """Wait until a neighbour has posted ``round`` or a later one (its snapshot is in my inbox), at most
+        ``timeout_s`` seconds. An agent that joins a running run calls it before its first post, so that its first
+        deadline starts when its neighbours' round does, not a training period earlier."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and not self._closed:
+            if self.round_hint() >= round:
+                return True
+            self._stop.wait(0.02)
+        return self.round_hint() >= round
+
     def round_hint(self) -> int:
         """The latest round any neighbour has posted, as far as I know (-1: none): from the snapshots in my
         inbox and from probes. An agent about to run an earlier round is behind and may skip ahead to it."""
