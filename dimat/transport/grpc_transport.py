@@ -327,6 +327,8 @@ class GrpcTransport(Transport):
         # Round protocol (see collect): neighbours not waited for, what probes learnt, my latest offered state.
         self.down: Dict[int, float] = {}  # rank -> time.monotonic() it was marked down
         self._down_round: Dict[int, int] = {}  # rank -> the round it missed
+        self._answering: Dict[int, bool] = {}  # rank -> whether its last probe got a health answer
+        self._wake = threading.Event()  # probe at once (a neighbour was just marked down)
         self._peer_posted: Dict[int, int] = {}  # rank -> latest posted round its Status reported
         self._collected = -1
         self.snapshot_rounds: Dict[int, int] = {}
@@ -440,6 +442,10 @@ class GrpcTransport(Transport):
         if not_waited:
             got.update(self._inbox.wait(round, not_waited, time.monotonic()))  # whatever is in already
         with self._lock:
+            behind = any(j not in self.down for j in not_waited)  # a neighbour has posted a later round
+        if not waited and not got and not behind:
+            got.update(self._wait_any_answering(round, not_waited, deadline))
+        with self._lock:
             out = self._outgoing.get(round)
         unreached = []  # out-neighbours my round-`round` send did not reach by the deadline
         if out is not None:
@@ -520,6 +526,21 @@ class GrpcTransport(Transport):
             skip = set(self.down) | ahead
         return [j for j in self.neighbors if j not in skip], [j for j in self.neighbors if j in skip]
 
+    def _wait_any_answering(self, round: int, candidates: Sequence[int], deadline: float
+                            ) -> Dict[int, Tuple[Snapshot, wire.Layout]]:
+        """Every neighbour is down: wait (at most until ``deadline``) for the first round-``round`` snapshot of one
+        whose health check answers (or that has not been probed yet), instead of running ahead alone after a
+        cascade of near misses. Dead or frozen neighbours do not answer, so they cost nothing here."""
+        while time.monotonic() < deadline and not self._closed:
+            with self._lock:
+                alive = [j for j in candidates if self._answering.get(j, True)]
+            if not alive:
+                return {}
+            got = self._inbox.wait(round, alive, min(deadline, time.monotonic() + 0.05))
+            if got:
+                return got
+        return {}
+
     def _mark_down(self, round: int, missed: Sequence[int]) -> None:
         if not missed:
             return
@@ -527,6 +548,8 @@ class GrpcTransport(Transport):
             for j in missed:
                 if j not in self.down:
                     self.down[j], self._down_round[j] = time.monotonic(), round
+                    self._answering.pop(j, None)
+        self._wake.set()  # probe them now: whether they answer decides _wait_any_answering
         log.warning("agent %d round %d: %s missed the deadline; not waited for until a probe finds them in step",
                     self.rank, round, list(missed))
 
@@ -539,7 +562,11 @@ class GrpcTransport(Transport):
 
     def _probe_loop(self) -> None:
         """Every ``probe_interval_s``: probe each neighbour that is down (in this background thread only)."""
-        while not self._stop.wait(self.probe_interval_s):
+        while not self._stop.is_set():
+            self._wake.wait(self.probe_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             with self._lock:
                 down = list(self.down)
             for j in down:
@@ -563,8 +590,13 @@ class GrpcTransport(Transport):
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE),
                                                               timeout=timeout)
-            if reply.status != health_pb2.HealthCheckResponse.SERVING:
-                return False
+        except grpc.RpcError:
+            self._answering[peer] = False
+            return False
+        self._answering[peer] = reply.status == health_pb2.HealthCheckResponse.SERVING
+        if not self._answering[peer]:
+            return False
+        try:
             status = self._ask_status(peer, timeout)
         except grpc.RpcError:
             return False
@@ -699,6 +731,7 @@ class GrpcTransport(Transport):
             self._outgoing.clear()
             self._offer = None
         self._stop.set()
+        self._wake.set()
         for out in outs:
             out.cancel()
         self._inbox.close()
