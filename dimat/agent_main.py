@@ -20,7 +20,11 @@ round they are collecting now, or the next one if they are already training. The
 **skipped**, not replayed: replaying them alone would put it further behind (each round costs its training time)
 while its neighbours, which have skipped it meanwhile, move on; it rejoins with its round-``c`` model, which the
 next merge pulls back towards its neighbours. When no neighbour answers (all down, or the run is over) it
-continues from ``c + 1`` and every collect is bounded by the deadline. Over torch.distributed every agent of the
+continues from ``c + 1`` and every collect is bounded by the deadline. Without a checkpoint (``--resume`` after
+the checkpoint was lost, or ``--join`` on a new machine) it fetches the state of the live neighbour furthest on
+(the FetchState RPC: its latest posted model, round and basis tag) and joins at the round after it. While the
+rounds run, an agent that finds a neighbour's snapshot of a later round than the one it is about to run (it was
+frozen or cut off) skips ahead to that round. Over torch.distributed every agent of the
 job restarts together, so they agree on the latest round all of them have completed and continue from there.
 """
 
@@ -41,7 +45,7 @@ from dimat.metrics import MetricsWriter, atomic_write_text
 from dimat.build import Setup, build_agent, prepare
 from dimat.transport.base import Transport
 
-__all__ = ["run_agent", "claim_run_dir", "rejoin_round", "peers_for"]
+__all__ = ["run_agent", "claim_run_dir", "rejoin_round", "join_from_neighbour", "peers_for"]
 
 _T0 = time.perf_counter()  # about when the agent process started (this module is imported first thing)
 
@@ -53,6 +57,7 @@ def run_agent(
     peers_file: Optional[str | Path] = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    join: bool = False,
 ) -> int:
     """Run agent ``rank`` of ``cfg`` over ``transport`` (``grpc`` or ``torch``) until its last round.
 
@@ -64,7 +69,9 @@ def run_agent(
         the environment that torchrun or ``dimat launch`` sets).
     out_dir : the run folder.
     peers_file : gRPC: JSON file ``{"peers": {"0": "host:port", ...}}``.
-    resume : restore the last checkpoint, then rejoin (see the module docstring).
+    resume : restore the last checkpoint, then rejoin (see the module docstring); over gRPC, without a
+        checkpoint, take a live neighbour's state instead.
+    join : ``resume`` on a machine that has no run folder yet (a new machine): the folder is created.
     log : where one progress line per round goes (stdout, i.e. ``OUT/logs/agent-K.log`` under the launcher).
 
     Returns
@@ -84,13 +91,19 @@ def run_agent(
     warn_coverage(cfg, merge_coverage(cfg, setup.dataset))
     peers = peers_for(cfg, setup, peers_file) if transport == "grpc" else None
     out = Path(out_dir)
-    claim_run_dir(cfg, out, rank, resume)
+    resume = resume or join
+    claim_run_dir(cfg, out, rank, resume, join)
     with _open_transport(cfg, setup, rank, transport, peers) as t:
         agent = build_agent(cfg, setup, rank, t)
         last = _restore(cfg, agent, out, t, transport, log) if resume else None
         first = max(0, (last if last is not None else -2) + 1)
         if resume and transport == "grpc":
-            first = rejoin_round(t, setup.topology.neighbors(rank), first, log)
+            neighbors = setup.topology.neighbors(rank)
+            if last is None:  # a new machine, or a lost checkpoint: take a live neighbour's state
+                joined = join_from_neighbour(agent, t, neighbors, log)
+                if joined is not None:
+                    first, last = joined, joined - 1  # no pretraining: the state is a trained model
+            first = rejoin_round(t, neighbors, first, log)
         _run_rounds(cfg, agent, out, last, first, resume, log)
         if transport == "torch":
             _aggregate_after_all(cfg, out, rank, log)
@@ -116,7 +129,7 @@ def _with_transport(cfg: Config, transport: str) -> Config:
 # ---------------------------------------------------------------------------------------------- run folder
 
 
-def claim_run_dir(cfg: Config, out: Path, rank: int, resume: bool) -> None:
+def claim_run_dir(cfg: Config, out: Path, rank: int, resume: bool, join: bool = False) -> None:
     """Check that agent ``rank`` may write into ``out`` and record the config there if nobody has yet.
 
     Several agents (or the launcher) share ``out``, so ``config.yaml`` is written by whoever comes first
@@ -126,14 +139,14 @@ def claim_run_dir(cfg: Config, out: Path, rank: int, resume: bool) -> None:
     Raises
     ------
     UserError : ``out`` is a file; it holds a run of another config; this agent already ran there (without
-        ``resume``); there is nothing to resume.
+        ``resume``); there is nothing to resume (unless ``join``: a new machine joining a running run).
     """
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out must be a folder, but a file of that name exists")
     cfg_file = out / "config.yaml"
     mine = [p for p in (launcher.agent_metrics_path(out, rank), checkpoint.path_for(out / "checkpoints", rank))
             if p.exists()]
-    if resume and not cfg_file.exists():
+    if resume and not join and not cfg_file.exists():
         raise UserError(f"{out}: no run to resume (config.yaml not found)")
     if not resume and mine:
         raise UserError(f"{out}: agent {rank} already ran here ({mine[0]}); pass --resume to continue it or "
@@ -170,7 +183,8 @@ def peers_for(cfg: Config, setup: Setup, peers_file: Optional[str | Path]) -> Di
 def _open_transport(cfg: Config, setup: Setup, rank: int, name: str, peers: Optional[Dict[int, str]]) -> Transport:
     from dimat.transport import make_transport
 
-    kw = {"template": _template(cfg, setup)} if name == "grpc" else {}
+    # serve_state: a neighbour that joins without a checkpoint fetches my latest snapshot (join_from_neighbour).
+    kw = {"template": _template(cfg, setup), "serve_state": True} if name == "grpc" else {}
     try:
         return make_transport(name, cfg, rank=rank, topology=setup.graphs, peers=peers, **kw)
     except ValueError as e:
@@ -213,7 +227,7 @@ def _restore(cfg: Config, agent: Agent, out: Path, t: Transport, transport: str,
         restore_agent(agent, checkpoint.load(ckpt_dir, agent.rank, last))
         log(f"agent {agent.rank}: restored round {last} from {ckpt_dir}")
     else:
-        log(f"agent {agent.rank}: no checkpoint in {ckpt_dir}; starting from scratch")
+        log(f"agent {agent.rank}: no checkpoint in {ckpt_dir}")
     # Records of rounds after the checkpoint describe a model we no longer have.
     MetricsWriter.truncate_after(launcher.agent_metrics_path(out, agent.rank), last if last is not None else -2)
     return last
@@ -240,6 +254,42 @@ def _all_reduce_min(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def join_from_neighbour(agent: Agent, t: Transport, neighbors: Sequence[int],
+                        log: Callable[[str], None] = print) -> Optional[int]:
+    """State transfer: load the model (and basis tag) of the live neighbour furthest on; the round to join at.
+
+    Asks every neighbour's Status (each bounded by the transport's connect timeout), then fetches the state of
+    the one that posted the latest round (the others in turn if it fails). The state is that neighbour's round-c
+    snapshot, so the agent joins at round ``c + 1``, the round its neighbours post next. None (logged) when no
+    neighbour gives its state: the agent then starts from scratch.
+    """
+    fetch = getattr(t, "fetch_state", None)
+    if fetch is None:
+        return None
+    from dimat.node import BASIS_KEY
+
+    posted = {}
+    for j in neighbors:
+        reply = t.peer_status(j)
+        if reply is not None and reply.latest_posted_round >= 0:
+            posted[j] = int(reply.latest_posted_round)
+    for j in sorted(posted, key=lambda j: (-posted[j], j)):
+        got = fetch(j)
+        if got is None:
+            continue
+        round, snap = got
+        tag = snap.pop(BASIS_KEY, None)
+        agent.model.load_state_dict(snap)
+        if tag is not None:
+            agent.node.basis_tag = int(tag)
+        log(f"agent {agent.rank}: took the round-{round} state of neighbour {j} (state transfer); joining at round "
+            f"{round + 1}")
+        return round + 1
+    log(f"agent {agent.rank}: no neighbour gave its state (asked {list(neighbors)}, posted {posted}); starting from "
+        f"scratch")
+    return None
 
 
 def rejoin_round(t: Transport, neighbors: Sequence[int], first: int, log: Callable[[str], None] = print) -> int:
@@ -295,8 +345,47 @@ def _run_rounds(cfg: Config, agent: Agent, out: Path, last: Optional[int], first
         if last is None and cfg["train"]["pretrain_epochs"] > 0:
             pretrain([agent], cfg, writer, ckpt_dir)
             log(f"agent {agent.rank}: pretrained {cfg['train']['pretrain_epochs']} epochs")
-        for r in range(first, cfg["rounds"]):
+        _start_barrier(cfg, agent, rejoining=resume, log=log)
+        if resume and hasattr(agent.node.transport, "wait_for_round"):
+            # Joining a running run: post the first round when the neighbours do (bounded by one deadline).
+            agent.node.transport.wait_for_round(first, cfg["transport"]["deadline_s"])
+        r = first
+        while r < cfg["rounds"]:
+            r = _catch_up(cfg, agent, r, log)
             res = run_round([agent], r, cfg, writer, ckpt_dir)[0]
             missing = f", missing {res.missing} (deadline)" if res.missing else ""
             log(f"agent {agent.rank}: round {r} ({r + 1} of {cfg['rounds']}): merged with {res.received}{missing}; "
                 f"comm {res.comm_s:.2f} s, merge {res.merge_s:.2f} s")
+            r += 1
+
+
+def _start_barrier(cfg: Config, agent: Agent, rejoining: bool, log: Callable[[str], None]) -> None:
+    """Before the first round: wait (at most ``transport.startup_s``) until every neighbour is ready too, so that
+    agents that start seconds apart (imports, data, pretraining) do not miss each other's first round. An agent
+    that rejoins a running run only says it is ready."""
+    t = agent.node.transport
+    if not hasattr(t, "wait_ready"):
+        return
+    if rejoining:
+        t.mark_ready()
+        return
+    late = t.wait_ready(cfg["transport"]["startup_s"])
+    if late:
+        log(f"agent {agent.rank}: neighbours {late} not ready after {cfg['transport']['startup_s']:g} s "
+            f"(transport.startup_s); starting without them")
+
+
+def _catch_up(cfg: Config, agent: Agent, r: int, log: Callable[[str], None]) -> int:
+    """The round to run instead of ``r``: a later one when a neighbour has already posted a round two or more
+    ahead (this agent was frozen or cut off and its neighbours went on without it). One round behind is caught up
+    without skipping: the transport does not wait for a neighbour that is ahead. Skipped rounds are not replayed
+    (see the module docstring); in asynchronous rounds only a lag beyond the staleness bound is skipped."""
+    hint = getattr(agent.node.transport, "round_hint", None)
+    if hint is None:
+        return r
+    ahead = min(int(hint()), cfg["rounds"] - 1)
+    slack = 1 if cfg["transport"]["sync"] else max(1, cfg["transport"]["staleness"])
+    if ahead > r + slack:
+        log(f"agent {agent.rank}: a neighbour has posted round {ahead}; skipping rounds {r}..{ahead - 1}")
+        return ahead
+    return r

@@ -92,6 +92,9 @@ DEFAULTS: Dict[str, Any] = {
         "tls_ca": None,
         "tls_client_auth": False,  # mutual TLS: agents also show certificates signed by tls_ca
         "timeout_s": None,  # torch.distributed process-group timeout (None: deadline_s)
+        "startup_s": 120.0,  # grpc: seconds an agent waits at start for its neighbours to be ready (barrier)
+        "sync": True,  # false: asynchronous rounds (grpc): merge each neighbour's freshest snapshot, never wait
+        "staleness": 1,  # asynchronous rounds: merge snapshots at most this many rounds old
     },
     "device": "cpu",  # where the agents' models live: cpu | cuda | cuda:N | auto (cuda when available)
     "threads": None,  # torch intra-op threads of the process (None: torch's default); results depend on it
@@ -300,6 +303,10 @@ def _check_values(where: str, c: Dict[str, Any]) -> None:
         raise bad("model.width", f"must be > 0, got {f['model.width']}")
     if not f["transport.deadline_s"] > 0:
         raise bad("transport.deadline_s", f"must be > 0 seconds, got {f['transport.deadline_s']}")
+    if not f["transport.startup_s"] > 0:
+        raise bad("transport.startup_s", f"must be > 0 seconds, got {f['transport.startup_s']}")
+    if not isinstance(f["transport.staleness"], int) or f["transport.staleness"] < 0:
+        raise bad("transport.staleness", f"must be an integer >= 0 rounds, got {f['transport.staleness']!r}")
     if f["train.optimizer"] not in OPTIMIZERS:
         raise bad("train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {f['train.optimizer']!r}")
     if f["transport.compress"] not in (None, "fp16", "bf16"):

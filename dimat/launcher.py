@@ -445,14 +445,16 @@ def _exit_status(a: AgentProcess, out_dir: Path | str) -> Optional[int]:
 
 def agent_argv(config: Path | str, rank: int, transport: str, out_dir: Path | str,
                peers: Optional[Path | str] = None, resume: bool = False,
-               python: str = sys.executable) -> List[str]:
-    """The command line of one ``dimat agent`` process."""
+               python: str = sys.executable, join: bool = False) -> List[str]:
+    """The command line of one ``dimat agent`` process (``join``: a new machine joining from a neighbour)."""
     argv = [python, "-m", "dimat", "agent", str(config), "--rank", str(rank), "--transport", transport,
             "--out", str(out_dir)]
     if peers is not None:
         argv += ["--peers", str(peers)]
     if resume:
         argv.append("--resume")
+    if join:
+        argv.append("--join")
     return argv
 
 

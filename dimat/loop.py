@@ -185,7 +185,7 @@ def run_round(
         if writer is not None:
             writer.write(_record(a, r, "merge", **_evaluate(a, eval_bs), merge_s=res.merge_s, comm_s=res.comm_s,
                                  comm_bytes=res.comm_bytes, received=res.received, missing=res.missing,
-                                 **res.telemetry))
+                                 ages=res.ages, **res.telemetry))
         if progress:
             progress()
     if r < cfg["rounds"] - 1:

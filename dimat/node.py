@@ -65,6 +65,9 @@ class MergeResult:
         ``corr_before`` / ``corr_after`` (mean correlation of the units in place, then of the matched units);
         and the means of these over the edges: ``consensus_dist``, ``units_moved``, ``align_corr_before``,
         ``align_corr_after``.
+    ages : for each rank in ``received``, how many rounds old its snapshot was (round minus the snapshot's round;
+        always 0 in synchronous rounds, up to the staleness bound in asynchronous ones, negative when the
+        neighbour is ahead).
     """
 
     round: int
@@ -76,6 +79,7 @@ class MergeResult:
     bytes_sent: int = 0
     bytes_received: int = 0
     telemetry: Dict[str, Any] = field(default_factory=dict)
+    ages: List[int] = field(default_factory=list)
 
     @property
     def comm_bytes(self) -> int:
@@ -238,6 +242,8 @@ class Node:
         neighbors, pi_row = self.graph_at(r)
         result.received = sorted(j for j in snapshots if j in neighbors)
         result.missing = [j for j in neighbors if j not in snapshots]
+        rounds = getattr(self.transport, "snapshot_rounds", None) or {}  # transports with asynchronous rounds
+        result.ages = [r - int(rounds.get(j, r)) for j in result.received]
         ranks = [self.rank] + result.received
         raw = [float(pi_row[j]) for j in ranks]
         total = sum(raw)

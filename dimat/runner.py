@@ -104,6 +104,9 @@ def run(
     if cfg["transport"]["name"] != "inproc":
         raise UserError(f"{getattr(cfg, 'source', 'config')}: transport.name: 'dimat run' simulates every agent in "
                         f"one process (inproc); run {cfg['transport']['name']!r} transports with 'dimat launch'")
+    if not cfg["transport"]["sync"]:
+        raise UserError(f"{getattr(cfg, 'source', 'config')}: transport.sync: false (asynchronous rounds) needs "
+                        f"the grpc transport; 'dimat run' simulates synchronous rounds")
     setup = prepare(cfg)  # every input error surfaces here, before anything is written
     check_run_dir(cfg, out, resume)
     coverage = merge_coverage(cfg, setup.dataset)

@@ -98,6 +98,10 @@ def test_wrong_type_names_file_and_key(tmp_path, text, key):
     ("merge:\n  basis: theirs\n", "merge.basis"),
     ("transport:\n  name: carrier-pigeon\n", "transport.name"),
     ("model:\n  width: 0\n", "model.width"),
+    ("transport:\n  staleness: -1\n", "transport.staleness"),
+    ("transport:\n  staleness: 1.5\n", "transport.staleness"),
+    ("transport:\n  sync: maybe\n", "transport.sync"),
+    ("transport:\n  startup_s: 0\n", "transport.startup_s"),
 ])
 def test_bad_values(tmp_path, text, key):
     p = write(tmp_path, text)
@@ -190,3 +194,16 @@ def test_kept_optimizer_state_is_fine_where_no_merge_reorders_units():
                    "model": {"init": "same"}})
     assert (cfg.merge.keep_margin, cfg.merge.identity_prior, cfg.merge.combine, cfg.model.init) == \
         (0.02, 0.1, "regmean", "same")
+def test_asynchronous_rounds_need_the_grpc_transport(tmp_path):
+    """transport.sync: false is refused, in one line, where it cannot be honoured (dimat run, torch, inproc)."""
+    from dimat.runner import run
+    from dimat.transport import create
+
+    cfg = load_config(write(tmp_path, "agents: 2\nrounds: 1\ntransport:\n  sync: false\n  staleness: 2\n"))
+    assert cfg.transport.sync is False and cfg.transport.staleness == 2
+    with pytest.raises(UserError, match="transport.sync: false .* needs the grpc transport"):
+        run(cfg, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    for name in ("inproc", "torch"):
+        with pytest.raises(ValueError, match=f"needs the grpc transport, not '{name}'"):
+            create(name, 0, transport_cfg=cfg.transport, neighbors=[1])

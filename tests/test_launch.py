@@ -477,12 +477,15 @@ def test_torch_launch_killed_then_resumed_reproduces_dimat_run(tiny, tmp_path):
     try:
         ckpt = out / "checkpoints" / "agent-1.pt"
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
+        while True:
             try:
                 if torch.load(ckpt, map_location="cpu", weights_only=True)["round"] >= 1:
                     break
             except Exception:  # not written yet, or being replaced
                 pass
+            # "Killed after round 1" is the premise of this test: never kill anyway when it was not reached.
+            assert time.monotonic() < deadline, "agent 1 never wrote its round-1 checkpoint within 90 s"
+            assert launch.poll() is None, "the launch ended before agent 1 wrote its round-1 checkpoint"
             time.sleep(0.02)
         os.kill(launcher.read_pid_file(out, 1), signal.SIGKILL)
         text, _ = launch.communicate(timeout=120)

@@ -30,8 +30,9 @@ def test_generated_code_imports_by_package_path():
     pb2 = importlib.import_module("dimat.transport._proto.dimat_pb2")
     assert pb2_grpc.dimat_dot_transport_dot___proto_dot_dimat__pb2 is pb2  # imported by package path
     service = pb2.DESCRIPTOR.services_by_name["Peer"]
-    assert [m.name for m in service.methods] == ["SendSnapshot", "Status"]
+    assert [m.name for m in service.methods] == ["SendSnapshot", "Status", "FetchState"]
     assert service.methods_by_name["SendSnapshot"].client_streaming
+    assert service.methods_by_name["FetchState"].server_streaming  # state transfer: the frames of a snapshot
     assert hasattr(pb2_grpc, "PeerStub") and hasattr(pb2_grpc, "add_PeerServicer_to_server")
 
 

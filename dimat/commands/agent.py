@@ -1,4 +1,4 @@
-"""``dimat agent CONFIG --rank K [--transport grpc|torch] [--resume]``: run one agent of a multi-process run.
+"""``dimat agent CONFIG --rank K [--transport grpc|torch] [--resume | --join]``: run one agent of a multi-process run.
 
 Under torchrun the rank (and world size) come from the environment (``RANK``, ``WORLD_SIZE``) and the transport
 defaults to ``torch``. Over gRPC the agents' addresses come from ``--peers FILE`` (``{"peers": {"0": "host:port",
@@ -29,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a config key, e.g. --set transport.deadline_s=5 (repeatable)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from this agent's last checkpoint and rejoin the running agents")
+                        help="continue from this agent's last checkpoint and rejoin the running agents (gRPC, no "
+                             "checkpoint: start from a live neighbour's state)")
+    parser.add_argument("--join", action="store_true",
+                        help="gRPC: join a running run from a live neighbour's state, on a machine with no run "
+                             "folder yet (implies --resume)")
 
 
 def resolve_rank(arg: Optional[int], env: Mapping[str, str] = os.environ) -> int:
@@ -85,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         from dimat.agent_main import run_agent
 
-        status = run_agent(cfg, rank, transport, out, peers_file=args.peers, resume=args.resume)
+        status = run_agent(cfg, rank, transport, out, peers_file=args.peers, resume=args.resume,
+                           join=args.join)
     except UserError:
         status = 2
         raise

@@ -21,7 +21,7 @@ TRANSPORTS = ("inproc", "grpc", "torch")
 #: Config keys (``transport.<key>``) passed straight to the gRPC transport's constructor.
 _GRPC_KEYS = ("listen", "compress", "deadline_s", "connect_timeout_s", "retry_initial_s", "retry_max_s",
               "retry_multiplier", "chunk_bytes", "max_snapshot_bytes", "max_header_bytes", "max_clock_skew_s",
-              "inbox_rounds")
+              "inbox_rounds", "sync", "staleness")
 #: Config keys passed to the torch.distributed transport (``timeout_s`` defaults to ``deadline_s``).
 _TORCH_KEYS = ("backend", "timeout_s", "compress", "world_size", "master_addr", "master_port", "reuse_buffers",
                "segment_bytes")
@@ -32,7 +32,8 @@ SECRET_ENV = "DIMAT_SECRET"
 
 def create(name: str, rank: int, topology: Any = None, transport_cfg: Optional[Mapping[str, Any]] = None, *,
            neighbors: Optional[Sequence[int]] = None, send_to: Optional[Sequence[int]] = None,
-           peers: Optional[Mapping[int, str]] = None, template: Any = None, mailbox: Any = None) -> Transport:
+           peers: Optional[Mapping[int, str]] = None, template: Any = None, mailbox: Any = None,
+           serve_state: bool = False) -> Transport:
     """One agent's transport.
 
     Parameters
@@ -55,6 +56,7 @@ def create(name: str, rank: int, topology: Any = None, transport_cfg: Optional[M
     peers : rank -> ``"host:port"`` (grpc), overriding ``topology.peers``.
     template : my model's snapshot, so that the gRPC transport validates snapshots arriving before my first post.
     mailbox : the shared :class:`~dimat.transport.inproc.Mailbox` (inproc).
+    serve_state : grpc: give my latest posted snapshot to a neighbour that joins (state transfer).
 
     Raises
     ------
@@ -75,6 +77,8 @@ def create(name: str, rank: int, topology: Any = None, transport_cfg: Optional[M
         neighbors = topology.neighbors(rank)
     if send_to is None and topology is not None:
         send_to = out_neighbors(topology, rank)
+    if cfg.get("sync") is False and name != "grpc":
+        raise ValueError(f"transport.sync: false (asynchronous rounds) needs the grpc transport, not {name!r}")
     if name == "inproc":
         from dimat.transport.inproc import InProcTransport, Mailbox
 
@@ -92,7 +96,8 @@ def create(name: str, rank: int, topology: Any = None, transport_cfg: Optional[M
         credentials = _credentials(cfg, rank)
         secret = _secret(cfg, environment=credentials is None)
         return GrpcTransport(rank, neighbors, peers, send_to=send_to, template=template, secret=secret,
-                             credentials=credentials, tls=_tls(cfg), round_peers=round_peers, **kw)
+                             credentials=credentials, tls=_tls(cfg), round_peers=round_peers,
+                             serve_state=serve_state, **kw)
     if name == "torch":
         from dimat.transport.torch_transport import TorchTransport
 

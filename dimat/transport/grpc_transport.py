@@ -43,6 +43,9 @@ log = logging.getLogger("dimat.transport")
 #: Fully qualified gRPC service name of the peer service (also reported by the health service).
 SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
 _SEND_METHOD = f"/{SERVICE}/SendSnapshot"
+_FETCH_METHOD = f"/{SERVICE}/FetchState"
+#: Health-service name an agent reports SERVING once it is ready for its first round (the start-up barrier).
+READY_SERVICE = f"{SERVICE}.rounds"
 
 #: Status codes after which another attempt cannot succeed (the peer refused what we sent, not the network).
 _PERMANENT = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
@@ -109,6 +112,9 @@ class _Inbox:
         self.floor = -1  # last collected round
         self.closed = False
         self._items: Dict[Tuple[int, int], Tuple[Snapshot, wire.Layout]] = {}
+        # sender -> the latest round it announced in an authenticated header that was postponed as too far ahead:
+        # the round protocol needs to know that a neighbour is ahead even when its snapshot cannot be stored yet
+        self._announced: Dict[int, int] = {}
         self._cond = threading.Condition()
 
     def admit(self, round: int, sender: int, current: int = -1) -> Optional[Tuple[str, bool]]:
@@ -132,6 +138,7 @@ class _Inbox:
         if base < 0 and current < 0:
             return None  # no round yet (just started, or rejoining): the newest rounds are kept (see put)
         if round > base + self.max_rounds:
+            self._announced[sender] = max(round, self._announced.get(sender, round))
             return (f"ahead: round {round} is more than inbox_rounds={self.max_rounds} rounds past round "
                     f"{base + 1}; try again once round {round - self.max_rounds} is collected"), True
         return None
@@ -165,6 +172,23 @@ class _Inbox:
                     return got
                 self._cond.wait(timeout=left)
 
+    def rounds_from(self, sender: int) -> List[int]:
+        """The rounds of ``sender`` held now, and the latest one it announced past the window of rounds stored
+        (round protocol: who is in step, how far ahead the neighbours are)."""
+        with self._cond:
+            held = sorted(r for r, s in self._items if s == sender)
+            announced = self._announced.get(sender, -1)
+            return held + [announced] if announced > max([self.floor] + held) else held
+
+    def freshest(self, senders: Sequence[int], oldest: int) -> Dict[int, Tuple[int, Snapshot, wire.Layout]]:
+        """Asynchronous rounds: each sender's newest item of round ``oldest`` or later, with its round."""
+        with self._cond:
+            best: Dict[int, Tuple[int, Snapshot, wire.Layout]] = {}
+            for (r, s), (snap, layout) in self._items.items():
+                if s in senders and r >= oldest and (s not in best or r > best[s][0]):
+                    best[s] = (r, snap, layout)
+            return best
+
     def drop_through(self, round: int) -> None:
         with self._cond:
             self.floor = max(self.floor, round)
@@ -180,8 +204,11 @@ class _Inbox:
 class _Outgoing:
     """One posted snapshot: its layout, its bytes (views), its running hash, its deadline and its in-flight calls."""
 
-    def __init__(self, round: int, layout: wire.Layout, pieces, deadline: float):
+    def __init__(self, round: int, layout: wire.Layout, pieces, deadline: float, detached: bool = False):
         self.round = round
+        # detached: the pieces are a private copy of the payload, so the sends may outlive collect(round) (the
+        # model changes after it); they stop at their deadline or when a newer round is posted.
+        self.detached = detached
         self.layout = layout
         self.pieces = pieces
         self.hash = wire.StreamHash()  # taken by the streams as the bytes go, once for all neighbours
@@ -239,12 +266,26 @@ class GrpcTransport(Transport):
     round_peers : a time-varying topology's ``round -> (neighbours, send_to)``; ``neighbors``, ``send_to`` and
         ``peers`` then cover every round (every agent this one may ever exchange with), and each round sends to,
         accepts from and waits for that round's peers only.
+    sync : True (default): rounds in step with the round protocol (see :meth:`collect`): ``collect(r)`` waits for
+        the neighbours that are up, at most ``deadline_s``; a neighbour that misses a deadline is not waited for
+        again until a background probe finds it in step. False: asynchronous rounds: ``collect(r)`` never waits
+        and returns each neighbour's freshest snapshot of round ``r - staleness`` or later.
+    staleness : asynchronous rounds: the oldest snapshot merged is ``staleness`` rounds old (>= 0).
+    probe_interval_s : seconds between two probes (health check, then Status) of a neighbour that is not waited
+        for; default ``min(1, deadline_s / 4)``.
+    serve_state : keep a private copy of each posted snapshot: sends then go on after ``collect`` returns (to a
+        neighbour that is down or behind, until the round's deadline or my next post), and a neighbour that
+        (re)joins can fetch it as my state (:meth:`fetch_state`). Costs one copy of the model per post; always on
+        with ``sync=False``.
 
     Attributes
     ----------
     address : ``host:port`` actually bound.
     rejected : recent :class:`Rejection` records (what was refused and why), newest last.
     rejected_count : total refusals since construction.
+    down : neighbours not waited for now (they missed a deadline and no probe has found them in step since).
+    snapshot_rounds : sender -> round of each snapshot the last :meth:`collect` returned (its age is the
+        collected round minus this; always 0 with ``sync=True``).
     """
 
     def __init__(
@@ -272,6 +313,10 @@ class GrpcTransport(Transport):
         inbox_rounds: int = 2,
         max_workers: Optional[int] = None,
         round_peers: Optional[Callable[[int], Tuple[Sequence[int], Sequence[int]]]] = None,
+        sync: bool = True,
+        staleness: int = 1,
+        probe_interval_s: Optional[float] = None,
+        serve_state: bool = False,
     ):
         self.rank = int(rank)
         self.round_peers = round_peers
@@ -303,6 +348,14 @@ class GrpcTransport(Transport):
             if credentials.rank != self.rank:
                 raise ValueError(f"credentials {credentials.source} belong to agent {credentials.rank}, "
                                  f"not to agent {self.rank}")
+        if not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 0:
+            raise ValueError(f"staleness must be an integer >= 0 rounds, got {staleness!r}")
+        if probe_interval_s is not None:
+            _check_positive(probe_interval_s=probe_interval_s)
+        self.sync = bool(sync)
+        self.staleness = int(staleness)
+        self.probe_interval_s = float(probe_interval_s or min(1.0, deadline_s / 4))
+        self.serve_state = bool(serve_state) or not self.sync
         self.compress = None if compress == "none" else compress
         self.deadline_s = float(deadline_s)
         self.connect_timeout_s = float(connect_timeout_s)
@@ -336,8 +389,18 @@ class GrpcTransport(Transport):
         self._outgoing: Dict[int, _Outgoing] = {}
         self._round_deadline: Dict[int, float] = {}
         self._channels: Dict[int, grpc.Channel] = {}
+        # Round protocol (see collect): neighbours not waited for, what probes learnt, my latest offered state.
+        self.down: Dict[int, float] = {}  # rank -> time.monotonic() it was marked down
+        self._down_round: Dict[int, int] = {}  # rank -> the round it missed
+        self._answering: Dict[int, bool] = {}  # rank -> whether its last probe got a health answer
+        self._wake = threading.Event()  # probe at once (a neighbour was just marked down)
+        self._peer_posted: Dict[int, int] = {}  # rank -> latest posted round its Status reported
+        self._collected = -1
+        self.snapshot_rounds: Dict[int, int] = {}
+        self._offer: Optional[_Outgoing] = None
+        self._stop = threading.Event()
         # Two rounds' sends may overlap (a neighbour still receiving round r when I post r+1).
-        self._senders = ThreadPoolExecutor(max_workers=max(1, 2 * len(self.send_to)),
+        self._senders = ThreadPoolExecutor(max_workers=max(1, 3 * len(self.send_to)),
                                            thread_name_prefix=f"dimat-send-{self.rank}")
         if keys is None:
             log.warning("agent %d: no shared secret or credentials: snapshots are accepted from anyone who can "
@@ -355,6 +418,8 @@ class GrpcTransport(Transport):
             "Status": grpc.unary_unary_rpc_method_handler(
                 self._on_status, request_deserializer=pb.StatusRequest.FromString,
                 response_serializer=pb.StatusReply.SerializeToString),
+            "FetchState": grpc.unary_stream_rpc_method_handler(
+                self._on_fetch_state, request_deserializer=pb.StatusRequest.FromString),
         }),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -374,6 +439,9 @@ class GrpcTransport(Transport):
         self._server.start()
         for name in ("", SERVICE):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health.set(READY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)  # until mark_ready()
+        self._prober = threading.Thread(target=self._probe_loop, name=f"dimat-probe-{self.rank}", daemon=True)
+        self._prober.start()
         log.info("agent %d: serving on %s (%s, %s)", self.rank, self.address, "TLS" if tls else "plaintext",
                  "per-agent credentials" if credentials else "shared secret" if secret else "no secret")
 
@@ -394,11 +462,20 @@ class GrpcTransport(Transport):
         elif full.fingerprint != self._expected.fingerprint:
             wire.check_against(full, self._expected)  # raises WireError naming the difference
         pieces = wire.tensor_views(snapshot, layout)
+        if self.serve_state:
+            pieces = _private_copy(pieces, layout.payload_bytes)
         deadline = time.monotonic() + self.deadline_s
-        out = _Outgoing(round, layout, pieces, deadline)
+        out = _Outgoing(round, layout, pieces, deadline, detached=self.serve_state)
         with self._lock:
             self._round_deadline[round] = deadline
-            # Sends of older rounds go on until their own deadline (or until the receiver calls them late).
+            if self.serve_state:
+                self._offer = out
+            # Sends of older rounds go on until their own deadline (or until the receiver calls them late), except
+            # detached ones, which only a neighbour that is down or behind still receives: the new round
+            # supersedes them (and they would hold sender threads for a full deadline each).
+            for r, o in list(self._outgoing.items()):
+                if r < round and o.detached:
+                    self._outgoing.pop(r).cancel()
             if round in self._outgoing:
                 self._outgoing[round].cancel()
             self._outgoing[round] = out
@@ -408,44 +485,327 @@ class GrpcTransport(Transport):
     def collect(self, round: int) -> Dict[int, Snapshot]:
         """Neighbours' round-``round`` snapshots that arrived and passed validation before the deadline.
 
-        Waits until all of :attr:`neighbors` delivered or the deadline passes (``deadline_s`` after
-        ``post(round)``, or after this call if ``round`` was not posted), then until my own round-``round`` sends
-        finish (same deadline). Afterwards snapshots for this round or older are refused as late.
+        Round protocol (``sync=True``): waits until every neighbour that is up delivered or the deadline passes
+        (``deadline_s`` after ``post(round)``, or after this call if ``round`` was not posted), then until my own
+        round-``round`` sends to them finish (same deadline). A neighbour that misses the deadline is marked down
+        (:attr:`down`) and is not waited for in later rounds (its snapshot is taken if it is in already); it is
+        waited for again once a snapshot of this round or later from it is in, or a background probe finds it up
+        and in step. So a dead, frozen or cut-off neighbour costs one deadline in total. Afterwards snapshots for
+        this round or older are refused as late.
+
+        Asynchronous rounds (``sync=False``): returns at once, with each neighbour's freshest snapshot of round
+        ``round - staleness`` or later (:attr:`snapshot_rounds` says which round each is).
         """
         self._check_open()
         round = int(round)
+        if not self.sync:
+            return self._collect_async(round)
         with self._lock:
             deadline = self._round_deadline.get(round, time.monotonic() + self.deadline_s)
-        neighbors = self.neighbors_at(round)
-        got = self._inbox.wait(round, neighbors, deadline)
+        waited, not_waited = self._split_neighbours(round)
+        got = self._inbox.wait(round, waited, deadline)
+        if not_waited:
+            got.update(self._inbox.wait(round, not_waited, time.monotonic()))  # whatever is in already
+        with self._lock:
+            behind = any(j not in self.down for j in not_waited)  # a neighbour has posted a later round
+        if not waited and not got and not behind:
+            got.update(self._wait_any_answering(round, not_waited, deadline))
         with self._lock:
             out = self._outgoing.get(round)
+        unreached = []  # out-neighbours my round-`round` send did not reach by the deadline
         if out is not None:
-            for f in out.futures:
+            with self._lock:
+                down = set(self.down)
+            for peer, f in zip(self.send_to_at(round), out.futures):
+                if peer in not_waited or peer in down:
+                    continue  # a detached send goes on without holding up the round
                 try:
-                    f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+                    delivered = f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
                 except Exception:  # a send that overran its deadline; cancelled just below
-                    pass
-            out.cancel()
+                    delivered = False
+                if not delivered:
+                    unreached.append(peer)
+        # A neighbour that died after posting this round: its snapshot is in, but my send to it waited the whole
+        # deadline; marked down too, so that this is its one deadline.
+        self._mark_down(round, sorted({j for j in waited if j not in got} | set(unreached)))
         self._inbox.drop_through(round)
+        self._collected = round
         with self._lock:
             for r in [r for r in self._round_deadline if r <= round]:
                 del self._round_deadline[r]
             for r in [r for r in self._outgoing if r <= round]:
-                self._outgoing.pop(r).cancel()  # rounds up to this one are over for everyone
+                o = self._outgoing.pop(r)
+                if not o.detached:
+                    o.cancel()  # its pieces are the model's tensors, which change once I return
+        result = self._checked(round, {s: (round, snap, layout) for s, (snap, layout) in got.items()})
+        missing = [j for j in self.neighbors_at(round) if j not in result]
+        if missing:
+            log.info("agent %d round %d: no snapshot from %s", self.rank, round, missing)
+        return result
+
+    def _checked(self, round: int, got: Mapping[int, Tuple[int, Snapshot, wire.Layout]]) -> Dict[int, Snapshot]:
+        """The snapshots that fit my model (those that arrived before I knew it are checked now)."""
         result: Dict[int, Snapshot] = {}
-        for sender, (snap, layout) in sorted(got.items()):
+        rounds: Dict[int, int] = {}
+        for sender, (r, snap, layout) in sorted(got.items()):
             if self._expected is not None and layout.fingerprint != self._expected.fingerprint:
                 try:  # arrived before I knew my own model: check it now
                     wire.check_against(layout, self._expected)
                 except wire.WireError as e:
-                    self._reject(round, sender, str(e), "collect")
+                    self._reject(r, sender, str(e), "collect")
                     continue
-            result[sender] = snap
-        missing = [j for j in neighbors if j not in result]
-        if missing:
-            log.info("agent %d round %d: no snapshot from %s", self.rank, round, missing)
+            result[sender], rounds[sender] = snap, r
+        self.snapshot_rounds = rounds
         return result
+
+    def _collect_async(self, round: int) -> Dict[int, Snapshot]:
+        """Asynchronous rounds: never waits; each neighbour's freshest snapshot at most ``staleness`` rounds old."""
+        oldest = round - self.staleness
+        neighbors = self.neighbors_at(round)
+        got = self._inbox.freshest(neighbors, oldest)
+        # Keep what a later collect may still use (rounds after `oldest`); older rounds are refused from now on.
+        self._inbox.drop_through(oldest)
+        self._collected = max(self._collected, round)
+        with self._lock:  # sends run on (private copies) until their deadline or my next post
+            for r in [r for r in self._round_deadline if r <= round]:
+                del self._round_deadline[r]
+        result = self._checked(round, got)
+        if len(result) < len(neighbors):
+            log.info("agent %d round %d: no snapshot of round %d or later from %s", self.rank, round, oldest,
+                     [j for j in neighbors if j not in result])
+        return result
+
+    # ------------------------------------------------------------------------------------------ round protocol
+    def _split_neighbours(self, round: int) -> Tuple[List[int], List[int]]:
+        """(waited for, not waited for) in ``round``. A down neighbour whose snapshot of ``round`` or later is in
+        is in step again (it posted the round I am collecting) and is waited for from now on. A neighbour that has
+        already posted a later round is not waited for (nor marked down): it collected ``round`` without me, so its
+        round-``round`` snapshot is in already or will not come; I am behind and catch up by not waiting."""
+        ahead = set()
+        neighbors = self.neighbors_at(round)
+        for j in neighbors:
+            rounds = self._inbox.rounds_from(j)
+            if j in self.down and any(r >= round for r in rounds):
+                self._readmit(j, f"its round-{max(rounds)} snapshot arrived")
+            if any(r > round for r in rounds):
+                ahead.add(j)
+        with self._lock:
+            skip = set(self.down) | ahead
+        return [j for j in neighbors if j not in skip], [j for j in neighbors if j in skip]
+
+    def _wait_any_answering(self, round: int, candidates: Sequence[int], deadline: float
+                            ) -> Dict[int, Tuple[Snapshot, wire.Layout]]:
+        """Every neighbour is down: wait (at most until ``deadline``) for the first round-``round`` snapshot of one
+        whose health check answers (or that has not been probed yet), instead of running ahead alone after a
+        cascade of near misses. Dead or frozen neighbours do not answer, so they cost nothing here."""
+        while time.monotonic() < deadline and not self._closed:
+            with self._lock:
+                alive = [j for j in candidates if self._answering.get(j, True)]
+            if not alive:
+                return {}
+            got = self._inbox.wait(round, alive, min(deadline, time.monotonic() + 0.05))
+            if got:
+                return got
+        return {}
+
+    def _mark_down(self, round: int, missed: Sequence[int]) -> None:
+        if not missed:
+            return
+        with self._lock:
+            for j in missed:
+                if j not in self.down:
+                    self.down[j], self._down_round[j] = time.monotonic(), round
+                    self._answering.pop(j, None)
+        self._wake.set()  # probe them now: whether they answer decides _wait_any_answering
+        log.warning("agent %d round %d: %s missed the deadline; not waited for until a probe finds them in step",
+                    self.rank, round, list(missed))
+
+    def _readmit(self, peer: int, why: str) -> None:
+        with self._lock:
+            was = self.down.pop(peer, None)
+        if was is not None:
+            log.warning("agent %d: neighbour %d is back (%s, after %.1f s): waited for again", self.rank, peer, why,
+                        time.monotonic() - was)
+
+    def _probe_loop(self) -> None:
+        """Every ``probe_interval_s``: probe each neighbour that is down (in this background thread only)."""
+        while not self._stop.is_set():
+            self._wake.wait(self.probe_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            with self._lock:
+                down = list(self.down)
+            for j in down:
+                if self._stop.is_set():
+                    return
+                try:
+                    self._probe(j)
+                except Exception as e:  # a probe must never kill the thread (e.g. a channel closed under it)
+                    log.debug("agent %d: probe of %d failed: %r", self.rank, j, e)
+
+    def _probe(self, peer: int) -> bool:
+        """Health check, then Status: admit ``peer`` when it serves and has posted the round it missed, or a later
+        one. So a neighbour that was merely late is admitted at the first probe (it posted that round, too late),
+        before this agent can run ahead of it; one that is frozen, cut off or restarting is admitted once it has
+        caught up (it skips ahead to its neighbours' round); one that answers but posts nothing (hung) never is.
+        True when admitted."""
+        if self._closed:
+            return False
+        timeout = min(self.connect_timeout_s, max(self.probe_interval_s, 0.5))
+        channel = self._channel(peer)
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE),
+                                                              timeout=timeout)
+        except grpc.RpcError:
+            self._answering[peer] = False
+            return False
+        self._answering[peer] = reply.status == health_pb2.HealthCheckResponse.SERVING
+        if not self._answering[peer]:
+            return False
+        try:
+            status = self._ask_status(peer, timeout)
+        except (grpc.RpcError, wire.AuthError):
+            return False
+        posted = int(status.latest_posted_round)
+        with self._lock:
+            self._peer_posted[peer] = posted
+            missed = self._down_round.get(peer, -1)
+        if posted >= max(missed, 0):
+            self._readmit(peer, f"probe: it posted round {posted}, it had missed round {missed}")
+            return True
+        return False
+
+    def mark_ready(self) -> None:
+        """Tell neighbours (through the health service, :data:`READY_SERVICE`) that I am ready for my rounds."""
+        self._health.set(READY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+
+    def wait_ready(self, timeout_s: float) -> List[int]:
+        """Start-up barrier: :meth:`mark_ready`, then wait until every neighbour is ready too, at most
+        ``timeout_s`` seconds. Neighbours still not ready are marked down (returned, logged): they cost no
+        deadline and are waited for once a probe finds them in step. Without the barrier, agents that start a few
+        seconds apart would miss each other's first round and the late ones would skip ahead."""
+        self.mark_ready()
+        end = time.monotonic() + timeout_s
+        waiting = list(self.neighbors)
+        while waiting and time.monotonic() < end:
+            for j in list(waiting):
+                try:
+                    reply = health_pb2_grpc.HealthStub(self._channel(j)).Check(
+                        health_pb2.HealthCheckRequest(service=READY_SERVICE),
+                        timeout=max(0.05, min(self.connect_timeout_s, end - time.monotonic())))
+                except grpc.RpcError:
+                    continue
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    waiting.remove(j)
+            if waiting:
+                self._stop.wait(min(self.probe_interval_s, max(0.0, end - time.monotonic())))
+        if waiting:
+            log.warning("agent %d: neighbours %s not ready after %.0f s; starting without them", self.rank, waiting,
+                        timeout_s)
+            self._mark_down(-1, waiting)
+        return waiting
+
+    def wait_for_round(self, round: int, timeout_s: float) -> bool:
+        """Wait until a neighbour has posted ``round`` or a later one (its snapshot is in my inbox), at most
+        ``timeout_s`` seconds. An agent that joins a running run calls it before its first post, so that its first
+        deadline starts when its neighbours' round does, not a training period earlier."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and not self._closed:
+            if self.round_hint() >= round:
+                return True
+            self._stop.wait(0.02)
+        return self.round_hint() >= round
+
+    def round_hint(self) -> int:
+        """The latest round any neighbour has posted, as far as I know (-1: none): from the snapshots in my
+        inbox and from probes. An agent about to run an earlier round is behind and may skip ahead to it."""
+        rounds = [r for j in self.neighbors for r in self._inbox.rounds_from(j)]
+        with self._lock:
+            rounds += [r for j, r in self._peer_posted.items() if j in self.down]
+        return max(rounds, default=-1)
+
+    # ------------------------------------------------------------------------------------------ state transfer
+    def fetch_state(self, peer: int, timeout_s: Optional[float] = None) -> Optional[Tuple[int, Snapshot]]:
+        """Neighbour ``peer``'s latest posted snapshot and its round (state transfer, for an agent that joins
+        without a checkpoint), authenticated and validated like any snapshot. None (logged) when it cannot be had
+        within ``timeout_s`` (default ``deadline_s``): the peer is down, refuses, or has posted nothing yet."""
+        self._check_open()
+        req = pb.StatusRequest(sender=self.rank, receiver=int(peer))
+        try:
+            key = self._key_for(peer)
+        except wire.AuthError as e:
+            log.warning("agent %d: cannot ask %d for its state: %s", self.rank, peer, e)
+            return None
+        if key is not None:
+            req.auth.CopyFrom(wire.sign(key, wire.status_auth_fields(self.rank, int(peer))))
+        call = self._channel(peer).unary_stream(_FETCH_METHOD, request_serializer=pb.StatusRequest.SerializeToString,
+                                                response_deserializer=None)
+        round = -1
+        try:
+            frames = call(req, timeout=timeout_s or self.deadline_s, wait_for_ready=True)
+            header = wire.decode_frame(next(frames, b""))
+            if not isinstance(header, pb.SnapshotHeader):
+                raise wire.WireError("the state does not start with a header")
+            round = int(header.round)
+            if int(header.sender) != peer or int(header.receiver) != self.rank:
+                raise wire.WireError(f"asked agent {peer} for its state, the answer is from agent {header.sender} "
+                                     f"to agent {header.receiver}")
+            trailer_key = None
+            if self._verifier is not None:
+                try:
+                    self._verifier.verify(wire.header_auth_fields(header),
+                                          header.auth if header.HasField("auth") else None, peer)
+                except wire.AuthError as e:
+                    raise wire.WireError(f"unauthenticated: {e}") from None
+                trailer_key = self._verifier.key_for(peer)
+            layout = wire.check_header(header, self._expected, self.max_snapshot_bytes)
+            snap = self._receive_payload(frames, header, layout, trailer_key)
+        except grpc.RpcError as e:
+            log.warning("agent %d: state of %d not fetched: %s %s", self.rank, peer, e.code().name, e.details())
+            return None
+        except wire.WireError as e:
+            self._reject(round, peer, f"state transfer: {e}", "fetch_state")
+            return None
+        with self._lock:
+            self.bytes_received += layout.payload_bytes
+        return round, snap
+
+    def _on_fetch_state(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        sender = int(request.sender)
+        if self._verifier is not None:
+            try:
+                self._verifier.verify(wire.status_auth_fields(sender, int(request.receiver)),
+                                      request.auth if request.HasField("auth") else None, sender)
+            except wire.AuthError as e:
+                self._reject(-1, sender, f"unauthenticated FetchState call: {e}", context.peer())
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
+        if request.receiver != self.rank or sender not in set(self.neighbors) | set(self.send_to):
+            why = (f"FetchState call addressed to agent {request.receiver}" if request.receiver != self.rank
+                   else f"FetchState from {sender}, not a neighbour of agent {self.rank}")
+            self._reject(-1, sender, why, context.peer())
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        with self._lock:
+            offer = self._offer
+        if offer is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "no state to give: nothing posted yet" if self.serve_state else "state transfer is off")
+        try:
+            key = self._key_for(sender)
+        except wire.AuthError as e:
+            self._reject(-1, sender, f"FetchState: {e}", context.peer())
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no key for this agent")
+        header = wire.make_header(self.rank, offer.round, offer.layout, key, receiver=sender)
+        yield wire.encode_header(header)
+        digest, offset = wire.StreamHash(), 0  # this stream's own hash: the offer's sends may be anywhere
+        for chunk in wire.iter_payload(offer.pieces, offer.layout.payload_bytes, self.chunk_bytes):
+            digest.update(offset, chunk)
+            offset += len(chunk)
+            yield wire.encode_chunk(chunk)
+        yield wire.encode_trailer(wire.make_trailer(header, digest.digest(offset), key))
+        with self._lock:
+            self.bytes_sent += offer.layout.payload_bytes
+        log.info("agent %d: gave my round-%d state to agent %d", self.rank, offer.round, sender)
 
     def close(self) -> None:
         """Stop serving, cancel sends in flight, close channels. Idempotent."""
@@ -455,21 +815,27 @@ class GrpcTransport(Transport):
             self._closed = True
             outs = list(self._outgoing.values())
             self._outgoing.clear()
+            self._offer = None
+        self._stop.set()
+        self._wake.set()
         for out in outs:
             out.cancel()
         self._inbox.close()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace=0.5).wait(5.0)
         self._senders.shutdown(wait=True, cancel_futures=True)
-        for ch in self._channels.values():
+        self._prober.join(timeout=2 * self.connect_timeout_s + 1.0)
+        with self._lock:
+            channels = list(self._channels.values())
+            self._channels.clear()
+        for ch in channels:
             ch.close()
-        self._channels.clear()
 
     # ------------------------------------------------------------------------------------------------ queries
     @property
     def latest_collected(self) -> int:
         """The last round collected (-1 before the first)."""
-        return self._inbox.floor
+        return self._collected
 
     def peer_status(self, peer: int, timeout_s: Optional[float] = None) -> Optional[pb.StatusReply]:
         """Ask neighbour ``peer`` for its rank and latest posted/collected rounds (e.g. to rejoin after a restart).
@@ -478,19 +844,22 @@ class GrpcTransport(Transport):
         refuses.
         """
         self._check_open()
-        req = pb.StatusRequest(sender=self.rank, receiver=int(peer))
         try:
-            key = self._key_for(peer)
+            return self._ask_status(peer, timeout_s or self.connect_timeout_s)
         except wire.AuthError as e:
             log.warning("agent %d: cannot ask %d for its Status: %s", self.rank, peer, e)
             return None
-        if key is not None:
-            req.auth.CopyFrom(wire.sign(key, wire.status_auth_fields(self.rank, int(peer))))
-        try:
-            return pb_grpc.PeerStub(self._channel(peer)).Status(req, timeout=timeout_s or self.connect_timeout_s)
         except grpc.RpcError as e:
             log.info("agent %d: Status of %d failed: %s %s", self.rank, peer, e.code().name, e.details())
             return None
+
+    def _ask_status(self, peer: int, timeout_s: float) -> pb.StatusReply:
+        """Status of ``peer``, signed with the key of our pair (wire.AuthError when my credentials hold none)."""
+        req = pb.StatusRequest(sender=self.rank, receiver=int(peer))
+        key = self._key_for(peer)
+        if key is not None:
+            req.auth.CopyFrom(wire.sign(key, wire.status_auth_fields(self.rank, int(peer))))
+        return pb_grpc.PeerStub(self._channel(peer)).Status(req, timeout=timeout_s)
 
     # ------------------------------------------------------------------------------------------------ sending
     def _send_loop(self, peer: int, out: _Outgoing) -> bool:
@@ -721,7 +1090,7 @@ class GrpcTransport(Transport):
             self._reject(-1, sender, why, context.peer())
             context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         return pb.StatusReply(rank=self.rank, latest_posted_round=self.latest_posted,
-                              latest_collected_round=self._inbox.floor,
+                              latest_collected_round=self.latest_collected,
                               fingerprint=self._expected.fingerprint if self._expected is not None else b"")
 
     def _reject(self, round: int, sender: int, reason: str, where: str) -> None:
@@ -739,3 +1108,11 @@ def _check_positive(**values: float) -> None:
     for name, v in values.items():
         if not v > 0:
             raise ValueError(f"{name} must be > 0, got {v}")
+
+
+def _private_copy(pieces: Sequence[Tuple[int, memoryview]], payload_bytes: int) -> List[Tuple[int, memoryview]]:
+    """The payload as one new buffer (padding zero), so that it no longer changes with the model."""
+    data = bytearray(payload_bytes)
+    for offset, mv in pieces:
+        data[offset:offset + len(mv)] = mv
+    return [(0, memoryview(data))]

@@ -44,6 +44,11 @@ class PeerStub(object):
                 request_serializer=dimat_dot_transport_dot___proto_dot_dimat__pb2.StatusRequest.SerializeToString,
                 response_deserializer=dimat_dot_transport_dot___proto_dot_dimat__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.FetchState = channel.unary_stream(
+                '/dimat.v1.Peer/FetchState',
+                request_serializer=dimat_dot_transport_dot___proto_dot_dimat__pb2.StatusRequest.SerializeToString,
+                response_deserializer=dimat_dot_transport_dot___proto_dot_dimat__pb2.Frame.FromString,
+                _registered_method=True)
 
 
 class PeerServicer(object):
@@ -64,6 +69,15 @@ class PeerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchState(self, request, context):
+        """State transfer, for an agent that joins without a checkpoint: the peer's latest posted snapshot, as the same
+        stream of frames as SendSnapshot (a signed header whose round is the snapshot's, then the payload). Only
+        neighbours may ask (authenticated like Status); FAILED_PRECONDITION while the peer has posted nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +90,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=dimat_dot_transport_dot___proto_dot_dimat__pb2.StatusRequest.FromString,
                     response_serializer=dimat_dot_transport_dot___proto_dot_dimat__pb2.StatusReply.SerializeToString,
+            ),
+            'FetchState': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchState,
+                    request_deserializer=dimat_dot_transport_dot___proto_dot_dimat__pb2.StatusRequest.FromString,
+                    response_serializer=dimat_dot_transport_dot___proto_dot_dimat__pb2.Frame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +151,33 @@ class Peer(object):
             '/dimat.v1.Peer/Status',
             dimat_dot_transport_dot___proto_dot_dimat__pb2.StatusRequest.SerializeToString,
             dimat_dot_transport_dot___proto_dot_dimat__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dimat.v1.Peer/FetchState',
+            dimat_dot_transport_dot___proto_dot_dimat__pb2.StatusRequest.SerializeToString,
+            dimat_dot_transport_dot___proto_dot_dimat__pb2.Frame.FromString,
             options,
             channel_credentials,
             insecure,
