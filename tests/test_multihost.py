@@ -244,7 +244,7 @@ def test_a_partition_of_two_deadlines_is_survived_and_healed(hosts, tmp_path):
     deadline = 2.0
     rounds = 40
     cfg = dict(TINY, agents=3, rounds=rounds, topology="ring", transport={"deadline_s": deadline},
-               data={"dataset": "synthetic:train=3000,test=150"}, train={"epochs": 2})
+               data={"dataset": "synthetic:train=3000,test=150"}, train={"epochs": 10})
     procs, logs, outs = _grpc_agents(h, tmp_path, cfg, per_host=1)
     try:
         _wait_for_round(outs, 3, 1, timeout=90)  # every agent has merged round 1: the run is under way
