@@ -251,15 +251,22 @@ def test_three_models_with_uneven_weights():
     assert _rel(_logits(merged, probe), _logits(a, probe)) < 1e-4
 
 
-def test_average_equals_activation_match_with_identity_permutations(monkeypatch):
-    a, b, batches, _ = _pair("resnet20")
+@pytest.mark.parametrize("kind", ["resnet20", "user_conv_flat", "mlp"])
+def test_average_equals_activation_match_with_identity_permutations(kind, monkeypatch):
+    # resnet20: BatchNorm only; user_conv_flat: BatchNorm and corrected layers; mlp: corrected layers only
+    a, b, batches, _ = _pair(kind)
     monkeypatch.setattr(matching, "match", lambda corr: torch.arange(corr.shape[0]))
-    for reset in (False, True):
-        wa = merge.average([a, b], [0.3, 0.7], batches=batches, reset_bn=reset).state_dict()
-        am = merge.activation_match([a, b], [0.3, 0.7], batches, reset_bn=reset).state_dict()
+    for reset, fix in ((False, False), (True, False), (True, True)):
+        wa = merge.average([a, b], [0.3, 0.7], batches=batches, reset_bn=reset, repair=fix).state_dict()
+        am = merge.activation_match([a, b], [0.3, 0.7], batches, reset_bn=reset, repair=fix).state_dict()
         assert wa.keys() == am.keys()
         for k in wa:
-            assert torch.allclose(wa[k], am[k], rtol=1e-6, atol=1e-7), k
+            assert torch.allclose(wa[k], am[k], rtol=1e-6, atol=1e-7), (k, reset, fix)
+    # with corrected layers, REPAIR is more than the average: average's default (repair off) differs
+    plain = merge.average([a, b], [0.3, 0.7], batches=batches, reset_bn=True).state_dict()
+    am = merge.activation_match([a, b], [0.3, 0.7], batches, reset_bn=True).state_dict()
+    same = all(torch.allclose(plain[k], am[k], rtol=1e-6, atol=1e-7) for k in plain)
+    assert same == (kind == "resnet20")
 
 
 @pytest.mark.parametrize("method", ["dimat", "wm"])
@@ -475,7 +482,10 @@ def test_repair_gives_unbatchnormed_layers_the_endpoints_statistics(digits_pair)
     xtr, ytr, xte, yte, a, b = digits_pair
     batches = [xtr[i:i + 200] for i in range(0, 1400, 200)]
     fc1 = "classifier.1"
-    assert [n for n, _ in repair.repair_layers(a, *merge.spec_for(a, batches[0]))] == [fc1]
+    candidates = [n for n, _ in repair.repair_layers(a, merge.spec_for(a, batches[0])[0])]
+    steps = repair.plan(a, candidates, batches[0][:2])
+    assert steps.layers == {fc1: 1}  # measured after the BN reset ...
+    assert set(steps.bns.values()) == {0} and set(steps.followed_by_bn) == set(candidates) - {fc1}  # ... of these
     plain = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True, repair=False)
     fixed = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True, repair=True)
     # the endpoints' per-unit spread (units matched by sorting, which is permutation-free)
@@ -489,6 +499,51 @@ def test_repair_gives_unbatchnormed_layers_the_endpoints_statistics(digits_pair)
     assert off(got["plain"]) > 0.2  # averaging (and the BN reset upstream) changes the spread of fc1's units
     assert off(got["fixed"]) < 0.05
     assert _accuracy(fixed, xte, yte) >= _accuracy(plain, xte, yte) - 1
+
+
+class StackedRepair(nn.Module):
+    """Corrected layers behind a BatchNorm (c2), behind dropout (fc1) and behind other corrected layers (fc2)."""
+
+    def __init__(self, p_drop):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.drop = nn.Dropout(p_drop)
+        self.fc1 = nn.Linear(6 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 12)
+        self.fc3 = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        x = self.drop(nn.functional.max_pool2d(torch.relu(self.c2(x)), 2))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+@pytest.mark.parametrize("p_drop", [0.5, 0.0])
+def test_repaired_layers_have_the_target_statistics_in_the_finished_model(p_drop, monkeypatch):
+    # Identity permutations, so the targets are simply the weighted endpoint statistics of each layer. The
+    # finished model, run as it will be used (eval mode), must give every corrected layer exactly those.
+    monkeypatch.setattr(matching, "match", lambda corr: torch.arange(corr.shape[0]))
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    a, b = StackedRepair(p_drop), StackedRepair(p_drop)
+    for m in (a, b):
+        _randomise_bn(m, gen)
+    batches = [torch.randn(16, 3, 8, 8, generator=gen) for _ in range(4)]
+    merged = merge.activation_match([a, b], [0.25, 0.75], batches, reset_bn=True, repair=True)
+    layers = ["c2", "fc1", "fc2"]
+    ends = [repair.endpoint_stats(m, layers, batches) for m in (a, b)]
+    got = repair.endpoint_stats(merged, layers, batches)
+    for name in layers:
+        for k in (0, 1):  # mean, std
+            target = 0.25 * ends[0][name][k] + 0.75 * ends[1][name][k]
+            assert torch.allclose(got[name][k], target, rtol=1e-4, atol=1e-4 * float(target.abs().max())), name
+    # and the BatchNorm holds the statistics of its input in the finished model
+    with torch.no_grad():
+        pre = torch.cat([merged.c1(x) for x in batches])
+    assert torch.allclose(merged.bn.running_mean, pre.mean((0, 2, 3)), atol=1e-5)
 
 
 class AliasNet(nn.Module):
@@ -532,6 +587,46 @@ def test_collected_correlations_match_numpy_at_every_site(bmm_limit, net, monkey
         assert np.allclose(corr[gi].numpy(), np.mean(refs, 0), atol=1e-5), gi
     if net is AliasNet:
         assert len(spec.groups[spec.permutable[0]].sites) == 2  # h read by c2 and, flattened, by fc
+
+
+@pytest.mark.parametrize("layout", ["rows", "bmm", "cols"])
+def test_batch_moments_build_nothing_larger_than_the_samples(layout, monkeypatch):
+    # Per-unit sums of squares need O(samples x units) memory; a units x units product appears only in cross().
+    from torch.overrides import TorchFunctionMode
+
+    class Largest(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.numel = max(self.numel, out.numel())
+            return out
+
+    units = 300
+    monkeypatch.setattr(stats._BatchMoments, "_BMM_LIMIT", 10**9 if layout == "bmm" else 0)
+    shape = (8, units) if layout == "rows" else (2, units, 2, 2)
+    value = torch.randn(*shape)
+    site = _site(units)
+    with Largest() as spy:
+        m = stats._BatchMoments(value, site)
+    assert m.mode == layout
+    assert spy.numel <= value.numel(), spy.numel  # 8 samples x 300 units, not 300 x 300
+    ref = _units_matrix(value)
+    assert torch.allclose(m.m2.double(), ((ref - ref.mean(0)) ** 2).sum(0), rtol=1e-4)
+
+
+def _site(units):
+    from dimat.merge.structure import Site
+
+    return Site(node="x", dim=1, offset=0, units=units)
+
+
+def _units_matrix(value):
+    """[samples, units] by hand: units on dim 1, every other dimension a sample."""
+    return value.double().movedim(1, -1).reshape(-1, value.shape[1])
 
 
 def test_weight_match_without_batches_uses_an_example_or_an_earlier_derivation():
