@@ -561,32 +561,59 @@ class AliasNet(nn.Module):
         return self.fc(torch.cat([h.flatten(1), a], 1))
 
 
+# Where each group's activations are read, written out by hand for the reference below: the group of a layer's
+# output units -> the layers that consume them, the columns of the consumer's input they occupy and the number of
+# consecutive entries per unit (a flattened C x 4 x 4 map gives each channel 16).
+_HAND_SITES = {
+    "UserConvFlat": {"c1.weight": [("c2", None, 1)], "c2.weight": [("fc1", None, 16)],
+                     "fc1.weight": [("fc2", None, 1)]},
+    "AliasNet": {"c1.weight": [("c2", None, 1), ("fc", slice(0, 96), 16)], "c2.weight": [("fc", slice(96, 100), 1)]},
+}
+
+
+def _hand_features(model, consumer, cols, block, xs):
+    """The consumer's inputs, captured by a forward pre-hook, as a numpy [samples, units] matrix."""
+    seen = []
+    handle = model.get_submodule(consumer).register_forward_pre_hook(lambda m, a: seen.append(a[0].numpy().copy()))
+    try:
+        model.eval()
+        with torch.no_grad():
+            for x in xs:
+                model(x)
+    finally:
+        handle.remove()
+    v = np.concatenate(seen).astype(np.float64)
+    if v.ndim == 4:  # N x C x H x W: every pixel of every image is a sample of each channel
+        return v.transpose(0, 2, 3, 1).reshape(-1, v.shape[1])
+    v = v[:, cols] if cols is not None else v
+    units = v.shape[1] // block
+    return v.reshape(len(v), units, block).transpose(0, 2, 1).reshape(-1, units)
+
+
 @pytest.mark.parametrize("bmm_limit", [4_000_000, 0])
 @pytest.mark.parametrize("net", [UserConvFlat, AliasNet])
 def test_collected_correlations_match_numpy_at_every_site(bmm_limit, net, monkeypatch):
+    # The reference uses nothing of dimat's statistics code: forward hooks on the consuming layers and numpy.
     monkeypatch.setattr(stats._BatchMoments, "_BMM_LIMIT", bmm_limit)  # both layouts of the cross products
     torch.manual_seed(0)
     a, b = net(), net()
     for m in (a, b):
         _randomise_bn(m, torch.Generator().manual_seed(3))
-    xs = [torch.randn(20, 3, 4 if net is AliasNet else 8, 4 if net is AliasNet else 8) for _ in range(3)]
+    side = 4 if net is AliasNet else 8
+    xs = [torch.randn(20, 3, side, side) for _ in range(3)]
     spec, graph = merge.spec_for(a, xs[0])
     corr = stats.collect_correlations([a, b], spec, graph, xs, spec.permutable)[0]
-    sites = [s for gi in spec.permutable for s in spec.groups[gi].sites]
-    mods = [stats.site_module(m.eval(), graph, list(dict.fromkeys(s.node for s in sites))) for m in (a, b)]
-    slot = {n: i for i, n in enumerate(dict.fromkeys(s.node for s in sites))}
-    for gi in spec.permutable:
+    hand = _HAND_SITES[net.__name__]
+    group_of = {ax.tensor: gi for gi in spec.permutable for ax in spec.groups[gi].axes if ax.axis == 0}
+    assert sorted(group_of[t] for t in hand) == sorted(spec.permutable)
+    for tensor, sites in hand.items():
         refs = []
-        for site in spec.groups[gi].sites:
-            with torch.no_grad():
-                fa = torch.cat([stats.unit_features(mods[0](x)[slot[site.node]], site) for x in xs])
-                fb = torch.cat([stats.unit_features(mods[1](x)[slot[site.node]], site) for x in xs])
+        for consumer, cols, block in sites:
+            fa, fb = (_hand_features(m, consumer, cols, block, xs) for m in (a, b))
             with np.errstate(invalid="ignore", divide="ignore"):
-                ref = np.corrcoef(fa.double().numpy().T, fb.double().numpy().T)[: site.units, site.units:]
+                ref = np.corrcoef(fa.T, fb.T)[: fa.shape[1], fa.shape[1]:]
             refs.append(np.nan_to_num(ref, nan=0.0))  # numpy gives NaN for a dead unit, dimat gives 0
-        assert np.allclose(corr[gi].numpy(), np.mean(refs, 0), atol=1e-5), gi
-    if net is AliasNet:
-        assert len(spec.groups[spec.permutable[0]].sites) == 2  # h read by c2 and, flattened, by fc
+        assert np.allclose(corr[group_of[tensor]].numpy(), np.mean(refs, 0), atol=1e-5), tensor
 
 
 @pytest.mark.parametrize("layout", ["rows", "bmm", "cols"])
