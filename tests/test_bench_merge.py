@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from torch import nn
 
 from dimat import cli
 
@@ -51,25 +49,9 @@ def _tiny_npz(path):
              x_test=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8), y_test=rng.integers(0, 3, 20))
 
 
-def test_accuracy_run_takes_a_user_model_and_keeps_its_endpoints(tmp_path, capsys):
-    # a user factory (package.module:factory), a given data file, seeds, and endpoints reused by a second run
-    _tiny_npz(tmp_path / "tiny.npz")
-    argv = ["bench", "merge", "--part", "accuracy", "--data", str(tmp_path / "tiny.npz"),
-            "--models", "tests.test_bench_merge:tiny_net", "--epochs", "1", "--seeds", "3,4",
-            "--stat-batches", "2", "--batch-size", "10", "--endpoints", str(tmp_path / "ends"),
-            "--out", str(tmp_path / "out")]
-    assert cli.main(argv) == 0
-    first = capsys.readouterr()
-    assert "trained, trained" in first.err and "| endpoints (seed 3 / seed 4) |" in first.out
-    assert len(list((tmp_path / "ends").glob("*.pt"))) == 2
-    assert cli.main(argv) == 0
-    second = capsys.readouterr()
-    assert f"loaded from {tmp_path / 'ends'}, loaded from" in second.err
-    table = lambda out: [line for line in out.splitlines() if line.startswith("| endpoints")]  # noqa: E731
-    assert table(first.out) == table(second.out)
-    report = json.loads((tmp_path / "out" / "merge.json").read_text())
-    res = report["accuracy"]["results"]["tests.test_bench_merge:tiny_net"]
-    assert res["seeds"] == [3, 4] and res["epochs"] == 1 and "activation_match" in res
+USER_NET = """\
+import torch
+from torch import nn
 
 
 class Tiny(nn.Module):
@@ -85,3 +67,27 @@ class Tiny(nn.Module):
 
 def tiny_net(num_classes, width=1, in_channels=3, image_size=32):
     return Tiny(num_classes, in_channels)
+"""
+
+
+def test_accuracy_run_takes_a_user_model_and_keeps_its_endpoints(tmp_path, capsys, monkeypatch):
+    # a user factory (package.module:factory), a given data file, seeds, and endpoints reused by a second run
+    (tmp_path / "bench_user_net.py").write_text(USER_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _tiny_npz(tmp_path / "tiny.npz")
+    argv = ["bench", "merge", "--part", "accuracy", "--data", str(tmp_path / "tiny.npz"),
+            "--models", "bench_user_net:tiny_net", "--epochs", "1", "--seeds", "3,4",
+            "--stat-batches", "2", "--batch-size", "10", "--endpoints", str(tmp_path / "ends"),
+            "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr()
+    assert "trained, trained" in first.err and "| endpoints (seed 3 / seed 4) |" in first.out
+    assert len(list((tmp_path / "ends").glob("*.pt"))) == 2
+    assert cli.main(argv) == 0
+    second = capsys.readouterr()
+    assert f"loaded from {tmp_path / 'ends'}, loaded from" in second.err
+    table = lambda out: [line for line in out.splitlines() if line.startswith("| endpoints")]  # noqa: E731
+    assert table(first.out) == table(second.out)
+    report = json.loads((tmp_path / "out" / "merge.json").read_text())
+    res = report["accuracy"]["results"]["bench_user_net:tiny_net"]
+    assert res["seeds"] == [3, 4] and res["epochs"] == 1 and "activation_match" in res
