@@ -79,6 +79,9 @@ def run_agent(
         _check_world_size(cfg)
     cfg = _with_transport(cfg, transport)
     setup = prepare(cfg)  # every input error surfaces before anything is written
+    from dimat.runner import merge_coverage, warn_coverage
+
+    warn_coverage(cfg, merge_coverage(cfg, setup.dataset))
     peers = peers_for(cfg, setup, peers_file) if transport == "grpc" else None
     out = Path(out_dir)
     claim_run_dir(cfg, out, rank, resume)

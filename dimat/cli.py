@@ -22,6 +22,7 @@ COMMANDS = {
     "agent": "dimat.commands.agent",
     "launch": "dimat.commands.launch",
     "bench": "dimat.commands.bench",
+    "model": "dimat.commands.model",
 }
 
 

@@ -651,8 +651,25 @@ def write_summary(out_dir: Path | str, cfg: Mapping, wall_s: float, with_summary
     if not with_summary:
         return None
     summary = summarize(records, cfg["merge"]["method"], int(cfg["agents"]), int(cfg["rounds"]), wall_s)
+    coverage = _coverage(cfg)
+    if coverage is not None:
+        summary["merge_coverage"] = coverage
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _coverage(cfg: Mapping) -> Optional[dict]:
+    """The merge's coverage of the run's model, as ``dimat run`` records it (None if it cannot be computed)."""
+    from dimat.runner import ALIGNING_METHODS, coverage_record, merge_coverage
+
+    if cfg["merge"]["method"] not in ALIGNING_METHODS:
+        return None
+    try:
+        from dimat.data import load_dataset
+
+        return coverage_record(merge_coverage(cfg, load_dataset(cfg["data"]["dataset"], seed=cfg["seed"])))
+    except Exception:  # the run's results are written regardless; the agents already warned at start
+        return None
 
 
 class _Progress:

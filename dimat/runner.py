@@ -90,6 +90,46 @@ def _check_model(cfg: Mapping[str, Any], ds: Dataset) -> None:
                         f"{cfg['data']['dataset']!r} ({' '.join(str(e).split())[:200]})") from None
 
 
+#: merge methods that align units (their coverage is reported); the others average or do not merge at all
+ALIGNING_METHODS = ("dimat", "wm")
+
+
+def merge_coverage(cfg: Mapping[str, Any], ds: Dataset):
+    """How much of the run's model the merge can align (:class:`dimat.merge.structure.Coverage`), or None when
+    the merge method aligns nothing. Derives (and caches) the model's permutation groups on two training inputs."""
+    if cfg["merge"]["method"] not in ALIGNING_METHODS:
+        return None
+    import warnings
+
+    from dimat.merge import spec_for
+
+    torch.manual_seed(cfg["seed"])
+    model = _build_model(cfg, ds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported below, once, as one line
+        spec, _ = spec_for(model, ds.x_train[:2])
+    return spec.coverage()
+
+
+def coverage_record(cov) -> Optional[Dict[str, Any]]:
+    """The coverage as summary.json records it: fraction of hidden-unit parameters in permuted groups, and every
+    group the merge averages without aligning, with the reason."""
+    if cov is None:
+        return None
+    return {"fraction": round(cov.fraction, 6), "not_permuted": [{"group": n, "reason": r} for n, r in cov.frozen]}
+
+
+def warn_coverage(cfg: Mapping[str, Any], cov, stream=None) -> None:
+    """One warning line on stderr when the merge cannot align every hidden unit of the model."""
+    import sys
+
+    if cov is None or cov.fraction >= 1.0:
+        return
+    print(f"dimat: warning: merge.method {cfg['merge']['method']!r} can align only {100 * cov.fraction:.1f}% of "
+          f"model {cfg['model']['name']!r}'s hidden-unit parameters; the rest is averaged without alignment: "
+          + "; ".join(f"{n}: {r}" for n, r in cov.frozen), file=stream or sys.stderr)
+
+
 def _build_model(cfg: Mapping[str, Any], ds: Dataset) -> torch.nn.Module:
     return models.build(cfg["model"]["name"], ds.num_classes, width=cfg["model"]["width"],
                         in_channels=ds.in_channels, image_size=ds.image_size)
@@ -297,6 +337,8 @@ def run(
                         f"one process (inproc); run {cfg['transport']['name']!r} transports with 'dimat launch'")
     setup = prepare(cfg)  # every input error surfaces here, before anything is written
     check_run_dir(cfg, out, resume)
+    coverage = merge_coverage(cfg, setup.dataset)
+    warn_coverage(cfg, coverage)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_text(out / "config.yaml", dump(cfg))
@@ -318,5 +360,7 @@ def run(
         return None
     summary = summarize(read_metrics([out / "metrics.jsonl"]), cfg["merge"]["method"], len(agents),
                         cfg["rounds"], wall_s=time.perf_counter() - t0)
+    if coverage is not None:
+        summary["merge_coverage"] = coverage_record(coverage)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -143,12 +143,38 @@ class GroupedNet(nn.Module):
         return self.fc(torch.relu(self.pw(x)).mean((2, 3)))
 
 
-def test_grouped_conv_is_frozen_with_a_warning():
+def test_depthwise_conv_moves_with_its_input():
     model, x = GroupedNet(), torch.randn(2, 3, 8, 8)
-    with pytest.warns(UserWarning, match="grouped convolution"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         spec = derive(model, x)
-    assert "grouped convolution" in _group_of(spec, "conv.weight", 0).frozen
+    g = _group_of(spec, "conv.weight", 0)
+    assert g.permutable and g is _group_of(spec, "dw.weight", 0) and AxisSlice("pw.weight", 1, 0, 8) in g.axes
     assert _group_of(spec, "pw.weight", 0).permutable
+    assert max(check_invariance(model, spec, x).values()) < INVARIANCE_TOL
+
+
+class GroupedConvNet(nn.Module):
+    """A grouped conv (groups=2): channels move in blocks, and inside a block one permutation for all blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.grp = nn.Conv2d(8, 6, 3, padding=1, groups=2)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.grp(torch.relu(self.conv(x)))).mean((2, 3)))
+
+
+def test_grouped_conv_is_block_structured():
+    model, x = GroupedConvNet(), torch.randn(2, 3, 8, 8)
+    spec = derive(model, x)
+    gin, gout = _group_of(spec, "conv.weight", 0), _group_of(spec, "grp.weight", 0)
+    assert gin.permutable and gout.permutable
+    assert [f.units for f in gin.factors] == [2, 4] and [f.units for f in gout.factors] == [2, 3]
+    assert gin.factors[0].key == gout.factors[0].key  # the blocks move together on both sides
+    assert max(check_invariance(model, spec, x).values()) < INVARIANCE_TOL
 
 
 class AttentionNet(nn.Module):
@@ -165,12 +191,17 @@ class AttentionNet(nn.Module):
         return self.out(torch.relu(self.mid(h)))
 
 
-def test_attention_is_frozen_never_a_crash():
+def test_multihead_attention_heads_are_structured():
     model, x = AttentionNet(), torch.randn(2, 5, 4)
-    with pytest.warns(UserWarning, match="MultiheadAttention"):
-        spec = derive(model, x)
-    assert _group_of(spec, "inp.weight", 0).frozen
-    assert _group_of(spec, "mid.weight", 0).permutable  # after the attention, the MLP is still understood
+    spec = derive(model, x)
+    assert _group_of(spec, "inp.weight", 0).permutable  # the stream into and out of the attention
+    q = next(g for g in spec.groups for a in g.axes if a == AxisSlice("attn.in_proj_weight", 0, 0, 8))
+    v = next(g for g in spec.groups for a in g.axes if a == AxisSlice("attn.in_proj_weight", 0, 16, 8))
+    assert [f.units for f in q.factors] == [2, 4] and q.factors[0].key == v.factors[0].key  # heads shared
+    assert q.factors[1].key != v.factors[1].key  # Q/K and V/O each have their own within-head permutation
+    assert AxisSlice("attn.in_proj_weight", 0, 8, 8) in q.axes and AxisSlice("attn.out_proj.weight", 1, 0, 8) in v.axes
+    assert _group_of(spec, "mid.weight", 0).permutable
+    assert spec.coverage().fraction == 1.0
     assert max(check_invariance(model, spec, x).values()) < INVARIANCE_TOL
 
 
@@ -180,9 +211,7 @@ class Untraceable(nn.Module):
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x):
-        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
-            return self.fc(x)
-        return -self.fc(x)
+        return self.fc(x).tolist()  # leaves torch: nothing to record
 
 
 def test_untraceable_model_warns_and_permutes_nothing():
@@ -192,7 +221,8 @@ def test_untraceable_model_warns_and_permutes_nothing():
 
 
 class ScaledNet(nn.Module):
-    """A learned per-channel scale used through broadcasting, and a reshape that splits channels (frozen)."""
+    """A learned per-channel scale used through broadcasting, and a reshape that splits channels into two halves
+    that are averaged: the halves may be swapped, and the units inside them moved together."""
 
     def __init__(self):
         super().__init__()
@@ -205,18 +235,40 @@ class ScaledNet(nn.Module):
         h = torch.relu(self.conv(x)) * self.scale
         h = torch.relu(self.conv2(h))
         n, c, hh, ww = h.shape
-        h = h.view(n, 2, c // 2, hh, ww).mean(1)  # channel shuffle-like split: not understood, so frozen
+        h = h.view(n, 2, c // 2, hh, ww).mean(1)  # the mean over the halves is symmetric
         return self.fc(h.mean((2, 3)))
 
 
-def test_broadcast_parameter_is_permuted_and_channel_split_is_frozen():
+def test_broadcast_parameter_is_permuted_and_channel_split_is_structured():
     model, x = ScaledNet(), torch.randn(2, 3, 8, 8)
-    with pytest.warns(UserWarning, match="splits or interleaves"):
-        spec = derive(model, x)
+    spec = derive(model, x)
     g = _group_of(spec, "conv.weight", 0)
     assert g.permutable and AxisSlice("scale", 0, 0, 6) in g.axes
-    assert _group_of(spec, "conv2.weight", 0).frozen
+    g2 = _group_of(spec, "conv2.weight", 0)
+    assert g2.permutable and [f.units for f in g2.factors] == [2, 2]
     assert max(check_invariance(model, spec, x).values()) < INVARIANCE_TOL
+
+
+class ChannelShuffle(nn.Module):
+    """A channel shuffle (ShuffleNet) interleaves two blocks of channels into a Linear: structured, not frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        n, c, hh, ww = h.shape
+        h = h.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_channel_shuffle_passes_the_self_test():
+    model, x = ChannelShuffle(), torch.randn(2, 3, 8, 8)
+    spec = derive(model, x)
+    assert max(check_invariance(model, spec, x).values()) < INVARIANCE_TOL
+    assert _group_of(spec, "conv.weight", 0).permutable
 
 
 def test_self_test_catches_a_wrong_group(zoo_specs):

@@ -2,17 +2,20 @@
 
 * :func:`match`: linear assignment on a correlation (or any score) matrix, maximised (scipy).
 * :func:`unit_distance`: a tie-break from per-unit 1-D tensors, for units whose correlations tie.
+* :func:`match_bundle`: structured groups (heads x dims, GroupNorm blocks x channels, GQA) that share factor
+  permutations: inner assignments for every pair of outer blocks first, an assignment of the outer blocks on the
+  summed matched scores, then a few sweeps of coordinate ascent over the factors.
 * :func:`weight_matching_perms`: Git Re-Basin coordinate descent over the groups on the weights alone.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from dimat.merge.structure import AxisSlice, PermutationSpec
+from dimat.merge.structure import AxisSlice, Group, PermutationSpec, compose
 
 
 def match(corr: torch.Tensor) -> torch.Tensor:
@@ -68,6 +71,85 @@ def _permute_except(t: torch.Tensor, slices, perms: Dict[int, torch.Tensor], ski
     return t
 
 
+def _levels(group: Group) -> List[Tuple[Optional[str], int]]:
+    """(key or None when fixed, units) per factor of the group, outermost first."""
+    return [(f.key if f.key and not f.fixed and f.units > 1 else None, f.units) for f in group.effective_factors()]
+
+
+def _marginal(score: torch.Tensor, levels, perms: Dict[str, torch.Tensor], at: int, inner_lsa: bool) -> torch.Tensor:
+    """Score of pairing unit a with unit b of factor ``at``: the other factors are paired by their current
+    permutations (``inner_lsa``: the factors inside ``at`` are paired by the best assignment per pair instead)."""
+    sizes = [n for _, n in levels]
+    L = len(sizes)
+    t = score.reshape(sizes + sizes)
+    for m, (k, n) in enumerate(levels):  # put the neighbour's units of the other factors in matched order
+        if m == at or (inner_lsa and m > at):
+            continue
+        p = perms.get(k) if k is not None else None
+        if p is not None:
+            t = t.index_select(L + m, p)
+    outer = [m for m in range(L) if m != at and not (inner_lsa and m > at)]
+    inner = [m for m in range(L) if inner_lsa and m > at]
+    # rows (at, inner..., outer...), cols (at, inner..., outer...)
+    order = [at] + inner + outer
+    t = t.permute(order + [L + m for m in order])
+    n_at = sizes[at]
+    r_in = int(np.prod([sizes[m] for m in inner])) if inner else 1
+    r_out = int(np.prod([sizes[m] for m in outer])) if outer else 1
+    t = t.reshape(n_at, r_in, r_out, n_at, r_in, r_out).diagonal(dim1=2, dim2=5).sum(-1)  # [a, i, b, j]
+    if r_in == 1:
+        return t[:, 0, :, 0]
+    from scipy.optimize import linear_sum_assignment
+
+    out = torch.zeros(n_at, n_at, dtype=torch.float64)
+    blocks = t.permute(0, 2, 1, 3).cpu().numpy()
+    for a in range(n_at):
+        for b in range(n_at):
+            r, c = linear_sum_assignment(blocks[a, b], maximize=True)
+            out[a, b] = float(blocks[a, b][r, c].sum())
+    return out
+
+
+def match_bundle(spec: PermutationSpec, bundle: Sequence[int], scores: Dict[int, torch.Tensor],
+                 sweeps: int = 3) -> Dict[str, torch.Tensor]:
+    """One permutation per factor key of a bundle of groups, maximising the summed scores of its groups.
+
+    ``scores`` maps group index -> [size x size] score (activation correlation, or ``W_0 W_j^T`` in weight
+    matching) between the basis' units (rows) and the neighbour's (columns); groups without a score do not vote.
+    Factors are solved outermost first: for a factor with inner factors (heads over head dims), every pair of
+    outer units is scored by the best inner assignment between them, and the outer assignment maximises the sum;
+    then every factor is re-solved given the others (a few sweeps of coordinate ascent). Returns key -> perm
+    (new unit i takes the neighbour's unit ``perm[i]``); compose a group's permutation with
+    :func:`dimat.merge.structure.compose`.
+    """
+    voting = [gi for gi in bundle if gi in scores]
+    levels = {gi: _levels(spec.groups[gi]) for gi in voting}
+    depth: Dict[str, int] = {}
+    sizes: Dict[str, int] = {}
+    for gi in voting:
+        for m, (k, n) in enumerate(levels[gi]):
+            if k is not None:
+                depth[k] = min(depth.get(k, m), m)
+                sizes[k] = n
+    perms: Dict[str, torch.Tensor] = {}
+    keys = sorted(depth, key=lambda k: depth[k])
+    for sweep in range(sweeps + 1):
+        changed = False
+        for k in keys:
+            total = torch.zeros(sizes[k], sizes[k], dtype=torch.float64)
+            for gi in voting:
+                for m, (kk, _) in enumerate(levels[gi]):
+                    if kk == k:
+                        total += _marginal(scores[gi].double().cpu(), levels[gi], perms, m, inner_lsa=sweep == 0)
+            new = match(total)
+            if k not in perms or not torch.equal(new, perms[k]):
+                changed = True
+            perms[k] = new
+        if sweep > 0 and not changed:
+            break
+    return perms
+
+
 def weight_matching_perms(
     s0: Dict[str, torch.Tensor],
     sj: Dict[str, torch.Tensor],
@@ -84,22 +166,34 @@ def weight_matching_perms(
             if a.tensor in names:
                 slices_of.setdefault(a.tensor, []).append((gi, a))
     perms = {gi: torch.arange(spec.groups[gi].size) for gi in groups}
+    bundles = [b for b in spec.bundles() if set(b) <= set(groups)]
+    bundles += [[gi] for gi in groups if not any(gi in b for b in bundles)]
     gen = torch.Generator().manual_seed(seed)
     for _ in range(max_sweeps):
         improved = False
-        for k in torch.randperm(len(groups), generator=gen).tolist():
-            gi = groups[k]
-            n = spec.groups[gi].size
-            cost = torch.zeros(n, n, dtype=torch.float64)
-            for a in spec.groups[gi].axes:
-                if a.tensor not in names:
-                    continue
-                other = _permute_except(sj[a.tensor], slices_of[a.tensor], perms, a)
-                cost += _unit_rows(s0[a.tensor], a) @ _unit_rows(other, a).T
-            new = match(cost)
-            ar = torch.arange(n)
-            if float(cost[ar, new].sum()) > float(cost[ar, perms[gi]].sum()) + 1e-12 * float(cost.abs().max()):
-                perms[gi] = new
+        for k in torch.randperm(len(bundles), generator=gen).tolist():
+            bundle = bundles[k]
+            costs = {}
+            for gi in bundle:
+                n = spec.groups[gi].size
+                cost = torch.zeros(n, n, dtype=torch.float64)
+                for a in spec.groups[gi].axes:
+                    if a.tensor not in names:
+                        continue
+                    other = _permute_except(sj[a.tensor], slices_of[a.tensor], perms, a)
+                    cost += _unit_rows(s0[a.tensor], a) @ _unit_rows(other, a).T
+                costs[gi] = cost
+            if len(bundle) == 1 and not spec.groups[bundle[0]].structured:
+                new = {bundle[0]: match(costs[bundle[0]])}
+            else:
+                keyp = match_bundle(spec, bundle, costs)
+                new = {gi: compose(spec.groups[gi], keyp) for gi in bundle}
+            ar = {gi: torch.arange(spec.groups[gi].size) for gi in bundle}
+            gain = sum(float(costs[gi][ar[gi], new[gi]].sum()) for gi in bundle)
+            old = sum(float(costs[gi][ar[gi], perms[gi]].sum()) for gi in bundle)
+            scale = max(float(costs[gi].abs().max()) for gi in bundle)
+            if gain > old + 1e-12 * scale:
+                perms.update(new)
                 improved = True
         if not improved:
             break

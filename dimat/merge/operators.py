@@ -31,7 +31,10 @@ from dimat.merge.repair import endpoint_stats, repair_layers, reset_and_repair
 from dimat.merge.repair import plan as repair_plan
 from dimat.merge.structure import PermutationSpec
 
-__all__ = ["average", "weight_match", "activation_match", "reset_bn_stats", "spec_for", "METHODS", "get"]
+__all__ = [
+    "average", "weight_match", "activation_match", "reset_bn_stats", "spec_for", "graph_for", "METHODS", "get",
+    "UnalignedError",
+]
 
 Batches = Iterable[Any]
 
@@ -278,25 +281,41 @@ def _arch_key(model: nn.Module, state: Dict[str, torch.Tensor], x: torch.Tensor)
 
 
 def spec_for(model: nn.Module, example_input: torch.Tensor) -> Tuple[PermutationSpec, fx.Graph]:
-    """The model's permutation groups and fx graph, derived (and self-tested) once per architecture and input shape."""
+    """The model's permutation groups, derived (and self-tested) once per architecture and input shape, and its
+    aten graph for inputs of exactly ``example_input``'s shape (the graph the groups' activation sites refer to)."""
     key = _arch_key(model, model.state_dict(), example_input)
     hit = _SPEC_CACHE.get(key)
     if hit is not None:
         _SPEC_CACHE.move_to_end(key)
-        return hit
+        return hit[0], graph_for(model, example_input)
     example = example_input[:2]
     spec = structure.derive(model, example)
-    try:
-        # traced in eval mode: code that tests self.training (functional dropout) must record the eval branch
-        graph = structure.trace(copy.deepcopy(model).eval()).graph
-    except Exception:  # derive already warned; nothing is permuted
-        graph = fx.Graph()
-    _SPEC_CACHE[key] = (spec, graph)
+    _SPEC_CACHE[key] = (spec, fx.Graph())
     _CHANNELS_LAST[key] = _accepts_channels_last(model, example)
     while len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
         old = _SPEC_CACHE.popitem(last=False)[0]
         _CHANNELS_LAST.pop(old, None)
-    return spec, graph
+    return spec, graph_for(model, example_input)
+
+
+_GRAPH_CACHE: "OrderedDict[tuple, fx.Graph]" = OrderedDict()
+
+
+def graph_for(model: nn.Module, x: torch.Tensor) -> fx.Graph:
+    """The model's aten graph (:func:`dimat.merge.structure.trace`) for inputs of ``x``'s exact shape, cached per
+    architecture and shape; an empty graph when the model cannot be traced."""
+    key = _arch_key(model, model.state_dict(), x) + (tuple(x.shape), "aten")
+    hit = _GRAPH_CACHE.get(key)
+    if hit is None:
+        try:
+            hit = structure.trace(model, x).graph
+        except Exception:  # derive already warned; nothing is permuted
+            hit = fx.Graph()
+        _GRAPH_CACHE[key] = hit
+        while len(_GRAPH_CACHE) > 2 * _SPEC_CACHE_SIZE:
+            _GRAPH_CACHE.popitem(last=False)
+    _GRAPH_CACHE.move_to_end(key)
+    return hit
 
 
 _CHANNELS_LAST: Dict[tuple, bool] = {}
@@ -409,6 +428,7 @@ def activation_match(
     repair: bool = True,
     profile: Optional[Dict[str, float]] = None,
     same_basis: Sequence[int] = (),
+    strict: bool = False,
 ) -> nn.Module:
     """DIMAT: align every neighbour to ``models[0]`` by activation correlation on local batches, then average.
 
@@ -432,6 +452,9 @@ def activation_match(
     same_basis : indices (>= 1) of models already in ``models[0]``'s unit order, e.g. descendants of one common
         merged model: they are averaged as they are (the identity permutation), with no statistics of their
         own. Re-estimating a permutation that is known to be the identity only adds the estimate's errors.
+    strict : raise :class:`UnalignedError` instead of averaging units that cannot be aligned: frozen hidden-unit
+        groups (see :meth:`PermutationSpec.coverage`) and permutable groups that have no activation site (these
+        are otherwise aligned by weight matching).
 
     Returns
     -------
@@ -441,6 +464,8 @@ def activation_match(
     device = _device_of(models[0])
     example = _first_input(batches).to(device)
     spec, graph = spec_for(models[0], example)
+    if strict:
+        _check_alignable(spec)
     cl = _channels_last(models[0], example)
     groups = spec.permutable
     todo = _to_align(w, same_basis)
@@ -448,21 +473,71 @@ def activation_match(
     corrs: List[Dict[int, torch.Tensor]] = []
     if groups and todo:
         inputs = (_to(x, device, cl) for x in iter_inputs(batches, stat_batches))
-        corrs = stats.collect_correlations([models[0]] + [models[j] for j in todo], spec, graph, inputs, groups)
+        corrs = stats.collect_correlations([models[0]] + [models[j] for j in todo], spec,
+                                           lambda x: graph_for(models[0], x), inputs, groups)
     t_stats = time.perf_counter() - t
     t = time.perf_counter()
     perms: List[Dict[int, torch.Tensor]] = [{} for _ in models[1:]]
     for j, corr in zip(todo, corrs):
-        perms[j - 1] = {
-            gi: matching.match(c - matching.TIE_BREAK * matching.unit_distance(states[0], states[j], spec.groups[gi]))
-            for gi, c in corr.items()
-        }
+        perms[j - 1] = _perms_from_correlations(spec, corr, states[0], states[j], models[0])
     if profile is not None:
         profile["stats_s"] = t_stats
         profile["assign_s"] = time.perf_counter() - t
     return _merge_aligned(
         models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, repair, cl
     )
+
+
+class UnalignedError(ValueError):
+    """``activation_match(..., strict=True)`` met units it cannot align."""
+
+
+def _unaligned(spec: PermutationSpec) -> List[str]:
+    """What a merge would average without aligning: frozen hidden groups, and permutable factors no site observes."""
+    out = [f"{name}: {why}" for name, why in spec.coverage().frozen]
+    bundles = spec.bundles()
+    for bundle in bundles:
+        seen = {k for gi in bundle if spec.groups[gi].sites for k in spec.groups[gi].keys()}
+        blind = [gi for gi in bundle if any(k not in seen for k in spec.groups[gi].keys())]
+        out += [f"{spec.groups[gi].name}: no activation site observes its units" for gi in blind]
+    return out
+
+
+def _check_alignable(spec: PermutationSpec) -> None:
+    bad = _unaligned(spec)
+    if bad:
+        raise UnalignedError(
+            f"strict activation matching: {len(bad)} group(s) cannot be aligned by activations: " + "; ".join(bad))
+
+
+def _perms_from_correlations(spec, corr, s0, sj, model) -> Dict[int, torch.Tensor]:
+    """Per permutable group, the permutation aligning the neighbour: plain groups by one assignment on their
+    correlation (ties broken by parameters), bundles of structured groups factor by factor; groups that no
+    activation site observes are aligned by weight matching."""
+    out: Dict[int, torch.Tensor] = {}
+    blind: List[int] = []
+    for bundle in spec.bundles():
+        if len(bundle) == 1 and not spec.groups[bundle[0]].structured:
+            gi = bundle[0]
+            if gi in corr:
+                g = spec.groups[gi]
+                out[gi] = matching.match(corr[gi] - matching.TIE_BREAK * matching.unit_distance(s0, sj, g))
+            else:
+                blind.append(gi)
+            continue
+        seen = {k for gi in bundle if gi in corr for k in spec.groups[gi].keys()}
+        if any(k not in seen for gi in bundle for k in spec.groups[gi].keys()):
+            blind += bundle
+            continue
+        keys = matching.match_bundle(spec, bundle, corr)
+        for gi in bundle:
+            out[gi] = structure.compose(spec.groups[gi], keys)
+    if blind:
+        names = {n for n, _ in model.named_parameters()}
+        cpu0 = {k: v.detach().cpu() for k, v in s0.items() if k in names}
+        cpuj = {k: v.detach().cpu() for k, v in sj.items() if k in names}
+        out.update(matching.weight_matching_perms(cpu0, cpuj, spec, blind, names))
+    return out
 
 
 def weight_match(

@@ -9,7 +9,7 @@ catastrophic cancellation). Memory is O(k * C^2) per group; the joint kC x kC ma
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -174,6 +174,8 @@ def site_module(model: nn.Module, graph: fx.Graph, nodes: Sequence[str]) -> fx.G
         if node.op == "output":
             continue
         env[node.name] = g.node_copy(node, lambda n: env[n.name])
+    if not nodes:
+        raise ValueError("site_module needs at least one node")
     g.output(tuple(env[n] for n in nodes))
     gm = fx.GraphModule(model, g)
     gm.graph.eliminate_dead_code()
@@ -199,22 +201,28 @@ class eval_mode:
             sub.training = flag
 
 
+GraphSource = Union[fx.Graph, Callable[[torch.Tensor], fx.Graph]]
+
+
 @torch.no_grad()
 def collect_correlations(
     models: Sequence[nn.Module],
     spec: PermutationSpec,
-    graph: fx.Graph,
+    graph: GraphSource,
     inputs: Iterable[torch.Tensor],
     groups: Sequence[int],
 ) -> List[Dict[int, torch.Tensor]]:
     """Per neighbour ``j = 1..k``, per group: the unit correlation between ``models[0]`` and ``models[j]``.
 
-    Each group's correlation is the mean over its activation sites of the per-site Pearson correlations.
+    Each group's correlation is the mean over its activation sites of the per-site Pearson correlations. Groups
+    without sites are left out of the result.
 
     Parameters
     ----------
     models : ``models[0]`` is the basis; the others are the neighbours (none is modified; modes are restored).
-    spec, graph : the architecture's groups and its torch.fx graph (node names match ``Site.node``).
+    spec : the architecture's groups.
+    graph : the graph the sites' node names refer to (:func:`dimat.merge.structure.trace`), or a function giving
+        that graph for an input batch (aten graphs have the batch shape built in, so each new shape needs its own).
     inputs : input tensors (already limited to the statistics batches), on the models' device.
     groups : indices of the groups to match.
 
@@ -223,12 +231,31 @@ def collect_correlations(
     A list of length ``len(models) - 1`` of ``{group index: C x C float64 correlation}`` (rows: models[0]'s units).
     """
     sites: List[Tuple[int, Site]] = [(gi, s) for gi in groups for s in spec.groups[gi].sites]
+    if not sites:
+        return [{} for _ in models[1:]]
     nodes = list(dict.fromkeys(s.node for _, s in sites))
     slot = {n: i for i, n in enumerate(nodes)}
-    mods = [site_module(m, graph, nodes) for m in models]
+    mods_by_shape: Dict[tuple, List[fx.GraphModule]] = {}
+
+    def mods_for(x: torch.Tensor) -> List[fx.GraphModule]:
+        key = (tuple(x.shape), x.dtype)
+        if key not in mods_by_shape:
+            g = graph(x) if callable(graph) and not isinstance(graph, fx.Graph) else graph
+            have = {n.name for n in g.nodes}
+            missing = [n for n in nodes if n not in have]
+            if missing:
+                raise ValueError(
+                    f"activation sites {missing[:3]} are not in the model's graph for inputs of shape "
+                    f"{tuple(x.shape)}: the model computes something different for this input shape")
+            mods_by_shape[key] = [site_module(m, g, nodes) for m in models]
+        return mods_by_shape[key]
+
     stats = [[CrossStats(s.units) for _, s in sites] for _ in models[1:]]
-    with eval_mode(*models, *mods):
+    with eval_mode(*models):
         for x in inputs:
+            mods = mods_for(x)
+            for m in mods:
+                m.eval()
             site_list = [s for _, s in sites]
             feats0 = _moments(mods[0](x), site_list, slot)
             for j, mod in enumerate(mods[1:]):
