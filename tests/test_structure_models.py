@@ -18,7 +18,7 @@ from torch import nn
 
 from dimat import merge
 from dimat.merge import UnalignedError, matching
-from dimat.merge.structure import derive
+from dimat.merge.structure import check_invariance, derive
 
 
 def _perm(n: int, g: torch.Generator) -> torch.Tensor:
@@ -33,8 +33,14 @@ def _rows(t: torch.Tensor, p: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def _heads_perm(heads: int, d: int, head_p: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
-    """Index over heads*d entries: new head h takes old head head_p[h], new dim i takes old dim inner[i]."""
-    return (head_p[:, None] * d + inner[None, :]).reshape(-1)
+    """Index over heads*d entries: new head h takes old head head_p[h]; inside it, new dim i takes old dim
+    inner[i] (inner of shape [d]) or inner[h, i] (shape [heads, d]: a different permutation in every head)."""
+    inner = inner[None, :] if inner.dim() == 1 else inner
+    return (head_p[:, None] * d + inner).reshape(-1)
+
+
+def _per_head(heads: int, d: int, g) -> torch.Tensor:
+    return torch.stack([_perm(d, g) for _ in range(heads)])
 
 
 def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +141,8 @@ def _apply(model: nn.Module, moves) -> nn.Module:
 
 
 def _block_perm(blocks: int, size: int, g) -> torch.Tensor:
-    """A permutation of blocks*size units that moves whole blocks and the units inside them."""
-    return _heads_perm(blocks, size, _perm(blocks, g), _perm(size, g))
+    """A permutation of blocks*size units that moves whole blocks and, differently in each, the units inside."""
+    return _heads_perm(blocks, size, _perm(blocks, g), _per_head(blocks, size, g))
 
 
 # -------------------------------------------------------------------------------------- GroupNorm, depthwise
@@ -246,8 +252,8 @@ def test_vit_with_multihead_attention_cls_token_and_positions():
     for i in range(2):
         b = f"blocks.{i}"
         hp = _perm(heads, g)
-        qk = _heads_perm(heads, hd, hp, _perm(hd, g))
-        vo = _heads_perm(heads, hd, hp, _perm(hd, g))
+        qk = _heads_perm(heads, hd, hp, _per_head(heads, hd, g))
+        vo = _heads_perm(heads, hd, hp, _per_head(heads, hd, g))
         inner = torch.cat([qk, qk + dim, vo + 2 * dim])  # rows of the packed [q; k; v] projection
         mlp = _perm(2 * dim, g)
         moves += [(f"{b}.ln1.weight", 0, s), (f"{b}.ln1.bias", 0, s), (f"{b}.ln2.weight", 0, s),
@@ -319,7 +325,10 @@ def _permute_tiny(a: TinyTransformer, g, heads=4, kv_heads=4, fused=False) -> nn
     kvp = _perm(kv_heads, g)  # key/value heads; each carries its query heads along
     within = _perm(group, g)  # query heads inside a key/value group
     qheads = (kvp[:, None] * group + within[None, :]).reshape(-1)
-    qk_in, vo_in = _perm(d, g), _perm(d, g)
+    if group == 1:  # one permutation per head (Q/K share it, V/O share another)
+        qk_in, vo_in = _per_head(heads, d, g), _per_head(heads, d, g)
+    else:  # a key/value head serves several query heads: they share its within-head permutation
+        qk_in, vo_in = _perm(d, g), _perm(d, g)
     q_idx, o_idx = _heads_perm(heads, d, qheads, qk_in), _heads_perm(heads, d, qheads, vo_in)
     k_idx, v_idx = _heads_perm(kv_heads, d, kvp, qk_in), _heads_perm(kv_heads, d, kvp, vo_in)
     moves += [("attn.o.weight", 1, o_idx)]
@@ -387,7 +396,7 @@ def _hf_layer_moves(prefix: str, s, g, heads, d, inter, names):
     """Moves of one encoder layer: q/k/v/o and the MLP; names = (q, k, v, o, ln_attn, fc1, fc2, ln_out)."""
     q, k, v, o, ln_a, fc1, fc2, ln_o = (f"{prefix}.{n}" for n in names)
     hp = _perm(heads, g)
-    qk, vo = _heads_perm(heads, d, hp, _perm(d, g)), _heads_perm(heads, d, hp, _perm(d, g))
+    qk, vo = _heads_perm(heads, d, hp, _per_head(heads, d, g)), _heads_perm(heads, d, hp, _per_head(heads, d, g))
     m = _perm(inter, g)
     moves = []
     for name, idx in ((q, qk), (k, qk), (v, vo)):
@@ -442,3 +451,71 @@ def test_huggingface_vit_for_image_classification():
     for i in range(2):
         moves += _hf_layer_moves(f"model.vit.layers.{i}", s, g, 4, 4, 24, names)
     _check_identity(a, _apply(a, moves), torch.randn(24, 3, 8, 8))
+
+
+# ------------------------------------------------------------------------------------ what cannot be aligned
+class SortNet(nn.Module):
+    """Sorting the hidden units by value: their order carries meaning, so no permutation of them is allowed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.fc2 = nn.Linear(10, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)).sort(dim=1).values
+        return self.out(torch.relu(self.fc2(h)))
+
+
+def test_unalignable_units_are_reported_and_strict_raises():
+    torch.manual_seed(0)
+    a, b = SortNet(), SortNet()
+    x = torch.randn(32, 6)
+    with pytest.warns(UserWarning, match="sort"):
+        spec, _ = merge.spec_for(a, x)
+    cov = spec.coverage()
+    assert cov.fraction < 1.0 and [n for n, _ in cov.frozen] == ["fc1"]
+    assert "sort is not understood" in cov.frozen[0][1] and "fc1" in spec.describe()
+    with pytest.raises(UnalignedError, match="fc1: aten op sort is not understood"):
+        merge.activation_match([a, b], [0.5, 0.5], [x], strict=True)
+    merged = merge.activation_match([a, b], [0.5, 0.5], [x])  # not strict: fc1 averaged, fc2 still aligned
+    assert torch.isfinite(_out(merged, x)).all()
+
+
+class RotaryAttention(nn.Module):
+    """Attention with rotary position embeddings: dims i and i + d/2 rotate together with position-dependent
+    angles, so the within-head order of q and k is fixed; heads and V/O dims may still move."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.o = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)
+        q, k, v = (t.view(B, T, self.h, self.d).transpose(1, 2) for t in (q, k, v))
+        pos = torch.arange(T, dtype=x.dtype)[:, None]
+        freq = 1.0 / 100 ** (torch.arange(self.d // 2, dtype=x.dtype) / (self.d // 2))
+        ang = torch.cat([pos * freq, pos * freq], dim=-1)
+
+        def rot(t):
+            t1, t2 = t.chunk(2, dim=-1)
+            return t * ang.cos() + torch.cat([-t2, t1], dim=-1) * ang.sin()
+
+        y = F.scaled_dot_product_attention(rot(q), rot(k), v)
+        return self.head(self.o(y.transpose(1, 2).reshape(B, T, C)).mean(1))
+
+
+def test_rotary_attention_keeps_within_head_order_but_moves_heads():
+    torch.manual_seed(0)
+    model, x = RotaryAttention(), torch.randn(2, 5, 16)
+    spec = derive(model, x)
+    q = next(g for g in spec.groups for a in g.axes if a.tensor == "qkv.weight" and a.axis == 0 and a.offset == 0)
+    assert q.permutable and q.structured
+    assert q.factors[0].units == 4 and not q.factors[0].fixed  # the heads move
+    assert all(f.fixed for f in q.factors[1:])  # the rotated dims do not
+    assert max(check_invariance(model, spec, x).values()) < 1e-4

@@ -133,6 +133,10 @@ def match_bundle(spec: PermutationSpec, bundle: Sequence[int], scores: Dict[int,
                 sizes[k] = n
     perms: Dict[str, torch.Tensor] = {}
     keys = sorted(depth, key=lambda k: depth[k])
+    per_block = {f.key for gi in voting for f in spec.groups[gi].factors
+                 if f.per_block and f.key in depth}
+    if per_block:
+        sweeps = 0  # coordinate ascent below assumes one permutation per factor
     for sweep in range(sweeps + 1):
         changed = False
         for k in keys:
@@ -147,6 +151,23 @@ def match_bundle(spec: PermutationSpec, bundle: Sequence[int], scores: Dict[int,
             perms[k] = new
         if sweep > 0 and not changed:
             break
+    for k in per_block:  # inside every block pair that the outer factors matched, its own assignment
+        acc = None
+        for gi in voting:
+            lv = levels[gi]
+            if lv[-1][0] != k:
+                continue
+            n = lv[-1][1]
+            old = torch.zeros(1, dtype=torch.long)
+            for kk, m in lv[:-1]:
+                p = perms.get(kk) if kk is not None else None
+                p = torch.arange(m) if p is None else p
+                old = (old[:, None] * m + p[None, :]).reshape(-1)
+            blocks = old.numel()
+            c = scores[gi].double().cpu().reshape(blocks, n, blocks, n)
+            blk = c[torch.arange(blocks), :, old, :]
+            acc = blk if acc is None else acc + blk
+        perms[k] = torch.stack([match(acc[b]) for b in range(acc.shape[0])])
     return perms
 
 

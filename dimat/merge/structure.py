@@ -89,15 +89,20 @@ class Factor:
     """One factor of a structured group's units, outermost first (unit index = mixed radix over the factors).
 
     Groups that name the same ``key`` share this factor's permutation (e.g. the heads of Q, K, V and the output
-    projection). A factor with a non-empty ``fixed`` reason is never permuted (identity).
+    projection). A factor with a non-empty ``fixed`` reason is never permuted (identity). A ``per_block`` factor
+    (the innermost one, e.g. the dims of a head or the channels of a GroupNorm group) may be permuted differently
+    inside every block of the factors before it: its permutation is then a ``[blocks, units]`` tensor, row ``b``
+    for the block at new position ``b``.
     """
 
     key: str
     units: int
     fixed: str = ""
+    per_block: bool = False
 
     def __str__(self) -> str:
-        return f"{self.units} ({self.key}{', fixed: ' + self.fixed if self.fixed else ''})"
+        extra = ", per block" if self.per_block and not self.fixed else ""
+        return f"{self.units} ({self.key}{extra}{', fixed: ' + self.fixed if self.fixed else ''})"
 
 
 @dataclass(frozen=True)
@@ -1449,9 +1454,6 @@ def _emit(d: _Deriver, state: Mapping[str, torch.Tensor], aliases: Mapping[str, 
             return []
         if len(flat) == 1:
             return push(flat[0][0], offset, block, reason, depth + 1)
-        if any(c2 is not None and d.struct.get(c2) is not None for c2, _ in flat):
-            return [(("bad", r), offset, block, reason or "segments inside a factor of structured units",
-                     math.prod(n for _, n in flat))]
         return [(("fac", tuple(flat)), offset, block, reason, math.prod(n for _, n in flat))]
 
     best: Dict[int, Tuple[int, str]] = {}
@@ -1498,7 +1500,9 @@ def _emit(d: _Deriver, state: Mapping[str, torch.Tensor], aliases: Mapping[str, 
         factors: Tuple[Factor, ...] = ()
         if target[0] == "fac":
             factors = tuple(
-                Factor("", n, "fixed by the layout") if k is None else Factor(f"c{k}", n, frozen.get(k, ""))
+                Factor("", n, "fixed by the layout") if k is None else Factor(
+                    f"c{k}", n, frozen.get(k, "") or ("cut into segments inside a factor (e.g. rotary halves)"
+                                                      if d.struct.get(k) is not None else ""))
                 for k, n in target[1])
             if not reason and not any(f.units > 1 and not f.fixed for f in factors):
                 reason = "every factor is fixed: " + "; ".join(sorted({f.fixed for f in factors if f.fixed}))
@@ -1596,28 +1600,74 @@ def apply_permutation(
 
 
 def compose(group: Group, key_perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The permutation of a group's units given one permutation per factor key (missing or fixed: identity)."""
-    idx = torch.zeros(1, dtype=torch.long)
-    for f in group.effective_factors():
+    """The permutation of a group's units given one permutation per factor key (missing or fixed: identity).
+
+    A key's permutation is a ``[units]`` tensor, or ``[blocks, units]`` for a per-block factor (row ``b`` applies
+    inside the block at new position ``b`` of the factors before it).
+    """
+    factors = group.effective_factors()
+    sizes = [f.units for f in factors]
+    n = math.prod(sizes)
+    new = torch.arange(n)
+    old = torch.zeros(n, dtype=torch.long)
+    inner = n
+    for f in factors:
+        inner //= f.units
+        digit = (new // inner) % f.units
         p = key_perms.get(f.key) if (f.key and not f.fixed) else None
-        p = torch.arange(f.units) if p is None else torch.as_tensor(p, dtype=torch.long)
-        idx = (idx[:, None] * f.units + p[None, :]).reshape(-1)
-    return idx
+        if p is None:
+            moved = digit
+        else:
+            p = torch.as_tensor(p, dtype=torch.long)
+            moved = p[new // (inner * f.units), digit] if p.dim() == 2 else p[digit]
+        old = old * f.units + moved
+    return old
 
 
-def _key_sizes(spec: PermutationSpec, groups: Sequence[int]) -> Dict[str, int]:
-    sizes: Dict[str, int] = {}
+def _key_shapes(spec: PermutationSpec, groups: Sequence[int]) -> Dict[str, Tuple[int, int]]:
+    """key -> (blocks, units): blocks > 0 for a per-block factor, 0 for one permutation shared by all blocks."""
+    shapes: Dict[str, Tuple[int, int]] = {}
     for gi in groups:
+        before = 1
         for f in spec.groups[gi].effective_factors():
             if f.key and not f.fixed and f.units > 1:
-                sizes[f.key] = f.units
-    return sizes
+                shapes[f.key] = (before if f.per_block else 0, f.units)
+            before *= f.units
+    return shapes
+
+
+def _random_key_perms(shapes: Mapping[str, Tuple[int, int]], gen: Optional[torch.Generator],
+                      avoid_identity: bool = False) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, (blocks, n) in shapes.items():
+        rows = [torch.randperm(n, generator=gen) for _ in range(max(blocks, 1))]
+        if avoid_identity and n > 1 and bool((rows[0] == torch.arange(n)).all()):
+            rows[0] = torch.roll(rows[0], 1)
+        out[k] = torch.stack(rows) if blocks else rows[0]
+    return out
 
 
 def random_perms(spec: PermutationSpec, generator: Optional[torch.Generator] = None) -> Dict[int, torch.Tensor]:
     """A random permutation for every permutable group; groups sharing a factor share its permutation."""
-    keys = {k: torch.randperm(n, generator=generator) for k, n in _key_sizes(spec, spec.permutable).items()}
+    keys = _random_key_perms(_key_shapes(spec, spec.permutable), generator)
     return {i: compose(spec.groups[i], keys) for i in spec.permutable}
+
+
+def _mark_per_block(groups: List[Group]) -> List[Group]:
+    """Let the innermost factor vary per block where every group holding its key puts it last, after the same
+    factors (q and k rows: heads then dims); anywhere else one permutation must serve every block."""
+    prefixes: Dict[str, set] = {}
+    for g in groups:
+        fs = g.effective_factors()
+        for i, f in enumerate(fs):
+            if f.key:
+                last = i == len(fs) - 1
+                pre = tuple((h.key, h.units) for h in fs[:i]) if last else None
+                prefixes.setdefault(f.key, set()).add(pre)
+    ok = {k for k, pres in prefixes.items()
+          if len(pres) == 1 and None not in pres and math.prod(n for _, n in next(iter(pres))) > 1}
+    return [replace(g, factors=tuple(replace(f, per_block=True) if i == len(g.factors) - 1 and f.key in ok else f
+                                     for i, f in enumerate(g.factors))) if g.structured else g for g in groups]
 
 
 # --------------------------------------------------------------------------------------------- self-test
@@ -1660,14 +1710,8 @@ class _Tester:
         self.state = base.state_dict(keep_vars=True)
         self.scale = float(y.abs().max()) or 1.0
 
-    def key_perms(self, sizes: Mapping[str, int]) -> Dict[str, torch.Tensor]:
-        out = {}
-        for k, n in sizes.items():
-            p = torch.randperm(n, generator=self.gen)
-            if n > 1 and bool((p == torch.arange(n)).all()):
-                p = torch.roll(p, 1)
-            out[k] = p
-        return out
+    def key_perms(self, shapes: Mapping[str, Tuple[int, int]]) -> Dict[str, torch.Tensor]:
+        return _random_key_perms(shapes, self.gen, avoid_identity=True)
 
     @torch.no_grad()
     def error(self, spec: PermutationSpec, perms: Mapping[int, torch.Tensor]) -> float:
@@ -1714,7 +1758,7 @@ def check_invariance(
         if gi in done:
             continue
         bundle = next((b for b in spec.bundles() if gi in b), [gi])
-        keys = tester.key_perms(_key_sizes(spec, bundle))
+        keys = tester.key_perms(_key_shapes(spec, bundle))
         perms = {i: compose(spec.groups[i], keys) for i in bundle}
         e = tester.error(spec, perms)
         for i in bundle:
@@ -1731,11 +1775,20 @@ def _self_test(model: nn.Module, spec: PermutationSpec, x: torch.Tensor, notes: 
     tester = _Tester(model, x, 0)
     groups = list(spec.groups)
     for bundle in spec.bundles():
-        sizes = _key_sizes(spec, bundle)
+        sizes = _key_shapes(spec, bundle)
         keys = tester.key_perms(sizes)
         e = tester.error(spec, {i: compose(groups[i], keys) for i in bundle})
         if e <= INVARIANCE_TOL:
             continue
+        if any(b for b, _ in sizes.values()):  # per-block factors failed: one permutation for all blocks
+            for i in bundle:
+                groups[i] = replace(groups[i], factors=tuple(replace(f, per_block=False) for f in groups[i].factors))
+            spec = PermutationSpec(tuple(groups), spec.warnings, spec.weights)
+            sizes = _key_shapes(spec, bundle)
+            keys = tester.key_perms(sizes)
+            e = tester.error(spec, {i: compose(groups[i], keys) for i in bundle})
+            if e <= INVARIANCE_TOL:
+                continue
         bad_keys: Dict[str, float] = {}
         if len(sizes) > 1:
             for k in sizes:
@@ -1826,7 +1879,8 @@ def derive(model: nn.Module, example_input: torch.Tensor, self_test: bool = True
     d.run()
     groups, weights = _emit(d, state, _aliases(work))
     notes = list(dict.fromkeys(d.notes))
-    spec = _fix_shared_factors(PermutationSpec(groups=tuple(groups), warnings=(), weights=tuple(weights)))
+    spec = _fix_shared_factors(PermutationSpec(groups=tuple(_mark_per_block(groups)), warnings=(),
+                                               weights=tuple(weights)))
     if self_test and spec.permutable:
         spec = _self_test(model, spec, example_input, notes)
     spec = PermutationSpec(spec.groups, tuple(dict.fromkeys(notes)), spec.weights)
