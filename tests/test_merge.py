@@ -561,6 +561,51 @@ class AliasNet(nn.Module):
         return self.fc(torch.cat([h.flatten(1), a], 1))
 
 
+class TinyTransformer(nn.Module):
+    """A pre-norm transformer block on 4 tokens: no BatchNorm anywhere, LayerNorm before attention and MLP."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(6, dim)
+        self.norm1, self.norm2, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(0.3), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (f(h).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + self.proj(a)
+        x = x + self.mlp(self.norm2(x))
+        return self.head(self.norm(x).mean(1))
+
+
+def test_repair_corrects_every_permuted_layer_of_a_layernorm_network():
+    torch.manual_seed(0)
+    a, b = TinyTransformer(), TinyTransformer()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(16, 4, 6, generator=gen) for _ in range(3)]
+    spec = merge.spec_for(a, batches[0])[0]
+    candidates = [n for n, _ in repair.repair_layers(a, spec)]
+    steps = repair.plan(a, candidates, batches[0][:2])
+    assert set(steps.layers) == {"embed", "q", "k", "v", "proj", "mlp.0", "mlp.3"} and not steps.bns
+    assert steps.layers["proj"] > steps.layers["v"] > steps.layers["embed"] and steps.layers["mlp.3"] == 4
+    # identity permutations (average with REPAIR is activation_match's code path without the alignment)
+    merged = merge.average([a, b], [0.5, 0.5], batches=batches, reset_bn=True, repair=True)
+    plain = merge.average([a, b], [0.5, 0.5], batches=batches, reset_bn=True)
+    ends = [repair.endpoint_stats(m, list(steps.layers), batches) for m in (a, b)]
+    got, before = (repair.endpoint_stats(m, list(steps.layers), batches) for m in (merged, plain))
+    for name in steps.layers:
+        target = (ends[0][name][1] + ends[1][name][1]) / 2
+        assert torch.allclose(got[name][1], target, rtol=1e-4), name
+        assert torch.allclose(got[name][0], (ends[0][name][0] + ends[1][name][0]) / 2, atol=1e-4), name
+    assert float((before["mlp.3"][1] / ((ends[0]["mlp.3"][1] + ends[1]["mlp.3"][1]) / 2)).mean()) < 0.9  # collapse
+
+
 # Where each group's activations are read, written out by hand for the reference below: the group of a layer's
 # output units -> the layers that consume them, the columns of the consumer's input they occupy and the number of
 # consecutive entries per unit (a flattened C x 4 x 4 map gives each channel 16).
