@@ -235,7 +235,7 @@ def _train(name: str, seed: int, epochs: int, x, y, folder: Optional[Path] = Non
     from dimat.train import train_epochs
 
     torch.manual_seed(seed)
-    model = models.build(name, num_classes, width=1)
+    model = models.build(name, num_classes, width=1, in_channels=x.shape[1], image_size=x.shape[-1])
     meta = {"model": name, "seed": seed, "epochs": epochs, "recipe": _RECIPE, "train_images": len(x)}
     path = _endpoint_file(folder, name, seed, epochs) if folder is not None else None
     if path is not None and path.exists():
