@@ -271,7 +271,7 @@ def run_accuracy(args) -> Dict:
     ops = [
         ("average", lambda ms: merge.average(ms, [0.5, 0.5])),
         ("average + BN reset", lambda ms: merge.average(ms, [0.5, 0.5], batches=batches, reset_bn=True)),
-        ("weight_match (+ BN reset)", lambda ms: merge.weight_match(ms, [0.5, 0.5], batches=batches)),
+        ("weight_match (+ BN reset, REPAIR)", lambda ms: merge.weight_match(ms, [0.5, 0.5], batches=batches)),
         ("activation_match, no REPAIR", lambda ms: merge.activation_match(ms, [0.5, 0.5], batches, repair=False)),
         ("activation_match", lambda ms: merge.activation_match(ms, [0.5, 0.5], batches)),
     ]
