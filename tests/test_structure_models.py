@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -325,12 +327,12 @@ def _permute_tiny(a: TinyTransformer, g, heads=4, kv_heads=4, fused=False) -> nn
     kvp = _perm(kv_heads, g)  # key/value heads; each carries its query heads along
     within = _perm(group, g)  # query heads inside a key/value group
     qheads = (kvp[:, None] * group + within[None, :]).reshape(-1)
-    if group == 1:  # one permutation per head (Q/K share it, V/O share another)
-        qk_in, vo_in = _per_head(heads, d, g), _per_head(heads, d, g)
-    else:  # a key/value head serves several query heads: they share its within-head permutation
-        qk_in, vo_in = _perm(d, g), _perm(d, g)
-    q_idx, o_idx = _heads_perm(heads, d, qheads, qk_in), _heads_perm(heads, d, qheads, vo_in)
-    k_idx, v_idx = _heads_perm(kv_heads, d, kvp, qk_in), _heads_perm(kv_heads, d, kvp, vo_in)
+    # one permutation per key/value head (Q/K share it, V/O share another); the query heads of a key/value
+    # head share its permutation
+    qk_kv, vo_kv = _per_head(kv_heads, d, g), _per_head(kv_heads, d, g)
+    of_q = torch.arange(heads) // group  # new query head -> its new key/value head
+    q_idx, o_idx = _heads_perm(heads, d, qheads, qk_kv[of_q]), _heads_perm(heads, d, qheads, vo_kv[of_q])
+    k_idx, v_idx = _heads_perm(kv_heads, d, kvp, qk_kv), _heads_perm(kv_heads, d, kvp, vo_kv)
     moves += [("attn.o.weight", 1, o_idx)]
     if fused:
         rows = torch.cat([q_idx, k_idx + dim, v_idx + 2 * dim])
@@ -519,3 +521,94 @@ def test_rotary_attention_keeps_within_head_order_but_moves_heads():
     assert q.factors[0].units == 4 and not q.factors[0].fixed  # the heads move
     assert all(f.fixed for f in q.factors[1:])  # the rotated dims do not
     assert max(check_invariance(model, spec, x).values()) < 1e-4
+
+
+def hf_vit(num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """A user factory (``model.name: test_structure_models:hf_vit``): a small Hugging Face ViT returning logits."""
+    hidden = max(8, int(96 * width) // 4 * 4)
+    cfg = transformers.ViTConfig(image_size=image_size, patch_size=4, num_channels=in_channels, hidden_size=hidden,
+                                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * hidden,
+                                 num_labels=num_classes)
+    return HFClassifier(transformers.ViTForImageClassification(cfg))
+
+
+TIN20 = os.environ.get("DIMAT_TIN20", str(Path(__file__).resolve().parents[2] / "shared/data/tin20-dev.npz"))
+
+
+@pytest.mark.slow
+def test_dimat_run_with_a_user_vit_factory(tmp_path, capsys):
+    import json
+
+    from dimat.cli import main
+
+    if not os.path.exists(TIN20):
+        pytest.skip(f"{TIN20} is absent")
+    cfg = tmp_path / "vit.yaml"
+    cfg.write_text(f"""agents: 2
+threads: 2
+rounds: 2
+data:
+  dataset: npz:{os.path.abspath(TIN20)}
+model:
+  name: test_structure_models:hf_vit
+  width: 0.25
+merge:
+  method: dimat
+  stat_batches: 2
+train:
+  epochs: 1
+  batch_size: 100
+""")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "-q"]) == 0
+    assert "can align only" not in capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["merge_coverage"]["fraction"] == 1.0 and summary["final_mean_acc"] > 0.05
+
+
+@pytest.mark.parametrize("kind", ["separate", "gqa"])
+def test_weight_matching_recovers_structured_permutations(kind):
+    torch.manual_seed(0)
+    kv = 2 if kind == "gqa" else 4
+    a = TinyTransformer(kv_heads=kv)
+    _jitter_ln(a)
+    b = _permute_tiny(a, torch.Generator().manual_seed(11), kv_heads=kv)
+    x = torch.randint(0, 20, (8, 7))
+    merged = merge.weight_match([a, b], [0.5, 0.5], [x], reset_bn=False)
+    assert _rel(_out(merged, x), _out(a, x)) < 1e-4
+
+
+class TiedNet(nn.Module):
+    """A layer called twice, and an output head tied to the input embedding (as language models do)."""
+
+    def __init__(self, vocab=12, dim=10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight  # tied: one tensor, two state-dict names
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + torch.tanh(self.mix(h))
+        h = h + torch.tanh(self.mix(h))  # the same module again
+        return self.out(self.ln(h)).mean(1)
+
+
+def test_tied_parameters_and_a_module_called_twice():
+    torch.manual_seed(0)
+    a = TiedNet()
+    _jitter_ln(a)
+    s = _perm(10, torch.Generator().manual_seed(12))
+    b = copy.deepcopy(a)
+    with torch.no_grad():  # the test's own permutation of the tied tensor and of everything on the stream
+        b.emb.weight.copy_(a.emb.weight[:, s])
+        b.mix.weight.copy_(a.mix.weight[s][:, s])
+        b.mix.bias.copy_(a.mix.bias[s])
+        b.ln.weight.copy_(a.ln.weight[s])
+        b.ln.bias.copy_(a.ln.bias[s])
+    assert b.out.weight is b.emb.weight
+    spec = derive(a, torch.randint(0, 12, (2, 5)))
+    g = next(g for g in spec.groups for x in g.axes if x.tensor == "emb.weight" and x.axis == 1)
+    assert {"out.weight", "emb.weight"} <= {x.tensor for x in g.axes}  # both names of the tied tensor move
+    _check_identity(a, b, torch.randint(0, 12, (24, 5)))

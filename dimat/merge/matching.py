@@ -157,15 +157,23 @@ def match_bundle(spec: PermutationSpec, bundle: Sequence[int], scores: Dict[int,
             lv = levels[gi]
             if lv[-1][0] != k:
                 continue
+            f = spec.groups[gi].effective_factors()[-1]
+            bf = f.block_factors or len(lv) - 1
             n = lv[-1][1]
-            old = torch.zeros(1, dtype=torch.long)
-            for kk, m in lv[:-1]:
-                p = perms.get(kk) if kk is not None else None
-                p = torch.arange(m) if p is None else p
-                old = (old[:, None] * m + p[None, :]).reshape(-1)
-            blocks = old.numel()
-            c = scores[gi].double().cpu().reshape(blocks, n, blocks, n)
-            blk = c[torch.arange(blocks), :, old, :]
+
+            def old_index(part):
+                old = torch.zeros(1, dtype=torch.long)
+                for kk, m in part:
+                    p = perms.get(kk) if kk is not None else None
+                    p = torch.arange(m) if p is None else p
+                    old = (old[:, None] * m + p[None, :]).reshape(-1)
+                return old
+
+            q_lead, q_mid = old_index(lv[:bf]), old_index(lv[bf:-1])
+            bl, bm = q_lead.numel(), q_mid.numel()
+            c = scores[gi].double().cpu().reshape(bl, bm, n, bl, bm, n)
+            blk = c[torch.arange(bl)[:, None], torch.arange(bm)[None, :], :, q_lead[:, None], q_mid[None, :], :]
+            blk = blk.sum(1)  # [lead block, n, n]: summed over the matched middle blocks (GQA query heads)
             acc = blk if acc is None else acc + blk
         perms[k] = torch.stack([match(acc[b]) for b in range(acc.shape[0])])
     return perms

@@ -283,11 +283,16 @@ def _arch_key(model: nn.Module, state: Dict[str, torch.Tensor], x: torch.Tensor)
 def spec_for(model: nn.Module, example_input: torch.Tensor) -> Tuple[PermutationSpec, fx.Graph]:
     """The model's permutation groups, derived (and self-tested) once per architecture and input shape, and its
     aten graph for inputs of exactly ``example_input``'s shape (the graph the groups' activation sites refer to)."""
+    return _spec(model, example_input), graph_for(model, example_input)
+
+
+def _spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
+    """The model's permutation groups, derived (and self-tested) once per architecture and input shape."""
     key = _arch_key(model, model.state_dict(), example_input)
     hit = _SPEC_CACHE.get(key)
     if hit is not None:
         _SPEC_CACHE.move_to_end(key)
-        return hit[0], graph_for(model, example_input)
+        return hit[0]
     example = example_input[:2]
     spec = structure.derive(model, example)
     _SPEC_CACHE[key] = (spec, fx.Graph())
@@ -295,7 +300,7 @@ def spec_for(model: nn.Module, example_input: torch.Tensor) -> Tuple[Permutation
     while len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
         old = _SPEC_CACHE.popitem(last=False)[0]
         _CHANNELS_LAST.pop(old, None)
-    return spec, graph_for(model, example_input)
+    return spec
 
 
 _GRAPH_CACHE: "OrderedDict[tuple, fx.Graph]" = OrderedDict()
@@ -307,8 +312,11 @@ def graph_for(model: nn.Module, x: torch.Tensor) -> fx.Graph:
     key = _arch_key(model, model.state_dict(), x) + (tuple(x.shape), "aten")
     hit = _GRAPH_CACHE.get(key)
     if hit is None:
+        hit = fx.Graph()
         try:
-            hit = structure.trace(model, x).graph
+            env: Dict[str, fx.Node] = {}
+            for node in structure.trace(model, x).graph.nodes:  # a free copy: the trace's module holds a model copy
+                env[node.name] = hit.node_copy(node, lambda n: env[n.name])
         except Exception:  # derive already warned; nothing is permuted
             hit = fx.Graph()
         _GRAPH_CACHE[key] = hit
@@ -579,10 +587,10 @@ def weight_match(
     cl = False
     if batches is not None:
         example = _first_input(batches).to(device)
-        spec, _ = spec_for(models[0], example)
+        spec = _spec(models[0], example)
         cl = _channels_last(models[0], example)
     elif example_input is not None:
-        spec, _ = spec_for(models[0], example_input.to(device))
+        spec = _spec(models[0], example_input.to(device))
     else:
         found = _cached_spec(models[0], states[0])
         if found is None:

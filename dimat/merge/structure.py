@@ -91,14 +91,16 @@ class Factor:
     Groups that name the same ``key`` share this factor's permutation (e.g. the heads of Q, K, V and the output
     projection). A factor with a non-empty ``fixed`` reason is never permuted (identity). A ``per_block`` factor
     (the innermost one, e.g. the dims of a head or the channels of a GroupNorm group) may be permuted differently
-    inside every block of the factors before it: its permutation is then a ``[blocks, units]`` tensor, row ``b``
-    for the block at new position ``b``.
+    inside every block of its first ``block_factors`` factors (all factors before it, or the leading ones that
+    every group holding it shares: with GQA, the key/value heads): its permutation is then a ``[blocks, units]``
+    tensor, row ``b`` for the block at new position ``b``.
     """
 
     key: str
     units: int
     fixed: str = ""
     per_block: bool = False
+    block_factors: int = 0
 
     def __str__(self) -> str:
         extra = ", per block" if self.per_block and not self.fixed else ""
@@ -435,7 +437,11 @@ class _Deriver:
         return self.uf.find(c)
 
     def freeze_cls(self, c: int, reason: str) -> None:
-        self.frozen.setdefault(self.find(c), reason)
+        r = self.find(c)
+        if reason == OUTPUT_REASON:  # the logits are not hidden units, whatever else pinned them
+            self.frozen[r] = reason
+        else:
+            self.frozen.setdefault(r, reason)
 
     def freeze(self, d: Any, reason: str) -> None:
         if d is None or d == _UNIFORM:
@@ -462,7 +468,7 @@ class _Deriver:
         fa, fb = self.frozen.pop(ra, None), self.frozen.pop(rb, None)
         root = self.uf.union(ra, rb)
         if fa or fb:
-            self.frozen[root] = fa or fb
+            self.frozen[root] = OUTPUT_REASON if OUTPUT_REASON in (fa, fb) else (fa or fb)
         self.order[root] = min(self.order.get(ra, 1 << 60), self.order.get(rb, 1 << 60))
         if sa is not None and sb is not None:
             self.struct[root] = sa
@@ -1094,6 +1100,10 @@ class _Deriver:
         if self.L(ids) not in (None, _UNIFORM):
             raise _FreezeSignal("embedding lookup with indices that carry units")
         self.unify(dw[0], None, f"{node.name} vocabulary")
+        if w.op == "get_attr" and dw[1] is not None:
+            for c, _ in dw[1]:
+                if c is not None:
+                    self.hint[c] = w.target.rsplit(".", 1)[0]
         return self.norm_lay([None] * len(_meta_shape(ids)) + [dw[1]])
 
     # ---- shapes
@@ -1373,16 +1383,15 @@ class _Deriver:
                 self.order.setdefault(h, self.step)
                 self.unify(d_in, self.dims(w_ih)[1], node.name)
                 self.unify(((h, hidden),), self.dims(w_hh)[1], node.name)
-                for p in params[base: base + per]:
-                    if p is params[base + 1] or p is w_ih or True:
-                        dp = self.dims(p)[0]
-                        if dp is None:
-                            continue
-                        g, hh = self.regroup([dp], [gates * hidden], [gates, hidden], node.name) if gates > 1 \
-                            else (None, dp)
-                        if g is not None:
-                            self.freeze(g, f"{kind} gates are never permuted")
-                        self.unify(hh, ((h, hidden),), node.name)
+                for p in params[base: base + per]:  # rows of every weight and bias: gates x hidden units
+                    dp = self.dims(p)[0]
+                    if dp is None:
+                        continue
+                    g, hh = self.regroup([dp], [gates * hidden], [gates, hidden], node.name) if gates > 1 \
+                        else (None, dp)
+                    if g is not None:
+                        self.freeze(g, f"{kind} gates are never permuted")
+                    self.unify(hh, ((h, hidden),), node.name)
                 outs.append(h)
                 states.append(self.norm_lay([None, ((h, hidden),)]))
             if dirs == 1:
@@ -1423,7 +1432,9 @@ def _emit(d: _Deriver, state: Mapping[str, torch.Tensor], aliases: Mapping[str, 
     become structured groups whose factors are keyed by their classes."""
     frozen: Dict[int, str] = {}
     for c, why in d.frozen.items():
-        frozen.setdefault(d.find(c), why)
+        r = d.find(c)
+        if why == OUTPUT_REASON or r not in frozen:
+            frozen[r] = why
     activated = {d.find(c) for c in d.activated}
     todo = list(activated)
     while todo:  # the parts of an activated class (segments, factors) are activated too
@@ -1501,7 +1512,7 @@ def _emit(d: _Deriver, state: Mapping[str, torch.Tensor], aliases: Mapping[str, 
         if target[0] == "fac":
             factors = tuple(
                 Factor("", n, "fixed by the layout") if k is None else Factor(
-                    f"c{k}", n, frozen.get(k, "") or ("cut into segments inside a factor (e.g. rotary halves)"
+                    f"{best.get(k, (0, 'u'))[1]}#{k}", n, frozen.get(k, "") or ("cut into segments inside a factor (e.g. rotary halves)"
                                                       if d.struct.get(k) is not None else ""))
                 for k, n in target[1])
             if not reason and not any(f.units > 1 and not f.fixed for f in factors):
@@ -1509,7 +1520,7 @@ def _emit(d: _Deriver, state: Mapping[str, torch.Tensor], aliases: Mapping[str, 
         elif target[0] == "bad":
             reason = reason or "unsupported unit structure"
         else:
-            factors = (Factor(f"c{target[1]}", g["units"]),)
+            factors = (Factor(f"{best.get(target[1], (0, 'u'))[1]}#{target[1]}", g["units"]),)
         for a in axes:
             t = state[a.tensor]
             if a.axis >= t.dim() or a.offset + a.units * a.block > t.shape[a.axis]:
@@ -1619,7 +1630,11 @@ def compose(group: Group, key_perms: Mapping[str, torch.Tensor]) -> torch.Tensor
             moved = digit
         else:
             p = torch.as_tensor(p, dtype=torch.long)
-            moved = p[new // (inner * f.units), digit] if p.dim() == 2 else p[digit]
+            if p.dim() == 2:
+                row = new // math.prod(sizes[f.block_factors:]) if f.block_factors else new // (inner * f.units)
+                moved = p[row, digit]
+            else:
+                moved = p[digit]
         old = old * f.units + moved
     return old
 
@@ -1628,11 +1643,11 @@ def _key_shapes(spec: PermutationSpec, groups: Sequence[int]) -> Dict[str, Tuple
     """key -> (blocks, units): blocks > 0 for a per-block factor, 0 for one permutation shared by all blocks."""
     shapes: Dict[str, Tuple[int, int]] = {}
     for gi in groups:
-        before = 1
-        for f in spec.groups[gi].effective_factors():
+        fs = spec.groups[gi].effective_factors()
+        for i, f in enumerate(fs):
             if f.key and not f.fixed and f.units > 1:
-                shapes[f.key] = (before if f.per_block else 0, f.units)
-            before *= f.units
+                lead = math.prod(h.units for h in fs[:f.block_factors or i])
+                shapes[f.key] = (lead if f.per_block else 0, f.units)
     return shapes
 
 
@@ -1654,19 +1669,26 @@ def random_perms(spec: PermutationSpec, generator: Optional[torch.Generator] = N
 
 
 def _mark_per_block(groups: List[Group]) -> List[Group]:
-    """Let the innermost factor vary per block where every group holding its key puts it last, after the same
-    factors (q and k rows: heads then dims); anywhere else one permutation must serve every block."""
-    prefixes: Dict[str, set] = {}
+    """Let the innermost factor vary per block of the leading factors that every group holding its key puts
+    before it (q and k rows: heads; GQA: the key/value heads); one permutation serves every block elsewhere."""
+    prefixes: Dict[str, List[Optional[tuple]]] = {}
     for g in groups:
         fs = g.effective_factors()
         for i, f in enumerate(fs):
             if f.key:
-                last = i == len(fs) - 1
-                pre = tuple((h.key, h.units) for h in fs[:i]) if last else None
-                prefixes.setdefault(f.key, set()).add(pre)
-    ok = {k for k, pres in prefixes.items()
-          if len(pres) == 1 and None not in pres and math.prod(n for _, n in next(iter(pres))) > 1}
-    return [replace(g, factors=tuple(replace(f, per_block=True) if i == len(g.factors) - 1 and f.key in ok else f
+                last = i == len(fs) - 1 and len(fs) > 1
+                prefixes.setdefault(f.key, []).append(tuple((h.key, h.units) for h in fs[:i]) if last else None)
+    lead: Dict[str, int] = {}
+    for k, pres in prefixes.items():
+        if any(p is None for p in pres):
+            continue
+        n = 0
+        while all(len(p) > n and p[n] == pres[0][n] and p[n][0] for p in pres):
+            n += 1
+        if n and math.prod(u for _, u in pres[0][:n]) > 1:
+            lead[k] = n
+    return [replace(g, factors=tuple(replace(f, per_block=True, block_factors=lead[f.key])
+                                     if i == len(g.factors) - 1 and f.key in lead else f
                                      for i, f in enumerate(g.factors))) if g.structured else g for g in groups]
 
 
@@ -1717,8 +1739,12 @@ class _Tester:
     def error(self, spec: PermutationSpec, perms: Mapping[int, torch.Tensor]) -> float:
         # permute the groups' tensors in place, run, restore: far cheaper than reloading the whole model
         saved = {}
+        done = set()
         for (name, axis), idx in _axis_indices(self.state, spec, perms).items():
             t = self.state[name].data
+            if (t.data_ptr(), axis) in done:  # a tied tensor: one storage under several names, permuted once
+                continue
+            done.add((t.data_ptr(), axis))
             saved.setdefault(name, t.clone())
             t.copy_(t.index_select(axis, idx))
         try:
@@ -1754,10 +1780,11 @@ def check_invariance(
     wanted = set(spec.permutable if groups is None else groups)
     errors: Dict[int, float] = {}
     done: set = set()
+    bundles = spec.bundles()
     for gi in (spec.permutable if groups is None else groups):
         if gi in done:
             continue
-        bundle = next((b for b in spec.bundles() if gi in b), [gi])
+        bundle = next((b for b in bundles if gi in b), [gi])
         keys = tester.key_perms(_key_shapes(spec, bundle))
         perms = {i: compose(spec.groups[i], keys) for i in bundle}
         e = tester.error(spec, perms)
@@ -1812,8 +1839,6 @@ def _self_test(model: nn.Module, spec: PermutationSpec, x: torch.Tensor, notes: 
         for i in bundle:
             groups[i] = replace(groups[i], frozen=f"failed the invariance self-test (relative change {e:.2e})")
             notes.append(f"group {i} [{groups[i].name}] failed the invariance self-test ({e:.2e}); frozen")
-        for i in range(len(groups)):  # a frozen group's factors must not move in the groups that share them
-            pass
     out = PermutationSpec(tuple(groups), spec.warnings, spec.weights)
     return _fix_shared_factors(out)
 
