@@ -347,6 +347,17 @@ def test_groups_are_derived_once_per_architecture(monkeypatch):
     assert len(calls) == 1
 
 
+def test_repair_plan_is_made_once_per_architecture(monkeypatch):
+    a, b, batches, _ = _pair("user_conv_flat")
+    operators._PLAN_CACHE.clear()
+    calls = []
+    real = operators.repair_plan
+    monkeypatch.setattr(operators, "repair_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(3):
+        merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True)
+    assert len(calls) == 1
+
+
 def test_dead_units_give_no_nan():
     a, b, batches, probe = _pair("user_mlp")
     with torch.no_grad():

@@ -28,6 +28,7 @@ from torch import nn
 
 from dimat.merge import matching, stats, structure
 from dimat.merge.repair import endpoint_stats, repair_layers, reset_and_repair
+from dimat.merge.repair import RepairPlan
 from dimat.merge.repair import plan as repair_plan
 from dimat.merge.structure import PermutationSpec
 
@@ -371,12 +372,26 @@ def _repair_targets(models, aligned, w, layers, batches, stat_batches, cl=False)
     return {name: (m, s) for name, (m, s) in targets.items()}
 
 
+_PLAN_CACHE: "OrderedDict[tuple, RepairPlan]" = OrderedDict()
+
+
+def _plan_for(model: nn.Module, candidates: List[str], example: torch.Tensor) -> RepairPlan:
+    """REPAIR's plan (:func:`dimat.merge.repair.plan`), made once per architecture, input shape and layer set."""
+    key = _arch_key(model, model.state_dict(), example) + (tuple(candidates),)
+    if key not in _PLAN_CACHE:
+        _PLAN_CACHE[key] = repair_plan(model, candidates, example)
+        while len(_PLAN_CACHE) > _SPEC_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    _PLAN_CACHE.move_to_end(key)
+    return _PLAN_CACHE[key]
+
+
 def _reset_and_repair(merged, models, aligned, w, spec, batches, stat_batches, cl) -> None:
     """BN reset plus REPAIR of the permuted conv/linear layers that no BatchNorm reads directly (in place)."""
     device = _device_of(merged)
     example = _to(_first_input(batches), device, cl)[:2]
     candidates = [n for n, _ in repair_layers(models[0], spec)]
-    steps = repair_plan(merged, candidates, example) if candidates else None
+    steps = _plan_for(merged, candidates, example) if candidates else None
     if steps is None or not steps.layers:
         reset_bn_stats(merged, batches, stat_batches, channels_last=cl)
         return
