@@ -218,6 +218,8 @@ def test_untraceable_model_warns_and_permutes_nothing():
     with pytest.warns(UserWarning, match="cannot trace"):
         spec = derive(Untraceable(), torch.randn(2, 4))
     assert spec.groups == () and spec.permutable == []
+    cov = spec.coverage()  # nothing aligned is 0%, not a vacuous 100%
+    assert cov.fraction == 0.0 and cov.frozen[0][0] == "the whole model" and "cannot trace" in cov.frozen[0][1]
 
 
 class ScaledNet(nn.Module):

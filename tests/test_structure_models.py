@@ -612,3 +612,30 @@ def test_tied_parameters_and_a_module_called_twice():
     g = next(g for g in spec.groups for x in g.axes if x.tensor == "emb.weight" and x.axis == 1)
     assert {"out.weight", "emb.weight"} <= {x.tensor for x in g.axes}  # both names of the tied tensor move
     _check_identity(a, b, torch.randint(0, 12, (24, 5)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_other_huggingface_architectures_derive_fully(arch):
+    """GPT-2 (Conv1D layers: x @ W + b, a packed c_attn split into q, k, v, last-token pooling by index) and
+    Llama (RMSNorm, rotary embeddings, GQA, gated MLP): every hidden unit in a permuted group, and a randomly
+    permuted copy merges back."""
+    from dimat.merge.structure import apply_permutation, random_perms
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        inner = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+            vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=4, num_labels=3, pad_token_id=0))
+    else:
+        inner = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+            vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_labels=3, pad_token_id=0, max_position_embeddings=32))
+    a = HFClassifier(inner).eval()
+    x = torch.randint(1, 40, (16, 8))
+    spec, _ = merge.spec_for(a, x)
+    assert spec.coverage().fraction == 1.0, spec.coverage()
+    b = copy.deepcopy(a)
+    b.load_state_dict(apply_permutation(a.state_dict(), spec, random_perms(spec, torch.Generator().manual_seed(1))))
+    merged = merge.activation_match([a, b], [0.5, 0.5], [x], reset_bn=False, repair=False, strict=True)
+    assert _rel(_out(merged, x), _out(a, x)) < 1e-4
+    assert _rel(_out(merge.average([a, b], [0.5, 0.5]), x), _out(a, x)) > 1e-2

@@ -316,8 +316,10 @@ def graph_for(model: nn.Module, x: torch.Tensor) -> fx.Graph:
         hit = fx.Graph()
         try:
             env: Dict[str, fx.Node] = {}
-            for node in structure.trace(model, x).graph.nodes:  # a free copy: the trace's module holds a model copy
+            traced = structure.trace(model, x).graph
+            for node in traced.nodes:  # a free copy: the trace's module holds a model copy
                 env[node.name] = hit.node_copy(node, lambda n: env[n.name])
+            hit.dimat_constants = getattr(traced, "dimat_constants", {})
         except Exception:  # derive already warned; nothing is permuted
             hit = fx.Graph()
         _GRAPH_CACHE[key] = hit

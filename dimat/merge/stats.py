@@ -177,10 +177,23 @@ def site_module(model: nn.Module, graph: fx.Graph, nodes: Sequence[str]) -> fx.G
     if not nodes:
         raise ValueError("site_module needs at least one node")
     g.output(tuple(env[n] for n in nodes))
-    gm = fx.GraphModule(model, g)
+    constants = getattr(graph, "dimat_constants", {})
+    if constants:  # the model's own tensors (shared, not copied) plus the trace's constants
+        root = {n.target: constants[n.target] if n.target in constants else _attr(model, n.target)
+                for n in g.nodes if n.op == "get_attr"}
+        gm = fx.GraphModule(root, g)
+    else:
+        gm = fx.GraphModule(model, g)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _attr(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class eval_mode:

@@ -188,6 +188,9 @@ class PermutationSpec:
     warnings: Tuple[str, ...] = field(default=())
     #: parameter entries per group (numbers of tensor entries the group's axes touch), for :meth:`coverage`
     weights: Tuple[int, ...] = field(default=(), compare=False)
+    #: why the model could not be analysed at all (nothing is permuted), and its parameter count
+    failed: str = ""
+    parameters: int = 0
 
     @property
     def permutable(self) -> List[int]:
@@ -208,6 +211,8 @@ class PermutationSpec:
 
     def coverage(self) -> Coverage:
         """Parameter entries in permuted groups over those in all hidden-unit groups (the logits do not count)."""
+        if self.failed:
+            return Coverage(0, max(self.parameters, 1), (("the whole model", self.failed),))
         permuted = total = 0
         frozen = []
         for i, g in enumerate(self.groups):
@@ -313,7 +318,9 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     # the slow, decomposable path of nn.MultiheadAttention runs only with autograd on
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm = make_fx(run, pre_dispatch=True)(*[t for _, t in named], example_input)
+        # values read back into Python (``.item()``, ``x in tensor``) take the example's values, as the call did
+        gm = make_fx(run, pre_dispatch=True, _error_on_data_dependent_ops=False)(*[t for _, t in named],
+                                                                                  example_input)
         graph = gm.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         for node, name in zip(placeholders[:-1], names):
@@ -323,7 +330,14 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
             node.replace_all_uses_with(attr)
             graph.erase_node(node)
         placeholders[-1].name = placeholders[-1].target = "x"
-        out = fx.GraphModule(work, graph)
+        # tensors the trace made constants of (``torch.tensor(...)`` in forward) travel with the graph
+        known = set(names)
+        constants = {n.target: getattr(gm, n.target) for n in graph.nodes
+                     if n.op == "get_attr" and n.target not in known}
+        root = {n: t for n, t in named}
+        root.update(constants)
+        out = fx.GraphModule(root, graph)
+        out.graph.dimat_constants = constants
         out.recompile()
     return out
 
@@ -399,6 +413,22 @@ def _is_tensor(node: Any) -> bool:
 
 class _FreezeSignal(Exception):
     pass
+
+
+_VIEWS = {"t", "transpose", "permute", "view", "reshape", "_to_copy", "to", "contiguous", "expand", "clone",
+          "detach", "alias", "unsqueeze", "squeeze"}
+
+
+def _param_source(node: Any, depth: int = 6) -> Optional[str]:
+    """The parameter a value is a view or copy of (``W.t()``, ``W.view(...)``), else None."""
+    while isinstance(node, fx.Node) and depth > 0:
+        if node.op == "get_attr":
+            return node.target
+        if node.op != "call_function" or _op_name(node) not in _VIEWS or not node.args:
+            return None
+        node = node.args[0]
+        depth -= 1
+    return None
 
 
 class _Deriver:
@@ -921,7 +951,21 @@ class _Deriver:
 
     def op_mm(self, node):
         a, b = node.args[:2]
-        return self.contract(node, (self.dims(a), _meta_shape(a)), (self.dims(b), _meta_shape(b)))
+        lay = self.contract(node, (self.dims(a), _meta_shape(a)), (self.dims(b), _meta_shape(b)))
+        self.weight_sites(node, a, b, lay)
+        return lay
+
+    def weight_sites(self, node, a, b, lay) -> None:
+        """``x @ W`` with a parameter W (GPT-2's Conv1D, hand-written layers): x is read by a layer, the product
+        is that layer's output, as for ``linear``."""
+        src = _param_source(b)
+        if src is None or _param_source(a) is not None or len(_meta_shape(b)) != 2:
+            return
+        what = src.rsplit(".", 1)[0]
+        self.site(a, -1, f"input of {what}")
+        if lay is not None:
+            self.lay[node.name] = lay
+            self.site(node, -1, f"output of {what}", True)
 
     op_bmm = op_mm
     op_matmul = op_mm
@@ -929,6 +973,7 @@ class _Deriver:
     def op_addmm(self, node):
         bias, a, b = node.args[:3]
         lay = self.contract(node, (self.dims(a), _meta_shape(a)), (self.dims(b), _meta_shape(b)))
+        self.weight_sites(node, a, b, lay)
         d = list(lay) if lay is not None else [None] * 2
         bd = self.dims(bias)
         sb = _meta_shape(bias)
@@ -1318,6 +1363,24 @@ class _Deriver:
         return self.norm_lay(d)
 
     op_pad = op_constant_pad_nd
+
+    def op_index(self, node):
+        """``x[i0, i1, ...]`` with index tensors: the indexed dims (which must not carry units) are replaced by the
+        indices' broadcast shape; the other dims keep their units."""
+        src, idx = node.args[:2]
+        d = self.dims(src)
+        pos = [i for i, t in enumerate(idx) if t is not None]
+        for i in pos:
+            if d[i] is not None:
+                raise _FreezeSignal("indexing along a dimension that carries units")
+            if isinstance(idx[i], fx.Node) and self.L(idx[i]) not in (None, _UNIFORM):
+                raise _FreezeSignal("index tensors that carry units")
+        if pos != list(range(pos[0], pos[-1] + 1)):
+            raise _FreezeSignal("non-adjacent index tensors")
+        out_shape = _meta_shape(node)
+        rest_before, rest_after = d[:pos[0]], d[pos[-1] + 1:]
+        mid = len(out_shape) - len(rest_before) - len(rest_after)
+        return self.norm_lay(rest_before + [None] * mid + rest_after)
 
     def op_index_select(self, node):
         src, dim = node.args[:2]
@@ -1897,7 +1960,8 @@ def derive(model: nn.Module, example_input: torch.Tensor, self_test: bool = True
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         msg = f"cannot trace {type(model).__name__} ({type(e).__name__}: {first}); nothing is permuted"
         warnings.warn(msg, stacklevel=2)
-        return PermutationSpec(groups=(), warnings=(msg,))
+        return PermutationSpec(groups=(), warnings=(msg,), failed=f"cannot trace ({type(e).__name__}: {first})",
+                               parameters=sum(p.numel() for p in model.parameters()))
     params = dict(work.named_parameters())
     params.update({n: b for n, b in work.named_buffers() if b.is_floating_point() and n in state})
     d = _Deriver(gm, state, params)
