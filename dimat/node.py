@@ -123,7 +123,10 @@ class Node:
         own rank), sent with its snapshot. A merge takes as reference the participant with the lowest tag (this
         agent's own model when its tag is that low), aligns only the models whose tag differs, averages those
         that carry the reference's tag as they are, and gives the result that tag. The lowest rank's basis spreads
-        one hop per round; once every agent carries it, a merge is a weighted average plus the BatchNorm reset.
+        one hop per round; once every agent carries it, a merge is the operator with identity permutations: the
+        weighted average, then the statistics repair the operator does (the BatchNorm reset, and for ``dimat`` and
+        ``wm`` REPAIR's correction of layers no BatchNorm follows), i.e. ``merge.average(..., reset_bn=True,
+        repair=True)``; for ``wa``, the average plus the BatchNorm reset.
         The weights, the data the statistics are computed on (the agent's own batches) and where the result goes
         do not change. A snapshot without a valid tag is aligned, as under ``"own"``.
     combine : how aligned models are combined (:class:`dimat.merge.combine.CombineOptions`; None: the weighted

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +153,64 @@ def test_no_traceback_from_the_real_command(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip() == f"dimat: error: {cfg}: unknown key 'merge.metod' (did you mean 'merge.method'?)"
     assert not (tmp_path / "r").exists()
+
+
+TIN20 = Path(os.environ.get("DIMAT_TIN20", Path(__file__).resolve().parents[2] / "shared/data/tin20-dev.npz"))
+
+USER_VIT = """\
+import torch
+from torch import nn
+
+
+class ViT(nn.Module):
+    def __init__(self, num_classes, dim, depth=2, heads=2, patch=8, in_channels=3, image_size=32):
+        super().__init__()
+        self.embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2 + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.encoder(x))[:, 0])
+
+
+def vit(num_classes, width=1, in_channels=3, image_size=32):
+    return ViT(num_classes, dim=max(2, int(16 * width)) * 2, in_channels=in_channels, image_size=image_size)
+"""
+
+
+@pytest.mark.skipif(not TIN20.exists(), reason="tin20-dev.npz not available")
+def test_run_with_a_user_vit_factory_on_tin20(tmp_path, capsys, monkeypatch):
+    # A transformer written by the user (package.module:factory), merged by activation matching, end to end.
+    (tmp_path / "user_vit.py").write_text(USER_VIT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = write(tmp_path / "vit.yaml", f"""\
+agents: 2
+threads: 1
+rounds: 1
+topology: fc
+data:
+  dataset: npz:{TIN20}
+model:
+  name: user_vit:vit
+  width: 0.5
+train:
+  epochs: 1
+  batch_size: 100
+merge:
+  method: dimat
+  stat_batches: 2
+""")
+    out = tmp_path / "run"
+    rc, stdout, err = run_cli(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads(stdout.splitlines()[0]) == summary
+    assert "user_vit:vit" in (out / "config.yaml").read_text()
+    accs = [v for k, v in summary.items() if "acc" in k and isinstance(v, (int, float))]
+    assert accs and all(0.0 <= a <= 1.0 for a in accs), summary

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dimat import merge, models
-from dimat.merge import matching, operators, repair, stats, structure
+from dimat.merge import matching, operators, repair, stats
 
 
 # --------------------------------------------------------------------------- hand-written permutations
@@ -251,15 +251,22 @@ def test_three_models_with_uneven_weights():
     assert _rel(_logits(merged, probe), _logits(a, probe)) < 1e-4
 
 
-def test_average_equals_activation_match_with_identity_permutations(monkeypatch):
-    a, b, batches, _ = _pair("resnet20")
+@pytest.mark.parametrize("kind", ["resnet20", "user_conv_flat", "mlp"])
+def test_average_equals_activation_match_with_identity_permutations(kind, monkeypatch):
+    # resnet20: BatchNorm only; user_conv_flat: BatchNorm and corrected layers; mlp: corrected layers only
+    a, b, batches, _ = _pair(kind)
     monkeypatch.setattr(matching, "match", lambda corr: torch.arange(corr.shape[0]))
-    for reset in (False, True):
-        wa = merge.average([a, b], [0.3, 0.7], batches=batches, reset_bn=reset).state_dict()
-        am = merge.activation_match([a, b], [0.3, 0.7], batches, reset_bn=reset).state_dict()
+    for reset, fix in ((False, False), (True, False), (True, True)):
+        wa = merge.average([a, b], [0.3, 0.7], batches=batches, reset_bn=reset, repair=fix).state_dict()
+        am = merge.activation_match([a, b], [0.3, 0.7], batches, reset_bn=reset, repair=fix).state_dict()
         assert wa.keys() == am.keys()
         for k in wa:
-            assert torch.allclose(wa[k], am[k], rtol=1e-6, atol=1e-7), k
+            assert torch.allclose(wa[k], am[k], rtol=1e-6, atol=1e-7), (k, reset, fix)
+    # with corrected layers, REPAIR is more than the average: average's default (repair off) differs
+    plain = merge.average([a, b], [0.3, 0.7], batches=batches, reset_bn=True).state_dict()
+    am = merge.activation_match([a, b], [0.3, 0.7], batches, reset_bn=True).state_dict()
+    same = all(torch.allclose(plain[k], am[k], rtol=1e-6, atol=1e-7) for k in plain)
+    assert same == (kind == "resnet20")
 
 
 @pytest.mark.parametrize("method", ["dimat", "wm"])
@@ -337,6 +344,17 @@ def test_groups_are_derived_once_per_architecture(monkeypatch):
     monkeypatch.setattr(operators.structure, "derive", lambda *a, **k: calls.append(1) or real(*a, **k))
     for _ in range(3):
         merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=False)
+    assert len(calls) == 1
+
+
+def test_repair_plan_is_made_once_per_architecture(monkeypatch):
+    a, b, batches, _ = _pair("user_conv_flat")
+    operators._PLAN_CACHE.clear()
+    calls = []
+    real = operators.repair_plan
+    monkeypatch.setattr(operators, "repair_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(3):
+        merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True)
     assert len(calls) == 1
 
 
@@ -475,8 +493,10 @@ def test_repair_gives_unbatchnormed_layers_the_endpoints_statistics(digits_pair)
     xtr, ytr, xte, yte, a, b = digits_pair
     batches = [xtr[i:i + 200] for i in range(0, 1400, 200)]
     fc1 = "classifier.1"
-    spec = merge.spec_for(a, batches[0])[0]
-    assert [n for n, _ in repair.repair_layers(a, spec, structure.module_graph(a))] == [fc1]
+    candidates = [n for n, _ in repair.repair_layers(a, merge.spec_for(a, batches[0])[0])]
+    steps = repair.plan(a, candidates, batches[0][:2])
+    assert steps.layers == {fc1: 1}  # measured after the BN reset ...
+    assert set(steps.bns.values()) == {0} and set(steps.followed_by_bn) == set(candidates) - {fc1}  # ... of these
     plain = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True, repair=False)
     fixed = merge.activation_match([a, b], [0.5, 0.5], batches, reset_bn=True, repair=True)
     # the endpoints' per-unit spread (units matched by sorting, which is permutation-free)
@@ -490,6 +510,51 @@ def test_repair_gives_unbatchnormed_layers_the_endpoints_statistics(digits_pair)
     assert off(got["plain"]) > 0.2  # averaging (and the BN reset upstream) changes the spread of fc1's units
     assert off(got["fixed"]) < 0.05
     assert _accuracy(fixed, xte, yte) >= _accuracy(plain, xte, yte) - 1
+
+
+class StackedRepair(nn.Module):
+    """Corrected layers behind a BatchNorm (c2), behind dropout (fc1) and behind other corrected layers (fc2)."""
+
+    def __init__(self, p_drop):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.drop = nn.Dropout(p_drop)
+        self.fc1 = nn.Linear(6 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 12)
+        self.fc3 = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        x = self.drop(nn.functional.max_pool2d(torch.relu(self.c2(x)), 2))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+@pytest.mark.parametrize("p_drop", [0.5, 0.0])
+def test_repaired_layers_have_the_target_statistics_in_the_finished_model(p_drop, monkeypatch):
+    # Identity permutations, so the targets are simply the weighted endpoint statistics of each layer. The
+    # finished model, run as it will be used (eval mode), must give every corrected layer exactly those.
+    monkeypatch.setattr(matching, "match", lambda corr: torch.arange(corr.shape[0]))
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    a, b = StackedRepair(p_drop), StackedRepair(p_drop)
+    for m in (a, b):
+        _randomise_bn(m, gen)
+    batches = [torch.randn(16, 3, 8, 8, generator=gen) for _ in range(4)]
+    merged = merge.activation_match([a, b], [0.25, 0.75], batches, reset_bn=True, repair=True)
+    layers = ["c2", "fc1", "fc2"]
+    ends = [repair.endpoint_stats(m, layers, batches) for m in (a, b)]
+    got = repair.endpoint_stats(merged, layers, batches)
+    for name in layers:
+        for k in (0, 1):  # mean, std
+            target = 0.25 * ends[0][name][k] + 0.75 * ends[1][name][k]
+            assert torch.allclose(got[name][k], target, rtol=1e-4, atol=1e-4 * float(target.abs().max())), name
+    # and the BatchNorm holds the statistics of its input in the finished model
+    with torch.no_grad():
+        pre = torch.cat([merged.c1(x) for x in batches])
+    assert torch.allclose(merged.bn.running_mean, pre.mean((0, 2, 3)), atol=1e-5)
 
 
 class AliasNet(nn.Module):
@@ -507,32 +572,144 @@ class AliasNet(nn.Module):
         return self.fc(torch.cat([h.flatten(1), a], 1))
 
 
+class TinyTransformer(nn.Module):
+    """A pre-norm transformer block on 4 tokens: no BatchNorm anywhere, LayerNorm before attention and MLP."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(6, dim)
+        self.norm1, self.norm2, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(0.3), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (f(h).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + self.proj(a)
+        x = x + self.mlp(self.norm2(x))
+        return self.head(self.norm(x).mean(1))
+
+
+def test_repair_corrects_every_permuted_layer_of_a_layernorm_network():
+    torch.manual_seed(0)
+    a, b = TinyTransformer(), TinyTransformer()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(16, 4, 6, generator=gen) for _ in range(3)]
+    spec = merge.spec_for(a, batches[0])[0]
+    candidates = [n for n, _ in repair.repair_layers(a, spec)]
+    steps = repair.plan(a, candidates, batches[0][:2])
+    assert set(steps.layers) == {"embed", "q", "k", "v", "proj", "mlp.0", "mlp.3"} and not steps.bns
+    assert steps.layers["proj"] > steps.layers["v"] > steps.layers["embed"] and steps.layers["mlp.3"] == 4
+    # identity permutations (average with REPAIR is activation_match's code path without the alignment)
+    merged = merge.average([a, b], [0.5, 0.5], batches=batches, reset_bn=True, repair=True)
+    plain = merge.average([a, b], [0.5, 0.5], batches=batches, reset_bn=True)
+    ends = [repair.endpoint_stats(m, list(steps.layers), batches) for m in (a, b)]
+    got, before = (repair.endpoint_stats(m, list(steps.layers), batches) for m in (merged, plain))
+    for name in steps.layers:
+        target = (ends[0][name][1] + ends[1][name][1]) / 2
+        assert torch.allclose(got[name][1], target, rtol=1e-4), name
+        assert torch.allclose(got[name][0], (ends[0][name][0] + ends[1][name][0]) / 2, atol=1e-4), name
+    assert float((before["mlp.3"][1] / ((ends[0]["mlp.3"][1] + ends[1]["mlp.3"][1]) / 2)).mean()) < 0.9  # collapse
+
+
+# Where each group's activations are read, written out by hand for the reference below: the group of a layer's
+# output units -> the layers that consume them, the columns of the consumer's input they occupy and the number of
+# consecutive entries per unit (a flattened C x 4 x 4 map gives each channel 16).
+_HAND_SITES = {
+    "UserConvFlat": {"c1.weight": [("c2", None, 1)], "c2.weight": [("fc1", None, 16)],
+                     "fc1.weight": [("fc2", None, 1)]},
+    "AliasNet": {"c1.weight": [("c2", None, 1), ("fc", slice(0, 96), 16)], "c2.weight": [("fc", slice(96, 100), 1)]},
+}
+
+
+def _hand_features(model, consumer, cols, block, xs):
+    """The consumer's inputs, captured by a forward pre-hook, as a numpy [samples, units] matrix."""
+    seen = []
+    handle = model.get_submodule(consumer).register_forward_pre_hook(lambda m, a: seen.append(a[0].numpy().copy()))
+    try:
+        model.eval()
+        with torch.no_grad():
+            for x in xs:
+                model(x)
+    finally:
+        handle.remove()
+    v = np.concatenate(seen).astype(np.float64)
+    if v.ndim == 4:  # N x C x H x W: every pixel of every image is a sample of each channel
+        return v.transpose(0, 2, 3, 1).reshape(-1, v.shape[1])
+    v = v[:, cols] if cols is not None else v
+    units = v.shape[1] // block
+    return v.reshape(len(v), units, block).transpose(0, 2, 1).reshape(-1, units)
+
+
 @pytest.mark.parametrize("bmm_limit", [4_000_000, 0])
 @pytest.mark.parametrize("net", [UserConvFlat, AliasNet])
 def test_collected_correlations_match_numpy_at_every_site(bmm_limit, net, monkeypatch):
+    # The reference uses nothing of dimat's statistics code: forward hooks on the consuming layers and numpy.
     monkeypatch.setattr(stats._BatchMoments, "_BMM_LIMIT", bmm_limit)  # both layouts of the cross products
     torch.manual_seed(0)
     a, b = net(), net()
     for m in (a, b):
         _randomise_bn(m, torch.Generator().manual_seed(3))
-    xs = [torch.randn(20, 3, 4 if net is AliasNet else 8, 4 if net is AliasNet else 8) for _ in range(3)]
+    side = 4 if net is AliasNet else 8
+    xs = [torch.randn(20, 3, side, side) for _ in range(3)]
     spec, graph = merge.spec_for(a, xs[0])
     corr = stats.collect_correlations([a, b], spec, graph, xs, spec.permutable)[0]
-    sites = [s for gi in spec.permutable for s in spec.groups[gi].sites]
-    mods = [stats.site_module(m.eval(), graph, list(dict.fromkeys(s.node for s in sites))) for m in (a, b)]
-    slot = {n: i for i, n in enumerate(dict.fromkeys(s.node for s in sites))}
-    for gi in spec.permutable:
+    hand = _HAND_SITES[net.__name__]
+    group_of = {ax.tensor: gi for gi in spec.permutable for ax in spec.groups[gi].axes if ax.axis == 0}
+    assert sorted(group_of[t] for t in hand) == sorted(spec.permutable)
+    for tensor, sites in hand.items():
         refs = []
-        for site in spec.groups[gi].sites:
-            with torch.no_grad():
-                fa = torch.cat([stats.unit_features(mods[0](x)[slot[site.node]], site) for x in xs])
-                fb = torch.cat([stats.unit_features(mods[1](x)[slot[site.node]], site) for x in xs])
+        for consumer, cols, block in sites:
+            fa, fb = (_hand_features(m, consumer, cols, block, xs) for m in (a, b))
             with np.errstate(invalid="ignore", divide="ignore"):
-                ref = np.corrcoef(fa.double().numpy().T, fb.double().numpy().T)[: site.units, site.units:]
+                ref = np.corrcoef(fa.T, fb.T)[: fa.shape[1], fa.shape[1]:]
             refs.append(np.nan_to_num(ref, nan=0.0))  # numpy gives NaN for a dead unit, dimat gives 0
-        assert np.allclose(corr[gi].numpy(), np.mean(refs, 0), atol=1e-5), gi
-    if net is AliasNet:
-        assert len(spec.groups[spec.permutable[0]].sites) == 2  # h read by c2 and, flattened, by fc
+        assert np.allclose(corr[group_of[tensor]].numpy(), np.mean(refs, 0), atol=1e-5), tensor
+
+
+@pytest.mark.parametrize("layout", ["rows", "bmm", "cols"])
+def test_batch_moments_build_nothing_larger_than_the_samples(layout, monkeypatch):
+    # Per-unit sums of squares need O(samples x units) memory; a units x units product appears only in cross().
+    from torch.overrides import TorchFunctionMode
+
+    class Largest(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.numel = max(self.numel, out.numel())
+            return out
+
+    units = 300
+    monkeypatch.setattr(stats._BatchMoments, "_BMM_LIMIT", 10**9 if layout == "bmm" else 0)
+    shape = (8, units) if layout == "rows" else (2, units, 2, 2)
+    value = torch.randn(*shape)
+    site = _site(units)
+    with Largest() as spy:
+        m = stats._BatchMoments(value, site)
+    assert m.mode == layout
+    assert spy.numel <= value.numel(), spy.numel  # 8 samples x 300 units, not 300 x 300
+    ref = _units_matrix(value)
+    assert torch.allclose(m.m2.double(), ((ref - ref.mean(0)) ** 2).sum(0), rtol=1e-4)
+
+
+def _site(units):
+    from dimat.merge.structure import Site
+
+    return Site(node="x", dim=1, offset=0, units=units)
+
+
+def _units_matrix(value):
+    """[samples, units] by hand: units on dim 1, every other dimension a sample."""
+    return value.double().movedim(1, -1).reshape(-1, value.shape[1])
 
 
 def test_weight_match_without_batches_uses_an_example_or_an_earlier_derivation():

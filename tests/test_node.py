@@ -290,18 +290,29 @@ def test_shared_basis_tags_spread_from_the_lowest_rank_and_stop_the_alignments(m
         assert sum(calls) == aligned, r
 
 
-def test_shared_basis_merge_of_same_tag_models_is_the_weighted_average():
-    # Two agents already in basis 0: the merge averages them as they are (then resets BatchNorm), even though
-    # activation matching on these batches would pick some other permutation of two unrelated models.
+def deep_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize("make", [bn_net, deep_mlp])
+def test_shared_basis_merge_of_same_tag_models_is_the_average_with_its_repair(make):
+    # Two agents already in basis 0: the merge averages them as they are, then repairs the statistics as the
+    # operator does (BatchNorm reset; REPAIR for deep_mlp's hidden layers), even though activation matching on
+    # these batches would pick some other permutation of two unrelated models.
     topo = Topology.build("fc", 2)
     ts = make_inproc([topo.neighbors(k) for k in range(2)])
     probe = batches(2, seed=3)
-    ns = [Node(bn_net(k), topo, k, ts[k], probe, method="dimat", basis="shared") for k in range(2)]
+    ns = [Node(make(k), topo, k, ts[k], probe, method="dimat", basis="shared") for k in range(2)]
     for n in ns:
         n.basis_tag = 0
-    want = merge.average([ns[0].model, ns[1].model], [0.5, 0.5], batches=probe, reset_bn=True)
-    aligned = merge.activation_match([ns[0].model, ns[1].model], [0.5, 0.5], batches=probe)
+    models = [ns[0].model, ns[1].model]
+    want = merge.average(models, [0.5, 0.5], batches=probe, reset_bn=True, repair=True)
+    aligned = merge.activation_match(models, [0.5, 0.5], batches=probe)
     assert any(not torch.equal(a, b) for a, b in zip(want.state_dict().values(), aligned.state_dict().values()))
+    no_repair = merge.average(models, [0.5, 0.5], batches=probe, reset_bn=True)
+    differs = any(not torch.allclose(a, b) for a, b in zip(want.state_dict().values(), no_repair.state_dict().values()))
+    assert differs == (make is deep_mlp)  # the average plus a BN reset alone is not the merge there
     _ring_round(ns, 0)
     for name, t in want.state_dict().items():
         torch.testing.assert_close(ns[0].model.state_dict()[name], t)

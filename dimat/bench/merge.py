@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import threading
@@ -35,8 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epoch-images", type=int, default=2000, help="images in the reference local epoch")
     parser.add_argument("--data", type=Path, default=None,
                         help="tin20-dev.npz (default: $DIMAT_TIN20 or ../shared/data/tin20-dev.npz)")
-    parser.add_argument("--models", default="cnn,resnet20", help="models for the accuracy table")
-    parser.add_argument("--epochs", default="cnn:6,resnet20:3", help="training epochs per model, name:epochs")
+    parser.add_argument("--models", default="cnn,resnet20",
+                        help="models for the accuracy table: zoo names or package.module:factory specs")
+    parser.add_argument("--epochs", default="cnn:6,resnet20:3",
+                        help="training epochs per model, name:epochs pairs (the last ':' separates them), or one "
+                             "number for every model")
+    parser.add_argument("--seeds", default="1,2", help="the two training seeds of the endpoints")
+    parser.add_argument("--endpoints", type=Path, default=None,
+                        help="folder to keep trained endpoints in: a model already there with the same spec, "
+                             "seed, epochs, recipe and data size is loaded instead of trained again")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
@@ -116,12 +124,19 @@ def _ints(text: str, flag: str = "list") -> List[int]:
 
 
 def _epochs(text: str) -> Dict[str, int]:
+    """``name:epochs`` pairs (the last colon separates them: names may be ``package.module:factory``); a bare
+    number applies to every model (key ``"*"``)."""
     from dimat.errors import UserError
 
+    out: Dict[str, int] = {}
     try:
-        out = {k.strip(): int(v) for k, v in (item.split(":") for item in text.split(",") if item.strip())}
+        for item in (i.strip() for i in text.split(",") if i.strip()):
+            name, sep, n = item.rpartition(":")
+            out[name.strip() if sep else "*"] = int(n)
     except ValueError:
         raise UserError(f"--epochs: expected name:epochs pairs such as cnn:6,resnet20:3, got {text!r}") from None
+    if not out or min(out.values()) < 1:
+        raise UserError(f"--epochs: expected positive epoch counts, got {text!r}")
     return out
 
 
@@ -203,17 +218,39 @@ def run_timing(args) -> Dict:
 
 
 # -------------------------------------------------------------------------------------------------- accuracy
-def _train(name: str, seed: int, epochs: int, x, y):
+_RECIPE = "Adam lr 1e-3, batch 100, random flips"
+
+
+def _endpoint_file(folder: Path, name: str, seed: int, epochs: int) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    return folder / f"{safe}-e{epochs}-s{seed}.pt"
+
+
+def _train(name: str, seed: int, epochs: int, x, y, folder: Optional[Path] = None, num_classes: int = 20):
+    """A model trained from ``seed`` (recipe: :data:`_RECIPE`); with ``folder``, loaded from there when an earlier
+    run saved one with the same model, seed, epochs and recipe, else trained and saved. Returns (model, loaded)."""
     import torch
 
     from dimat import models
     from dimat.train import train_epochs
 
     torch.manual_seed(seed)
-    model = models.build(name, 20, width=1)
+    model = models.build(name, num_classes, width=1, in_channels=x.shape[1], image_size=x.shape[-1])
+    meta = {"model": name, "seed": seed, "epochs": epochs, "recipe": _RECIPE, "train_images": len(x)}
+    path = _endpoint_file(folder, name, seed, epochs) if folder is not None else None
+    if path is not None and path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("meta") == meta:
+            model.load_state_dict(saved["state"])
+            return model, True
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     train_epochs(model, opt, x, y, epochs, 100, torch.Generator().manual_seed(seed), flip=True)
-    return model
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"meta": meta, "state": model.state_dict()}, tmp)
+        tmp.replace(path)
+    return model, False
 
 
 def run_accuracy(args) -> Dict:
@@ -234,18 +271,25 @@ def run_accuracy(args) -> Dict:
     ops = [
         ("average", lambda ms: merge.average(ms, [0.5, 0.5])),
         ("average + BN reset", lambda ms: merge.average(ms, [0.5, 0.5], batches=batches, reset_bn=True)),
-        ("weight_match (+ BN reset)", lambda ms: merge.weight_match(ms, [0.5, 0.5], batches=batches)),
+        ("weight_match (+ BN reset, REPAIR)", lambda ms: merge.weight_match(ms, [0.5, 0.5], batches=batches)),
         ("activation_match, no REPAIR", lambda ms: merge.activation_match(ms, [0.5, 0.5], batches, repair=False)),
         ("activation_match", lambda ms: merge.activation_match(ms, [0.5, 0.5], batches)),
     ]
+    seeds = _ints(args.seeds, "--seeds")
+    if len(seeds) != 2 or seeds[0] == seeds[1]:
+        raise UserError(f"--seeds: expected two different seeds, got {args.seeds!r}")
     cols, results = {}, {}
-    for name in args.models.split(","):
-        n_ep = epochs.get(name, 6)
+    for name in [n.strip() for n in args.models.split(",") if n.strip()]:
+        n_ep = epochs.get(name, epochs.get("*", 6))
         t = time.perf_counter()
-        ends = [_train(name, seed, n_ep, xtr, ytr) for seed in (1, 2)]
+        trained = [_train(name, seed, n_ep, xtr, ytr, args.endpoints, int(ytr.max()) + 1) for seed in seeds]
+        ends = [m for m, _ in trained]
         train_s = time.perf_counter() - t
+        how = ["loaded from " + str(args.endpoints) if loaded else "trained" for _, loaded in trained]
+        print(f"{name}: endpoints (seeds {seeds[0]}, {seeds[1]}): {how[0]}, {how[1]} ({train_s:.0f} s)",
+              file=sys.stderr, flush=True)
         acc = [100 * evaluate(m, xte, yte)[0] for m in ends]
-        res = {"epochs": n_ep, "train_s": train_s, "endpoints": acc}
+        res = {"epochs": n_ep, "seeds": seeds, "train_s": train_s, "endpoints": acc, "endpoints_from": how}
         for label, op in ops:
             t = time.perf_counter()
             res[label] = 100 * evaluate(op(ends), xte, yte)[0]
@@ -254,22 +298,22 @@ def run_accuracy(args) -> Dict:
         cols[name] = res
         print(f"{name}: {res}", file=sys.stderr, flush=True)
     names = list(cols)
-    rows = [["endpoints (seed 1 / seed 2)"] + [f"{cols[n]['endpoints'][0]:.1f} / {cols[n]['endpoints'][1]:.1f}"
+    rows = [[f"endpoints (seed {seeds[0]} / seed {seeds[1]})"] + [f"{cols[n]['endpoints'][0]:.1f} / {cols[n]['endpoints'][1]:.1f}"
                                               for n in names]]
     for label, _ in ops:
         rows.append([label] + [
             f"{cols[n][label]:.1f} ({100 * cols[n][label] / (sum(cols[n]['endpoints']) / 2):.0f}%)" for n in names
         ])
     header = ["midpoint"] + [f"{n} (width 1, {cols[n]['epochs']} epochs)" for n in names]
-    note = (f"tin20-dev test accuracy (%, 1000 images, 20 classes); in brackets: share of the endpoints' mean. "
-            f"Adam lr 1e-3, batch 100, random flips; merge statistics and BN reset on {args.stat_batches} batches "
-            f"of {args.batch_size} training images.")
+    note = (f"Test accuracy (%) on {len(xte)} test images of {path}; in brackets: share of the endpoints' mean. "
+            f"Endpoints: {_RECIPE}, on {len(xtr)} training images; merge statistics, BN reset and REPAIR on "
+            f"{args.stat_batches} batches of {args.batch_size} training images.")
     return {"table": _md_table(header, rows), "note": note, "results": results}
 
 
 # ------------------------------------------------------------------------------------------------------ main
 _FLAGS = ["part", "widths", "neighbours", "stat_batches", "batch_size", "repeats", "epoch_images", "data",
-          "models", "epochs", "threads", "out"]
+          "models", "epochs", "seeds", "endpoints", "threads", "out"]
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -291,6 +335,7 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     _ints(args.widths, "--widths"), _ints(args.neighbours, "--neighbours"), _epochs(args.epochs)
+    _ints(args.seeds, "--seeds")
     if args.threads:
         torch.set_num_threads(args.threads)
     command = _command(args)

@@ -28,6 +28,8 @@ from torch import nn
 
 from dimat.merge import guard, matching, stats, structure, telemetry
 from dimat.merge.repair import endpoint_stats, repair_layers, reset_and_repair
+from dimat.merge.repair import RepairPlan
+from dimat.merge.repair import plan as repair_plan
 from dimat.merge.structure import PermutationSpec
 
 __all__ = [
@@ -234,6 +236,7 @@ def average(
     reset_bn: bool = False,
     stat_batches: Optional[int] = None,
     same_basis: Sequence[int] = (),
+    repair: bool = False,
     combine: Optional[CombineFn] = None,
 ) -> nn.Module:
     """WA: the weighted average of every floating-point tensor, without alignment.
@@ -246,6 +249,10 @@ def average(
     reset_bn : when true (and ``batches`` is given), recompute BatchNorm statistics of the result on ``batches``.
     stat_batches : number of batches used for the BN reset (None: all).
     same_basis : accepted for a uniform signature and ignored: nothing is aligned here.
+    repair : with ``reset_bn`` and ``batches``, also the REPAIR correction that :func:`activation_match` applies
+        (same layers, same targets), so that ``average(..., reset_bn=r, repair=p)`` is exactly
+        ``activation_match(..., reset_bn=r, repair=p)`` with identity permutations. Off by default: WA is the
+        plain baseline.
     combine : replaces the weighted sum (see :data:`CombineFn`); called with identity permutations.
 
     Returns
@@ -255,7 +262,13 @@ def average(
     states, w = _check(models, weights)
     _to_align(w, same_basis)  # the same checks as the aligning operators
     if reset_bn and batches is not None:
-        _first_input(batches)  # an empty iterable is an error before any work is done
+        example = _first_input(batches)  # an empty iterable is an error before any work is done
+        if repair:
+            device = _device_of(models[0])
+            spec, _ = spec_for(models[0], example.to(device))
+            cl = _channels_last(models[0], example)
+            return _merge_aligned(models, states, w, [{} for _ in models[1:]], spec, batches, reset_bn,
+                                  stat_batches, None, repair, cl, combine)
     state = _weighted_sum(states, w) if combine is None else combine(states, w, [{} for _ in states[1:]], None)
     return _finish(models[0], state, batches, reset_bn, stat_batches)
 
@@ -324,19 +337,6 @@ def graph_for(model: nn.Module, x: torch.Tensor) -> fx.Graph:
     return hit
 
 
-_MODULE_GRAPHS: "OrderedDict[tuple, fx.Graph]" = OrderedDict()
-
-
-def _module_graph(model: nn.Module) -> fx.Graph:
-    """The module-level torch.fx graph (REPAIR finds its layers there), cached per architecture."""
-    key = _arch_key(model, model.state_dict(), torch.zeros(1))[:4]
-    if key not in _MODULE_GRAPHS:
-        _MODULE_GRAPHS[key] = structure.module_graph(model)
-        while len(_MODULE_GRAPHS) > _SPEC_CACHE_SIZE:
-            _MODULE_GRAPHS.popitem(last=False)
-    return _MODULE_GRAPHS[key]
-
-
 _CHANNELS_LAST: Dict[tuple, bool] = {}
 
 
@@ -365,28 +365,49 @@ def _channels_last(model: nn.Module, example: torch.Tensor) -> bool:
     return _CHANNELS_LAST.get(_arch_key(model, model.state_dict(), example), False)
 
 
-def _repair_targets(models, w, perms_per_model, spec, graph, batches, stat_batches, cl=False):
-    """Weighted per-channel output (mean, std) of the aligned endpoints, for layers that no BatchNorm follows."""
-    layers = repair_layers(models[0], spec, graph)
-    if not layers:
-        return {}
+def _repair_targets(models, aligned, w, layers, batches, stat_batches, cl=False):
+    """Weighted per-unit output (mean, std) of the aligned endpoints (``aligned``: their permuted state dicts)
+    for the named ``layers``; each endpoint is measured in ``models[0]``'s unit order."""
     device = _device_of(models[0])
-    names = [name for name, _ in layers]
     targets: Dict[str, List[torch.Tensor]] = {}
-    for j, (model, wj) in enumerate(zip(models, w)):
+    for j, (sd, wj) in enumerate(zip(aligned, w)):
         if wj <= 0:
             continue
+        model = models[j] if j == 0 or sd is None else _new_model(models[j], sd)
         inputs = (_to(x, device, cl) for x in iter_inputs(batches, stat_batches))
-        found = endpoint_stats(model, names, inputs)
-        perms = perms_per_model[j - 1] if j > 0 else {}
-        for name, gi in layers:
-            mean, std = found[name]
-            if gi in perms:
-                mean, std = mean[perms[gi]], std[perms[gi]]
+        for name, (mean, std) in endpoint_stats(model, layers, inputs).items():
             acc = targets.setdefault(name, [torch.zeros_like(mean), torch.zeros_like(std)])
             acc[0] += wj * mean
             acc[1] += wj * std
     return {name: (m, s) for name, (m, s) in targets.items()}
+
+
+_PLAN_CACHE: "OrderedDict[tuple, RepairPlan]" = OrderedDict()
+
+
+def _plan_for(model: nn.Module, candidates: List[str], example: torch.Tensor) -> RepairPlan:
+    """REPAIR's plan (:func:`dimat.merge.repair.plan`), made once per architecture, input shape and layer set."""
+    key = _arch_key(model, model.state_dict(), example) + (tuple(candidates),)
+    if key not in _PLAN_CACHE:
+        _PLAN_CACHE[key] = repair_plan(model, candidates, example)
+        while len(_PLAN_CACHE) > _SPEC_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    _PLAN_CACHE.move_to_end(key)
+    return _PLAN_CACHE[key]
+
+
+def _reset_and_repair(merged, models, aligned, w, spec, batches, stat_batches, cl) -> None:
+    """BN reset plus REPAIR of the permuted conv/linear layers that no BatchNorm reads directly (in place)."""
+    device = _device_of(merged)
+    example = _to(_first_input(batches), device, cl)[:2]
+    candidates = [n for n, _ in repair_layers(models[0], spec)]
+    steps = _plan_for(merged, candidates, example) if candidates else None
+    if steps is None or not steps.layers:
+        reset_bn_stats(merged, batches, stat_batches, channels_last=cl)
+        return
+    targets = _repair_targets(models, aligned, w, list(steps.layers), batches, stat_batches, cl)
+    reset_and_repair(merged, lambda: (_to(x, device, cl) for x in iter_inputs(batches, stat_batches)), targets,
+                     steps, example)
 
 
 def _cached_spec(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[PermutationSpec]:
@@ -399,25 +420,21 @@ def _cached_spec(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[P
 
 
 def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, stat_batches, profile,
-                   graph=None, repair=False, cl=False, combine=None):
+                   repair=False, cl=False, combine=None):
     """Apply the permutations, take the weighted sum, then reset BN statistics (and REPAIR) on the batches."""
     t = time.perf_counter()
     aligned = [states[0]] + [
         structure.apply_permutation(sd, spec, perms) if perms else sd
         for sd, perms in zip(states[1:], perms_per_model)
     ]
+    permuted = [None] + [sd if perms else None for sd, perms in zip(aligned[1:], perms_per_model)]
     merged = _new_model(models[0], _weighted_sum(aligned, w) if combine is None
                         else combine(aligned, w, perms_per_model, spec))
     t_apply = time.perf_counter() - t
     t = time.perf_counter()
     if reset_bn and batches is not None:
-        targets = {}
-        if repair and graph is not None:
-            targets = _repair_targets(models, w, perms_per_model, spec, graph, batches, stat_batches, cl)
-        if targets:
-            device = _device_of(merged)
-            inputs = (_to(x, device, cl) for x in iter_inputs(batches, stat_batches))
-            reset_and_repair(merged, inputs, targets)
+        if repair:
+            _reset_and_repair(merged, models, permuted, w, spec, batches, stat_batches, cl)
         else:
             reset_bn_stats(merged, batches, stat_batches, channels_last=cl)
     if profile is not None:
@@ -519,8 +536,7 @@ def activation_match(
         profile["stats_s"] = t_stats
         profile["assign_s"] = time.perf_counter() - t
     return _merge_aligned(
-        models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, _module_graph(models[0]), repair,
-        cl, combine
+        models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, repair, cl, combine
     )
 
 
@@ -587,6 +603,7 @@ def weight_match(
     example_input: Optional[torch.Tensor] = None,
     profile: Optional[Dict[str, float]] = None,
     same_basis: Sequence[int] = (),
+    repair: bool = True,
     combine: Optional[CombineFn] = None,
 ) -> nn.Module:
     """WM: align every neighbour to ``models[0]`` by Git Re-Basin weight matching, then average.
@@ -605,6 +622,7 @@ def weight_match(
     example_input : an input batch for deriving the groups when ``batches`` is None.
     profile : optional dict that receives ``assign_s``, ``apply_s``, ``bn_reset_s`` (seconds).
     same_basis : as in :func:`activation_match`: models taken with the identity permutation.
+    repair : with ``reset_bn`` and ``batches``, also the REPAIR correction, as in :func:`activation_match`.
     combine : as in :func:`activation_match`.
 
     Returns
@@ -639,8 +657,8 @@ def weight_match(
     if profile is not None:
         profile["stats_s"] = 0.0
         profile["assign_s"] = time.perf_counter() - t
-    return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, cl=cl,
-                          combine=combine)
+    return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, repair, cl,
+                          combine)
 
 
 MergeFn = Callable[..., nn.Module]

@@ -1,59 +1,195 @@
-"""REPAIR-style variance correction (Jordan et al., ICLR 2023) for merged layers that no BatchNorm follows.
+"""REPAIR-style statistics correction (Jordan et al., ICLR 2023) for merged layers that no BatchNorm follows.
 
-Averaging aligned but different networks shrinks the variance of hidden pre-activations ("variance collapse").
-A BatchNorm layer fixes that when its statistics are recomputed; a conv/linear layer with no BatchNorm after it
-keeps the collapse. For each such layer we measure the per-channel mean and standard deviation of its output in
-every (aligned) endpoint model, take the weighted mean of those as the target, and rescale the merged layer's
-weights and bias so that its outputs on the same batches have the target statistics. All corrected layers (and
-the BatchNorm reset) share one train-mode pass: each corrected layer normalises its output with the batch
-statistics during the pass, so downstream layers see corrected inputs, and the correction is fused into the
-layer's weights afterwards.
+Averaging aligned but different networks shrinks the spread of hidden activations ("variance collapse"). A
+BatchNorm layer fixes that when its statistics are recomputed; a conv/linear layer with no BatchNorm right after it
+keeps the collapse. That includes every layer of a LayerNorm network (a transformer): LayerNorm normalises each
+token across its units, so it cannot give a unit back the spread it lost against the other units. For each such
+layer we measure the per-unit mean and standard deviation of its output in every (aligned) endpoint model, take
+their weighted mean as the target, and rescale the merged layer's weights and bias so that its outputs have the
+target statistics.
+
+Every statistic of the merged model is measured on the inputs the finished model will see: in eval mode (no
+dropout), with every upstream BatchNorm already reset and every upstream corrected layer already fused. The
+layers are therefore processed in passes over the batches, in dependency order (:func:`plan`): pass ``l`` resets
+the BatchNorm layers of level ``l`` (train mode, cumulative average, as :func:`~dimat.merge.operators.
+reset_bn_stats` does) and measures the corrected layers of level ``l``, whose inputs depend only on lower levels.
+Dependencies come from the autograd graph of one probe forward pass, so any model that runs is handled, whatever
+its code looks like. A pass stops as soon as the last module it measures has run.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from dimat.merge.structure import PermutationSpec
 from dimat.merge.stats import eval_mode
 
-__all__ = ["repair_layers", "endpoint_stats", "reset_and_repair"]
+__all__ = ["repair_layers", "endpoint_stats", "plan", "RepairPlan", "reset_and_repair"]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = nn.modules.batchnorm._BatchNorm
 _EPS = 1e-5
+
+Inputs = Union[Iterable[torch.Tensor], Callable[[], Iterable[torch.Tensor]]]
 
 
 def _channel_dim(layer: nn.Module, out: torch.Tensor) -> int:
     return out.dim() - 1 if isinstance(layer, nn.Linear) else 1
 
 
-def repair_layers(model: nn.Module, spec: PermutationSpec, graph: fx.Graph) -> List[Tuple[str, int]]:
-    """``(module name, group index)`` of every conv/linear layer whose output units are permuted and that is not
-    followed directly by a BatchNorm (the layers whose variance a BN reset does not repair)."""
-    group_of: Dict[str, int] = {}
+def _is_bn(m: nn.Module) -> bool:
+    return isinstance(m, _BN) and m.track_running_stats
+
+
+def repair_layers(model: nn.Module, spec: PermutationSpec, graph=None) -> List[Tuple[str, int]]:
+    """``(module name, group index)`` of every conv/linear layer whose output units are permuted.
+
+    Candidates only: :func:`plan` drops those whose output goes straight into a BatchNorm (the BN reset already
+    repairs them). ``graph`` is accepted for compatibility and not used.
+    """
+    mods = dict(model.named_modules())
+    out: List[Tuple[str, int]] = []
     for gi in spec.permutable:
         for a in spec.groups[gi].axes:
             if a.axis == 0 and a.offset == 0 and a.tensor.endswith(".weight"):
-                group_of[a.tensor[: -len(".weight")]] = gi
-    mods = dict(model.named_modules())
-    out: List[Tuple[str, int]] = []
-    for node in graph.nodes:
-        if node.op != "call_module" or node.target not in group_of or not isinstance(mods.get(node.target), _LAYERS):
-            continue
-        users = [u for u in node.users if u.op == "call_module"]
-        if any(isinstance(mods.get(u.target), nn.modules.batchnorm._BatchNorm) for u in users):
-            continue
-        if (node.target, group_of[node.target]) not in out:
-            out.append((node.target, group_of[node.target]))
+                name = a.tensor[: -len(".weight")]
+                layer = mods.get(name)
+                if isinstance(layer, _LAYERS) and layer.weight.shape[0] == a.units * a.block \
+                        and (name, gi) not in out:
+                    out.append((name, gi))
     return out
 
 
+@dataclass
+class RepairPlan:
+    """Which layers to correct and in which pass; which BatchNorm layers to reset in which pass.
+
+    ``layers`` and ``bns`` map module names to a level (0, 1, ...); ``followed_by_bn`` lists the candidate layers
+    dropped because a BatchNorm reads their output directly.
+    """
+
+    layers: Dict[str, int] = field(default_factory=dict)
+    bns: Dict[str, int] = field(default_factory=dict)
+    followed_by_bn: List[str] = field(default_factory=list)
+
+    @property
+    def levels(self) -> int:
+        return 1 + max([*self.layers.values(), *self.bns.values(), -1])
+
+
+def _first_tensor(value) -> Optional[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+def plan(model: nn.Module, candidates: Sequence[str], example: torch.Tensor) -> RepairPlan:
+    """Levels of the corrected layers and the BatchNorm layers, from one probe forward pass on ``example``.
+
+    The probe runs on a copy of ``model`` (eval mode, every parameter requiring grad) and records, for every call
+    of a candidate layer or BatchNorm, its output's autograd node; walking back from each call's input node to
+    the nearest recorded nodes gives its direct dependencies. Then, in call order: a BatchNorm's level is the
+    highest level of the BatchNorms it depends on, and at least one more than that of any corrected layer it
+    depends on (BatchNorms of one level are reset together, in one train-mode pass, as a plain reset does); a
+    corrected layer's level is one more than that of anything it depends on, so it is measured on final inputs.
+    A module called several times gets the highest level of its calls.
+    """
+    probe = copy.deepcopy(model).eval()
+    for p in probe.parameters():
+        p.requires_grad_(True)
+    wanted = set(candidates)
+    mods = dict(probe.named_modules())
+    watched = [n for n, m in mods.items() if n in wanted or _is_bn(m)]
+    calls: List[Tuple[str, object, object]] = []  # (module name, input autograd node, output autograd node)
+    pending: Dict[str, List[object]] = {n: [] for n in watched}
+
+    def pre(name):
+        def hook(mod, args):
+            t = _first_tensor(args)
+            pending[name].append(t.grad_fn if t is not None else None)
+        return hook
+
+    def post(name):
+        def hook(mod, args, out):
+            t = _first_tensor(out)
+            calls.append((name, pending[name].pop(), t.grad_fn if t is not None else None))
+        return hook
+
+    handles = [mods[n].register_forward_pre_hook(pre(n)) for n in watched]
+    handles += [mods[n].register_forward_hook(post(n)) for n in watched]
+    try:
+        with torch.enable_grad():
+            probe(example)
+    finally:
+        for h in handles:
+            h.remove()
+
+    # candidate layers whose output a BatchNorm reads directly are left to the BN reset
+    bn_inputs = {fn_in for name, fn_in, _ in calls if _is_bn(mods[name]) and fn_in is not None}
+    direct_bn = {name for name, _, fn_out in calls if name in wanted and fn_out is not None and fn_out in bn_inputs}
+    result = RepairPlan(followed_by_bn=sorted(direct_bn))
+    calls = [c for c in calls if _is_bn(mods[c[0]]) or c[0] not in direct_bn]
+    kinds = ["bn" if _is_bn(mods[n]) else "layer" for n, _, _ in calls]
+    owner: Dict[object, int] = {}  # output autograd node -> index of the call that produced it
+    for i, (_, _, fn) in enumerate(calls):
+        if fn is not None:
+            owner.setdefault(fn, i)
+
+    def deps(fn_in) -> Set[int]:
+        found: Set[int] = set()
+        seen: Set[object] = set()
+        stack = [fn_in] if fn_in is not None else []
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            if fn in owner:
+                found.add(owner[fn])
+                continue  # that call's own level already accounts for everything behind it
+            stack.extend(nxt for nxt, _ in getattr(fn, "next_functions", ()))
+        return found
+
+    dep_lists = [deps(fn_in) for _, fn_in, _ in calls]
+    module_level: Dict[str, int] = {}
+    for _ in range(len(calls) + 1):  # a module called twice can raise levels seen earlier; iterate to a fixpoint
+        level: List[int] = []
+        for i, (name, _, _) in enumerate(calls):
+            lv = module_level.get(name, 0)
+            for d in dep_lists[i]:
+                if d >= i:
+                    continue
+                # a BatchNorm behind a BatchNorm is reset in the same pass; anything behind a corrected layer,
+                # and a corrected layer behind anything, waits for the next one
+                same_pass = kinds[d] == "bn" and kinds[i] == "bn"
+                lv = max(lv, level[d] if same_pass else level[d] + 1)
+            level.append(lv)
+        new: Dict[str, int] = {}
+        for i, (name, _, _) in enumerate(calls):
+            new[name] = max(new.get(name, 0), level[i])
+        if new == module_level:
+            break
+        module_level = new
+    for i, (name, _, _) in enumerate(calls):
+        if kinds[i] == "bn":
+            result.bns[name] = module_level[name]
+        elif kinds[i] == "layer":
+            result.layers[name] = module_level[name]
+    return result
+
+
 class _Moments:
-    """Per-channel running mean and mean square of a layer's outputs (float64, equal weight per sample)."""
+    """Per-unit running mean and mean square of a layer's outputs (float64, equal weight per sample)."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -72,11 +208,17 @@ class _Moments:
         return mean, (self.s2 / self.n - mean * mean).clamp_min(0).sqrt()
 
 
+def _batches(inputs: Inputs) -> Iterable[torch.Tensor]:
+    return inputs() if callable(inputs) else inputs
+
+
 @torch.no_grad()
 def endpoint_stats(
-    model: nn.Module, layers: Sequence[str], inputs: Iterable[torch.Tensor]
+    model: nn.Module, layers: Sequence[str], inputs: Inputs
 ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel (mean, std) of each named layer's output over ``inputs``, in eval mode (model not modified)."""
+    """Per-unit (mean, std) of each named layer's output over ``inputs``, in eval mode (model not modified).
+
+    A layer called several times pools the outputs of all its calls."""
     moments = {name: _Moments() for name in layers}
     handles = []
     for name in layers:
@@ -85,7 +227,7 @@ def endpoint_stats(
             lambda mod, args, out, m=moments[name]: m.add(out, _channel_dim(mod, out))))
     try:
         with eval_mode(model):
-            for x in inputs:
+            for x in _batches(inputs):
                 model(x)
     finally:
         for h in handles:
@@ -93,58 +235,108 @@ def endpoint_stats(
     return {name: m.mean_std() for name, m in moments.items()}
 
 
+class _Stop(Exception):
+    """Raised by a hook once every module a pass measures has run: the rest of the forward pass is not needed."""
+
+
+def _calls_per_pass(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> Dict[str, int]:
+    counts = {n: 0 for n in names}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda mod, a, o, n=n: counts.__setitem__(n, counts[n] + 1)) for n in names]
+    try:
+        with eval_mode(model):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def _fuse(layer: nn.Module, mean_r, std_r, mean_t, std_t) -> None:
+    """Rescale ``layer``'s weight (and shift its bias) so that outputs with (mean_r, std_r) get (mean_t, std_t)."""
+    # a unit that does not vary (dead) cannot be given a spread: its scale stays 1, only its mean moves
+    live = std_r > _EPS * (float(std_r.max()) + 1e-30)
+    scale = torch.where(live, std_t / torch.where(live, std_r, 1.0), 1.0)
+    w = layer.weight
+    w.mul_(scale.to(w.dtype).view(-1, *([1] * (w.dim() - 1))))
+    if layer.bias is not None:  # without a bias only the spread can be corrected, not the mean
+        bias = (layer.bias.double() - mean_r) * scale + mean_t
+        layer.bias.copy_(bias.to(layer.bias.dtype))
+
+
 @torch.no_grad()
 def reset_and_repair(
     model: nn.Module,
-    inputs: Iterable[torch.Tensor],
+    inputs: Inputs,
     targets: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+    steps: Optional[RepairPlan] = None,
+    example: Optional[torch.Tensor] = None,
 ) -> None:
-    """One train-mode pass that recomputes BatchNorm statistics and corrects each layer in ``targets``.
+    """Reset the BatchNorm statistics and correct each layer in ``targets``, level by level (see the module doc).
 
-    ``targets`` maps a layer name to the per-channel (mean, std) its outputs should have. BatchNorm layers
-    accumulate a cumulative average (momentum None, restored afterwards); each target layer's output is normalised
-    with its batch statistics and given the target statistics during the pass, and the average correction is fused
-    into its weight and bias at the end. The model is modified in place; its train/eval mode is restored.
+    Parameters
+    ----------
+    model : modified in place; its train/eval flags and BatchNorm momenta are restored.
+    inputs : the batches: a re-iterable of input tensors, or a callable returning a fresh iterable (read once
+        per level).
+    targets : layer name -> per-unit (mean, std) its outputs should have (in the layer's own unit order).
+    steps : the levels, from :func:`plan`; derived here from the first batch (or ``example``) when None.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    first = example if example is not None else next(iter(_batches(inputs)))
+    if steps is None:
+        steps = plan(model, list(targets), first[:2])
+    layers = {n: lv for n, lv in steps.layers.items() if n in targets}
+    bns = dict(steps.bns)
+    levels = sorted(set(layers.values()) | set(bns.values()))
+    calls = _calls_per_pass(model, list(layers) + list(bns), first[:2])
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        for lv in levels:
+            _one_level(model, inputs, [n for n, l in layers.items() if l == lv],
+                       [n for n, l in bns.items() if l == lv], targets, calls)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _one_level(model, inputs, layer_names, bn_names, targets, calls) -> None:
+    """One pass: reset ``bn_names`` (train mode, cumulative average) and measure then fuse ``layer_names``."""
+    moments = {n: _Moments() for n in layer_names}
+    seen = {n: 0 for n in layer_names + bn_names}
+    needed = {n: calls.get(n, 0) for n in seen}
+    bns = [model.get_submodule(n) for n in bn_names]
     momenta = [bn.momentum for bn in bns]
-    moments = {name: _Moments() for name in targets}
 
     def hook(mod, args, out, name):
-        dim = _channel_dim(mod, out)
-        moments[name].add(out, dim)
-        mean_t, std_t = (t.to(out.dtype) for t in targets[name])
-        x = out.movedim(dim, -1)
-        mu = x.reshape(-1, x.shape[-1]).mean(0)
-        sd = x.reshape(-1, x.shape[-1]).var(0, unbiased=False).add(_EPS).sqrt()
-        return ((x - mu) / sd * std_t + mean_t).movedim(-1, dim)
+        if name in moments:
+            moments[name].add(out, _channel_dim(mod, out))
+        seen[name] += 1
+        if all(seen[n] >= needed[n] > 0 for n in seen):
+            raise _Stop
 
-    handles = [
-        model.get_submodule(name).register_forward_hook(lambda mod, a, o, n=name: hook(mod, a, o, n))
-        for name in targets
-    ]
-    was_training = model.training
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in seen]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
+        bn.train()
     try:
-        model.train()
-        for x in inputs:
-            model(x)
+        for x in _batches(inputs):
+            for n in seen:
+                seen[n] = 0
+            try:
+                model(x)
+            except _Stop:
+                pass
     finally:
         for h in handles:
             h.remove()
         for bn, mom in zip(bns, momenta):
             bn.momentum = mom
-        model.train(was_training)
-    for name, (mean_t, std_t) in targets.items():
+            bn.eval()
+    for name in layer_names:
         if moments[name].n == 0:
             continue
+        mean_t, std_t = targets[name]
         mean_r, std_r = moments[name].mean_std()
-        scale = std_t / (std_r * std_r + _EPS).sqrt()
-        layer = model.get_submodule(name)
-        w = layer.weight
-        w.mul_(scale.to(w.dtype).view(-1, *([1] * (w.dim() - 1))))
-        if layer.bias is not None:  # without a bias only the spread can be corrected, not the mean
-            bias = (layer.bias.double() - mean_r) * scale + mean_t
-            layer.bias.copy_(bias.to(layer.bias.dtype))
+        _fuse(model.get_submodule(name), mean_r, std_r, mean_t.double(), std_t.double())

@@ -128,7 +128,7 @@ class _BatchMoments:
             x = x[:, :, 0]
             self.mean = x.mean(0)
             self.mode, self.x = "rows", x.sub_(self.mean)
-            self.m2 = (self.x.T @ self.x).diagonal()
+            self.m2 = (self.x * self.x).sum(0)  # the sums of squares alone, not the U x U Gram matrix
         elif b * u * u <= self._BMM_LIMIT:
             self.mean = x.sum(2).sum(0) / self.n
             self.mode, self.x = "bmm", x.sub_(self.mean[None, :, None])

@@ -1,0 +1,1 @@
+"""Models and scripts for benchmarks (kept apart from the tests and from the library)."""
