@@ -1,4 +1,4 @@
-"""The DIMAT round loop (ALGORITHM.md section 2) for the agents that live in this process.
+"""The DIMAT round loop (post, merge, train, checkpoint) for the agents that live in this process.
 
 :func:`run_round` is the one implementation of a round. The in-process runner calls it with all N agents (inproc
 transports); a multi-process agent calls it with a list of one agent (grpc or torch transport). Nothing here
