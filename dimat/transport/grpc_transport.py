@@ -112,9 +112,6 @@ class _Inbox:
         self.floor = -1  # last collected round
         self.closed = False
         self._items: Dict[Tuple[int, int], Tuple[Snapshot, wire.Layout]] = {}
-        # sender -> the latest round it announced in an authenticated header that was postponed as too far ahead:
-        # the round protocol needs to know that a neighbour is ahead even when its snapshot cannot be stored yet
-        self._announced: Dict[int, int] = {}
         self._cond = threading.Condition()
 
     def admit(self, round: int, sender: int, current: int = -1) -> Optional[Tuple[str, bool]]:
@@ -138,7 +135,6 @@ class _Inbox:
         if base < 0 and current < 0:
             return None  # no round yet (just started, or rejoining): the newest rounds are kept (see put)
         if round > base + self.max_rounds:
-            self._announced[sender] = max(round, self._announced.get(sender, round))
             return (f"ahead: round {round} is more than inbox_rounds={self.max_rounds} rounds past round "
                     f"{base + 1}; try again once round {round - self.max_rounds} is collected"), True
         return None
@@ -173,12 +169,9 @@ class _Inbox:
                 self._cond.wait(timeout=left)
 
     def rounds_from(self, sender: int) -> List[int]:
-        """The rounds of ``sender`` held now, and the latest one it announced past the window of rounds stored
-        (round protocol: who is in step, how far ahead the neighbours are)."""
+        """The rounds of ``sender`` held now (round protocol: who is in step, how far ahead the neighbours are)."""
         with self._cond:
-            held = sorted(r for r, s in self._items if s == sender)
-            announced = self._announced.get(sender, -1)
-            return held + [announced] if announced > max([self.floor] + held) else held
+            return sorted(r for r, s in self._items if s == sender)
 
     def freshest(self, senders: Sequence[int], oldest: int) -> Dict[int, Tuple[int, Snapshot, wire.Layout]]:
         """Asynchronous rounds: each sender's newest item of round ``oldest`` or later, with its round."""
@@ -587,7 +580,9 @@ class GrpcTransport(Transport):
             rounds = self._inbox.rounds_from(j)
             if j in self.down and any(r >= round for r in rounds):
                 self._readmit(j, f"its round-{max(rounds)} snapshot arrived")
-            if any(r > round for r in rounds):
+            with self._lock:
+                probed = self._peer_posted.get(j, -1)
+            if any(r > round for r in rounds) or probed > round:  # a probe saw it post a later round
                 ahead.add(j)
         with self._lock:
             skip = set(self.down) | ahead
@@ -721,8 +716,8 @@ class GrpcTransport(Transport):
         """The latest round any neighbour has posted, as far as I know (-1: none): from the snapshots in my
         inbox and from probes. An agent about to run an earlier round is behind and may skip ahead to it."""
         rounds = [r for j in self.neighbors for r in self._inbox.rounds_from(j)]
-        with self._lock:
-            rounds += [r for j, r in self._peer_posted.items() if j in self.down]
+        with self._lock:  # a probe's answer is a lower bound on where that neighbour is now, up or down
+            rounds += list(self._peer_posted.values())
         return max(rounds, default=-1)
 
     # ------------------------------------------------------------------------------------------ state transfer
