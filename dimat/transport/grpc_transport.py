@@ -767,19 +767,7 @@ class GrpcTransport(Transport):
         return round, snap
 
     def _on_fetch_state(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
-        sender = int(request.sender)
-        if self._verifier is not None:
-            try:
-                self._verifier.verify(wire.status_auth_fields(sender, int(request.receiver)),
-                                      request.auth if request.HasField("auth") else None, sender)
-            except wire.AuthError as e:
-                self._reject(-1, sender, f"unauthenticated FetchState call: {e}", context.peer())
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
-        if request.receiver != self.rank or sender not in set(self.neighbors) | set(self.send_to):
-            why = (f"FetchState call addressed to agent {request.receiver}" if request.receiver != self.rank
-                   else f"FetchState from {sender}, not a neighbour of agent {self.rank}")
-            self._reject(-1, sender, why, context.peer())
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        sender = self._check_request(request, context, "FetchState")
         with self._lock:
             offer = self._offer
         if offer is None:
@@ -1070,20 +1058,26 @@ class GrpcTransport(Transport):
             raise wire.WireError(f"unauthenticated trailer: {e}") from None
         return asm.finish(trailer.payload_sha256)
 
-    def _on_status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+    def _check_request(self, request: pb.StatusRequest, context: grpc.ServicerContext, call: str) -> int:
+        """The sender of a Status or FetchState request, once it is signed with the key of the rank it claims and
+        comes from a neighbour addressed to me; otherwise the call is aborted with a logged reason."""
         sender = int(request.sender)
         if self._verifier is not None:
             try:
                 self._verifier.verify(wire.status_auth_fields(sender, int(request.receiver)),
                                       request.auth if request.HasField("auth") else None, sender)
             except wire.AuthError as e:
-                self._reject(-1, sender, f"unauthenticated Status call: {e}", context.peer())
+                self._reject(-1, sender, f"unauthenticated {call} call: {e}", context.peer())
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
         if request.receiver != self.rank or (sender not in self.neighbors and sender not in self.send_to):
-            why = (f"Status call addressed to agent {request.receiver}" if request.receiver != self.rank
-                   else f"Status call from {sender}, not a neighbour of agent {self.rank}")
+            why = (f"{call} call addressed to agent {request.receiver}" if request.receiver != self.rank
+                   else f"{call} call from {sender}, not a neighbour of agent {self.rank}")
             self._reject(-1, sender, why, context.peer())
             context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        return sender
+
+    def _on_status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        self._check_request(request, context, "Status")
         return pb.StatusReply(rank=self.rank, latest_posted_round=self.latest_posted,
                               latest_collected_round=self.latest_collected,
                               fingerprint=self._expected.fingerprint if self._expected is not None else b"")
