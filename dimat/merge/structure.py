@@ -579,6 +579,15 @@ class _Deriver:
         self.unify_cls(self.composite(a), self.composite(b), why)
 
     # ---- splitting classes
+    def split_factor(self, fc: Optional[int], fn: int, need: int, why: str
+                     ) -> Tuple[Tuple[Optional[int], int], Tuple[Optional[int], int]]:
+        """Factor ``(fc, fn)`` cut into an outer part of ``need`` units and the rest: ``((class, need),
+        (class, fn // need))``; a factor without a class (no units to track) gives parts without one."""
+        if fc is None:
+            return (None, need), (None, fn // need)
+        a, b = self.split_cls(fc, [need, fn // need], why)
+        return (a, need), (b, fn // need)
+
     def split_cls(self, c: int, sizes: List[int], why: str) -> List[Optional[int]]:
         """Classes for the factors ``sizes`` (outermost first) of class ``c``'s units."""
         r = self.find(c)
@@ -603,13 +612,9 @@ class _Deriver:
                     prod *= fn
                 elif (n // prod) > 0 and fn % (n // prod) == 0:
                     need = n // prod
-                    if fc is None:
-                        take.append((None, need))
-                        queue.insert(0, (None, fn // need))
-                    else:
-                        a, b = self.split_cls(fc, [need, fn // need], why)
-                        take.append((a, need))
-                        queue.insert(0, (b, fn // need))
+                    taken, rest = self.split_factor(fc, fn, need, why)
+                    take.append(taken)
+                    queue.insert(0, rest)
                     prod *= need
                 else:
                     raise _FreezeSignal(f"reshape cuts across unit factors at {why}")
@@ -673,13 +678,9 @@ class _Deriver:
                 if need < 1 or fn % need or prod * need != n:
                     raise _FreezeSignal(
                         f"reshape {list(in_shape)} -> {list(out_shape)} splits or interleaves units at {why}")
-                if fc is None:
-                    take.append((None, need))
-                    factors.insert(0, (None, fn // need))
-                else:
-                    a, b = self.split_cls(fc, [need, fn // need], why)
-                    take.append((a, need))
-                    factors.insert(0, (b, fn // need))
+                taken, rest = self.split_factor(fc, fn, need, why)
+                take.append(taken)
+                factors.insert(0, rest)
                 prod *= need
             out.append(self.norm(tuple(take)))
         if factors:
