@@ -86,13 +86,15 @@ def run_agent(
         _check_world_size(cfg)
     cfg = _with_transport(cfg, transport)
     setup = prepare(cfg)  # every input error surfaces before anything is written
-    from dimat.build import merge_coverage, warn_coverage
+    from dimat.build import coverage_record, merge_coverage, warn_coverage
 
-    warn_coverage(cfg, merge_coverage(cfg, setup.dataset))
+    coverage = merge_coverage(cfg, setup.dataset)
+    warn_coverage(cfg, coverage)
     peers = peers_for(cfg, setup, peers_file) if transport == "grpc" else None
     out = Path(out_dir)
     resume = resume or join
     claim_run_dir(cfg, out, rank, resume, join)
+    launcher.write_coverage(out, rank, coverage_record(coverage))
     with _open_transport(cfg, setup, rank, transport, peers) as t:
         agent = build_agent(cfg, setup, rank, t)
         last = _restore(cfg, agent, out, t, transport, log) if resume else None

@@ -661,25 +661,37 @@ def write_summary(out_dir: Path | str, cfg: Mapping, wall_s: float, with_summary
     if not with_summary:
         return None
     summary = summarize(records, cfg["merge"]["method"], int(cfg["agents"]), int(cfg["rounds"]), wall_s)
-    coverage = _coverage(cfg)
+    coverage = _coverage(out, cfg)
     if coverage is not None:
         summary["merge_coverage"] = coverage
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _coverage(cfg: Mapping) -> Optional[dict]:
-    """The merge's coverage of the run's model, as ``dimat run`` records it (None if it cannot be computed)."""
-    from dimat.build import ALIGNING_METHODS, coverage_record, merge_coverage
+def coverage_path(out_dir: Path | str, rank: int) -> Path:
+    """Where agent ``rank`` records the merge's coverage of the model (written once, at its start)."""
+    return Path(out_dir) / "metrics" / f"coverage-{rank}.json"
 
-    if cfg["merge"]["method"] not in ALIGNING_METHODS:
-        return None
-    try:
-        from dimat.data import load_dataset
 
-        return coverage_record(merge_coverage(cfg, load_dataset(cfg["data"]["dataset"], seed=cfg["seed"])))
-    except Exception:  # the run's results are written regardless; the agents already warned at start
-        return None
+def write_coverage(out_dir: Path | str, rank: int, record: Optional[dict]) -> None:
+    """Record the coverage an agent derived at its start (nothing when its method aligns nothing)."""
+    from dimat.metrics import atomic_write_text
+
+    if record is None:
+        return
+    p = coverage_path(out_dir, rank)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps(record) + "\n")
+
+
+def _coverage(out_dir: Path, cfg: Mapping) -> Optional[dict]:
+    """The merge's coverage as the agents recorded it at their start (the lowest rank that wrote one; every agent
+    derives it from the same model). None when the method aligns nothing."""
+    for k in range(int(cfg["agents"])):
+        p = coverage_path(out_dir, k)
+        if p.exists():
+            return json.loads(p.read_text())
+    return None
 
 
 class _Progress:

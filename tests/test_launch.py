@@ -413,6 +413,9 @@ def test_launch_reproduces_dimat_run(tiny, tmp_path, transport):
     summary = json.loads((out / "summary.json").read_text())
     assert {k: v for k, v in summary.items() if k != "wall_s"} == {k: v for k, v in ref_summary.items()
                                                                   if k != "wall_s"}
+    # The coverage comes from what the agents derived at their start (the launcher loads no data).
+    assert summary["merge_coverage"] == ref_summary["merge_coverage"] == json.loads(
+        launcher.coverage_path(out, 0).read_text())
 
 
 @pytest.mark.parametrize("transport", ["grpc", "torch"])
