@@ -475,3 +475,22 @@ def test_entries_in_gives_the_tensors_a_byte_range_touches():
     assert names(offsets["b"][0], offsets["b"][1]) == ["b"]
     assert names(offsets["c"][0], layout.payload_bytes) == ["c"]
     assert names(layout.payload_bytes, layout.payload_bytes + 8) == []
+
+
+# ------------------------------------------------------------------------------------------ views for sends
+def test_range_view_is_the_tensors_own_memory_only_inside_one_tensor_sent_as_it_is():
+    snap = {"a": torch.arange(10, dtype=torch.float32), "b": torch.arange(6, dtype=torch.float64),
+            "t": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(), "z": torch.zeros(0)}
+    layout = wire.layout_of(snap)
+    a, b, t = layout.entries[:3]
+    v = wire.range_view(snap, layout, 8, 24)  # floats 2..5 of "a"
+    assert v is not None and v.dtype == torch.uint8 and v.numel() == 16
+    assert v.data_ptr() == snap["a"].data_ptr() + 8  # no copy
+    assert bytes(v.numpy()) == bytes(wire.pack(snap, layout)[8:24].numpy())
+    assert wire.range_view(snap, layout, b.offset, b.offset + b.nbytes) is not None  # all of "b"
+    assert wire.range_view(snap, layout, 32, b.offset + 8) is None  # over a's end, the padding and b
+    assert wire.range_view(snap, layout, t.offset, t.offset + 8) is None  # not contiguous: pack it
+    assert wire.range_view(snap, layout, 8, 8) is None
+    assert wire.range_view(snap, layout, layout.payload_bytes, layout.payload_bytes + 8) is None
+    half = wire.layout_of(snap, "fp16")
+    assert wire.range_view(snap, half, 0, 8) is None  # cast on the wire: pack it

@@ -366,6 +366,29 @@ def pack_range(snapshot: Mapping[str, torch.Tensor], layout: Layout, out: torch.
             out.narrow(0, lo, hi - lo).view(wire).copy_(src[(lo - e.offset) // size:(hi - e.offset) // size])
 
 
+def range_view(snapshot: Mapping[str, torch.Tensor], layout: Layout, start: int,
+               end: int) -> Optional[torch.Tensor]:
+    """Payload bytes ``start`` to ``end`` as a flat uint8 view of the tensor that holds them (no copy), or None.
+
+    A view exists when the range lies inside one tensor's bytes and that tensor goes on the wire as it is in
+    memory: a contiguous CPU tensor in its own dtype (not compressed). Otherwise (a range over two tensors or
+    padding, a cast, another device, a non-contiguous tensor) pack it with :func:`pack_range`. A transport that
+    sends such a view reads the model's memory until the send completes.
+    """
+    if start >= end:
+        return None
+    i = bisect.bisect_right(layout._ends, start)
+    if i >= len(layout.entries):
+        return None
+    e = layout.entries[i]
+    if not (e.offset <= start and end <= e.offset + e.nbytes):
+        return None
+    t = snapshot[e.name].detach()
+    if t.device.type != "cpu" or t.dtype != DTYPES[e.wire_dtype] or not t.is_contiguous():
+        return None
+    return t.reshape(-1).view(torch.uint8)[start - e.offset:end - e.offset]
+
+
 def _view(buffer: torch.Tensor, e: Entry) -> torch.Tensor:
     return buffer.narrow(0, e.offset, e.nbytes).view(DTYPES[e.wire_dtype]).view(e.shape)
 
@@ -778,7 +801,7 @@ def decode_frame(raw: bytes) -> Union[memoryview, pb.SnapshotHeader, pb.Snapshot
 __all__ = [
     "ALIGN", "DTYPES", "COMPRESS", "WireError", "AuthError", "Entry", "Layout", "lay_out", "layout_of",
     "fingerprint", "tensor_views", "iter_payload", "payload_digest", "PAYLOAD_HASH", "PAYLOAD_HASHES",
-    "payload_hasher", "pack", "pack_range", "unpack", "check_finite", "check_finite_range",
+    "payload_hasher", "pack", "pack_range", "range_view", "unpack", "check_finite", "check_finite_range",
     "make_header", "header_auth_fields", "make_trailer", "verify_trailer", "status_auth_fields", "sign", "Verifier",
     "KeySource", "layout_from_header", "check_against", "check_header", "Assembler", "BufferPool", "StreamHash",
     "encode_chunk", "encode_header", "encode_trailer", "decode_frame", "dtype_name",
