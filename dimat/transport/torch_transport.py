@@ -30,6 +30,7 @@ import logging
 import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -170,7 +171,7 @@ class TorchTransport(Transport):
             if self._layout is not None:
                 wire.check_against(layout, self._layout)  # raises: the architecture changed
             self._layout = layout
-            self._send_buf = torch.zeros(PREFIX_BYTES + layout.payload_bytes, dtype=torch.uint8, device=self.device)
+            self._send_buf = _zeros(PREFIX_BYTES + layout.payload_bytes, self.device)
         assert self._send_buf is not None
         self._wait_sends(round)  # an earlier post's segments must be out before the buffer is rewritten
         self._send_buf[:PREFIX_BYTES].copy_(_prefix(int(round), layout.fingerprint, layout.payload_bytes,
@@ -320,6 +321,14 @@ class TorchTransport(Transport):
         return RuntimeError(
             f"rank {self.rank}: torch.distributed exchange of round {round} failed ({type(e).__name__}: {e}); a "
             "dead or stalled rank stops this backend: use the grpc transport for fault tolerance")
+
+
+def _zeros(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A zeroed flat uint8 buffer. On the CPU it comes from calloc (numpy), whose pages take memory only once
+    written: on gloo the segments sent straight from the model are never written into the send buffer."""
+    if device.type == "cpu":
+        return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8))
+    return torch.zeros(nbytes, dtype=torch.uint8, device=device)
 
 
 def _segments(size: int, segment_bytes: int) -> List[Tuple[int, int]]:
