@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from dimat.cli import main as cli_main
 
 
@@ -43,3 +45,35 @@ def test_a_zoo_model_snapshot_moves_with_its_own_size(tmp_path):
     for r in rows:
         assert r["model"] == "cnn" and abs(r["mib"] * (1 << 20) - nbytes) < 1e-6 and r["gbps"] > 0
     assert f"| torch | {nbytes / (1 << 20):.1f} (cnn) |" in (out / "transport.md").read_text()
+
+
+def test_the_profile_sorts_samples_by_what_they_were_doing():
+    from benchmarks.transport_profile import _category
+
+    assert _category(["29c51a [unknown] (/usr/lib/x86_64-linux-gnu/libcrypto.so.3)"]) == "SHA-256 (OpenSSL)"
+    assert _category(["1f2 x (/venv/site-packages/blake3/blake3.cpython-311-x86_64-linux-gnu.so)"]).startswith(
+        "payload hash")
+    assert _category(["ffff _copy_to_iter ([kernel.kallsyms])"]) == "socket receive (kernel)"
+    assert _category(["ffff clear_page_erms ([kernel.kallsyms])", "ffff exc_page_fault ([kernel.kallsyms])"]) \
+        == "page faults (kernel)"
+    assert _category(["8d __memmove_avx512_unaligned_erms (/usr/lib/x86_64-linux-gnu/libc.so.6)"]) \
+        == "memory copies (libc)"
+    assert _category([]) == "other"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["grpc", "torch"])
+def test_the_profile_script_runs_without_perf(transport):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.transport_profile", "--transport", transport,
+                           "--mib", "0.5", "--repeats", "2", "--no-perf"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{transport}, 0.5 MiB, 2 transfers: median" in proc.stdout
+    assert "CPU-s per transfer (/proc): sender" in proc.stdout

@@ -275,8 +275,6 @@ def _raw_send(address, frames, timeout=DEADLINE):
 def _frames(snap, sender=1, round=0, secret=SECRET, payload=None, header_edit=None, chunk=100, receiver=0,
             key=None, trailer=True):
     """The frames of one snapshot stream, signed with ``key`` (bytes) or the shared ``secret`` (str)."""
-    import hashlib
-
     layout = wire.layout_of(snap)
     data = bytes(wire.pack(snap, layout).numpy()) if payload is None else payload
     h = wire.make_header(sender, round, layout, receiver=receiver)
@@ -287,7 +285,9 @@ def _frames(snap, sender=1, round=0, secret=SECRET, payload=None, header_edit=No
         h.auth.CopyFrom(wire.sign(key, wire.header_auth_fields(h)))
     frames = [wire.encode_header(h)] + [wire.encode_chunk(data[i:i + chunk]) for i in range(0, len(data), chunk)]
     if trailer:
-        digest = hashlib.sha256(bytes(wire.pack(snap, layout).numpy())).digest()
+        good = bytes(wire.pack(snap, layout).numpy())
+        named = h.payload_hash if h.payload_hash in wire.PAYLOAD_HASHES else wire.PAYLOAD_HASH
+        digest = wire.payload_digest([(0, memoryview(good))], len(good), named)
         frames.append(wire.encode_trailer(wire.make_trailer(h, digest, key)))
     return frames
 
@@ -322,6 +322,18 @@ def test_a_transport_with_the_wrong_secret_is_refused(make):
     assert any("unauthenticated" in r.reason for r in a.rejected)
 
 
+def _sha256(snap):
+    import hashlib
+
+    return hashlib.sha256(bytes(wire.pack(snap, wire.layout_of(snap)).numpy())).digest()
+
+
+def _with_trailer_digest(frames, digest):
+    """The stream with its trailer replaced by a validly signed one carrying ``digest``."""
+    return frames[:-1] + [wire.encode_trailer(wire.make_trailer(wire.decode_frame(frames[0]), digest,
+                                                                SECRET.encode()))]
+
+
 def _edit_shape(h):
     h.tensors[0].shape[:] = [33, 64]
 
@@ -333,7 +345,11 @@ BAD = {
     "long byte count": (lambda s: _frames(s, payload=bytes(wire.pack(s, wire.layout_of(s)).numpy()) + b"\0" * 8),
                         "longer"),
     "bad hash": (lambda s: _frames(s, payload=b"\x01" + bytes(wire.pack(s, wire.layout_of(s)).numpy())[1:]),
-                 "SHA-256"),
+                 "digest does not match"),
+    "digest by another hash than the header names": (lambda s: _with_trailer_digest(_frames(s), _sha256(s)),
+                                                     "digest does not match"),
+    "unsupported payload hash": (lambda s: _frames(s, header_edit=lambda h: setattr(h, "payload_hash", "md5")),
+                                 "unsupported payload hash 'md5'"),
     "NaN values": (lambda s: _frames(dict(s, w=s["w"].clone().fill_(float("nan")))), "non-finite"),
     "oversized header": (lambda s: _frames(s, header_edit=lambda h: h.tensors.add(name="x" * (70 << 10))),
                          "exceeds the limit"),
@@ -398,6 +414,16 @@ def test_snapshots_before_my_first_post_are_checked_at_collect(make, caplog):
     assert any(r.sender == 2 and "shape (2,), my model has (64, 33)" in r.reason for r in a.rejected)
 
 
+def test_a_stream_from_an_agent_before_the_payload_hash_field_is_accepted(victim):
+    """No payload_hash in the header (nor in what it signs) and a SHA-256 digest: what older agents send."""
+    good = _snap(1)
+    frames = _frames(good, header_edit=lambda h: setattr(h, "payload_hash", ""))
+    assert wire.decode_frame(frames[-1]).payload_digest == _sha256(good)
+    assert _raw_send(victim.address, frames).accepted
+    victim.post(0, _snap(0))
+    assert torch.equal(victim.collect(0)[1]["w"], good["w"])
+
+
 def test_a_stock_protobuf_stream_is_understood(victim):
     """Wire compatibility: Frames serialised by protobuf itself (not our hand framing) are accepted."""
     s = _snap(1)
@@ -447,11 +473,10 @@ g = torch.Generator().manual_seed(99)
 snap = {"w": torch.randn(64, 33, generator=g) * 1000, "b": torch.randn(33, generator=g), "n": torch.tensor(2)}
 layout = wire.layout_of(snap)
 data = bytes(wire.pack(snap, layout).numpy())
-import hashlib
 for key in (cred.key_for(0), cred.key_for(2)):  # its own key with the victim, and its key with agent 2
     h = wire.make_header(2, 0, layout, key, receiver=0)  # claims to be agent 2
     frames = [wire.encode_header(h), wire.encode_chunk(data),
-              wire.encode_trailer(wire.make_trailer(h, hashlib.sha256(data).digest(), key))]
+              wire.encode_trailer(wire.make_trailer(h, wire.payload_digest([(0, data)], len(data)), key))]
     with grpc.insecure_channel(sys.argv[2]) as ch:
         call = ch.stream_unary(f"/{SERVICE}/SendSnapshot", request_serializer=None,
                                response_deserializer=pb.SendReply.FromString)

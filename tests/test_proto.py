@@ -43,6 +43,8 @@ def test_frame_is_a_header_a_raw_chunk_or_a_trailer():
     assert [f.name for f in oneof.fields] == ["header", "chunk", "trailer"]
     # The digest follows the payload (the sender hashes as it sends); field 6 of the header is retired.
     assert "payload_sha256" not in pb.SnapshotHeader.DESCRIPTOR.fields_by_name
-    assert "payload_sha256" in pb.SnapshotTrailer.DESCRIPTOR.fields_by_name
+    assert "payload_digest" in pb.SnapshotTrailer.DESCRIPTOR.fields_by_name
+    assert pb.SnapshotTrailer.DESCRIPTOR.fields_by_name["payload_digest"].number == 1  # was payload_sha256
+    assert "payload_hash" in pb.SnapshotHeader.DESCRIPTOR.fields_by_name
     assert "receiver" in pb.SnapshotHeader.DESCRIPTOR.fields_by_name
     assert pb.Frame.DESCRIPTOR.fields_by_name["chunk"].type == pb.Frame.DESCRIPTOR.fields_by_name["chunk"].TYPE_BYTES

@@ -38,8 +38,8 @@ def _roundtrip(snap, compress=None, chunk_bytes=64):
         asm.add(wire.decode_frame(wire.encode_chunk(c)))
     trailer = wire.decode_frame(wire.encode_trailer(wire.make_trailer(header, running.digest(offset), b"k")))
     wire.verify_trailer(header, trailer, b"k")
-    assert trailer.payload_sha256 == wire.payload_sha256(pieces, layout.payload_bytes)
-    return layout, asm.finish(trailer.payload_sha256)
+    assert trailer.payload_digest == wire.payload_digest(pieces, layout.payload_bytes)
+    return layout, asm.finish(trailer.payload_digest)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 1 << 20])
@@ -162,13 +162,15 @@ def test_other_architectures_are_refused(theirs, reason):
         wire.check_header(_header(theirs), mine, 1 << 20)
 
 
-def test_assembler_refuses_long_short_wrong_hash_and_nan():
-    import hashlib
+def _digest(data: bytes, hash: str = wire.PAYLOAD_HASH) -> bytes:
+    return wire.payload_digest([(0, memoryview(data))], len(data), hash)
 
+
+def test_assembler_refuses_long_short_wrong_hash_and_nan():
     snap = {"w": torch.ones(16)}
     layout = wire.layout_of(snap)
     good = bytes(wire.pack(snap, layout).numpy())
-    digest = hashlib.sha256(good).digest()
+    digest = _digest(good)
 
     asm = wire.Assembler(layout)
     asm.add(good)
@@ -182,8 +184,13 @@ def test_assembler_refuses_long_short_wrong_hash_and_nan():
 
     asm = wire.Assembler(layout)
     asm.add(good[:-1] + b"\x00")
-    with pytest.raises(wire.WireError, match="SHA-256"):
+    with pytest.raises(wire.WireError, match="digest does not match"):
         asm.finish(digest)
+
+    asm = wire.Assembler(layout)  # the right bytes, hashed with another algorithm than the header names
+    asm.add(good)
+    with pytest.raises(wire.WireError, match="digest does not match"):
+        asm.finish(_digest(good, "sha256"))
 
     bad = {"w": torch.ones(16)}
     bad["w"][3] = float("nan")
@@ -212,9 +219,7 @@ def test_assembler_fills_a_given_buffer_and_refuses_a_wrong_one():
     buf = torch.empty(16, dtype=torch.uint8)
     asm = wire.Assembler(layout, buf)
     asm.add(bytes(wire.pack({"w": torch.ones(4)}, layout).numpy()))
-    import hashlib
-
-    out = asm.finish(hashlib.sha256(bytes(buf.numpy())).digest())
+    out = asm.finish(_digest(bytes(buf.numpy())))
     assert out["w"].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # a view, not a copy
     with pytest.raises(ValueError, match="16 elements"):
         wire.Assembler(layout, torch.empty(8, dtype=torch.uint8))
@@ -238,17 +243,21 @@ def test_buffer_pool_reuses_a_buffer_only_when_no_tensor_refers_to_it():
     assert e.numel() == 32 and pool.nbytes <= 128
 
 
-def test_stream_hash_is_taken_once_by_whichever_stream_leads():
+@pytest.mark.parametrize("name", ["blake3", "sha256"])
+def test_stream_hash_is_taken_once_by_whichever_stream_leads(name):
     import hashlib
 
+    import blake3
+
     data = bytes(range(256)) * 10
-    h = wire.StreamHash()
+    h = wire.StreamHash(name)
     chunks = [(i, data[i:i + 100]) for i in range(0, len(data), 100)]
     for off, c in chunks[:5]:  # stream A gets halfway, then stops (cancelled)
         h.update(off, c)
     for off, c in chunks:  # stream B, from the start: skips what A hashed, takes over at A's position
         h.update(off, c)
-    assert h.digest(len(data)) == hashlib.sha256(data).digest()
+    reference = {"blake3": blake3.blake3, "sha256": hashlib.sha256}[name]
+    assert h.digest(len(data)) == reference(data).digest()
     with pytest.raises(RuntimeError, match="hashed"):
         wire.StreamHash().digest(10)
 
@@ -313,9 +322,54 @@ def test_trailer_is_chained_to_its_header():
         wire.verify_trailer(h2, t, b"k")  # moved onto another stream
     with pytest.raises(wire.AuthError, match="trailer"):
         wire.verify_trailer(h1, wire.make_trailer(h1, bytes(32), b"other"), b"k")
-    with pytest.raises(wire.WireError, match="not a SHA-256"):
+    with pytest.raises(wire.WireError, match="5 bytes, not 32"):
         wire.verify_trailer(h1, wire.make_trailer(h1, b"short", b"k"), b"k")
     wire.verify_trailer(h1, wire.make_trailer(h1, bytes(32)), None)  # no key: only the digest's form
+
+
+# ------------------------------------------------------------------------------------------- payload hash
+def test_the_header_names_the_payload_hash_and_signs_it():
+    layout = wire.layout_of({"w": torch.ones(4)})
+    h = wire.make_header(1, 0, layout, b"k", receiver=0)
+    assert h.payload_hash == wire.PAYLOAD_HASH == "blake3"
+    v = wire.Verifier(b"k")
+    v.verify(wire.header_auth_fields(h), h.auth, sender=1)
+    h.payload_hash = "sha256"  # changed in transit: the HMAC no longer matches
+    with pytest.raises(wire.AuthError, match="HMAC mismatch"):
+        v.verify(wire.header_auth_fields(h), h.auth, sender=1)
+
+
+@pytest.mark.parametrize("name", ["md5", "blake2b", "BLAKE3", "sha256 "])
+def test_a_payload_hash_the_receiver_does_not_check_is_refused_before_allocating(name):
+    layout = wire.layout_of({"w": torch.ones(4)})
+    h = wire.make_header(1, 0, layout, b"k", receiver=0, payload_hash=name)
+    with pytest.raises(wire.WireError, match="unsupported payload hash"):
+        wire.check_header(h, layout, 1 << 20)
+    with pytest.raises(wire.WireError, match="unsupported payload hash"):
+        wire.StreamHash(name)
+
+
+def test_a_stream_from_an_agent_before_the_payload_hash_field_is_checked_with_sha256():
+    """Older agents sent no payload_hash and a SHA-256 digest, and signed the header without the field."""
+    import hashlib
+
+    snap = {"w": torch.arange(6, dtype=torch.float32)}
+    layout = wire.layout_of(snap)
+    h = wire.make_header(1, 0, layout, receiver=0, payload_hash="")
+    h.auth.CopyFrom(wire.sign(b"k", wire.header_auth_fields(h)))
+    assert b"hash=" not in wire.header_auth_fields(h)  # the message older agents signed
+    wire.Verifier(b"k").verify(wire.header_auth_fields(h), h.auth, sender=1)
+    data = bytes(wire.pack(snap, layout).numpy())
+    asm = wire.Assembler(wire.check_header(h, layout, 1 << 20), hash=h.payload_hash)
+    asm.add(data)
+    trailer = wire.make_trailer(h, hashlib.sha256(data).digest(), b"k")
+    wire.verify_trailer(h, trailer, b"k")
+    assert torch.equal(asm.finish(trailer.payload_digest)["w"], snap["w"])
+    asm = wire.Assembler(layout, hash="")  # and a BLAKE3 digest does not pass as the SHA-256
+    asm.add(data)
+    with pytest.raises(wire.WireError, match="digest does not match"):
+        asm.finish(_digest(data))
+
 
 # ---------------------------------------------------------------------------------------------- framing
 def test_hand_framed_chunks_equal_protobuf_frames_both_ways():
@@ -421,3 +475,22 @@ def test_entries_in_gives_the_tensors_a_byte_range_touches():
     assert names(offsets["b"][0], offsets["b"][1]) == ["b"]
     assert names(offsets["c"][0], layout.payload_bytes) == ["c"]
     assert names(layout.payload_bytes, layout.payload_bytes + 8) == []
+
+
+# ------------------------------------------------------------------------------------------ views for sends
+def test_range_view_is_the_tensors_own_memory_only_inside_one_tensor_sent_as_it_is():
+    snap = {"a": torch.arange(10, dtype=torch.float32), "b": torch.arange(6, dtype=torch.float64),
+            "t": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(), "z": torch.zeros(0)}
+    layout = wire.layout_of(snap)
+    a, b, t = layout.entries[:3]
+    v = wire.range_view(snap, layout, 8, 24)  # floats 2..5 of "a"
+    assert v is not None and v.dtype == torch.uint8 and v.numel() == 16
+    assert v.data_ptr() == snap["a"].data_ptr() + 8  # no copy
+    assert bytes(v.numpy()) == bytes(wire.pack(snap, layout)[8:24].numpy())
+    assert wire.range_view(snap, layout, b.offset, b.offset + b.nbytes) is not None  # all of "b"
+    assert wire.range_view(snap, layout, 32, b.offset + 8) is None  # over a's end, the padding and b
+    assert wire.range_view(snap, layout, t.offset, t.offset + 8) is None  # not contiguous: pack it
+    assert wire.range_view(snap, layout, 8, 8) is None
+    assert wire.range_view(snap, layout, layout.payload_bytes, layout.payload_bytes + 8) is None
+    half = wire.layout_of(snap, "fp16")
+    assert wire.range_view(snap, half, 0, 8) is None  # cast on the wire: pack it

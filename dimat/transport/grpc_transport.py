@@ -5,7 +5,7 @@ service. ``post(r, snapshot)`` returns at once; background threads stream the sn
 (header, raw bytes in chunks of about 1 MiB hashed as they go, then the digest in a trailer), retrying with
 exponential backoff until the round's deadline. Incoming snapshots are authenticated (an HMAC with the key of the
 (sender, me) pair from per-agent credentials, or with a shared secret), validated (manifest against my model,
-exact byte count, SHA-256, finite values) and kept in an inbox by ``(round, sender)``, where an arrived snapshot
+exact byte count, BLAKE3 digest, finite values) and kept in an inbox by ``(round, sender)``, where an arrived snapshot
 is never replaced; ``collect(r)`` waits until every
 neighbour's round-r snapshot is there or the deadline passes. A neighbour that is down, late or sends something
 invalid is skipped for that round, with a logged reason (logger ``dimat.transport``) and an entry in
@@ -778,9 +778,10 @@ class GrpcTransport(Transport):
         except wire.AuthError as e:
             self._reject(-1, sender, f"FetchState: {e}", context.peer())
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "no key for this agent")
-        header = wire.make_header(self.rank, offer.round, offer.layout, key, receiver=sender)
-        yield wire.encode_header(header)
         digest, offset = wire.StreamHash(), 0  # this stream's own hash: the offer's sends may be anywhere
+        header = wire.make_header(self.rank, offer.round, offer.layout, key, receiver=sender,
+                                  payload_hash=digest.name)
+        yield wire.encode_header(header)
         for chunk in wire.iter_payload(offer.pieces, offer.layout.payload_bytes, self.chunk_bytes):
             digest.update(offset, chunk)
             offset += len(chunk)
@@ -875,7 +876,7 @@ class GrpcTransport(Transport):
         """One attempt: (delivered, worth retrying, what happened)."""
         channel = self._channel(peer)
         key = self._key_for(peer)
-        header = wire.make_header(self.rank, out.round, out.layout, key, receiver=peer)
+        header = wire.make_header(self.rank, out.round, out.layout, key, receiver=peer, payload_hash=out.hash.name)
         call = channel.stream_unary(_SEND_METHOD, request_serializer=None,
                                     response_deserializer=pb.SendReply.FromString)
         with out.lock:
@@ -1037,7 +1038,7 @@ class GrpcTransport(Transport):
     def _receive_payload(self, frames: Iterator[bytes], header: pb.SnapshotHeader, layout: wire.Layout,
                          key: Optional[bytes]) -> Snapshot:
         """Chunks into one pooled buffer (hashed and value-checked as they come), then the signed trailer."""
-        asm = wire.Assembler(layout, self._pool.get(layout.payload_bytes))
+        asm = wire.Assembler(layout, self._pool.get(layout.payload_bytes), hash=header.payload_hash)
         trailer = None
         for raw in frames:
             frame = wire.decode_frame(raw)
@@ -1056,7 +1057,7 @@ class GrpcTransport(Transport):
             wire.verify_trailer(header, trailer, key)
         except wire.AuthError as e:
             raise wire.WireError(f"unauthenticated trailer: {e}") from None
-        return asm.finish(trailer.payload_sha256)
+        return asm.finish(trailer.payload_digest)
 
     def _check_request(self, request: pb.StatusRequest, context: grpc.ServicerContext, call: str) -> int:
         """The sender of a Status or FetchState request, once it is signed with the key of the rank it claims and

@@ -9,8 +9,8 @@ A snapshot (a ``state_dict``) becomes
   and byte count in the payload);
 * a **payload**: the tensors' raw bytes laid end to end, each starting at a multiple of :data:`ALIGN` bytes
   (zero padding between them), optionally cast to float16/bfloat16 on the wire (``compress``);
-* a **fingerprint**: SHA-256 over the ordered ``(name, dtype, shape)`` triples, i.e. the architecture, and the
-  SHA-256 of the payload.
+* a **fingerprint**: SHA-256 over the ordered ``(name, dtype, shape)`` triples, i.e. the architecture;
+* a **digest** of the payload (BLAKE3, :data:`PAYLOAD_HASH`), which travels after it in a signed trailer.
 
 The receiver checks the declared manifest against its own model's manifest and recomputes the layout from it
 *before* allocating anything (:func:`check_header`), writes the chunks into one preallocated buffer
@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import blake3
 import numpy as np
 import torch
 
@@ -59,6 +60,29 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 COMPRESS = {None: None, "none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)
+
+#: The payload digest a sender takes (named in the signed header, ``payload_hash``). BLAKE3: a cryptographic hash
+#: like SHA-256, about 2.6x faster on one core of the development machine (400 MiB in 0.089 s against 0.234 s for
+#: OpenSSL's SHA-256 with the SHA extensions); with SHA-256 the hash was 40-50 % of each side's CPU per snapshot.
+PAYLOAD_HASH = "blake3"
+
+#: Payload hashes a receiver accepts, by name -> a new hasher. ``""`` is what agents older than the header's
+#: ``payload_hash`` field sent: SHA-256. Each gives a 32-byte digest. (blake3's ``update`` releases the GIL for
+#: large inputs, as hashlib's does.)
+PAYLOAD_HASHES: Dict[str, Callable[[], object]] = {
+    "blake3": blake3.blake3,
+    "sha256": hashlib.sha256,
+    "": hashlib.sha256,
+}
+
+
+def payload_hasher(name: str = PAYLOAD_HASH):
+    """A new hasher for the payload hash ``name`` (a key of :data:`PAYLOAD_HASHES`); WireError for others."""
+    try:
+        return PAYLOAD_HASHES[name]()
+    except KeyError:
+        raise WireError(f"unsupported payload hash {name!r} (accepted: "
+                        f"{', '.join(n for n in PAYLOAD_HASHES if n)})") from None
 
 
 class WireError(ValueError):
@@ -263,16 +287,17 @@ def _with_padding(pieces: Sequence[Tuple[int, memoryview]], payload_bytes: int) 
         yield memoryview(bytes(payload_bytes - pos))
 
 
-def payload_sha256(pieces: Sequence[Tuple[int, memoryview]], payload_bytes: int) -> bytes:
-    """SHA-256 of the payload that :func:`iter_payload` yields (padding included), computed without joining it."""
-    h = hashlib.sha256()
+def payload_digest(pieces: Sequence[Tuple[int, memoryview]], payload_bytes: int, hash: str = PAYLOAD_HASH) -> bytes:
+    """The digest (``hash``: a key of :data:`PAYLOAD_HASHES`) of the payload that :func:`iter_payload` yields
+    (padding included), computed without joining it."""
+    h = payload_hasher(hash)
     for mv in _with_padding(pieces, payload_bytes):
         h.update(mv)
     return h.digest()
 
 
 class StreamHash:
-    """The SHA-256 of one payload, taken as its chunks go out and shared by every stream that sends it.
+    """The digest of one payload, taken as its chunks go out and shared by every stream that sends it.
 
     Streams to several neighbours (and retries) send the same chunks in the same order; whichever stream is
     furthest ahead hashes a chunk, the others skip it, so the payload is hashed once however many receivers it
@@ -280,8 +305,9 @@ class StreamHash:
     offset, so the hash is complete by then (:meth:`digest`).
     """
 
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
+    def __init__(self, hash: str = PAYLOAD_HASH) -> None:
+        self.name = hash  # the header's payload_hash
+        self._hash = payload_hasher(hash)
         self.position = 0  # payload bytes hashed so far
         self._lock = threading.Lock()
 
@@ -338,6 +364,29 @@ def pack_range(snapshot: Mapping[str, torch.Tensor], layout: Layout, out: torch.
         else:  # a cast (compression) or another device: torch (numpy casts float32 to float16 ~10x slower)
             size = itemsize(e.wire_dtype)
             out.narrow(0, lo, hi - lo).view(wire).copy_(src[(lo - e.offset) // size:(hi - e.offset) // size])
+
+
+def range_view(snapshot: Mapping[str, torch.Tensor], layout: Layout, start: int,
+               end: int) -> Optional[torch.Tensor]:
+    """Payload bytes ``start`` to ``end`` as a flat uint8 view of the tensor that holds them (no copy), or None.
+
+    A view exists when the range lies inside one tensor's bytes and that tensor goes on the wire as it is in
+    memory: a contiguous CPU tensor in its own dtype (not compressed). Otherwise (a range over two tensors or
+    padding, a cast, another device, a non-contiguous tensor) pack it with :func:`pack_range`. A transport that
+    sends such a view reads the model's memory until the send completes.
+    """
+    if start >= end:
+        return None
+    i = bisect.bisect_right(layout._ends, start)
+    if i >= len(layout.entries):
+        return None
+    e = layout.entries[i]
+    if not (e.offset <= start and end <= e.offset + e.nbytes):
+        return None
+    t = snapshot[e.name].detach()
+    if t.device.type != "cpu" or t.dtype != DTYPES[e.wire_dtype] or not t.is_contiguous():
+        return None
+    return t.reshape(-1).view(torch.uint8)[start - e.offset:end - e.offset]
 
 
 def _view(buffer: torch.Tensor, e: Entry) -> torch.Tensor:
@@ -412,25 +461,30 @@ def entries_to_pb(layout: Layout) -> List[pb.TensorEntry]:
 
 
 def make_header(sender: int, round: int, layout: Layout, key: Optional[bytes] = None, receiver: int = -1,
-                now: Optional[float] = None) -> pb.SnapshotHeader:
+                now: Optional[float] = None, payload_hash: str = PAYLOAD_HASH) -> pb.SnapshotHeader:
     """The first frame of a snapshot stream to ``receiver``; signed with a fresh nonce when ``key`` is given (the
     key of the (sender, receiver) pair, or the cluster's shared secret). The payload's digest is not in it: it
-    follows the payload in the trailer (:func:`make_trailer`)."""
+    follows the payload in the trailer (:func:`make_trailer`); the header names its algorithm (``payload_hash``)."""
     h = pb.SnapshotHeader(sender=sender, receiver=receiver, round=round, fingerprint=layout.fingerprint,
-                          tensors=entries_to_pb(layout), payload_bytes=layout.payload_bytes)
+                          tensors=entries_to_pb(layout), payload_bytes=layout.payload_bytes,
+                          payload_hash=payload_hash)
     if key is not None:
         h.auth.CopyFrom(sign(key, header_auth_fields(h), now=now))
     return h
 
 
 def header_auth_fields(h: pb.SnapshotHeader) -> bytes:
-    """What a snapshot header's HMAC protects: sender, receiver, round, fingerprint, payload size, the manifest."""
+    """What a snapshot header's HMAC protects: sender, receiver, round, fingerprint, payload size, the manifest,
+    and the payload hash's name when one is given (a header without it signs what older agents signed)."""
     manifest = hashlib.sha256()
     for e in h.tensors:
         manifest.update(f"{e.name}\0{e.dtype}\0{','.join(map(str, e.shape))}\0{e.wire_dtype}\0"
                         f"{e.offset}\0{e.nbytes}\n".encode())
-    return b"|".join([b"snapshot", str(h.sender).encode(), str(h.receiver).encode(), str(h.round).encode(),
-                      h.fingerprint.hex().encode(), str(h.payload_bytes).encode(), manifest.hexdigest().encode()])
+    fields = [b"snapshot", str(h.sender).encode(), str(h.receiver).encode(), str(h.round).encode(),
+              h.fingerprint.hex().encode(), str(h.payload_bytes).encode(), manifest.hexdigest().encode()]
+    if h.payload_hash:
+        fields.append(b"hash=" + h.payload_hash.encode())
+    return b"|".join(fields)
 
 
 def _trailer_message(h: pb.SnapshotHeader, digest: bytes) -> bytes:
@@ -439,8 +493,8 @@ def _trailer_message(h: pb.SnapshotHeader, digest: bytes) -> bytes:
 
 
 def make_trailer(h: pb.SnapshotHeader, digest: bytes, key: Optional[bytes] = None) -> pb.SnapshotTrailer:
-    """The last frame of a snapshot stream: the payload's SHA-256, signed (chained to ``h``) when ``key`` is given."""
-    t = pb.SnapshotTrailer(payload_sha256=digest)
+    """The last frame of a snapshot stream: the payload's digest, signed (chained to ``h``) when ``key`` is given."""
+    t = pb.SnapshotTrailer(payload_digest=digest)
     if key is not None:
         t.hmac = hmac.new(key, _trailer_message(h, digest), hashlib.sha256).digest()
     return t
@@ -448,12 +502,12 @@ def make_trailer(h: pb.SnapshotHeader, digest: bytes, key: Optional[bytes] = Non
 
 def verify_trailer(h: pb.SnapshotHeader, t: pb.SnapshotTrailer, key: Optional[bytes]) -> None:
     """Raise :class:`AuthError` unless ``t`` was signed with ``key`` for header ``h`` (no-op when ``key`` is None),
-    :class:`WireError` when the digest is not a SHA-256."""
-    if len(t.payload_sha256) != 32:
-        raise WireError("payload hash in the trailer is not a SHA-256 digest")
+    :class:`WireError` when the digest is not 32 bytes long."""
+    if len(t.payload_digest) != 32:
+        raise WireError(f"payload digest in the trailer has {len(t.payload_digest)} bytes, not 32")
     if key is None:
         return
-    expect = hmac.new(key, _trailer_message(h, t.payload_sha256), hashlib.sha256).digest()
+    expect = hmac.new(key, _trailer_message(h, t.payload_digest), hashlib.sha256).digest()
     if not hmac.compare_digest(expect, t.hmac):
         raise AuthError("trailer HMAC does not match the header's key")
 
@@ -582,6 +636,7 @@ def check_header(h: pb.SnapshotHeader, expected: Optional[Layout], max_payload_b
     """Everything a receiver checks before allocating: consistency, size bounds, my architecture."""
     if h.payload_bytes > max_payload_bytes:
         raise WireError(f"declared payload of {h.payload_bytes} bytes exceeds the limit of {max_payload_bytes}")
+    payload_hasher(h.payload_hash)  # a hash this agent cannot check is refused before anything is allocated
     layout = layout_from_header(h)
     if expected is not None:
         check_against(layout, expected)
@@ -600,9 +655,10 @@ class Assembler:
     layout : the (checked) layout the header declared.
     buffer : a flat uint8 CPU tensor of ``layout.payload_bytes`` to fill (e.g. from a :class:`BufferPool`);
         default: a new one.
+    hash : the payload hash the header names (a key of :data:`PAYLOAD_HASHES`).
     """
 
-    def __init__(self, layout: Layout, buffer: Optional[torch.Tensor] = None):
+    def __init__(self, layout: Layout, buffer: Optional[torch.Tensor] = None, hash: str = PAYLOAD_HASH):
         self.layout = layout
         if buffer is None:
             buffer = torch.empty(layout.payload_bytes, dtype=torch.uint8)
@@ -610,7 +666,7 @@ class Assembler:
             raise ValueError(f"buffer must be a CPU uint8 tensor of {layout.payload_bytes} elements")
         self.buffer = buffer
         self._np = self.buffer.numpy()
-        self._hash = hashlib.sha256()
+        self._hash = payload_hasher(hash)
         self.received = 0
         self.checked = 0  # payload bytes checked for finite values
 
@@ -634,7 +690,7 @@ class Assembler:
             raise WireError(f"payload of {self.received} bytes, shorter than the declared "
                             f"{self.layout.payload_bytes}")
         if not hmac.compare_digest(self._hash.digest(), digest):
-            raise WireError("payload SHA-256 does not match the trailer")
+            raise WireError("payload digest does not match the trailer")
         return unpack(self.buffer, self.layout)
 
 
@@ -744,8 +800,8 @@ def decode_frame(raw: bytes) -> Union[memoryview, pb.SnapshotHeader, pb.Snapshot
 
 __all__ = [
     "ALIGN", "DTYPES", "COMPRESS", "WireError", "AuthError", "Entry", "Layout", "lay_out", "layout_of",
-    "fingerprint", "tensor_views", "iter_payload", "payload_sha256", "pack", "pack_range", "unpack", "check_finite",
-    "check_finite_range",
+    "fingerprint", "tensor_views", "iter_payload", "payload_digest", "PAYLOAD_HASH", "PAYLOAD_HASHES",
+    "payload_hasher", "pack", "pack_range", "range_view", "unpack", "check_finite", "check_finite_range",
     "make_header", "header_auth_fields", "make_trailer", "verify_trailer", "status_auth_fields", "sign", "Verifier",
     "KeySource", "layout_from_header", "check_against", "check_header", "Assembler", "BufferPool", "StreamHash",
     "encode_chunk", "encode_header", "encode_trailer", "decode_frame", "dtype_name",

@@ -32,7 +32,7 @@ class Auth(_message.Message):
     def __init__(self, timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., hmac: _Optional[bytes] = ...) -> None: ...
 
 class SnapshotHeader(_message.Message):
-    __slots__ = ("sender", "round", "fingerprint", "tensors", "payload_bytes", "auth", "receiver")
+    __slots__ = ("sender", "round", "fingerprint", "tensors", "payload_bytes", "auth", "receiver", "payload_hash")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class SnapshotHeader(_message.Message):
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_HASH_FIELD_NUMBER: _ClassVar[int]
     sender: int
     round: int
     fingerprint: bytes
@@ -47,15 +48,16 @@ class SnapshotHeader(_message.Message):
     payload_bytes: int
     auth: Auth
     receiver: int
-    def __init__(self, sender: _Optional[int] = ..., round: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., receiver: _Optional[int] = ...) -> None: ...
+    payload_hash: str
+    def __init__(self, sender: _Optional[int] = ..., round: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., receiver: _Optional[int] = ..., payload_hash: _Optional[str] = ...) -> None: ...
 
 class SnapshotTrailer(_message.Message):
-    __slots__ = ("payload_sha256", "hmac")
-    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("payload_digest", "hmac")
+    PAYLOAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
     HMAC_FIELD_NUMBER: _ClassVar[int]
-    payload_sha256: bytes
+    payload_digest: bytes
     hmac: bytes
-    def __init__(self, payload_sha256: _Optional[bytes] = ..., hmac: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, payload_digest: _Optional[bytes] = ..., hmac: _Optional[bytes] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("header", "chunk", "trailer")
