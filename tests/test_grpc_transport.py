@@ -587,9 +587,11 @@ def test_a_client_that_cancels_mid_payload_leaves_nothing_and_the_round_goes_on(
         assert stalled.wait(DEADLINE)
         time.sleep(0.1)
         fut.cancel()
-    assert _wait_for(lambda: any("stream broken" in r.reason for r in victim.rejected))
+    # Depending on when the cancel reaches the server, gRPC reports a broken stream or just ends it early.
+    cut = ("stream broken", "stream ended without a trailer")
+    assert _wait_for(lambda: any(c in r.reason for r in victim.rejected for c in cut))
     assert victim.rejected[-1].sender == 1 and victim._inbox.admit(0, 1) is None  # nothing stored for (0, 1)
-    assert any("stream broken" in r.getMessage() for r in caplog.records)
+    assert any(c in r.getMessage() for r in caplog.records for c in cut)
     # The same round from the same sender is still welcome, and is what gets merged.
     assert _raw_send(victim.address, _frames(_snap(1), sender=1)).accepted
     victim.post(0, _snap(0))
