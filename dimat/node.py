@@ -117,6 +117,11 @@ class Node:
     bn_batches : None (default): the operator does the reset itself, on the ``stat_batches`` batches (``dimat``
         then also applies its REPAIR variance correction to layers without BatchNorm). An int: the operator does
         no reset and the node recomputes BatchNorm statistics on that many batches (no REPAIR correction).
+    bn_repair : how ``reset_bn`` sets the merged BatchNorm statistics (:data:`dimat.merge.repair.BN_REPAIRS`).
+        ``"local"``: recomputed on the local batches. ``"mix"``: the mixture of the aligned participants' own
+        running statistics, its variance corrected by the collapse ratio measured on local batches, so that a
+        skewed local split does not set the merged model's normalisation (see ``activation_match``'s
+        ``bn_repair``). With ``bn_batches`` set, the operator does this on ``bn_batches`` batches, without REPAIR.
     basis : whose units the neighbours are aligned to. ``"own"`` (DIMAT as published): the agent's own model, so
         every agent keeps a basis of its own and every round needs a fresh, lossy alignment of every neighbour.
         ``"shared"``: every model carries a basis tag, the rank whose unit order it descends from (at first its
@@ -154,6 +159,7 @@ class Node:
         combine_seed: int = 0,
         identity_prior: float = 0.0,
         keep_margin: Optional[float] = None,
+        bn_repair: str = "local",
     ):
         if basis not in self.BASES:
             raise ValueError(f"basis must be one of {', '.join(self.BASES)}, got {basis!r}")
@@ -181,6 +187,9 @@ class Node:
         self.stat_batches = stat_batches
         self.bn_batches = bn_batches
         self.reset_bn = reset_bn
+        if bn_repair not in merge_ops.repair.BN_REPAIRS:
+            raise ValueError(f"bn_repair must be one of {', '.join(merge_ops.repair.BN_REPAIRS)}, got {bn_repair!r}")
+        self.bn_repair = bn_repair
         self.basis = basis
         self.basis_tag = self.rank  # under "shared": whose unit order self.model is in (see `basis`)
         self.combine = combine or combine_mod.CombineOptions()
@@ -324,6 +333,11 @@ class Node:
         models = [self.model if j == self.rank else self._neighbor_model(snapshots[j]) for j in order]
         own_reset = self.reset_bn and self.bn_batches is not None  # a separate batch budget for the BN reset
         kw: Dict[str, Any] = {"same_basis": same} if same else {}
+        if self.bn_repair != "local":  # needs the aligned participants: the operator does it, on bn_batches
+            kw["bn_repair"] = self.bn_repair
+            if own_reset:
+                kw.update(bn_batches=self.bn_batches, repair=False)
+                own_reset = False
         dist: Dict[int, float] = {}
         moved: Dict[int, float] = {}
         align: Dict[int, Dict[str, float]] = {}
