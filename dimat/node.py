@@ -122,6 +122,12 @@ class Node:
         running statistics, its variance corrected by the collapse ratio measured on local batches, so that a
         skewed local split does not set the merged model's normalisation (see ``activation_match``'s
         ``bn_repair``). With ``bn_batches`` set, the operator does this on ``bn_batches`` batches, without REPAIR.
+        ``"mix"`` reads the statistics the snapshots carry, so it needs ``bn_refresh``.
+    bn_refresh : before posting a snapshot, re-estimate the model's BatchNorm running statistics in place on the
+        local batches (``bn_batches``, else ``stat_batches``; :func:`dimat.merge.repair.refresh_bn_stats`), so that
+        the snapshot's statistics describe its current weights on its owner's data rather than an exponential
+        average over the last training steps. Activation matching runs the models in eval mode, so it sees them
+        too. The seconds count in the round's ``merge_s``.
     basis : whose units the neighbours are aligned to. ``"own"`` (DIMAT as published): the agent's own model, so
         every agent keeps a basis of its own and every round needs a fresh, lossy alignment of every neighbour.
         ``"shared"``: every model carries a basis tag, the rank whose unit order it descends from (at first its
@@ -160,6 +166,7 @@ class Node:
         identity_prior: float = 0.0,
         keep_margin: Optional[float] = None,
         bn_repair: str = "local",
+        bn_refresh: bool = False,
     ):
         if basis not in self.BASES:
             raise ValueError(f"basis must be one of {', '.join(self.BASES)}, got {basis!r}")
@@ -189,7 +196,11 @@ class Node:
         self.reset_bn = reset_bn
         if bn_repair not in merge_ops.repair.BN_REPAIRS:
             raise ValueError(f"bn_repair must be one of {', '.join(merge_ops.repair.BN_REPAIRS)}, got {bn_repair!r}")
+        if bn_repair == "mix" and not bn_refresh:
+            raise ValueError("bn_repair 'mix' mixes the running statistics the snapshots carry: set bn_refresh=True "
+                             "so that they describe the current weights (not a stale training average)")
         self.bn_repair = bn_repair
+        self.bn_refresh = bool(bn_refresh)
         self.basis = basis
         self.basis_tag = self.rank  # under "shared": whose unit order self.model is in (see `basis`)
         self.combine = combine or combine_mod.CombineOptions()
@@ -218,12 +229,18 @@ class Node:
         """Send the model's current weights as this agent's round-``r`` snapshot (once per round)."""
         if self.merge_fn is None or self._posted == r:
             return
+        self._payload_s = 0.0
+        if self.bn_refresh and self.batches is not None:  # before the payload: it may read the statistics
+            t0 = time.perf_counter()
+            n = self.bn_batches if self.bn_batches is not None else self.stat_batches
+            merge_ops.repair.refresh_bn_stats(self.model, lambda: merge_ops.iter_inputs(self.batches, n))
+            self._payload_s = time.perf_counter() - t0
         kind = self.combine.payload
         if kind is not None:  # computed before the clock of the exchange starts: merge work, not communication
             t0 = time.perf_counter()
             self._payload = payload_mod.compute(kind, self.model, self.batches, self.stat_batches,
                                                 self.combine.fisher_samples)
-            self._payload_s = time.perf_counter() - t0
+            self._payload_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         state = self.model.state_dict()
         if kind is not None:

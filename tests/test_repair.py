@@ -175,21 +175,71 @@ def test_bad_bn_repair_is_refused(op):
 def test_node_refuses_a_bad_bn_repair():
     with pytest.raises(ValueError, match="bn_repair must be one of local, mix"):
         Node(nn.Linear(2, 2), [[0.5, 0.5], [0.5, 0.5]], 0, None, None, method="none", bn_repair="both")
+    with pytest.raises(ValueError, match="set bn_refresh=True"):
+        Node(nn.Linear(2, 2), [[0.5, 0.5], [0.5, 0.5]], 0, None, None, method="none", bn_repair="mix")
+
+
+def test_refresh_is_the_cumulative_average_of_batch_statistics():
+    m = LinBN([1.0, -2.0], [9.0, 9.0], [9.0, 9.0], momentum=0.1)
+    m.train()
+    batches = _skewed_batches(3.0, 2.0)
+    assert repair.refresh_bn_stats(m, batches) == 3
+    pre = [m.fc(x).detach() for x in batches]
+    # a cumulative average (momentum None) of each batch's mean and unbiased variance
+    assert torch.allclose(m.bn.running_mean, torch.stack([p.mean(0) for p in pre]).mean(0), atol=1e-5)
+    assert torch.allclose(m.bn.running_var, torch.stack([p.var(0) for p in pre]).mean(0), rtol=1e-5)
+    assert m.training and m.bn.momentum == 0.1 and int(m.bn.num_batches_tracked) == 3
+    assert repair.refresh_bn_stats(nn.Linear(1, 1), batches) == 0  # no BatchNorm: nothing to do
+    with pytest.raises(ValueError, match="no batches"):
+        repair.refresh_bn_stats(m, [])
+
+
+class _Capture:
+    """A transport that keeps what is posted and delivers nothing."""
+
+    bytes_sent = bytes_received = 0
+
+    def __init__(self):
+        self.posted = {}
+
+    def post(self, r, state):
+        self.posted[r] = {k: v.clone() for k, v in state.items()}
+
+    def collect(self, r):
+        return {}
+
+
+def test_node_posts_refreshed_statistics():
+    batches = _skewed_batches(3.0, 2.0)
+    for refresh in (False, True):
+        m = LinBN([1.0, -2.0], [9.0, 9.0], [9.0, 9.0])
+        t = _Capture()
+        Node(m, [[0.5, 0.5], [0.5, 0.5]], 0, t, batches, method="wa", bn_refresh=refresh,
+             bn_repair="mix" if refresh else "local", stat_batches=2).merge_round(0)
+        sent = t.posted[0]["bn.running_mean"]
+        if refresh:  # two batches of the skewed local data through the current weights: mean (3, -6)
+            pre = torch.cat([m.fc(x) for x in batches[:2]]).detach()
+            assert torch.allclose(sent, pre.mean(0), atol=1e-5) and torch.equal(sent, m.bn.running_mean)
+        else:
+            assert torch.equal(sent, torch.tensor([9.0, 9.0]))
 
 
 @pytest.mark.parametrize("sets,needles", [
     (["merge.bn_repair=global"], ["key 'merge.bn_repair'", "local, mix", "'global'"]),
-    (["merge.bn_repair=mix", "merge.reset_bn=false"], ["key 'merge.bn_repair'", "merge.reset_bn is false"]),
+    (["merge.bn_repair=mix", "merge.bn_refresh=true", "merge.reset_bn=false"],
+     ["key 'merge.bn_repair'", "merge.reset_bn is false"]),
+    (["merge.bn_repair=mix"], ["key 'merge.bn_repair'", "set merge.bn_refresh true"]),
+    (["merge.bn_refresh=maybe"], ["merge.bn_refresh"]),
 ])
 def test_config_validation_names_the_field(sets, needles):
     with pytest.raises(UserError) as e:
         resolve({}, sets, where="run.yaml")
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("run.yaml: ")
+    assert "\n" not in msg and msg.startswith(("run.yaml: ", "--set: "))
     for needle in needles:
         assert needle in msg, msg
-    assert resolve({}, ["merge.bn_repair=mix"]).merge.bn_repair == "mix"
-    assert resolve({}).merge.bn_repair == "local"
+    assert resolve({}, ["merge.bn_repair=mix", "merge.bn_refresh=true"]).merge.bn_repair == "mix"
+    assert resolve({}).merge.bn_repair == "local" and resolve({}).merge.bn_refresh is False
 
 
 RUN = """\
@@ -200,7 +250,7 @@ topology: ring
 data: {dataset: digits, partition: "dirichlet:0.3"}
 model: {name: cnn, width: 0.25}
 train: {epochs: 1, batch_size: 50}
-merge: {stat_batches: 2, bn_repair: mix}
+merge: {stat_batches: 2, bn_repair: mix, bn_refresh: true}
 """
 
 

@@ -30,7 +30,7 @@ from dimat.merge.structure import PermutationSpec
 from dimat.merge.stats import eval_mode
 
 __all__ = ["repair_layers", "endpoint_stats", "plan", "RepairPlan", "reset_and_repair", "BN_REPAIRS", "BNTarget",
-           "mixture_stats", "bn_input_stats", "bn_targets", "mix_bn_stats"]
+           "mixture_stats", "bn_input_stats", "bn_targets", "mix_bn_stats", "refresh_bn_stats"]
 
 #: How a merge repairs BatchNorm running statistics (``merge.bn_repair``): ``local`` recomputes them on the
 #: agent's own batches; ``mix`` takes the mixture of the aligned participants' own running statistics and
@@ -538,3 +538,40 @@ def mix_bn_stats(model: nn.Module, inputs: Inputs, targets: Dict[str, BNTarget])
         mean, var = target.corrected(measured[name][1])
         bn.running_mean.copy_(mean.to(bn.running_mean))
         bn.running_var.copy_(var.to(bn.running_var))
+
+
+@torch.no_grad()
+def refresh_bn_stats(model: nn.Module, inputs: Inputs) -> int:
+    """Re-estimate every tracked BatchNorm layer's running statistics of ``model`` on ``inputs``, in place.
+
+    A model's running statistics are an exponential average over its last training steps, taken while its weights
+    were still moving, and after a short round they still hold part of the statistics a merge set. Before a
+    snapshot is sent, this replaces them with a cumulative average over ``inputs`` for the current weights
+    (BatchNorm layers in train mode, every other module in eval mode, so no dropout; no gradients), so that what a
+    neighbour reads from the snapshot describes this model on its owner's data. Flags and momenta are restored;
+    ``num_batches_tracked`` counts the batches used. Returns that number (0: no BatchNorm, nothing done).
+    """
+    bns = list(_bn_modules(model).values())
+    if not bns:
+        return 0
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [bn.momentum for bn in bns]
+    n = 0
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        device = bns[0].running_mean.device
+        for x in _batches(inputs):
+            model(x.to(device))
+            n += 1
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+        for m, flag in flags:
+            m.training = flag
+    if n == 0:
+        raise ValueError("refresh_bn_stats got no batches: the running statistics would be left at their reset")
+    return n
