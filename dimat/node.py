@@ -199,6 +199,8 @@ class Node:
         if bn_repair == "mix" and not bn_refresh:
             raise ValueError("bn_repair 'mix' mixes the running statistics the snapshots carry: set bn_refresh=True "
                              "so that they describe the current weights (not a stale training average)")
+        if bn_refresh and batches is None and method != "none":
+            raise ValueError("bn_refresh re-estimates BatchNorm statistics on local batches: give batches")
         self.bn_repair = bn_repair
         self.bn_refresh = bool(bn_refresh)
         self.basis = basis
@@ -230,7 +232,7 @@ class Node:
         if self.merge_fn is None or self._posted == r:
             return
         self._payload_s = 0.0
-        if self.bn_refresh and self.batches is not None:  # before the payload: it may read the statistics
+        if self.bn_refresh:  # before the payload: it may read the statistics
             t0 = time.perf_counter()
             n = self.bn_batches if self.bn_batches is not None else self.stat_batches
             merge_ops.repair.refresh_bn_stats(self.model, lambda: merge_ops.iter_inputs(self.batches, n))

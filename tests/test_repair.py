@@ -177,6 +177,8 @@ def test_node_refuses_a_bad_bn_repair():
         Node(nn.Linear(2, 2), [[0.5, 0.5], [0.5, 0.5]], 0, None, None, method="none", bn_repair="both")
     with pytest.raises(ValueError, match="set bn_refresh=True"):
         Node(nn.Linear(2, 2), [[0.5, 0.5], [0.5, 0.5]], 0, None, None, method="none", bn_repair="mix")
+    with pytest.raises(ValueError, match="give batches"):
+        Node(nn.Linear(2, 2), [[0.5, 0.5], [0.5, 0.5]], 0, _Capture(), None, method="wa", bn_refresh=True)
 
 
 def test_refresh_is_the_cumulative_average_of_batch_statistics():
