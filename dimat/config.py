@@ -58,6 +58,8 @@ DEFAULTS: Dict[str, Any] = {
         "stat_batches": 10,  # batches of local data for activation statistics and the BN reset (None: all)
         "bn_batches": None,  # a separate number of batches for the BN reset, done outside the operator (no REPAIR)
         "reset_bn": True,  # recompute BatchNorm statistics of the merged model on local data
+        "bn_repair": "local",  # how reset_bn sets them: local (recomputed on local batches) | mix (see dimat.Node)
+        "bn_refresh": False,  # re-estimate the model's BatchNorm statistics on local batches before each post
         "basis": "own",  # own (DIMAT: align to the agent's model) | shared (carry basis tags; see dimat.Node)
         "identity_prior": 0.0,  # dimat: lambda added to the correlation's diagonal before each assignment
         "keep_margin": None,  # dimat: keep a group's order unless matching gains more correlation than this
@@ -337,6 +339,16 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
     """The alignment guards, the combine rule and its settings, and the combinations that cannot work."""
     from dimat.merge.combine import CombineOptions
 
+    from dimat.merge.repair import BN_REPAIRS
+
+    if f["merge.bn_repair"] not in BN_REPAIRS:
+        raise bad("merge.bn_repair", f"must be one of {', '.join(BN_REPAIRS)}, got {f['merge.bn_repair']!r}")
+    if f["merge.bn_repair"] == "mix" and not f["merge.bn_refresh"]:
+        raise bad("merge.bn_repair", "mix mixes the BatchNorm statistics the snapshots carry: set merge.bn_refresh "
+                  "true so that they describe the current weights, not a stale training average")
+    if f["merge.bn_repair"] != "local" and not f["merge.reset_bn"]:
+        raise bad("merge.bn_repair", f"is {f['merge.bn_repair']!r}, but merge.reset_bn is false: no BatchNorm "
+                  "statistics are repaired at all")
     if f["merge.identity_prior"] < 0:
         raise bad("merge.identity_prior", f"must be >= 0, got {f['merge.identity_prior']}")
     if f["merge.method"] != "dimat":

@@ -117,6 +117,17 @@ class Node:
     bn_batches : None (default): the operator does the reset itself, on the ``stat_batches`` batches (``dimat``
         then also applies its REPAIR variance correction to layers without BatchNorm). An int: the operator does
         no reset and the node recomputes BatchNorm statistics on that many batches (no REPAIR correction).
+    bn_repair : how ``reset_bn`` sets the merged BatchNorm statistics (:data:`dimat.merge.repair.BN_REPAIRS`).
+        ``"local"``: recomputed on the local batches. ``"mix"``: the mixture of the aligned participants' own
+        running statistics, its variance corrected by the collapse ratio measured on local batches, so that a
+        skewed local split does not set the merged model's normalisation (see ``activation_match``'s
+        ``bn_repair``). With ``bn_batches`` set, the operator does this on ``bn_batches`` batches, without REPAIR.
+        ``"mix"`` reads the statistics the snapshots carry, so it needs ``bn_refresh``.
+    bn_refresh : before posting a snapshot, re-estimate the model's BatchNorm running statistics in place on the
+        local batches (``bn_batches``, else ``stat_batches``; :func:`dimat.merge.repair.refresh_bn_stats`), so that
+        the snapshot's statistics describe its current weights on its owner's data rather than an exponential
+        average over the last training steps. Activation matching runs the models in eval mode, so it sees them
+        too. The seconds count in the round's ``merge_s``.
     basis : whose units the neighbours are aligned to. ``"own"`` (DIMAT as published): the agent's own model, so
         every agent keeps a basis of its own and every round needs a fresh, lossy alignment of every neighbour.
         ``"shared"``: every model carries a basis tag, the rank whose unit order it descends from (at first its
@@ -154,6 +165,8 @@ class Node:
         combine_seed: int = 0,
         identity_prior: float = 0.0,
         keep_margin: Optional[float] = None,
+        bn_repair: str = "local",
+        bn_refresh: bool = False,
     ):
         if basis not in self.BASES:
             raise ValueError(f"basis must be one of {', '.join(self.BASES)}, got {basis!r}")
@@ -181,6 +194,15 @@ class Node:
         self.stat_batches = stat_batches
         self.bn_batches = bn_batches
         self.reset_bn = reset_bn
+        if bn_repair not in merge_ops.repair.BN_REPAIRS:
+            raise ValueError(f"bn_repair must be one of {', '.join(merge_ops.repair.BN_REPAIRS)}, got {bn_repair!r}")
+        if bn_repair == "mix" and not bn_refresh:
+            raise ValueError("bn_repair 'mix' mixes the running statistics the snapshots carry: set bn_refresh=True "
+                             "so that they describe the current weights (not a stale training average)")
+        if bn_refresh and batches is None and method != "none":
+            raise ValueError("bn_refresh re-estimates BatchNorm statistics on local batches: give batches")
+        self.bn_repair = bn_repair
+        self.bn_refresh = bool(bn_refresh)
         self.basis = basis
         self.basis_tag = self.rank  # under "shared": whose unit order self.model is in (see `basis`)
         self.combine = combine or combine_mod.CombineOptions()
@@ -209,12 +231,18 @@ class Node:
         """Send the model's current weights as this agent's round-``r`` snapshot (once per round)."""
         if self.merge_fn is None or self._posted == r:
             return
+        self._payload_s = 0.0
+        if self.bn_refresh:  # before the payload: it may read the statistics
+            t0 = time.perf_counter()
+            n = self.bn_batches if self.bn_batches is not None else self.stat_batches
+            merge_ops.repair.refresh_bn_stats(self.model, lambda: merge_ops.iter_inputs(self.batches, n))
+            self._payload_s = time.perf_counter() - t0
         kind = self.combine.payload
         if kind is not None:  # computed before the clock of the exchange starts: merge work, not communication
             t0 = time.perf_counter()
             self._payload = payload_mod.compute(kind, self.model, self.batches, self.stat_batches,
                                                 self.combine.fisher_samples)
-            self._payload_s = time.perf_counter() - t0
+            self._payload_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         state = self.model.state_dict()
         if kind is not None:
@@ -324,6 +352,11 @@ class Node:
         models = [self.model if j == self.rank else self._neighbor_model(snapshots[j]) for j in order]
         own_reset = self.reset_bn and self.bn_batches is not None  # a separate batch budget for the BN reset
         kw: Dict[str, Any] = {"same_basis": same} if same else {}
+        if self.bn_repair != "local":  # needs the aligned participants: the operator does it, on bn_batches
+            kw["bn_repair"] = self.bn_repair
+            if own_reset:
+                kw.update(bn_batches=self.bn_batches, repair=False)
+                own_reset = False
         dist: Dict[int, float] = {}
         moved: Dict[int, float] = {}
         align: Dict[int, Dict[str, float]] = {}

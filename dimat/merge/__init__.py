@@ -8,7 +8,8 @@ It knows nothing about transports. One module each, in the order a merge runs:
 * :mod:`dimat.merge.matching`: linear assignment (activation or weight matching);
 * :mod:`dimat.merge.operators`: the merge operators (:func:`average`, :func:`weight_match`,
   :func:`activation_match`), their registry :data:`METHODS` and :func:`get`;
-* :mod:`dimat.merge.repair`: the BatchNorm reset's companion, REPAIR's variance correction.
+* :mod:`dimat.merge.repair`: the BatchNorm reset's companion, REPAIR's variance correction; the ``mix`` BatchNorm
+  repair (the participants' statistics, collapse-corrected) and the pre-post statistics refresh.
 
 Around the operators:
 

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from dimat.merge import guard, matching, stats, structure, telemetry
-from dimat.merge.repair import endpoint_stats, repair_layers, reset_and_repair
+from dimat.merge.repair import BN_REPAIRS, bn_targets, endpoint_stats, mix_bn_stats, repair_layers, reset_and_repair
 from dimat.merge.repair import RepairPlan
 from dimat.merge.repair import plan as repair_plan
 from dimat.merge.structure import PermutationSpec
@@ -238,6 +238,8 @@ def average(
     same_basis: Sequence[int] = (),
     repair: bool = False,
     combine: Optional[CombineFn] = None,
+    bn_repair: str = "local",
+    bn_batches: Optional[int] = None,
 ) -> nn.Module:
     """WA: the weighted average of every floating-point tensor, without alignment.
 
@@ -254,6 +256,8 @@ def average(
         ``activation_match(..., reset_bn=r, repair=p)`` with identity permutations. Off by default: WA is the
         plain baseline.
     combine : replaces the weighted sum (see :data:`CombineFn`); called with identity permutations.
+    bn_repair, bn_batches : how ``reset_bn`` repairs BatchNorm statistics, and on how many batches, as in
+        :func:`activation_match`.
 
     Returns
     -------
@@ -261,14 +265,15 @@ def average(
     """
     states, w = _check(models, weights)
     _to_align(w, same_basis)  # the same checks as the aligning operators
+    _check_bn_repair(bn_repair, bn_batches)
     if reset_bn and batches is not None:
         example = _first_input(batches)  # an empty iterable is an error before any work is done
-        if repair:
+        if repair or bn_repair != "local" or bn_batches is not None:
             device = _device_of(models[0])
-            spec, _ = spec_for(models[0], example.to(device))
+            spec = spec_for(models[0], example.to(device))[0] if repair else None
             cl = _channels_last(models[0], example)
             return _merge_aligned(models, states, w, [{} for _ in models[1:]], spec, batches, reset_bn,
-                                  stat_batches, None, repair, cl, combine)
+                                  stat_batches, None, repair, cl, combine, bn_repair, bn_batches)
     state = _weighted_sum(states, w) if combine is None else combine(states, w, [{} for _ in states[1:]], None)
     return _finish(models[0], state, batches, reset_bn, stat_batches)
 
@@ -396,18 +401,45 @@ def _plan_for(model: nn.Module, candidates: List[str], example: torch.Tensor) ->
     return _PLAN_CACHE[key]
 
 
-def _reset_and_repair(merged, models, aligned, w, spec, batches, stat_batches, cl) -> None:
-    """BN reset plus REPAIR of the permuted conv/linear layers that no BatchNorm reads directly (in place)."""
+def _check_bn_repair(bn_repair: str, bn_batches: Optional[int]) -> None:
+    if bn_repair not in BN_REPAIRS:
+        raise ValueError(f"bn_repair must be one of {', '.join(BN_REPAIRS)}, got {bn_repair!r}")
+    if bn_batches is not None and (isinstance(bn_batches, bool) or not isinstance(bn_batches, numbers.Integral)
+                                   or bn_batches < 1):
+        raise ValueError(f"bn_batches must be an integer >= 1 or None, got {bn_batches!r}")
+
+
+def _mix_targets(models, states, aligned, w, batches, n_batches, cl):
+    """:func:`dimat.merge.repair.bn_targets` of a merge: ``states`` are the aligned state dicts, ``aligned[j]``
+    is None where model j was not permuted (it is then measured as it is)."""
+    if not any(isinstance(m, _BN_TYPES) and m.track_running_stats for m in models[0].modules()):
+        return {}  # nothing to repair: no endpoint copies, no passes
+    device = _device_of(models[0])
+    endpoints = [models[j] if j == 0 or sd is None else _new_model(models[j], sd) for j, sd in enumerate(aligned)]
+    return bn_targets(endpoints, states, w, lambda: (_to(x, device, cl) for x in iter_inputs(batches, n_batches)))
+
+
+def _repair_bn(merged, models, states, aligned, w, spec, batches, n_batches, cl, repair: bool,
+               bn_repair: str) -> None:
+    """The statistics repair after the weighted sum (in place): BatchNorm statistics by ``bn_repair`` (a reset on
+    the local batches, or the participants' collapse-corrected mixture), plus, with ``repair``, REPAIR of the
+    permuted conv/linear layers that no BatchNorm reads directly."""
     device = _device_of(merged)
-    example = _to(_first_input(batches), device, cl)[:2]
-    candidates = [n for n, _ in repair_layers(models[0], spec)]
-    steps = _plan_for(merged, candidates, example) if candidates else None
+    mix = _mix_targets(models, states, aligned, w, batches, n_batches, cl) if bn_repair == "mix" else None
+    inputs = lambda: (_to(x, device, cl) for x in iter_inputs(batches, n_batches))  # noqa: E731
+    steps = None
+    if repair:
+        example = _to(_first_input(batches), device, cl)[:2]
+        candidates = [n for n, _ in repair_layers(models[0], spec)]
+        steps = _plan_for(merged, candidates, example) if candidates else None
     if steps is None or not steps.layers:
-        reset_bn_stats(merged, batches, stat_batches, channels_last=cl)
+        if mix is None:
+            reset_bn_stats(merged, batches, n_batches, channels_last=cl)
+        else:
+            mix_bn_stats(merged, inputs, mix)
         return
-    targets = _repair_targets(models, aligned, w, list(steps.layers), batches, stat_batches, cl)
-    reset_and_repair(merged, lambda: (_to(x, device, cl) for x in iter_inputs(batches, stat_batches)), targets,
-                     steps, example)
+    targets = _repair_targets(models, aligned, w, list(steps.layers), batches, n_batches, cl)
+    reset_and_repair(merged, inputs, targets, steps, example, bn_mix=mix)
 
 
 def _cached_spec(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[PermutationSpec]:
@@ -420,8 +452,9 @@ def _cached_spec(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[P
 
 
 def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, stat_batches, profile,
-                   repair=False, cl=False, combine=None):
-    """Apply the permutations, take the weighted sum, then reset BN statistics (and REPAIR) on the batches."""
+                   repair=False, cl=False, combine=None, bn_repair="local", bn_batches=None):
+    """Apply the permutations, take the weighted sum, then repair the statistics (BatchNorm by ``bn_repair``, and
+    REPAIR) on ``bn_batches`` batches (None: ``stat_batches``)."""
     t = time.perf_counter()
     aligned = [states[0]] + [
         structure.apply_permutation(sd, spec, perms) if perms else sd
@@ -433,10 +466,11 @@ def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, 
     t_apply = time.perf_counter() - t
     t = time.perf_counter()
     if reset_bn and batches is not None:
-        if repair:
-            _reset_and_repair(merged, models, permuted, w, spec, batches, stat_batches, cl)
+        n_batches = stat_batches if bn_batches is None else bn_batches
+        if repair or bn_repair != "local":
+            _repair_bn(merged, models, aligned, permuted, w, spec, batches, n_batches, cl, repair, bn_repair)
         else:
-            reset_bn_stats(merged, batches, stat_batches, channels_last=cl)
+            reset_bn_stats(merged, batches, n_batches, channels_last=cl)
     if profile is not None:
         profile["apply_s"] = t_apply
         profile["bn_reset_s"] = time.perf_counter() - t
@@ -467,6 +501,8 @@ def activation_match(
     identity_prior: float = 0.0,
     keep_margin: Optional[float] = None,
     report: Optional[Dict[int, Dict[str, float]]] = None,
+    bn_repair: str = "local",
+    bn_batches: Optional[int] = None,
 ) -> nn.Module:
     """DIMAT: align every neighbour to ``models[0]`` by activation correlation on local batches, then average.
 
@@ -500,12 +536,21 @@ def activation_match(
         correlation must beat the diagonal's for the group to be permuted at all (None: no test).
     report : optional dict that receives, per aligned model index j, the mean correlation before (diagonal) and
         after alignment and the share of units moved (:func:`dimat.merge.telemetry.alignment`).
+    bn_repair : how ``reset_bn`` sets the merged BatchNorm running statistics. ``"local"``: recomputed on the
+        batches (train-mode forward passes, cumulative average). ``"mix"``: the weighted mixture of the aligned
+        participants' own running statistics (the variance includes the spread of their means), its variance
+        multiplied per channel by the collapse ratio measured on the batches: the merged model's input variance
+        over the weighted mean of the aligned endpoints' (every BatchNorm normalising by batch statistics on both
+        sides); the local data's mean is never used (:func:`dimat.merge.repair.bn_targets`). ``num_batches_tracked``
+        stays the agent's own. Costs one forward pass per participant more than ``"local"``.
+    bn_batches : number of batches for the BatchNorm step and REPAIR (None: ``stat_batches``).
 
     Returns
     -------
     A new module; the inputs are not modified.
     """
     states, w = _check(models, weights)
+    _check_bn_repair(bn_repair, bn_batches)
     if not (math.isfinite(identity_prior) and identity_prior >= 0):
         raise ValueError(f"identity_prior must be a finite number >= 0, got {identity_prior!r}")
     if keep_margin is not None and not math.isfinite(keep_margin):
@@ -536,7 +581,8 @@ def activation_match(
         profile["stats_s"] = t_stats
         profile["assign_s"] = time.perf_counter() - t
     return _merge_aligned(
-        models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, repair, cl, combine
+        models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, repair, cl, combine, bn_repair,
+        bn_batches,
     )
 
 
@@ -605,6 +651,8 @@ def weight_match(
     same_basis: Sequence[int] = (),
     repair: bool = True,
     combine: Optional[CombineFn] = None,
+    bn_repair: str = "local",
+    bn_batches: Optional[int] = None,
 ) -> nn.Module:
     """WM: align every neighbour to ``models[0]`` by Git Re-Basin weight matching, then average.
 
@@ -624,12 +672,14 @@ def weight_match(
     same_basis : as in :func:`activation_match`: models taken with the identity permutation.
     repair : with ``reset_bn`` and ``batches``, also the REPAIR correction, as in :func:`activation_match`.
     combine : as in :func:`activation_match`.
+    bn_repair, bn_batches : as in :func:`activation_match`.
 
     Returns
     -------
     A new module; the inputs are not modified.
     """
     states, w = _check(models, weights)
+    _check_bn_repair(bn_repair, bn_batches)
     todo = _to_align(w, same_basis)
     device = _device_of(models[0])
     cl = False
@@ -658,13 +708,13 @@ def weight_match(
         profile["stats_s"] = 0.0
         profile["assign_s"] = time.perf_counter() - t
     return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, repair, cl,
-                          combine)
+                          combine, bn_repair, bn_batches)
 
 
 MergeFn = Callable[..., nn.Module]
 
 #: config name -> merge operator; every entry accepts
-#: ``fn(models, weights, batches=, reset_bn=, stat_batches=, same_basis=, combine=)``.
+#: ``fn(models, weights, batches=, reset_bn=, stat_batches=, same_basis=, combine=, bn_repair=, bn_batches=)``.
 METHODS: Dict[str, MergeFn] = {"dimat": activation_match, "wa": average, "wm": weight_match}
 
 

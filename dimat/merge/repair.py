@@ -29,7 +29,13 @@ from torch import nn
 from dimat.merge.structure import PermutationSpec
 from dimat.merge.stats import eval_mode
 
-__all__ = ["repair_layers", "endpoint_stats", "plan", "RepairPlan", "reset_and_repair"]
+__all__ = ["repair_layers", "endpoint_stats", "plan", "RepairPlan", "reset_and_repair", "BN_REPAIRS", "BNTarget",
+           "mixture_stats", "bn_input_stats", "bn_targets", "mix_bn_stats", "refresh_bn_stats"]
+
+#: How a merge repairs BatchNorm running statistics (``merge.bn_repair``): ``local`` recomputes them on the
+#: agent's own batches; ``mix`` takes the mixture of the aligned participants' own running statistics and
+#: corrects its variance by the collapse ratio measured on local batches (see :func:`bn_targets`).
+BN_REPAIRS = ("local", "mix")
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -204,8 +210,12 @@ class _Moments:
         self.n += x.shape[0]
 
     def mean_std(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        mean, var = self.mean_var()
+        return mean, var.sqrt()
+
+    def mean_var(self) -> Tuple[torch.Tensor, torch.Tensor]:
         mean = self.s1 / self.n
-        return mean, (self.s2 / self.n - mean * mean).clamp_min(0).sqrt()
+        return mean, (self.s2 / self.n - mean * mean).clamp_min(0)
 
 
 def _batches(inputs: Inputs) -> Iterable[torch.Tensor]:
@@ -271,6 +281,7 @@ def reset_and_repair(
     targets: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
     steps: Optional[RepairPlan] = None,
     example: Optional[torch.Tensor] = None,
+    bn_mix: Optional[Dict[str, "BNTarget"]] = None,
 ) -> None:
     """Reset the BatchNorm statistics and correct each layer in ``targets``, level by level (see the module doc).
 
@@ -281,6 +292,8 @@ def reset_and_repair(
         per level).
     targets : layer name -> per-unit (mean, std) its outputs should have (in the layer's own unit order).
     steps : the levels, from :func:`plan`; derived here from the first batch (or ``example``) when None.
+    bn_mix : BatchNorm layers whose statistics come from the participants' mixture instead of a reset
+        (:func:`bn_targets`); each is measured in its level's pass, on inputs every lower level already repaired.
     """
     first = example if example is not None else next(iter(_batches(inputs)))
     if steps is None:
@@ -294,31 +307,43 @@ def reset_and_repair(
         model.eval()
         for lv in levels:
             _one_level(model, inputs, [n for n, l in layers.items() if l == lv],
-                       [n for n, l in bns.items() if l == lv], targets, calls)
+                       [n for n, l in bns.items() if l == lv], targets, calls, bn_mix)
     finally:
         for m, flag in flags:
             m.training = flag
 
 
-def _one_level(model, inputs, layer_names, bn_names, targets, calls) -> None:
-    """One pass: reset ``bn_names`` (train mode, cumulative average) and measure then fuse ``layer_names``."""
+def _one_level(model, inputs, layer_names, bn_names, targets, calls, bn_mix=None) -> None:
+    """One pass: reset ``bn_names`` (train mode, cumulative average) and measure then fuse ``layer_names``.
+
+    With ``bn_mix`` (BatchNorm name -> :class:`BNTarget`), those BatchNorm layers are not reset: the pass measures
+    their inputs (train mode, so each batch is normalised by its own statistics, as in the endpoints' measurement)
+    and then sets their running statistics to the collapse-corrected mixture (:meth:`BNTarget.corrected`)."""
+    bn_mix = bn_mix or {}
     moments = {n: _Moments() for n in layer_names}
+    bn_in = {n: _Moments() for n in bn_names if n in bn_mix}
     seen = {n: 0 for n in layer_names + bn_names}
     needed = {n: calls.get(n, 0) for n in seen}
     bns = [model.get_submodule(n) for n in bn_names]
     momenta = [bn.momentum for bn in bns]
+    counts = [bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None for bn in bns]
 
     def hook(mod, args, out, name):
         if name in moments:
             moments[name].add(out, _channel_dim(mod, out))
+        if name in bn_in:
+            bn_in[name].add(_first_tensor(args), 1)
         seen[name] += 1
         if all(seen[n] >= needed[n] > 0 for n in seen):
             raise _Stop
 
     handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in seen]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
+    for name, bn in zip(bn_names, bns):
+        if name in bn_mix:
+            bn.momentum = 0.0  # train mode normalises by batch statistics; momentum 0 leaves the buffers as they are
+        else:
+            bn.reset_running_stats()
+            bn.momentum = None
         bn.train()
     try:
         for x in _batches(inputs):
@@ -331,12 +356,222 @@ def _one_level(model, inputs, layer_names, bn_names, targets, calls) -> None:
     finally:
         for h in handles:
             h.remove()
-        for bn, mom in zip(bns, momenta):
+        for name, bn, mom, count in zip(bn_names, bns, momenta, counts):
             bn.momentum = mom
             bn.eval()
+            if name in bn_mix and count is not None:
+                bn.num_batches_tracked.copy_(count)
+    for name, m in bn_in.items():
+        if m.n == 0:
+            raise ValueError(f"BatchNorm layer {name!r} saw no input on the batches: cannot measure its collapse")
+        mean, var = bn_mix[name].corrected(m.mean_var()[1])
+        bn = model.get_submodule(name)
+        bn.running_mean.copy_(mean.to(bn.running_mean))
+        bn.running_var.copy_(var.to(bn.running_var))
     for name in layer_names:
         if moments[name].n == 0:
             continue
         mean_t, std_t = targets[name]
         mean_r, std_r = moments[name].mean_std()
         _fuse(model.get_submodule(name), mean_r, std_r, mean_t.double(), std_t.double())
+
+
+# ------------------------------------------------------------------------------------ BatchNorm from the mixture
+# A reset recomputes a merged model's BatchNorm statistics on the agent's own batches; on a skewed local split they
+# describe that split, and the merged model normalises every other input as if it came from there. The ``mix``
+# repair keeps the statistics the participants brought instead: each snapshot's running mean and variance describe
+# its model on its owner's data, so their mixture (weighted like the merge) describes the merged neighbourhood's
+# data. What the mixture misses is the merge itself: averaging aligned but different weights shrinks the spread of
+# the pre-BatchNorm activations. That shrink factor is a property of the merged weights, not of the data, so it is
+# measured locally as a RATIO: the merged model's per-channel variance over the weighted mean of the endpoints'
+# variances, all on the same local batches, with every BatchNorm normalising by batch statistics on both sides.
+# A skew of the local data enters numerator and denominator alike and largely cancels; the local mean is never used.
+
+
+@dataclass
+class BNTarget:
+    """The mixture statistics of one BatchNorm layer and the endpoints' local input variance (float64).
+
+    ``mean``, ``var``: the weighted mixture of the participants' running statistics; ``local_var``: the weighted
+    mean of the endpoints' per-channel input variance on the local batches (the collapse ratio's denominator).
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    local_var: torch.Tensor
+
+    def ratio(self, merged_var: torch.Tensor) -> torch.Tensor:
+        """Per-channel collapse ratio ``merged_var / local_var``; 1 where the endpoints' channel does not vary."""
+        merged_var = merged_var.double()
+        live = self.local_var > _EPS * (float(self.local_var.max()) + 1e-30) if self.local_var.numel() else \
+            torch.zeros(0, dtype=torch.bool)
+        return torch.where(live, merged_var / torch.where(live, self.local_var, 1.0), 1.0)
+
+    def corrected(self, merged_var: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Running (mean, var) for the merged layer: the mixture mean, the mixture variance times the ratio."""
+        return self.mean, self.var * self.ratio(merged_var)
+
+
+def _bn_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if _is_bn(m) and m.running_mean is not None}
+
+
+def mixture_stats(
+    states: Sequence[Dict[str, torch.Tensor]], weights: Sequence[float], names: Iterable[str]
+) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Per BatchNorm layer, the (mean, var) of the weighted mixture of the participants' running statistics.
+
+    ``states`` are aligned state dicts (every channel in ``states[0]``'s order), ``weights`` sum to 1. The mixture
+    variance includes the spread of the means: ``var = sum_j w_j (var_j + mean_j**2) - mean**2`` (float64,
+    clamped at 0 against rounding).
+    """
+    out = {}
+    for name in names:
+        mean = var2 = None
+        for sd, w in zip(states, weights):
+            if w <= 0:
+                continue
+            m = sd[f"{name}.running_mean"].detach().double().cpu()
+            v = sd[f"{name}.running_var"].detach().double().cpu()
+            mean = w * m if mean is None else mean + w * m
+            var2 = w * (v + m * m) if var2 is None else var2 + w * (v + m * m)
+        if mean is None:
+            raise ValueError("mixture_stats needs at least one participant with a positive weight")
+        out[name] = (mean, (var2 - mean * mean).clamp_min(0))
+    return out
+
+
+class _batch_stat_mode:
+    """Every tracked BatchNorm in train mode with momentum 0 (normalise by batch statistics, buffers unchanged),
+    everything else in eval mode (no dropout); every flag, momentum and batch counter restored afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.flags: List[Tuple[nn.Module, bool]] = []
+        self.saved: List[Tuple[nn.Module, object, Optional[torch.Tensor]]] = []
+
+    def __enter__(self) -> "_batch_stat_mode":
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        for bn in _bn_modules(self.model).values():
+            count = bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None
+            self.saved.append((bn, bn.momentum, count))
+            bn.momentum = 0.0
+            bn.train()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bn, mom, count in self.saved:
+            bn.momentum = mom
+            if count is not None:
+                bn.num_batches_tracked.copy_(count)
+        for m, flag in self.flags:
+            m.training = flag
+
+
+@torch.no_grad()
+def bn_input_stats(model: nn.Module, inputs: Inputs) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Per tracked BatchNorm layer, the per-channel (mean, var) of its input over ``inputs`` (float64, pooled over
+    every sample and position), with every BatchNorm normalising by batch statistics and everything else in eval
+    mode. The model is not modified (its buffers, flags and momenta are as before)."""
+    bns = _bn_modules(model)
+    moments = {n: _Moments() for n in bns}
+    handles = [bn.register_forward_hook(lambda mod, args, out, m=moments[n]: m.add(_first_tensor(args), 1))
+               for n, bn in bns.items()]
+    try:
+        with _batch_stat_mode(model):
+            for x in _batches(inputs):
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n, m in moments.items():
+        if m.n == 0:
+            raise ValueError(f"BatchNorm layer {n!r} saw no input on the batches: cannot measure its statistics")
+        out[n] = m.mean_var()
+    return out
+
+
+def bn_targets(
+    endpoints: Sequence[nn.Module],
+    states: Sequence[Dict[str, torch.Tensor]],
+    weights: Sequence[float],
+    inputs: Inputs,
+) -> Dict[str, BNTarget]:
+    """The :class:`BNTarget` of every tracked BatchNorm layer of a merge.
+
+    Parameters
+    ----------
+    endpoints : the participants as modules in ``states[0]``'s unit order (aligned); they are not modified.
+    states : their aligned state dicts (the running statistics are read from these).
+    weights : the merge weights, summing to 1 (participants with weight 0 are skipped).
+    inputs : local batches (a re-iterable, or a callable returning a fresh iterable), read once per endpoint.
+    """
+    names = list(_bn_modules(endpoints[0]))
+    if not names:
+        return {}
+    mix = mixture_stats(states, weights, names)
+    local: Dict[str, torch.Tensor] = {}
+    for model, w in zip(endpoints, weights):
+        if w <= 0:
+            continue
+        for n, (_, var) in bn_input_stats(model, inputs).items():
+            local[n] = local[n] + w * var if n in local else w * var
+    return {n: BNTarget(mix[n][0], mix[n][1], local[n]) for n in names}
+
+
+@torch.no_grad()
+def mix_bn_stats(model: nn.Module, inputs: Inputs, targets: Dict[str, BNTarget]) -> None:
+    """Set every BatchNorm layer in ``targets`` to its collapse-corrected mixture statistics, in place.
+
+    One pass over ``inputs`` measures the merged model's per-channel input variance of each layer (every
+    BatchNorm normalising by batch statistics, as :func:`bn_input_stats` does for the endpoints); then
+    ``running_mean = mixture mean`` and ``running_var = mixture var * merged var / endpoints' var``. Train/eval
+    flags, momenta and ``num_batches_tracked`` are left as they were.
+    """
+    if not targets:
+        return
+    measured = bn_input_stats(model, inputs)
+    for name, target in targets.items():
+        bn = model.get_submodule(name)
+        mean, var = target.corrected(measured[name][1])
+        bn.running_mean.copy_(mean.to(bn.running_mean))
+        bn.running_var.copy_(var.to(bn.running_var))
+
+
+@torch.no_grad()
+def refresh_bn_stats(model: nn.Module, inputs: Inputs) -> int:
+    """Re-estimate every tracked BatchNorm layer's running statistics of ``model`` on ``inputs``, in place.
+
+    A model's running statistics are an exponential average over its last training steps, taken while its weights
+    were still moving, and after a short round they still hold part of the statistics a merge set. Before a
+    snapshot is sent, this replaces them with a cumulative average over ``inputs`` for the current weights
+    (BatchNorm layers in train mode, every other module in eval mode, so no dropout; no gradients), so that what a
+    neighbour reads from the snapshot describes this model on its owner's data. Flags and momenta are restored;
+    ``num_batches_tracked`` counts the batches used. Returns that number (0: no BatchNorm, nothing done).
+    """
+    bns = list(_bn_modules(model).values())
+    if not bns:
+        return 0
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [bn.momentum for bn in bns]
+    n = 0
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        device = bns[0].running_mean.device
+        for x in _batches(inputs):
+            model(x.to(device))
+            n += 1
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+        for m, flag in flags:
+            m.training = flag
+    if n == 0:
+        raise ValueError("refresh_bn_stats got no batches: the running statistics would be left at their reset")
+    return n

@@ -1,0 +1,73 @@
+"""Redo the last round's merges of a finished `dimat run` with different BatchNorm repairs (docs/merge.md,
+"BatchNorm repair").
+
+The run folder's ``checkpoints/agent-K.prev.pt`` hold every agent's model before the last round's merge (the
+snapshots that merge used). Each agent merges them again with the run's operator, weights and local batches, and
+the merged model's accuracy on the full test set is printed, per variant, as the mean over agents and per agent:
+
+* ``local``: the BatchNorm statistics recomputed on the local batches (``merge.bn_repair: local``, the default);
+* ``refresh``: every snapshot's statistics first re-estimated on its owner's batches (``merge.bn_refresh``),
+  then ``local``;
+* ``mix``: ``refresh``, then ``merge.bn_repair: mix``;
+* ``global``: ``refresh``, the merge with ``local``, then the statistics recomputed on 20 batches drawn from
+  every agent's training data: a reference no agent can compute (it needs everyone's data).
+
+Usage, from the repository root (the run's config must resolve from there)::
+
+    python docs/benchmarks/bn_last_merge.py runs/X [local,refresh,mix,global]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import numpy as np
+import torch
+
+from dimat import build, merge
+from dimat.data import Batches
+from dimat.config import load_config
+from dimat.train import evaluate
+
+
+def main(run: str, variants: list[str]) -> None:
+    cfg = load_config(f"{run}/config.yaml", ["merge.method=none"])  # agents without a transport
+    method = json.load(open(f"{run}/summary.json"))["method"]
+    torch.set_num_threads(cfg["threads"] or torch.get_num_threads())
+    setup = build.prepare(cfg)
+    agents = [build.build_agent(cfg, setup, k, None) for k in range(cfg["agents"])]
+    for a in agents:
+        a.model.load_state_dict(torch.load(f"{run}/checkpoints/agent-{a.rank}.prev.pt", weights_only=False)["model"])
+    m = cfg["merge"]
+    n_bn = m["bn_batches"] or m["stat_batches"]
+    fresh = []
+    for a in agents:
+        f = copy.deepcopy(a.model)
+        merge.repair.refresh_bn_stats(f, lambda b=a.node.batches: merge.iter_inputs(b, n_bn))
+        fresh.append(f)
+    g = setup.graphs.at(0) if hasattr(setup.graphs, "at") else setup.graphs
+    ds = setup.dataset
+    order = np.random.default_rng(0).permutation(np.concatenate([p[0] for p in setup.parts]))
+    everyone = Batches(ds.x_train, ds.y_train, order, batch_size=cfg["train"]["batch_size"])
+    fn = merge.get(method)
+    res: dict[str, list[float]] = {v: [] for v in variants}
+    for a in agents:
+        ranks = [a.rank] + [j for j in g.neighbors(a.rank) if j != a.rank]
+        w = [float(g.pi[a.rank][j]) for j in ranks]
+        for v in variants:
+            models = [agents[j].model for j in ranks] if v == "local" else [fresh[j] for j in ranks]
+            kw = dict(batches=a.node.batches, reset_bn=m["reset_bn"], stat_batches=m["stat_batches"])
+            if m["bn_batches"] is not None:  # the node's own reset on bn_batches, no REPAIR (as in the run)
+                kw.update(bn_batches=m["bn_batches"], repair=False)
+            merged = fn(models, w, bn_repair="mix" if v == "mix" else "local", **kw)
+            if v == "global":
+                merge.reset_bn_stats(merged, everyone, 20)
+            res[v].append(evaluate(merged, *a.test, batch_size=cfg["eval"]["batch_size"])[0])
+    for v in variants:
+        print(f"{run}\t{v}\t{np.mean(res[v]):.3f}\t" + " ".join(f"{x:.3f}" for x in res[v]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "local,refresh,mix,global").split(","))
