@@ -14,7 +14,7 @@ the merged model's accuracy on the full test set is printed, per variant, as the
 
 Usage, from the repository root (the run's config must resolve from there)::
 
-    python docs/benchmarks/bn_last_merge.py runs/X [local,refresh,mix,global]
+    python benchmarks/bn_last_merge.py runs/X [local,refresh,mix,global]
 """
 
 from __future__ import annotations
