@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,4 +71,8 @@ def main(run: str, variants: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3) or sys.argv[1].startswith("-"):
+        sys.exit(__doc__)
+    if not (Path(sys.argv[1]) / "config.yaml").exists():
+        sys.exit(f"bn_last_merge.py: {sys.argv[1]}: not a finished run folder (no config.yaml)")
     main(sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "local,refresh,mix,global").split(","))
