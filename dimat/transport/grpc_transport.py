@@ -51,6 +51,14 @@ READY_SERVICE = f"{SERVICE}.rounds"
 _PERMANENT = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.CANCELLED}
 
+#: How the inbox's refusal of a snapshot that came after its round was collected begins (the sender then knows
+#: that the receiver is alive and ahead of it, not down).
+_LATE = "late: "
+#: A send's outcomes (the result of its future).
+DELIVERED, REFUSED_LATE, UNDELIVERED = "delivered", "refused late", "undelivered"
+#: What a liveness check found (besides a Status reply): failed twice (unreachable), or no answer in time.
+_NOBODY, _SILENT = "unreachable", "no answer"
+
 
 class Rejection(NamedTuple):
     """A snapshot (or call) this agent refused: ``round`` and ``sender`` are -1 when not known yet."""
@@ -123,7 +131,7 @@ class _Inbox:
 
     def _why_not(self, round: int, sender: int, current: int) -> Optional[Tuple[str, bool]]:
         if round <= self.floor:
-            return f"late: round {round} arrived after round {self.floor} was collected", False
+            return f"{_LATE}round {round} arrived after round {self.floor} was collected", False
         if (round, sender) in self._items:
             # A snapshot that arrived is final: a second one for the same round (a replay with a fresh nonce, a
             # second process claiming the rank) must not replace what a merge may already be about to use.
@@ -167,6 +175,10 @@ class _Inbox:
                 if len(got) == len(senders) or left <= 0 or self.closed:
                     return got
                 self._cond.wait(timeout=left)
+
+    def has(self, round: int, sender: int) -> bool:
+        with self._cond:
+            return (round, sender) in self._items
 
     def rounds_from(self, sender: int) -> List[int]:
         """The rounds of ``sender`` held now (round protocol: who is in step, how far ahead the neighbours are)."""
@@ -392,6 +404,9 @@ class GrpcTransport(Transport):
         self.snapshot_rounds: Dict[int, int] = {}
         self._offer: Optional[_Outgoing] = None
         self._stop = threading.Event()
+        # Liveness checks of neighbours still missing half a deadline before it (see _wait_in_step).
+        self._checker = ThreadPoolExecutor(max_workers=max(1, len(self.neighbors)),
+                                           thread_name_prefix=f"dimat-check-{self.rank}")
         # Two rounds' sends may overlap (a neighbour still receiving round r when I post r+1).
         self._senders = ThreadPoolExecutor(max_workers=max(1, 3 * len(self.send_to)),
                                            thread_name_prefix=f"dimat-send-{self.rank}")
@@ -427,6 +442,7 @@ class GrpcTransport(Transport):
             why = " (address in use or not local?)"
         if port == 0:
             self._senders.shutdown(wait=False)
+            self._checker.shutdown(wait=False)
             raise ValueError(f"agent {self.rank}: cannot listen on {listen}{why}")
         self.address = f"{listen.rsplit(':', 1)[0]}:{port}"
         self._server.start()
@@ -496,40 +512,45 @@ class GrpcTransport(Transport):
         with self._lock:
             deadline = self._round_deadline.get(round, time.monotonic() + self.deadline_s)
         waited, not_waited = self._split_neighbours(round)
-        got = self._inbox.wait(round, waited, deadline)
+        got, nobody = self._wait_in_step(round, waited, deadline)
         if not_waited:
             got.update(self._inbox.wait(round, not_waited, time.monotonic()))  # whatever is in already
         with self._lock:
             behind = any(j not in self.down for j in not_waited)  # a neighbour has posted a later round
         if not waited and not got and not behind:
             got.update(self._wait_any_answering(round, not_waited, deadline))
+        self._mark_down(round, nobody, "unreachable (a liveness check failed twice)")
+        self._mark_down(round, [j for j in waited if j not in got and j not in nobody])
         with self._lock:
             out = self._outgoing.get(round)
+            down = set(self.down)
         unreached = []  # out-neighbours my round-`round` send did not reach by the deadline
         if out is not None:
-            with self._lock:
-                down = set(self.down)
             for peer, f in zip(self.send_to_at(round), out.futures):
                 if peer in not_waited or peer in down:
                     continue  # a detached send goes on without holding up the round
                 try:
-                    delivered = f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+                    outcome = f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
                 except Exception:  # a send that overran its deadline; cancelled just below
-                    delivered = False
-                if not delivered:
+                    outcome = UNDELIVERED
+                # Refused as late: the peer collected the round without me; it is alive and ahead, and my next
+                # round's split does not wait for it (it has posted a later round), so it is not marked down.
+                if outcome == UNDELIVERED:
                     unreached.append(peer)
         # A neighbour that died after posting this round: its snapshot is in, but my send to it waited the whole
         # deadline; marked down too, so that this is its one deadline.
-        self._mark_down(round, sorted({j for j in waited if j not in got} | set(unreached)))
+        self._mark_down(round, unreached, "did not receive my snapshot by the deadline")
         self._inbox.drop_through(round)
         self._collected = round
         with self._lock:
             for r in [r for r in self._round_deadline if r <= round]:
                 del self._round_deadline[r]
-            for r in [r for r in self._outgoing if r <= round]:
-                o = self._outgoing.pop(r)
-                if not o.detached:
-                    o.cancel()  # its pieces are the model's tensors, which change once I return
+            # Sends that read the model's tensors stop now (they change once I return). Detached ones (a private
+            # copy) stay in _outgoing until my next post supersedes them: dropped from it here, a send to a dead
+            # neighbour would hold a sender thread for its whole deadline, round after round, until the threads
+            # ran out and the sends to live neighbours queued behind them (a stall of the whole ring, measured).
+            for r in [r for r, o in self._outgoing.items() if r <= round and not o.detached]:
+                self._outgoing.pop(r).cancel()
         result = self._checked(round, {s: (round, snap, layout) for s, (snap, layout) in got.items()})
         missing = [j for j in self.neighbors_at(round) if j not in result]
         if missing:
@@ -588,6 +609,74 @@ class GrpcTransport(Transport):
             skip = set(self.down) | ahead
         return [j for j in neighbors if j not in skip], [j for j in neighbors if j in skip]
 
+    def _wait_in_step(self, round: int, waited: Sequence[int], deadline: float
+                      ) -> Tuple[Dict[int, Tuple[Snapshot, wire.Layout]], List[int]]:
+        """The ``waited`` neighbours' round-``round`` snapshots: wait until all are in, or until the deadline for
+        those that a liveness check does not find alive and in step. Also returns those given up before the
+        deadline because nothing listens at their address.
+
+        Half a deadline before it, each neighbour still missing is asked for its Status (one call, bounded by the
+        deadline). One that is unreachable (UNAVAILABLE twice, 0.25 s apart: killed, restarting, or a new
+        connection that cannot be made) is given up at once; one that does not answer by the deadline (frozen, or
+        cut off on a connection that was up) costs the deadline. One
+        that answers and has posted round ``round - 1`` or later is working on this round: it is late because it
+        waited for its own neighbours (a dead agent's neighbours post their next round up to a deadline late), so
+        it is waited for up to one more deadline instead of being marked down for a near miss, which would put the
+        two agents out of step and spread the lag as a cascade of near misses (see docs/transport.md)."""
+        check_at = deadline - self.deadline_s / 2
+        grace = deadline + self.deadline_s
+        checks: Dict[int, Future] = {}
+        extended: List[int] = []
+        while True:
+            now = time.monotonic()
+            if now >= check_at:
+                for j in waited:
+                    if j not in checks and not self._inbox.has(round, j):
+                        checks[j] = self._checker.submit(self._check_alive, j, deadline)
+            outcome = {j: f.result() for j, f in checks.items() if f.done()}
+            want = [j for j in waited if outcome.get(j) != _NOBODY]
+            if now >= deadline:  # those in, those found in step, and those whose check has not ended yet
+                want = [j for j in want if self._inbox.has(round, j) or j not in outcome
+                        or not isinstance(outcome[j], str) and outcome[j].latest_posted_round >= round - 1]
+                late = [j for j in want if j in outcome and j not in extended and not self._inbox.has(round, j)]
+                if late:
+                    extended += late
+                    log.warning("agent %d round %d: %s late but alive and in step (Status: posted round %s); "
+                                "waited for up to one more deadline", self.rank, round, late,
+                                [outcome[j].latest_posted_round for j in late])
+            # Wake for the next event: the checks' start, the deadline, the grace's end, or a check's outcome.
+            until = check_at if now < check_at else deadline if now < deadline else grace
+            if len(outcome) < len(checks):
+                until = min(until, now + 0.05)
+            got = self._inbox.wait(round, want, until)
+            if len(got) == len(want) or time.monotonic() >= grace or self._closed:
+                return got, sorted(j for j in waited if outcome.get(j) == _NOBODY and j not in got)
+
+    def _check_alive(self, peer: int, until: float) -> Union[pb.StatusReply, str]:
+        """A liveness check of ``peer`` (Status, retried once after a failure), at most until ``until``
+        (time.monotonic): its reply, ``_NOBODY`` (failed twice: unreachable) or ``_SILENT`` (no answer in time)."""
+        refused = 0
+        while not self._closed:
+            left = until - time.monotonic()
+            if left <= 0:
+                return _SILENT
+            try:
+                reply = self._ask_status(peer, left)
+            except (wire.AuthError, ValueError):  # no key, or no address for it (an in-neighbour only): no check
+                return _SILENT
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return _SILENT
+                refused += 1
+                if refused >= 2:
+                    return _NOBODY
+                self._stop.wait(min(0.25, left))
+                continue
+            with self._lock:
+                self._peer_posted[peer] = max(self._peer_posted.get(peer, -1), int(reply.latest_posted_round))
+            return reply
+        return _SILENT
+
     def _wait_any_answering(self, round: int, candidates: Sequence[int], deadline: float
                             ) -> Dict[int, Tuple[Snapshot, wire.Layout]]:
         """Every neighbour is down: wait (at most until ``deadline``) for the first round-``round`` snapshot of one
@@ -603,7 +692,7 @@ class GrpcTransport(Transport):
                 return got
         return {}
 
-    def _mark_down(self, round: int, missed: Sequence[int]) -> None:
+    def _mark_down(self, round: int, missed: Sequence[int], why: str = "missed the deadline") -> None:
         if not missed:
             return
         with self._lock:
@@ -612,8 +701,8 @@ class GrpcTransport(Transport):
                     self.down[j], self._down_round[j] = time.monotonic(), round
                     self._answering.pop(j, None)
         self._wake.set()  # probe them now: whether they answer decides _wait_any_answering
-        log.warning("agent %d round %d: %s missed the deadline; not waited for until a probe finds them in step",
-                    self.rank, round, list(missed))
+        log.warning("agent %d round %d: %s %s; not waited for until a probe finds them in step", self.rank, round,
+                    list(missed), why)
 
     def _readmit(self, peer: int, why: str) -> None:
         with self._lock:
@@ -807,6 +896,7 @@ class GrpcTransport(Transport):
         self._health.enter_graceful_shutdown()
         self._server.stop(grace=0.5).wait(5.0)
         self._senders.shutdown(wait=True, cancel_futures=True)
+        self._checker.shutdown(wait=True, cancel_futures=True)
         self._prober.join(timeout=2 * self.connect_timeout_s + 1.0)
         with self._lock:
             channels = list(self._channels.values())
@@ -845,7 +935,9 @@ class GrpcTransport(Transport):
         return pb_grpc.PeerStub(self._channel(peer)).Status(req, timeout=timeout_s)
 
     # ------------------------------------------------------------------------------------------------ sending
-    def _send_loop(self, peer: int, out: _Outgoing) -> bool:
+    def _send_loop(self, peer: int, out: _Outgoing) -> str:
+        """Send ``out`` to ``peer``, retrying until its deadline: DELIVERED, REFUSED_LATE (the peer collected the
+        round without it: alive and ahead) or UNDELIVERED."""
         delay = self.retry_initial_s
         attempts = 0
         last = "no attempt"
@@ -859,17 +951,17 @@ class GrpcTransport(Transport):
             except wire.AuthError as e:  # my credentials hold no key for this peer: no attempt can succeed
                 ok, retry, last = False, False, str(e)
             if ok:
-                return True
+                return DELIVERED
             if not retry:
                 log.warning("agent %d: round %d to %d not delivered: %s", self.rank, out.round, peer, last)
-                return False
+                return REFUSED_LATE if last.startswith(f"refused: {_LATE}") else UNDELIVERED
             sleep = min(delay, max(0.0, out.deadline - time.monotonic()))
             out.cancelled.wait(sleep)
             delay = min(delay * self.retry_multiplier, self.retry_max_s)
         if not out.cancelled.is_set() and not self._closed:
             log.warning("agent %d: round %d to %d not delivered by the deadline after %d attempt(s): %s",
                         self.rank, out.round, peer, attempts, last)
-        return False
+        return UNDELIVERED
 
     def _send_once(self, peer: int, out: _Outgoing, remaining: float) -> Tuple[bool, bool, str]:
         """One attempt: (delivered, worth retrying, what happened)."""
