@@ -298,9 +298,12 @@ def test_grpc_agents_survive_a_restart_without_checkpoint_and_a_frozen_agent(tmp
     joins within two rounds) while agent 5 is frozen for 3 deadlines (its neighbours wait one deadline for it,
     then carry on; once thawed it skips ahead to where they are). The two are far enough apart that no agent
     loses both neighbours. Nobody hangs and the run ends complete."""
-    # Enough rounds that the others still run when the restarted agent is up and when the frozen one thaws.
-    rounds, frozen = 30, 5
-    res = _faults(tmp_path, dict(CONFIG, agents=6, rounds=rounds, train={"epochs": 4}), kill=KILLED, freeze=frozen)
+    # Enough work per round (30 epochs, about 0.7 s) that the others still run when the restarted agent is up and
+    # when the frozen one thaws: with 4 epochs the 30 rounds took 15 s once nobody waited for a dead agent more
+    # than once, and were over before the restarted agent (set up in 10 s on a busy machine) asked for a state.
+    # Short enough rounds that the frozen agent is 2 or more rounds behind when it thaws (it then skips ahead).
+    rounds, frozen = 20, 5
+    res = _faults(tmp_path, dict(CONFIG, agents=6, rounds=rounds, train={"epochs": 30}), kill=KILLED, freeze=frozen)
     out, merges = res["out"], res["merges"]
     assert res["returncode"] == 0, res["text"] + _dump_logs(out, 6)
     _joined_within_two_rounds(res, KILLED, (1, 3), rounds)
@@ -377,8 +380,11 @@ def test_ring_of_8_restart_without_checkpoint_joins_within_two_rounds(tmp_path):
 
 @pytest.mark.slow
 def test_ring_of_8_sigstop_for_three_deadlines_catches_up(tmp_path):
+    """Agent 5 is frozen after its round-3 checkpoint for 3 deadlines (9 s). As much local work per round as the
+    restart test (60 epochs, about 1 s): with 2 epochs a round takes under a second once nobody waits, and the
+    others finished all 12 rounds before agent 5 was let go, so there was nothing left to catch up with."""
     rounds, frozen = RING8["rounds"], 5
-    res = _faults(tmp_path, RING8, freeze=frozen)
+    res = _faults(tmp_path, dict(RING8, train={"epochs": 60}), freeze=frozen)
     assert res["returncode"] == 0, res["text"] + _dump_logs(res["out"], 8)
     merges = res["merges"]
     for k in (k for k in range(8) if k != frozen):

@@ -512,7 +512,7 @@ class GrpcTransport(Transport):
         with self._lock:
             deadline = self._round_deadline.get(round, time.monotonic() + self.deadline_s)
         waited, not_waited = self._split_neighbours(round)
-        got, nobody = self._wait_in_step(round, waited, deadline)
+        got, nobody, ahead = self._wait_in_step(round, waited, deadline)
         if not_waited:
             got.update(self._inbox.wait(round, not_waited, time.monotonic()))  # whatever is in already
         with self._lock:
@@ -520,7 +520,7 @@ class GrpcTransport(Transport):
         if not waited and not got and not behind:
             got.update(self._wait_any_answering(round, not_waited, deadline))
         self._mark_down(round, nobody, "unreachable (a liveness check failed twice)")
-        self._mark_down(round, [j for j in waited if j not in got and j not in nobody])
+        self._mark_down(round, [j for j in waited if j not in got and j not in nobody and j not in ahead])
         with self._lock:
             out = self._outgoing.get(round)
             down = set(self.down)
@@ -610,10 +610,10 @@ class GrpcTransport(Transport):
         return [j for j in neighbors if j not in skip], [j for j in neighbors if j in skip]
 
     def _wait_in_step(self, round: int, waited: Sequence[int], deadline: float
-                      ) -> Tuple[Dict[int, Tuple[Snapshot, wire.Layout]], List[int]]:
+                      ) -> Tuple[Dict[int, Tuple[Snapshot, wire.Layout]], List[int], List[int]]:
         """The ``waited`` neighbours' round-``round`` snapshots: wait until all are in, or until the deadline for
         those that a liveness check does not find alive and in step. Also returns those given up before the
-        deadline because nothing listens at their address.
+        deadline because they are unreachable, and those a check found past this round (not waited for further).
 
         Half a deadline before it, each neighbour still missing is asked for its Status (one call, bounded by the
         deadline). One that is unreachable (UNAVAILABLE twice, 0.25 s apart: killed, restarting, or a new
@@ -634,7 +634,11 @@ class GrpcTransport(Transport):
                     if j not in checks and not self._inbox.has(round, j):
                         checks[j] = self._checker.submit(self._check_alive, j, deadline)
             outcome = {j: f.result() for j, f in checks.items() if f.done()}
-            want = [j for j in waited if outcome.get(j) != _NOBODY]
+            # Not waited for any more: unreachable ones, and those that have posted a later round (they collected
+            # this one without me: their snapshot of it is in, or will not come; I am behind, see _split_neighbours).
+            ahead = [j for j in waited if not isinstance(outcome.get(j), (str, type(None)))
+                     and outcome[j].latest_posted_round > round and not self._inbox.has(round, j)]
+            want = [j for j in waited if outcome.get(j) != _NOBODY and j not in ahead]
             if now >= deadline:  # those in, those found in step, and those whose check has not ended yet
                 want = [j for j in want if self._inbox.has(round, j) or j not in outcome
                         or not isinstance(outcome[j], str) and outcome[j].latest_posted_round >= round - 1]
@@ -650,7 +654,7 @@ class GrpcTransport(Transport):
                 until = min(until, now + 0.05)
             got = self._inbox.wait(round, want, until)
             if len(got) == len(want) or time.monotonic() >= grace or self._closed:
-                return got, sorted(j for j in waited if outcome.get(j) == _NOBODY and j not in got)
+                return got, sorted(j for j in waited if outcome.get(j) == _NOBODY and j not in got), ahead
 
     def _check_alive(self, peer: int, until: float) -> Union[pb.StatusReply, str]:
         """A liveness check of ``peer`` (Status, retried once after a failure), at most until ``until``
@@ -685,7 +689,7 @@ class GrpcTransport(Transport):
         while time.monotonic() < deadline and not self._closed:
             with self._lock:
                 alive = [j for j in candidates if self._answering.get(j, True)]
-            if not alive:
+            if not alive or self.round_hint() > round:  # none alive, or one is ahead: I am behind, not ahead
                 return {}
             got = self._inbox.wait(round, alive, min(deadline, time.monotonic() + 0.05))
             if got:
@@ -729,11 +733,12 @@ class GrpcTransport(Transport):
                     log.debug("agent %d: probe of %d failed: %r", self.rank, j, e)
 
     def _probe(self, peer: int) -> bool:
-        """Health check, then Status: admit ``peer`` when it serves and has posted the round it missed, or a later
-        one. So a neighbour that was merely late is admitted at the first probe (it posted that round, too late),
-        before this agent can run ahead of it; one that is frozen, cut off or restarting is admitted once it has
-        caught up (it skips ahead to its neighbours' round); one that answers but posts nothing (hung) never is.
-        True when admitted."""
+        """Health check, then Status: admit ``peer`` when it serves and has posted the round it missed (or a later
+        one) and at most one round before my latest post. So a neighbour that was merely late is admitted at the
+        first probe (it posted that round, too late), before this agent can run ahead of it; one that is frozen,
+        cut off or restarting is admitted once it has caught up (it skips ahead to its neighbours' round), even
+        when it had posted the round it missed before it stopped; one that answers but posts nothing (hung) never
+        is. True when admitted."""
         if self._closed:
             return False
         timeout = min(self.connect_timeout_s, max(self.probe_interval_s, 0.5))
@@ -755,8 +760,11 @@ class GrpcTransport(Transport):
         with self._lock:
             self._peer_posted[peer] = posted
             missed = self._down_round.get(peer, -1)
-        if posted >= max(missed, 0):
-            self._readmit(peer, f"probe: it posted round {posted}, it had missed round {missed}")
+            mine = self.latest_posted
+        # In step: it has posted the round it missed and is at most one round behind mine (a neighbour frozen
+        # after posting the round it missed is not in step until it has skipped ahead).
+        if posted >= max(missed, mine - 1, 0):
+            self._readmit(peer, f"probe: it posted round {posted}, it had missed round {missed}, I am at {mine}")
             return True
         return False
 
@@ -1063,6 +1071,8 @@ class GrpcTransport(Transport):
                 reason, retry = why
                 if retry:  # not a refusal: the sender tries again within its deadline
                     log.info("agent %d: round %d from %d postponed: %s", self.rank, round, sender, reason)
+                    with self._lock:  # an authenticated neighbour has posted that round: I am behind (round_hint)
+                        self._peer_posted[sender] = max(self._peer_posted.get(sender, -1), round)
                     context.abort(grpc.StatusCode.UNAVAILABLE, reason)
                 return refuse(reason)
             layout = wire.check_header(header, self._expected, self.max_snapshot_bytes)
