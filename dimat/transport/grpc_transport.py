@@ -23,7 +23,8 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -400,6 +401,7 @@ class GrpcTransport(Transport):
         self._answering: Dict[int, bool] = {}  # rank -> whether its last probe got a health answer
         self._wake = threading.Event()  # probe at once (a neighbour was just marked down)
         self._peer_posted: Dict[int, int] = {}  # rank -> latest posted round its Status reported
+        self._postponed: Dict[int, int] = {}  # rank -> latest round of its that my inbox postponed (too far ahead)
         self._collected = -1
         self.snapshot_rounds: Dict[int, int] = {}
         self._offer: Optional[_Outgoing] = None
@@ -526,19 +528,15 @@ class GrpcTransport(Transport):
             down = set(self.down)
         unreached = []  # out-neighbours my round-`round` send did not reach by the deadline
         if out is not None:
-            for peer, f in zip(self.send_to_at(round), out.futures):
-                if peer in not_waited or peer in down:
-                    continue  # a detached send goes on without holding up the round
-                try:
-                    outcome = f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
-                except Exception:  # a send that overran its deadline; cancelled just below
-                    outcome = UNDELIVERED
+            sends = {peer: f for peer, f in zip(self.send_to_at(round), out.futures)
+                     if peer not in not_waited and peer not in down}  # a detached send goes on by itself
+            for peer, outcome in self._wait_sends(sends, deadline).items():
                 # Refused as late: the peer collected the round without me; it is alive and ahead, and my next
                 # round's split does not wait for it (it has posted a later round), so it is not marked down.
-                if outcome == UNDELIVERED:
+                if outcome != DELIVERED and outcome != REFUSED_LATE:
                     unreached.append(peer)
-        # A neighbour that died after posting this round: its snapshot is in, but my send to it waited the whole
-        # deadline; marked down too, so that this is its one deadline.
+        # A neighbour that died after posting this round: its snapshot is in, but my send to it does not arrive;
+        # marked down too (after a liveness check finds it unreachable, or at the deadline), once.
         self._mark_down(round, unreached, "did not receive my snapshot by the deadline")
         self._inbox.drop_through(round)
         self._collected = round
@@ -655,6 +653,36 @@ class GrpcTransport(Transport):
             got = self._inbox.wait(round, want, until)
             if len(got) == len(want) or time.monotonic() >= grace or self._closed:
                 return got, sorted(j for j in waited if outcome.get(j) == _NOBODY and j not in got), ahead
+
+    def _wait_sends(self, sends: Mapping[int, Future], deadline: float) -> Dict[int, str]:
+        """Each send's outcome (DELIVERED, REFUSED_LATE, UNDELIVERED), waiting at most until the deadline (and a
+        second for a send's own cleanup). As for snapshots, a send still running half a deadline before it gets
+        a liveness check of its peer, and one whose peer is unreachable is not waited for further (it goes on,
+        and ends at its deadline or with my next post)."""
+        check_at = deadline - self.deadline_s / 2
+        checks: Dict[int, Future] = {}
+        outcomes: Dict[int, str] = {}
+        while len(outcomes) < len(sends):
+            now = time.monotonic()
+            for peer, f in sends.items():
+                if peer in outcomes:
+                    continue
+                if f.done():
+                    try:
+                        outcomes[peer] = f.result()
+                    except Exception:  # a send that broke; it is cancelled with its round
+                        outcomes[peer] = UNDELIVERED
+                elif peer in checks and checks[peer].done() and checks[peer].result() == _NOBODY:
+                    outcomes[peer] = UNDELIVERED
+                elif now >= deadline + 1.0 or self._closed:
+                    outcomes[peer] = UNDELIVERED
+                elif now >= check_at and peer not in checks:
+                    checks[peer] = self._checker.submit(self._check_alive, peer, deadline)
+            if len(outcomes) < len(sends):
+                pending = [f for p, f in sends.items() if p not in outcomes]
+                wait_futures(pending, timeout=0.05 if checks or now >= check_at else max(0.0, check_at - now),
+                             return_when=FIRST_COMPLETED)
+        return outcomes
 
     def _check_alive(self, peer: int, until: float) -> Union[pb.StatusReply, str]:
         """A liveness check of ``peer`` (Status, retried once after a failure), at most until ``until``
@@ -814,7 +842,7 @@ class GrpcTransport(Transport):
         inbox and from probes. An agent about to run an earlier round is behind and may skip ahead to it."""
         rounds = [r for j in self.neighbors for r in self._inbox.rounds_from(j)]
         with self._lock:  # a probe's answer is a lower bound on where that neighbour is now, up or down
-            rounds += list(self._peer_posted.values())
+            rounds += list(self._peer_posted.values()) + list(self._postponed.values())
         return max(rounds, default=-1)
 
     # ------------------------------------------------------------------------------------------ state transfer
@@ -1072,7 +1100,7 @@ class GrpcTransport(Transport):
                 if retry:  # not a refusal: the sender tries again within its deadline
                     log.info("agent %d: round %d from %d postponed: %s", self.rank, round, sender, reason)
                     with self._lock:  # an authenticated neighbour has posted that round: I am behind (round_hint)
-                        self._peer_posted[sender] = max(self._peer_posted.get(sender, -1), round)
+                        self._postponed[sender] = max(self._postponed.get(sender, -1), round)
                     context.abort(grpc.StatusCode.UNAVAILABLE, reason)
                 return refuse(reason)
             layout = wire.check_header(header, self._expected, self.max_snapshot_bytes)
