@@ -624,13 +624,20 @@ class GrpcTransport(Transport):
         check_at = deadline - self.deadline_s / 2
         grace = deadline + self.deadline_s
         checks: Dict[int, Future] = {}
+        checked_at: Dict[int, float] = {}
         extended: List[int] = []
         while True:
             now = time.monotonic()
             if now >= check_at:
                 for j in waited:
-                    if j not in checks and not self._inbox.has(round, j):
-                        checks[j] = self._checker.submit(self._check_alive, j, deadline)
+                    if self._inbox.has(round, j):
+                        continue
+                    # Past the deadline, one waited for further is checked again every quarter deadline: it may
+                    # have skipped ahead meanwhile (following a neighbour of its own that is further on).
+                    again = j in extended and checks[j].done() and now - checked_at[j] >= self.deadline_s / 4
+                    if j not in checks or again:
+                        checks[j] = self._checker.submit(self._check_alive, j, deadline if not again else grace)
+                        checked_at[j] = now
             outcome = {j: f.result() for j, f in checks.items() if f.done()}
             # Not waited for any more: unreachable ones, and those that have posted a later round (they collected
             # this one without me: their snapshot of it is in, or will not come; I am behind, see _split_neighbours).
@@ -650,6 +657,8 @@ class GrpcTransport(Transport):
             until = check_at if now < check_at else deadline if now < deadline else grace
             if len(outcome) < len(checks):
                 until = min(until, now + 0.05)
+            for j in extended:  # the next repeated check (a check still running wakes the loop every 50 ms)
+                until = min(until, max(now + 0.05, checked_at[j] + self.deadline_s / 4))
             got = self._inbox.wait(round, want, until)
             if len(got) == len(want) or time.monotonic() >= grace or self._closed:
                 return got, sorted(j for j in waited if outcome.get(j) == _NOBODY and j not in got), ahead
