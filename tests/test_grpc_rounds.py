@@ -114,6 +114,24 @@ def test_a_neighbour_that_is_late_but_alive_and_in_step_is_waited_for_beyond_the
     assert sorted(a.collect(1)) == [1]
 
 
+def test_a_late_neighbour_that_skips_ahead_meanwhile_is_not_waited_for_further(make):
+    """Waited for past the deadline (it answered, in step), the neighbour skips ahead instead (following a
+    neighbour of its own that is further on): a repeated check finds it past the round, the wait ends within a
+    quarter deadline or so, and it is not marked down."""
+    a = make(0, [1], {1: "127.0.0.1:1"})
+    b = make(1, [0], {0: a.address})
+    a.peers[1] = b.address
+    _round(0, [a, b])
+    b.post(1, _snap(11))
+    skip = threading.Timer(1.2 * DEADLINE, lambda: a.post(2, _snap(20)))
+    skip.start()
+    t0 = time.monotonic()
+    got = b.collect(1)
+    seconds = time.monotonic() - t0
+    skip.join()
+    assert got == {} and 1.2 * DEADLINE < seconds < 1.7 * DEADLINE and not b.down, (seconds, b.down)
+
+
 def test_a_neighbour_that_does_not_answer_costs_at_most_the_deadline_and_one_that_is_hung_at_most_two(make):
     """Frozen or cut off: the liveness check gets no answer (here a socket that accepts connections and never
     speaks: gRPC gives up on the handshake), so the neighbour costs at most the deadline. Hung (it answers, but posts nothing): it looks in step
