@@ -273,8 +273,9 @@ class GrpcTransport(Transport):
         ``peers`` then cover every round (every agent this one may ever exchange with), and each round sends to,
         accepts from and waits for that round's peers only.
     sync : True (default): rounds in step with the round protocol (see :meth:`collect`): ``collect(r)`` waits for
-        the neighbours that are up, at most ``deadline_s``; a neighbour that misses a deadline is not waited for
-        again until a background probe finds it in step. False: asynchronous rounds: ``collect(r)`` never waits
+        the neighbours that are up, at most ``deadline_s`` (one more for a late neighbour that a liveness check
+        finds alive and working on the round); a neighbour given up is not waited for again until a background
+        probe finds it in step. False: asynchronous rounds: ``collect(r)`` never waits
         and returns each neighbour's freshest snapshot of round ``r - staleness`` or later.
     staleness : asynchronous rounds: the oldest snapshot merged is ``staleness`` rounds old (>= 0).
     probe_interval_s : seconds between two probes (health check, then Status) of a neighbour that is not waited
@@ -406,8 +407,9 @@ class GrpcTransport(Transport):
         self.snapshot_rounds: Dict[int, int] = {}
         self._offer: Optional[_Outgoing] = None
         self._stop = threading.Event()
-        # Liveness checks of neighbours still missing half a deadline before it (see _wait_in_step).
-        self._checker = ThreadPoolExecutor(max_workers=max(1, len(self.neighbors)),
+        # Liveness checks of neighbours whose snapshot, or my send to whom, is still missing half a deadline before
+        # it (see _wait_in_step and _wait_sends).
+        self._checker = ThreadPoolExecutor(max_workers=max(1, len(self.neighbors) + len(self.send_to)),
                                            thread_name_prefix=f"dimat-check-{self.rank}")
         # Two rounds' sends may overlap (a neighbour still receiving round r when I post r+1).
         self._senders = ThreadPoolExecutor(max_workers=max(1, 3 * len(self.send_to)),
@@ -498,11 +500,14 @@ class GrpcTransport(Transport):
 
         Round protocol (``sync=True``): waits until every neighbour that is up delivered or the deadline passes
         (``deadline_s`` after ``post(round)``, or after this call if ``round`` was not posted), then until my own
-        round-``round`` sends to them finish (same deadline). A neighbour that misses the deadline is marked down
-        (:attr:`down`) and is not waited for in later rounds (its snapshot is taken if it is in already); it is
-        waited for again once a snapshot of this round or later from it is in, or a background probe finds it up
-        and in step. So a dead, frozen or cut-off neighbour costs one deadline in total. Afterwards snapshots for
-        this round or older are refused as late.
+        round-``round`` sends to them finish (same deadline). Half a deadline before the deadline, a neighbour
+        still missing gets a liveness check (:meth:`_wait_in_step`): unreachable, it is given up at once; silent,
+        at the deadline; alive and working on this round, it is waited for up to one more deadline; past this
+        round, not waited for further. A neighbour given up is marked down (:attr:`down`) and is not waited for
+        in later rounds (its snapshot is taken if it is in already); it is waited for again once a snapshot of
+        this round or later from it is in, or a background probe finds it up and in step. So a dead, frozen or
+        cut-off neighbour costs at most one deadline in total. Afterwards snapshots for this round or older are
+        refused as late.
 
         Asynchronous rounds (``sync=False``): returns at once, with each neighbour's freshest snapshot of round
         ``round - staleness`` or later (:attr:`snapshot_rounds` says which round each is).
