@@ -354,9 +354,9 @@ def test_ring_of_8_sigkill_at_round_2_costs_at_most_two_deadlines(tmp_path):
     comm = {name: max(_comm_total(res["merges"], k) for k in survivors) for name, res in
             (("uninterrupted", base), ("killed", hit))}
     print(f"\n8-agent ring, {rounds} rounds, deadline {deadline} s: wall uninterrupted {base['wall_s']:.1f} s, "
-          f"agent {KILLED} killed at round 2 {hit['wall_s']:.1f} s (+{hit['wall_s'] - base['wall_s']:.1f} s); "
+          f"agent {KILLED} killed at round 2 {hit['wall_s']:.1f} s ({hit['wall_s'] - base['wall_s']:+.1f} s); "
           f"from the first merge to the end {base['rounds_s']:.1f} -> {hit['rounds_s']:.1f} s "
-          f"(+{hit['rounds_s'] - base['rounds_s']:.1f} s); "
+          f"({hit['rounds_s'] - base['rounds_s']:+.1f} s; bound +{2 * deadline:.1f} s); "
           f"most seconds in collect of a survivor {comm['uninterrupted']:.1f} -> {comm['killed']:.1f} s")
     assert hit["rounds_s"] <= base["rounds_s"] + 2 * deadline
     assert comm["killed"] <= comm["uninterrupted"] + 2 * deadline
