@@ -707,8 +707,14 @@ class GrpcTransport(Transport):
             if left <= 0:
                 return _SILENT
             try:
-                reply = self._ask_status(peer, left)
-            except (wire.AuthError, ValueError):  # no key, or no address for it (an in-neighbour only): no check
+                # A fresh connection each attempt: the shared channel may be waiting out gRPC's reconnect backoff
+                # after a broken connection (a peer that was frozen, or restarted), and would fail at once.
+                channel = self._new_channel(peer)
+            except ValueError:  # no address for it (an in-neighbour only): no check
+                return _SILENT
+            try:
+                reply = self._ask_status(peer, left, channel)
+            except wire.AuthError:  # no key for it: no check
                 return _SILENT
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -718,6 +724,8 @@ class GrpcTransport(Transport):
                     return _NOBODY
                 self._stop.wait(min(0.25, left))
                 continue
+            finally:
+                channel.close()
             with self._lock:
                 self._peer_posted[peer] = max(self._peer_posted.get(peer, -1), int(reply.latest_posted_round))
             return reply
@@ -976,13 +984,13 @@ class GrpcTransport(Transport):
             log.info("agent %d: Status of %d failed: %s %s", self.rank, peer, e.code().name, e.details())
             return None
 
-    def _ask_status(self, peer: int, timeout_s: float) -> pb.StatusReply:
+    def _ask_status(self, peer: int, timeout_s: float, channel: Optional[grpc.Channel] = None) -> pb.StatusReply:
         """Status of ``peer``, signed with the key of our pair (wire.AuthError when my credentials hold none)."""
         req = pb.StatusRequest(sender=self.rank, receiver=int(peer))
         key = self._key_for(peer)
         if key is not None:
             req.auth.CopyFrom(wire.sign(key, wire.status_auth_fields(self.rank, int(peer))))
-        return pb_grpc.PeerStub(self._channel(peer)).Status(req, timeout=timeout_s)
+        return pb_grpc.PeerStub(channel or self._channel(peer)).Status(req, timeout=timeout_s)
 
     # ------------------------------------------------------------------------------------------------ sending
     def _send_loop(self, peer: int, out: _Outgoing) -> str:
@@ -1066,17 +1074,18 @@ class GrpcTransport(Transport):
         with self._lock:
             ch = self._channels.get(peer)
             if ch is None:
-                if peer not in self.peers:
-                    raise ValueError(f"no address for agent {peer}")
-                opts = self._options()
-                if self._tls is None:
-                    ch = grpc.insecure_channel(self.peers[peer], options=opts)
-                else:
-                    if self._tls.server_name:
-                        opts.append(("grpc.ssl_target_name_override", self._tls.server_name))
-                    ch = grpc.secure_channel(self.peers[peer], self._tls.channel_credentials(), options=opts)
-                self._channels[peer] = ch
+                ch = self._channels[peer] = self._new_channel(peer)
             return ch
+
+    def _new_channel(self, peer: int) -> grpc.Channel:
+        if peer not in self.peers:
+            raise ValueError(f"no address for agent {peer}")
+        opts = self._options()
+        if self._tls is None:
+            return grpc.insecure_channel(self.peers[peer], options=opts)
+        if self._tls.server_name:
+            opts.append(("grpc.ssl_target_name_override", self._tls.server_name))
+        return grpc.secure_channel(self.peers[peer], self._tls.channel_credentials(), options=opts)
 
     def _options(self) -> List[Tuple[str, int]]:
         return [("grpc.max_send_message_length", self.max_message_bytes),
