@@ -22,7 +22,9 @@ while its neighbours, which have skipped it meanwhile, move on; it rejoins with 
 next merge pulls back towards its neighbours. When no neighbour answers (all down, or the run is over) it
 continues from ``c + 1`` and every collect is bounded by the deadline. Without a checkpoint (``--resume`` after
 the checkpoint was lost, or ``--join`` on a new machine) it fetches the state of the live neighbour furthest on
-(the FetchState RPC: its latest posted model, round and basis tag) and joins at the round after it. While the
+(the FetchState RPC: its latest posted model, round and basis tag) and joins at the round after it. Either way,
+right before its first post it asks the neighbours' Status once more and posts the round after the latest one
+they have posted, if that is later (:func:`join_round`: the set-up took seconds, and they ran on). While the
 rounds run, an agent that finds a neighbour's snapshot of a later round than the one it is about to run (it was
 frozen or cut off) skips ahead to that round. Over torch.distributed every agent of the
 job restarts together, so they agree on the latest round all of them have completed and continue from there.
