@@ -292,7 +292,6 @@ def _joined_within_two_rounds(res: dict, agent: int, neighbours, rounds: int) ->
     return joined
 
 
-@pytest.mark.slow  # timing-dependent: on an idle machine the thawed agent may chase its neighbours to the end
 def test_grpc_agents_survive_a_restart_without_checkpoint_and_a_frozen_agent(tmp_path):
     """6 agents on a ring: agent 2 is killed and restarted with no checkpoint (it takes a neighbour's state and
     joins within two rounds) while agent 5 is frozen for 3 deadlines (its neighbours wait one deadline for it,
