@@ -37,12 +37,13 @@ CONFIG = {
     "rounds": ROUNDS,
     "topology": "ring",
     "seed": 0,
-    # Enough local work per round (~1 s on a busy 2-core machine) that the test can stop agent 2 between two of
-    # its checkpoints, and that the others, which stop waiting for it after one deadline, still run when the
-    # restarted agent is up (a start takes 5-10 s there).
+    # Enough local work per round (60 epochs: ~1.3 s of training on an idle 2-core machine) that the test can stop
+    # agent 2 between two of its checkpoints, and that the others, which stop waiting for it after one deadline,
+    # still run when the restarted agent is up (a start takes 5-10 s on a busy machine). With 12 epochs (0.27 s)
+    # the others, no longer stalled by their sends to the dead agent, were in their last round by then.
     "data": {"dataset": "synthetic:train=3000,test=400"},
     "model": {"name": "mlp", "width": 0.25},
-    "train": {"epochs": 12},
+    "train": {"epochs": 60},
     "merge": {"method": "dimat", "stat_batches": 2, "bn_batches": 2},
     "transport": {"deadline_s": DEADLINE_S},
 }
