@@ -22,7 +22,9 @@ while its neighbours, which have skipped it meanwhile, move on; it rejoins with 
 next merge pulls back towards its neighbours. When no neighbour answers (all down, or the run is over) it
 continues from ``c + 1`` and every collect is bounded by the deadline. Without a checkpoint (``--resume`` after
 the checkpoint was lost, or ``--join`` on a new machine) it fetches the state of the live neighbour furthest on
-(the FetchState RPC: its latest posted model, round and basis tag) and joins at the round after it. While the
+(the FetchState RPC: its latest posted model, round and basis tag) and joins at the round after it. Either way,
+right before its first post it asks the neighbours' Status once more and posts the round after the latest one
+they have posted, if that is later (:func:`join_round`: the set-up took seconds, and they ran on). While the
 rounds run, an agent that finds a neighbour's snapshot of a later round than the one it is about to run (it was
 frozen or cut off) skips ahead to that round. Over torch.distributed every agent of the
 job restarts together, so they agree on the latest round all of them have completed and continue from there.
@@ -45,7 +47,7 @@ from dimat.metrics import MetricsWriter, atomic_write_text
 from dimat.build import Setup, build_agent, prepare
 from dimat.transport.base import Transport
 
-__all__ = ["run_agent", "claim_run_dir", "rejoin_round", "join_from_neighbour", "peers_for"]
+__all__ = ["run_agent", "claim_run_dir", "rejoin_round", "join_from_neighbour", "join_round", "peers_for"]
 
 _T0 = time.perf_counter()  # about when the agent process started (this module is imported first thing)
 
@@ -318,6 +320,29 @@ def rejoin_round(t: Transport, neighbors: Sequence[int], first: int, log: Callab
     return start
 
 
+def join_round(t: Transport, first: int, log: Callable[[str], None] = print) -> int:
+    """The round a resuming or joining agent posts first, decided right before it posts: ``first``, or the round
+    after the latest one a live neighbour has posted, if that is later.
+
+    Its set-up (state transfer, Status calls, metrics file) takes seconds, during which its neighbours, which do
+    not wait for it (it is down for them), run on; the round it computed before is stale by then. Posting the
+    round after theirs, it is in their inbox when they collect that round, so they admit it and wait for it
+    (docs/transport.md, "Round protocol"), and it waits for theirs. Each Status call is bounded by the
+    transport's connect timeout; a transport without Status (torch.distributed) keeps ``first``."""
+    status = getattr(t, "peer_status", None)
+    if status is None:
+        return first
+    posted = {}
+    for j in t.neighbors:
+        reply = status(j)
+        if reply is not None:
+            posted[j] = int(reply.latest_posted_round)
+    start = max([first] + [p + 1 for p in posted.values()])
+    log(f"agent {t.rank}: rejoining at round {start} (decided before the first post; neighbours' latest posted "
+        f"rounds {posted})")
+    return start
+
+
 # ---------------------------------------------------------------------------------------------- rounds
 
 
@@ -348,9 +373,8 @@ def _run_rounds(cfg: Config, agent: Agent, out: Path, last: Optional[int], first
             pretrain([agent], cfg, writer, ckpt_dir)
             log(f"agent {agent.rank}: pretrained {cfg['train']['pretrain_epochs']} epochs")
         _start_barrier(cfg, agent, rejoining=resume, log=log)
-        if resume and hasattr(agent.node.transport, "wait_for_round"):
-            # Joining a running run: post the first round when the neighbours do (bounded by one deadline).
-            agent.node.transport.wait_for_round(first, cfg["transport"]["deadline_s"])
+        if resume:  # capped at the last round: neighbours that have finished leave one round to run alone
+            first = max(first, min(join_round(agent.node.transport, first, log), cfg["rounds"] - 1))
         r = first
         while r < cfg["rounds"]:
             r = _catch_up(cfg, agent, r, log)

@@ -5,6 +5,8 @@ In-process transports on free 127.0.0.1 ports; every wait is bounded by a short 
 acceptance runs (8 agents, SIGKILL / restart / SIGSTOP) are in tests/test_fault.py.
 """
 
+import socket
+import threading
 import time
 
 import pytest
@@ -75,7 +77,9 @@ def test_a_dead_neighbour_costs_one_deadline_in_total_and_a_restart_is_admitted_
     address = a.address
     a.close()
     got, seconds = _round(1, [b, c])
-    assert got == {1: [2], 2: [1]} and seconds[1] >= DEADLINE * 0.9  # the one deadline it costs
+    # What it costs: half a deadline, then a liveness check that finds nothing listening (refused twice, 0.25 s
+    # apart), within the one deadline.
+    assert got == {1: [2], 2: [1]} and DEADLINE / 2 <= seconds[1] < DEADLINE, seconds
     assert set(b.down) == {0}
     for r in (2, 3, 4):
         got, seconds = _round(r, [b, c])
@@ -89,6 +93,70 @@ def test_a_dead_neighbour_costs_one_deadline_in_total_and_a_restart_is_admitted_
     assert merged[-1] == ([1], [0, 2]), merged
     assert any(0 in g1 for _, g1 in merged[:2]), merged  # agent 1 merged the restarted agent 0 within two rounds
     assert not b.down
+
+
+def test_a_neighbour_that_is_late_but_alive_and_in_step_is_waited_for_beyond_the_deadline(make):
+    """A neighbour that answers its Status and has posted the previous round is working on this one: it is late
+    because it waited for its own neighbours (a dead agent's neighbours post up to a deadline late). It is waited
+    for up to one more deadline, not marked down for a near miss."""
+    a = make(0, [1], {1: "127.0.0.1:1"})
+    b = make(1, [0], {0: a.address})
+    a.peers[1] = b.address
+    _round(0, [a, b])
+    b.post(1, _snap(11))
+    late = threading.Timer(1.3 * DEADLINE, lambda: a.post(1, _snap(10)))
+    late.start()
+    t0 = time.monotonic()
+    got = b.collect(1)
+    seconds = time.monotonic() - t0
+    late.join()
+    assert sorted(got) == [0] and 1.2 * DEADLINE < seconds < 2 * DEADLINE and not b.down, (seconds, b.down)
+    assert sorted(a.collect(1)) == [1]
+
+
+def test_a_late_neighbour_that_skips_ahead_meanwhile_is_not_waited_for_further(make):
+    """Waited for past the deadline (it answered, in step), the neighbour skips ahead instead (following a
+    neighbour of its own that is further on): a repeated check finds it past the round, the wait ends within a
+    quarter deadline or so, and it is not marked down."""
+    a = make(0, [1], {1: "127.0.0.1:1"})
+    b = make(1, [0], {0: a.address})
+    a.peers[1] = b.address
+    _round(0, [a, b])
+    b.post(1, _snap(11))
+    skip = threading.Timer(1.2 * DEADLINE, lambda: a.post(2, _snap(20)))
+    skip.start()
+    t0 = time.monotonic()
+    got = b.collect(1)
+    seconds = time.monotonic() - t0
+    skip.join()
+    assert got == {} and 1.2 * DEADLINE < seconds < 1.7 * DEADLINE and not b.down, (seconds, b.down)
+
+
+def test_a_neighbour_that_does_not_answer_costs_at_most_the_deadline_and_one_that_is_hung_at_most_two(make):
+    """Frozen or cut off: the liveness check gets no answer (here a socket that accepts connections and never
+    speaks: gRPC gives up on the handshake), so the neighbour costs at most the deadline. Hung (it answers, but posts nothing): it looks in step
+    once, then costs at most one more deadline and is marked down."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        b = make(1, [0], {0: f"127.0.0.1:{silent.getsockname()[1]}"})
+        b.post(0, _snap(1))
+        t0 = time.monotonic()
+        assert b.collect(0) == {}
+        seconds = time.monotonic() - t0
+        assert DEADLINE / 2 <= seconds < DEADLINE + 0.5 and set(b.down) == {0}, seconds
+    finally:
+        silent.close()
+    a = make(0, [2], {2: "127.0.0.1:1"})
+    c = make(2, [0], {0: a.address})
+    a.peers[2] = c.address
+    _round(0, [a, c])
+    c.post(1, _snap(21))  # agent 0 answers its Status but never posts round 1
+    t0 = time.monotonic()
+    assert c.collect(1) == {}
+    seconds = time.monotonic() - t0
+    assert DEADLINE * 1.9 <= seconds < 2 * DEADLINE + 0.5 and set(c.down) == {0}, seconds
 
 
 def test_a_neighbour_that_is_behind_still_receives_and_learns_where_the_others_are(make):

@@ -23,7 +23,8 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -50,6 +51,14 @@ READY_SERVICE = f"{SERVICE}.rounds"
 #: Status codes after which another attempt cannot succeed (the peer refused what we sent, not the network).
 _PERMANENT = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.CANCELLED}
+
+#: How the inbox's refusal of a snapshot that came after its round was collected begins (the sender then knows
+#: that the receiver is alive and ahead of it, not down).
+_LATE = "late: "
+#: A send's outcomes (the result of its future).
+DELIVERED, REFUSED_LATE, UNDELIVERED = "delivered", "refused late", "undelivered"
+#: What a liveness check found (besides a Status reply): failed twice (unreachable), or no answer in time.
+_NOBODY, _SILENT = "unreachable", "no answer"
 
 
 class Rejection(NamedTuple):
@@ -123,7 +132,7 @@ class _Inbox:
 
     def _why_not(self, round: int, sender: int, current: int) -> Optional[Tuple[str, bool]]:
         if round <= self.floor:
-            return f"late: round {round} arrived after round {self.floor} was collected", False
+            return f"{_LATE}round {round} arrived after round {self.floor} was collected", False
         if (round, sender) in self._items:
             # A snapshot that arrived is final: a second one for the same round (a replay with a fresh nonce, a
             # second process claiming the rank) must not replace what a merge may already be about to use.
@@ -167,6 +176,10 @@ class _Inbox:
                 if len(got) == len(senders) or left <= 0 or self.closed:
                     return got
                 self._cond.wait(timeout=left)
+
+    def has(self, round: int, sender: int) -> bool:
+        with self._cond:
+            return (round, sender) in self._items
 
     def rounds_from(self, sender: int) -> List[int]:
         """The rounds of ``sender`` held now (round protocol: who is in step, how far ahead the neighbours are)."""
@@ -260,8 +273,9 @@ class GrpcTransport(Transport):
         ``peers`` then cover every round (every agent this one may ever exchange with), and each round sends to,
         accepts from and waits for that round's peers only.
     sync : True (default): rounds in step with the round protocol (see :meth:`collect`): ``collect(r)`` waits for
-        the neighbours that are up, at most ``deadline_s``; a neighbour that misses a deadline is not waited for
-        again until a background probe finds it in step. False: asynchronous rounds: ``collect(r)`` never waits
+        the neighbours that are up, at most ``deadline_s`` (one more for a late neighbour that a liveness check
+        finds alive and working on the round); a neighbour given up is not waited for again until a background
+        probe finds it in step. False: asynchronous rounds: ``collect(r)`` never waits
         and returns each neighbour's freshest snapshot of round ``r - staleness`` or later.
     staleness : asynchronous rounds: the oldest snapshot merged is ``staleness`` rounds old (>= 0).
     probe_interval_s : seconds between two probes (health check, then Status) of a neighbour that is not waited
@@ -388,10 +402,15 @@ class GrpcTransport(Transport):
         self._answering: Dict[int, bool] = {}  # rank -> whether its last probe got a health answer
         self._wake = threading.Event()  # probe at once (a neighbour was just marked down)
         self._peer_posted: Dict[int, int] = {}  # rank -> latest posted round its Status reported
+        self._postponed: Dict[int, int] = {}  # rank -> latest round of its that my inbox postponed (too far ahead)
         self._collected = -1
         self.snapshot_rounds: Dict[int, int] = {}
         self._offer: Optional[_Outgoing] = None
         self._stop = threading.Event()
+        # Liveness checks of neighbours whose snapshot, or my send to whom, is still missing half a deadline before
+        # it (see _wait_in_step and _wait_sends).
+        self._checker = ThreadPoolExecutor(max_workers=max(1, len(self.neighbors) + len(self.send_to)),
+                                           thread_name_prefix=f"dimat-check-{self.rank}")
         # Two rounds' sends may overlap (a neighbour still receiving round r when I post r+1).
         self._senders = ThreadPoolExecutor(max_workers=max(1, 3 * len(self.send_to)),
                                            thread_name_prefix=f"dimat-send-{self.rank}")
@@ -427,6 +446,7 @@ class GrpcTransport(Transport):
             why = " (address in use or not local?)"
         if port == 0:
             self._senders.shutdown(wait=False)
+            self._checker.shutdown(wait=False)
             raise ValueError(f"agent {self.rank}: cannot listen on {listen}{why}")
         self.address = f"{listen.rsplit(':', 1)[0]}:{port}"
         self._server.start()
@@ -480,11 +500,14 @@ class GrpcTransport(Transport):
 
         Round protocol (``sync=True``): waits until every neighbour that is up delivered or the deadline passes
         (``deadline_s`` after ``post(round)``, or after this call if ``round`` was not posted), then until my own
-        round-``round`` sends to them finish (same deadline). A neighbour that misses the deadline is marked down
-        (:attr:`down`) and is not waited for in later rounds (its snapshot is taken if it is in already); it is
-        waited for again once a snapshot of this round or later from it is in, or a background probe finds it up
-        and in step. So a dead, frozen or cut-off neighbour costs one deadline in total. Afterwards snapshots for
-        this round or older are refused as late.
+        round-``round`` sends to them finish (same deadline). Half a deadline before the deadline, a neighbour
+        still missing gets a liveness check (:meth:`_wait_in_step`): unreachable, it is given up at once; silent,
+        at the deadline; alive and working on this round, it is waited for up to one more deadline; past this
+        round, not waited for further. A neighbour given up is marked down (:attr:`down`) and is not waited for
+        in later rounds (its snapshot is taken if it is in already); it is waited for again once a snapshot of
+        this round or later from it is in, or a background probe finds it up and in step. So a dead, frozen or
+        cut-off neighbour costs at most one deadline in total. Afterwards snapshots for this round or older are
+        refused as late.
 
         Asynchronous rounds (``sync=False``): returns at once, with each neighbour's freshest snapshot of round
         ``round - staleness`` or later (:attr:`snapshot_rounds` says which round each is).
@@ -496,40 +519,41 @@ class GrpcTransport(Transport):
         with self._lock:
             deadline = self._round_deadline.get(round, time.monotonic() + self.deadline_s)
         waited, not_waited = self._split_neighbours(round)
-        got = self._inbox.wait(round, waited, deadline)
+        got, nobody, ahead = self._wait_in_step(round, waited, deadline)
         if not_waited:
             got.update(self._inbox.wait(round, not_waited, time.monotonic()))  # whatever is in already
         with self._lock:
             behind = any(j not in self.down for j in not_waited)  # a neighbour has posted a later round
         if not waited and not got and not behind:
             got.update(self._wait_any_answering(round, not_waited, deadline))
+        self._mark_down(round, nobody, "unreachable (a liveness check failed twice)")
+        self._mark_down(round, [j for j in waited if j not in got and j not in nobody and j not in ahead])
         with self._lock:
             out = self._outgoing.get(round)
+            down = set(self.down)
         unreached = []  # out-neighbours my round-`round` send did not reach by the deadline
         if out is not None:
-            with self._lock:
-                down = set(self.down)
-            for peer, f in zip(self.send_to_at(round), out.futures):
-                if peer in not_waited or peer in down:
-                    continue  # a detached send goes on without holding up the round
-                try:
-                    delivered = f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
-                except Exception:  # a send that overran its deadline; cancelled just below
-                    delivered = False
-                if not delivered:
+            sends = {peer: f for peer, f in zip(self.send_to_at(round), out.futures)
+                     if peer not in not_waited and peer not in down}  # a detached send goes on by itself
+            for peer, outcome in self._wait_sends(sends, deadline).items():
+                # Refused as late: the peer collected the round without me; it is alive and ahead, and my next
+                # round's split does not wait for it (it has posted a later round), so it is not marked down.
+                if outcome != DELIVERED and outcome != REFUSED_LATE:
                     unreached.append(peer)
-        # A neighbour that died after posting this round: its snapshot is in, but my send to it waited the whole
-        # deadline; marked down too, so that this is its one deadline.
-        self._mark_down(round, sorted({j for j in waited if j not in got} | set(unreached)))
+        # A neighbour that died after posting this round: its snapshot is in, but my send to it does not arrive;
+        # marked down too (after a liveness check finds it unreachable, or at the deadline), once.
+        self._mark_down(round, unreached, "did not receive my snapshot by the deadline")
         self._inbox.drop_through(round)
         self._collected = round
         with self._lock:
             for r in [r for r in self._round_deadline if r <= round]:
                 del self._round_deadline[r]
-            for r in [r for r in self._outgoing if r <= round]:
-                o = self._outgoing.pop(r)
-                if not o.detached:
-                    o.cancel()  # its pieces are the model's tensors, which change once I return
+            # Sends that read the model's tensors stop now (they change once I return). Detached ones (a private
+            # copy) stay in _outgoing until my next post supersedes them: dropped from it here, a send to a dead
+            # neighbour would hold a sender thread for its whole deadline, round after round, until the threads
+            # ran out and the sends to live neighbours queued behind them (a stall of the whole ring, measured).
+            for r in [r for r, o in self._outgoing.items() if r <= round and not o.detached]:
+                self._outgoing.pop(r).cancel()
         result = self._checked(round, {s: (round, snap, layout) for s, (snap, layout) in got.items()})
         missing = [j for j in self.neighbors_at(round) if j not in result]
         if missing:
@@ -588,6 +612,125 @@ class GrpcTransport(Transport):
             skip = set(self.down) | ahead
         return [j for j in neighbors if j not in skip], [j for j in neighbors if j in skip]
 
+    def _wait_in_step(self, round: int, waited: Sequence[int], deadline: float
+                      ) -> Tuple[Dict[int, Tuple[Snapshot, wire.Layout]], List[int], List[int]]:
+        """The ``waited`` neighbours' round-``round`` snapshots: wait until all are in, or until the deadline for
+        those that a liveness check does not find alive and in step. Also returns those given up before the
+        deadline because they are unreachable, and those a check found past this round (not waited for further).
+
+        Half a deadline before it, each neighbour still missing is asked for its Status (one call, bounded by the
+        deadline). One that is unreachable (UNAVAILABLE twice, 0.25 s apart: killed, restarting, or a new
+        connection that cannot be made) is given up at once; one that does not answer by the deadline (frozen, or
+        cut off on a connection that was up) costs the deadline. One
+        that answers and has posted round ``round - 1`` or later is working on this round: it is late because it
+        waited for its own neighbours (a dead agent's neighbours post their next round up to a deadline late), so
+        it is waited for up to one more deadline instead of being marked down for a near miss, which would put the
+        two agents out of step and spread the lag as a cascade of near misses (see docs/transport.md)."""
+        check_at = deadline - self.deadline_s / 2
+        grace = deadline + self.deadline_s
+        checks: Dict[int, Future] = {}
+        checked_at: Dict[int, float] = {}
+        extended: List[int] = []
+        while True:
+            now = time.monotonic()
+            if now >= check_at:
+                for j in waited:
+                    if self._inbox.has(round, j):
+                        continue
+                    # Past the deadline, one waited for further is checked again every quarter deadline: it may
+                    # have skipped ahead meanwhile (following a neighbour of its own that is further on).
+                    again = j in extended and checks[j].done() and now - checked_at[j] >= self.deadline_s / 4
+                    if j not in checks or again:
+                        checks[j] = self._checker.submit(self._check_alive, j, deadline if not again else grace)
+                        checked_at[j] = now
+            outcome = {j: f.result() for j, f in checks.items() if f.done()}
+            # Not waited for any more: unreachable ones, and those that have posted a later round (they collected
+            # this one without me: their snapshot of it is in, or will not come; I am behind, see _split_neighbours).
+            ahead = [j for j in waited if not isinstance(outcome.get(j), (str, type(None)))
+                     and outcome[j].latest_posted_round > round and not self._inbox.has(round, j)]
+            want = [j for j in waited if outcome.get(j) != _NOBODY and j not in ahead]
+            if now >= deadline:  # those in, those found in step, and those whose check has not ended yet
+                want = [j for j in want if self._inbox.has(round, j) or j not in outcome
+                        or not isinstance(outcome[j], str) and outcome[j].latest_posted_round >= round - 1]
+                late = [j for j in want if j in outcome and j not in extended and not self._inbox.has(round, j)]
+                if late:
+                    extended += late
+                    log.warning("agent %d round %d: %s late but alive and in step (Status: posted round %s); "
+                                "waited for up to one more deadline", self.rank, round, late,
+                                [outcome[j].latest_posted_round for j in late])
+            # Wake for the next event: the checks' start, the deadline, the grace's end, or a check's outcome.
+            until = check_at if now < check_at else deadline if now < deadline else grace
+            if len(outcome) < len(checks):
+                until = min(until, now + 0.05)
+            for j in extended:  # the next repeated check (a check still running wakes the loop every 50 ms)
+                until = min(until, max(now + 0.05, checked_at[j] + self.deadline_s / 4))
+            got = self._inbox.wait(round, want, until)
+            if len(got) == len(want) or time.monotonic() >= grace or self._closed:
+                return got, sorted(j for j in waited if outcome.get(j) == _NOBODY and j not in got), ahead
+
+    def _wait_sends(self, sends: Mapping[int, Future], deadline: float) -> Dict[int, str]:
+        """Each send's outcome (DELIVERED, REFUSED_LATE, UNDELIVERED), waiting at most until the deadline (and a
+        second for a send's own cleanup). As for snapshots, a send still running half a deadline before it gets
+        a liveness check of its peer, and one whose peer is unreachable is not waited for further (it goes on,
+        and ends at its deadline or with my next post)."""
+        check_at = deadline - self.deadline_s / 2
+        checks: Dict[int, Future] = {}
+        outcomes: Dict[int, str] = {}
+        while len(outcomes) < len(sends):
+            now = time.monotonic()
+            for peer, f in sends.items():
+                if peer in outcomes:
+                    continue
+                if f.done():
+                    try:
+                        outcomes[peer] = f.result()
+                    except Exception:  # a send that broke; it is cancelled with its round
+                        outcomes[peer] = UNDELIVERED
+                elif peer in checks and checks[peer].done() and checks[peer].result() == _NOBODY:
+                    outcomes[peer] = UNDELIVERED
+                elif now >= deadline + 1.0 or self._closed:
+                    outcomes[peer] = UNDELIVERED
+                elif now >= check_at and peer not in checks:
+                    checks[peer] = self._checker.submit(self._check_alive, peer, deadline)
+            if len(outcomes) < len(sends):
+                pending = [f for p, f in sends.items() if p not in outcomes]
+                wait_futures(pending, timeout=0.05 if checks or now >= check_at else max(0.0, check_at - now),
+                             return_when=FIRST_COMPLETED)
+        return outcomes
+
+    def _check_alive(self, peer: int, until: float) -> Union[pb.StatusReply, str]:
+        """A liveness check of ``peer`` (Status, retried once after a failure), at most until ``until``
+        (time.monotonic): its reply, ``_NOBODY`` (failed twice: unreachable) or ``_SILENT`` (no answer in time)."""
+        refused = 0
+        while not self._closed:
+            left = until - time.monotonic()
+            if left <= 0:
+                return _SILENT
+            try:
+                # A fresh connection each attempt: the shared channel may be waiting out gRPC's reconnect backoff
+                # after a broken connection (a peer that was frozen, or restarted), and would fail at once.
+                channel = self._new_channel(peer)
+            except ValueError:  # no address for it (an in-neighbour only): no check
+                return _SILENT
+            try:
+                reply = self._ask_status(peer, left, channel)
+            except wire.AuthError:  # no key for it: no check
+                return _SILENT
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return _SILENT
+                refused += 1
+                if refused >= 2:
+                    return _NOBODY
+                self._stop.wait(min(0.25, left))
+                continue
+            finally:
+                channel.close()
+            with self._lock:
+                self._peer_posted[peer] = max(self._peer_posted.get(peer, -1), int(reply.latest_posted_round))
+            return reply
+        return _SILENT
+
     def _wait_any_answering(self, round: int, candidates: Sequence[int], deadline: float
                             ) -> Dict[int, Tuple[Snapshot, wire.Layout]]:
         """Every neighbour is down: wait (at most until ``deadline``) for the first round-``round`` snapshot of one
@@ -596,14 +739,14 @@ class GrpcTransport(Transport):
         while time.monotonic() < deadline and not self._closed:
             with self._lock:
                 alive = [j for j in candidates if self._answering.get(j, True)]
-            if not alive:
+            if not alive or self.round_hint() > round:  # none alive, or one is ahead: I am behind, not ahead
                 return {}
             got = self._inbox.wait(round, alive, min(deadline, time.monotonic() + 0.05))
             if got:
                 return got
         return {}
 
-    def _mark_down(self, round: int, missed: Sequence[int]) -> None:
+    def _mark_down(self, round: int, missed: Sequence[int], why: str = "missed the deadline") -> None:
         if not missed:
             return
         with self._lock:
@@ -612,8 +755,8 @@ class GrpcTransport(Transport):
                     self.down[j], self._down_round[j] = time.monotonic(), round
                     self._answering.pop(j, None)
         self._wake.set()  # probe them now: whether they answer decides _wait_any_answering
-        log.warning("agent %d round %d: %s missed the deadline; not waited for until a probe finds them in step",
-                    self.rank, round, list(missed))
+        log.warning("agent %d round %d: %s %s; not waited for until a probe finds them in step", self.rank, round,
+                    list(missed), why)
 
     def _readmit(self, peer: int, why: str) -> None:
         with self._lock:
@@ -640,11 +783,12 @@ class GrpcTransport(Transport):
                     log.debug("agent %d: probe of %d failed: %r", self.rank, j, e)
 
     def _probe(self, peer: int) -> bool:
-        """Health check, then Status: admit ``peer`` when it serves and has posted the round it missed, or a later
-        one. So a neighbour that was merely late is admitted at the first probe (it posted that round, too late),
-        before this agent can run ahead of it; one that is frozen, cut off or restarting is admitted once it has
-        caught up (it skips ahead to its neighbours' round); one that answers but posts nothing (hung) never is.
-        True when admitted."""
+        """Health check, then Status: admit ``peer`` when it serves and has posted the round it missed (or a later
+        one) and at most one round before my latest post. So a neighbour that was merely late is admitted at the
+        first probe (it posted that round, too late), before this agent can run ahead of it; one that is frozen,
+        cut off or restarting is admitted once it has caught up (it skips ahead to its neighbours' round), even
+        when it had posted the round it missed before it stopped; one that answers but posts nothing (hung) never
+        is. True when admitted."""
         if self._closed:
             return False
         timeout = min(self.connect_timeout_s, max(self.probe_interval_s, 0.5))
@@ -666,8 +810,11 @@ class GrpcTransport(Transport):
         with self._lock:
             self._peer_posted[peer] = posted
             missed = self._down_round.get(peer, -1)
-        if posted >= max(missed, 0):
-            self._readmit(peer, f"probe: it posted round {posted}, it had missed round {missed}")
+            mine = self.latest_posted
+        # In step: it has posted the round it missed and is at most one round behind mine (a neighbour frozen
+        # after posting the round it missed is not in step until it has skipped ahead).
+        if posted >= max(missed, mine - 1, 0):
+            self._readmit(peer, f"probe: it posted round {posted}, it had missed round {missed}, I am at {mine}")
             return True
         return False
 
@@ -717,7 +864,7 @@ class GrpcTransport(Transport):
         inbox and from probes. An agent about to run an earlier round is behind and may skip ahead to it."""
         rounds = [r for j in self.neighbors for r in self._inbox.rounds_from(j)]
         with self._lock:  # a probe's answer is a lower bound on where that neighbour is now, up or down
-            rounds += list(self._peer_posted.values())
+            rounds += list(self._peer_posted.values()) + list(self._postponed.values())
         return max(rounds, default=-1)
 
     # ------------------------------------------------------------------------------------------ state transfer
@@ -808,6 +955,7 @@ class GrpcTransport(Transport):
         self._health.enter_graceful_shutdown()
         self._server.stop(grace=0.5).wait(5.0)
         self._senders.shutdown(wait=True, cancel_futures=True)
+        self._checker.shutdown(wait=True, cancel_futures=True)
         self._prober.join(timeout=2 * self.connect_timeout_s + 1.0)
         with self._lock:
             channels = list(self._channels.values())
@@ -837,16 +985,18 @@ class GrpcTransport(Transport):
             log.info("agent %d: Status of %d failed: %s %s", self.rank, peer, e.code().name, e.details())
             return None
 
-    def _ask_status(self, peer: int, timeout_s: float) -> pb.StatusReply:
+    def _ask_status(self, peer: int, timeout_s: float, channel: Optional[grpc.Channel] = None) -> pb.StatusReply:
         """Status of ``peer``, signed with the key of our pair (wire.AuthError when my credentials hold none)."""
         req = pb.StatusRequest(sender=self.rank, receiver=int(peer))
         key = self._key_for(peer)
         if key is not None:
             req.auth.CopyFrom(wire.sign(key, wire.status_auth_fields(self.rank, int(peer))))
-        return pb_grpc.PeerStub(self._channel(peer)).Status(req, timeout=timeout_s)
+        return pb_grpc.PeerStub(channel or self._channel(peer)).Status(req, timeout=timeout_s)
 
     # ------------------------------------------------------------------------------------------------ sending
-    def _send_loop(self, peer: int, out: _Outgoing) -> bool:
+    def _send_loop(self, peer: int, out: _Outgoing) -> str:
+        """Send ``out`` to ``peer``, retrying until its deadline: DELIVERED, REFUSED_LATE (the peer collected the
+        round without it: alive and ahead) or UNDELIVERED."""
         delay = self.retry_initial_s
         attempts = 0
         last = "no attempt"
@@ -860,17 +1010,17 @@ class GrpcTransport(Transport):
             except wire.AuthError as e:  # my credentials hold no key for this peer: no attempt can succeed
                 ok, retry, last = False, False, str(e)
             if ok:
-                return True
+                return DELIVERED
             if not retry:
                 log.warning("agent %d: round %d to %d not delivered: %s", self.rank, out.round, peer, last)
-                return False
+                return REFUSED_LATE if last.startswith(f"refused: {_LATE}") else UNDELIVERED
             sleep = min(delay, max(0.0, out.deadline - time.monotonic()))
             out.cancelled.wait(sleep)
             delay = min(delay * self.retry_multiplier, self.retry_max_s)
         if not out.cancelled.is_set() and not self._closed:
             log.warning("agent %d: round %d to %d not delivered by the deadline after %d attempt(s): %s",
                         self.rank, out.round, peer, attempts, last)
-        return False
+        return UNDELIVERED
 
     def _send_once(self, peer: int, out: _Outgoing, remaining: float) -> Tuple[bool, bool, str]:
         """One attempt: (delivered, worth retrying, what happened)."""
@@ -925,17 +1075,18 @@ class GrpcTransport(Transport):
         with self._lock:
             ch = self._channels.get(peer)
             if ch is None:
-                if peer not in self.peers:
-                    raise ValueError(f"no address for agent {peer}")
-                opts = self._options()
-                if self._tls is None:
-                    ch = grpc.insecure_channel(self.peers[peer], options=opts)
-                else:
-                    if self._tls.server_name:
-                        opts.append(("grpc.ssl_target_name_override", self._tls.server_name))
-                    ch = grpc.secure_channel(self.peers[peer], self._tls.channel_credentials(), options=opts)
-                self._channels[peer] = ch
+                ch = self._channels[peer] = self._new_channel(peer)
             return ch
+
+    def _new_channel(self, peer: int) -> grpc.Channel:
+        if peer not in self.peers:
+            raise ValueError(f"no address for agent {peer}")
+        opts = self._options()
+        if self._tls is None:
+            return grpc.insecure_channel(self.peers[peer], options=opts)
+        if self._tls.server_name:
+            opts.append(("grpc.ssl_target_name_override", self._tls.server_name))
+        return grpc.secure_channel(self.peers[peer], self._tls.channel_credentials(), options=opts)
 
     def _options(self) -> List[Tuple[str, int]]:
         return [("grpc.max_send_message_length", self.max_message_bytes),
@@ -972,6 +1123,8 @@ class GrpcTransport(Transport):
                 reason, retry = why
                 if retry:  # not a refusal: the sender tries again within its deadline
                     log.info("agent %d: round %d from %d postponed: %s", self.rank, round, sender, reason)
+                    with self._lock:  # an authenticated neighbour has posted that round: I am behind (round_hint)
+                        self._postponed[sender] = max(self._postponed.get(sender, -1), round)
                     context.abort(grpc.StatusCode.UNAVAILABLE, reason)
                 return refuse(reason)
             layout = wire.check_header(header, self._expected, self.max_snapshot_bytes)
