@@ -412,25 +412,29 @@ def entries_to_pb(layout: Layout) -> List[pb.TensorEntry]:
 
 
 def make_header(sender: int, round: int, layout: Layout, key: Optional[bytes] = None, receiver: int = -1,
-                now: Optional[float] = None) -> pb.SnapshotHeader:
+                now: Optional[float] = None, lane: str = "") -> pb.SnapshotHeader:
     """The first frame of a snapshot stream to ``receiver``; signed with a fresh nonce when ``key`` is given (the
     key of the (sender, receiver) pair, or the cluster's shared secret). The payload's digest is not in it: it
     follows the payload in the trailer (:func:`make_trailer`)."""
     h = pb.SnapshotHeader(sender=sender, receiver=receiver, round=round, fingerprint=layout.fingerprint,
-                          tensors=entries_to_pb(layout), payload_bytes=layout.payload_bytes)
+                          tensors=entries_to_pb(layout), payload_bytes=layout.payload_bytes, lane=lane)
     if key is not None:
         h.auth.CopyFrom(sign(key, header_auth_fields(h), now=now))
     return h
 
 
 def header_auth_fields(h: pb.SnapshotHeader) -> bytes:
-    """What a snapshot header's HMAC protects: sender, receiver, round, fingerprint, payload size, the manifest."""
+    """What a snapshot header's HMAC protects: sender, receiver, round, fingerprint, payload size, the manifest (and
+    the lane of a message)."""
     manifest = hashlib.sha256()
     for e in h.tensors:
         manifest.update(f"{e.name}\0{e.dtype}\0{','.join(map(str, e.shape))}\0{e.wire_dtype}\0"
                         f"{e.offset}\0{e.nbytes}\n".encode())
-    return b"|".join([b"snapshot", str(h.sender).encode(), str(h.receiver).encode(), str(h.round).encode(),
-                      h.fingerprint.hex().encode(), str(h.payload_bytes).encode(), manifest.hexdigest().encode()])
+    fields = [b"snapshot", str(h.sender).encode(), str(h.receiver).encode(), str(h.round).encode(),
+              h.fingerprint.hex().encode(), str(h.payload_bytes).encode(), manifest.hexdigest().encode()]
+    if h.lane:  # a message lane's name is signed too (a snapshot's fields are unchanged)
+        fields.append(b"lane=" + h.lane.encode())
+    return b"|".join(fields)
 
 
 def _trailer_message(h: pb.SnapshotHeader, digest: bytes) -> bytes:

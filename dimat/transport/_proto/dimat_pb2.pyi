@@ -32,7 +32,7 @@ class Auth(_message.Message):
     def __init__(self, timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., hmac: _Optional[bytes] = ...) -> None: ...
 
 class SnapshotHeader(_message.Message):
-    __slots__ = ("sender", "round", "fingerprint", "tensors", "payload_bytes", "auth", "receiver")
+    __slots__ = ("sender", "round", "fingerprint", "tensors", "payload_bytes", "auth", "receiver", "lane")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class SnapshotHeader(_message.Message):
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
     sender: int
     round: int
     fingerprint: bytes
@@ -47,7 +48,8 @@ class SnapshotHeader(_message.Message):
     payload_bytes: int
     auth: Auth
     receiver: int
-    def __init__(self, sender: _Optional[int] = ..., round: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., receiver: _Optional[int] = ...) -> None: ...
+    lane: str
+    def __init__(self, sender: _Optional[int] = ..., round: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., receiver: _Optional[int] = ..., lane: _Optional[str] = ...) -> None: ...
 
 class SnapshotTrailer(_message.Message):
     __slots__ = ("payload_sha256", "hmac")
