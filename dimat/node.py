@@ -289,13 +289,14 @@ class Node:
                 models = {j: self._neighbor_model(snapshots[j]) for j in ranks}
                 per = merge_ops.pair_statistics([self.model] + [models[j] for j in ranks], self.batches,
                                                 self.stat_batches)
-                pair = dict(zip(ranks, per))
-                messages = {j: stats_mod.encode_pair_stats(pair[j]) for j in ranks}
                 stats_s = time.perf_counter() - t1
-                t1 = time.perf_counter()
-                self.transport.post_messages(r, STATS_LANE, messages)
-                comm_s += time.perf_counter() - t1
-                sent = sum(snapshot_nbytes(m) for m in messages.values())
+                if per and per[0]:  # a model without activation sites has nothing to align on either side
+                    pair = dict(zip(ranks, per))
+                    messages = {j: stats_mod.encode_pair_stats(pair[j]) for j in ranks}
+                    t1 = time.perf_counter()
+                    self.transport.post_messages(r, STATS_LANE, messages)
+                    comm_s += time.perf_counter() - t1
+                    sent = sum(snapshot_nbytes(m) for m in messages.values())
         self._gathered = (r, snapshots, comm_s, models, pair, sent, stats_s)
 
     def merge_round(self, r: int) -> MergeResult:

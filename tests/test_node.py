@@ -468,3 +468,41 @@ def test_stats_both_needs_a_transport_with_messages():
         Node(deep(0), topo, 0, make_inproc([[1], [0]])[0], batches(), basis="shared", stats="both")
     with pytest.raises(ValueError, match="stats must be"):
         Node(deep(0), topo, 0, make_inproc([[1], [0]])[0], batches(), stats="all")
+
+
+def test_stats_both_over_grpc_between_two_real_transports():
+    """Two agents in threads, each with its own gRPC transport on 127.0.0.1 (free ports): the second message
+    crosses, both edges are aligned on both sides' statistics, and its bytes are counted."""
+    import threading
+
+    from dimat.transport.grpc_transport import GrpcTransport
+
+    topo = Topology.build("fc", 2)
+    ts = [GrpcTransport(k, [1 - k], {1 - k: "127.0.0.1:1"}, listen="127.0.0.1:0", secret="s", deadline_s=20.0)
+          for k in range(2)]
+    try:
+        for t in ts:
+            t.peers[1 - t.rank] = ts[1 - t.rank].address
+        ns = [Node(deep(k), topo, k, ts[k], batches(seed=k), method="dimat", stats="both") for k in range(2)]
+        # Derive the groups once here: torch's tracing is not thread-safe (real agents are processes).
+        merge.pair_statistics([deep(0), deep(1)], batches())
+        res = [None, None]
+
+        def go(k):
+            res[k] = ns[k].merge_round(0)
+
+        threads = [threading.Thread(target=go, args=(k,)) for k in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=60)
+        assert all(r is not None for r in res), "a round did not finish"
+        size = sum(4 * (c * c + 4 * c) + 8 for c in (8, 6))
+        for k, r in enumerate(res):
+            assert r.stats_both == [1 - k] and r.stats_fallback == {}
+            assert r.stats_bytes == 2 * size
+            assert r.bytes_received >= size  # the message is in comm_bytes (sends are counted as replies come)
+        assert all(t.rejected_count == 0 for t in ts)
+    finally:
+        for t in ts:
+            t.close()
