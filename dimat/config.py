@@ -27,7 +27,7 @@ __all__ = ["DEFAULTS", "TYPES", "Config", "load_config", "resolve", "flatten", "
 OPTIMIZERS = ("sgd", "msgd", "adam")
 TRANSPORTS = ("inproc", "grpc", "torch")
 #: Transports that carry a second message per round (merge.stats both).
-MESSAGE_TRANSPORTS = ("inproc", "grpc")
+MESSAGE_TRANSPORTS = ("inproc", "grpc", "torch")
 
 #: The schema: every valid key and its default. Comments give units and meaning (see docs/config.md).
 DEFAULTS: Dict[str, Any] = {

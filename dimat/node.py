@@ -284,6 +284,7 @@ class Node:
         if self.stats == "both":
             neighbors, _ = self.graph_at(r)
             ranks = sorted(j for j in snapshots if j in neighbors)
+            messages: Dict[int, Dict[str, torch.Tensor]] = {}
             if ranks and self.batches is not None:
                 t1 = time.perf_counter()
                 models = {j: self._neighbor_model(snapshots[j]) for j in ranks}
@@ -293,10 +294,11 @@ class Node:
                 if per and per[0]:  # a model without activation sites has nothing to align on either side
                     pair = dict(zip(ranks, per))
                     messages = {j: stats_mod.encode_pair_stats(pair[j]) for j in ranks}
-                    t1 = time.perf_counter()
-                    self.transport.post_messages(r, STATS_LANE, messages)
-                    comm_s += time.perf_counter() - t1
-                    sent = sum(snapshot_nbytes(m) for m in messages.values())
+            # Posted every round, even empty: a synchronous transport keeps its sends and receives matched.
+            t1 = time.perf_counter()
+            self.transport.post_messages(r, STATS_LANE, messages)
+            comm_s += time.perf_counter() - t1
+            sent = sum(snapshot_nbytes(m) for m in messages.values())
         self._gathered = (r, snapshots, comm_s, models, pair, sent, stats_s)
 
     def merge_round(self, r: int) -> MergeResult:
