@@ -362,7 +362,8 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
             raise bad("merge.stats", "both needs merge.basis own (the statistics are of each edge's two models)")
         if f["transport.name"] not in MESSAGE_TRANSPORTS:
             raise bad("merge.stats", f"both needs a second message per round, which transport "
-                                     f"{f['transport.name']!r} cannot carry (use one of {', '.join(MESSAGE_TRANSPORTS)})")
+                                     f"{f['transport.name']!r} cannot carry (use one of "
+                                     f"{', '.join(MESSAGE_TRANSPORTS)})")
         if not f["transport.sync"]:
             raise bad("merge.stats", "both needs synchronous rounds (transport.sync true): both sides' statistics "
                                      "are of the same round's models")
