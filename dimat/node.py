@@ -194,6 +194,9 @@ class Node:
             if transport is not None and not getattr(transport, "supports_messages", False):
                 raise ValueError(f"stats='both' needs a transport that carries a second message per round, and "
                                  f"{type(transport).__name__} does not (supports_messages is false)")
+            if getattr(transport, "sync", True) is False:
+                raise ValueError("stats='both' needs synchronous rounds: both sides' statistics must be of the "
+                                 "same round's models (the transport has sync=False)")
         if basis not in self.BASES:
             raise ValueError(f"basis must be one of {', '.join(self.BASES)}, got {basis!r}")
         # A time-varying topology (a dimat.schedule.Schedule) gives each round its own graph; see graph_at.

@@ -466,6 +466,10 @@ def test_stats_both_needs_a_transport_with_messages():
         Node(deep(0), topo, 0, make_inproc([[1], [0]])[0], batches(), method="wa", stats="both")
     with pytest.raises(ValueError, match="basis='own'"):
         Node(deep(0), topo, 0, make_inproc([[1], [0]])[0], batches(), basis="shared", stats="both")
+    asynchronous = make_inproc([[1], [0]])[0]
+    asynchronous.sync = False
+    with pytest.raises(ValueError, match="synchronous rounds"):
+        Node(deep(0), topo, 0, asynchronous, batches(), stats="both")
     with pytest.raises(ValueError, match="stats must be"):
         Node(deep(0), topo, 0, make_inproc([[1], [0]])[0], batches(), stats="all")
 
