@@ -431,7 +431,7 @@ class Node:
         # The operator aligns every model to the first one it is given.
         order, same, tag = self._order(ranks, snapshots)
         built = built or {}
-        models = [self.model if j == self.rank else built.get(j) or self._neighbor_model(snapshots[j])
+        models = [self.model if j == self.rank else built[j] if j in built else self._neighbor_model(snapshots[j])
                   for j in order]
         own_reset = self.reset_bn and self.bn_batches is not None  # a separate batch budget for the BN reset
         kw: Dict[str, Any] = {"same_basis": same} if same else {}
