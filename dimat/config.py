@@ -26,6 +26,8 @@ __all__ = ["DEFAULTS", "TYPES", "Config", "load_config", "resolve", "flatten", "
 
 OPTIMIZERS = ("sgd", "msgd", "adam")
 TRANSPORTS = ("inproc", "grpc", "torch")
+#: Transports that carry a second message per round (merge.stats both).
+MESSAGE_TRANSPORTS = ("inproc", "grpc", "torch")
 
 #: The schema: every valid key and its default. Comments give units and meaning (see docs/config.md).
 DEFAULTS: Dict[str, Any] = {
@@ -63,6 +65,7 @@ DEFAULTS: Dict[str, Any] = {
         "basis": "own",  # own (DIMAT: align to the agent's model) | shared (carry basis tags; see dimat.Node)
         "identity_prior": 0.0,  # dimat: lambda added to the correlation's diagonal before each assignment
         "keep_margin": None,  # dimat: keep a group's order unless matching gains more correlation than this
+        "stats": "own",  # dimat: align on own data's statistics (own) or on both sides' of each edge (both)
         "combine": "mean",  # after alignment: mean | ties | dare | consensus | fisher | regmean
         "combine_scale": 1.0,  # lambda on the combined task vector (ties, dare, consensus)
         "ties_density": 0.2,  # share of each task vector's entries ties keeps (per tensor)
@@ -361,6 +364,21 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
     except ValueError as e:  # "combine option NAME must ..., got X": name the config key
         name, _, rest = str(e)[len("combine option "):].partition(" ")
         raise bad("merge.combine" if name == "rule" else f"merge.{name}", rest) from None
+    if f["merge.stats"] not in ("own", "both"):
+        raise bad("merge.stats", f"must be own or both, got {f['merge.stats']!r}")
+    if f["merge.stats"] == "both":
+        if f["merge.method"] != "dimat":
+            raise bad("merge.stats", f"both pools activation statistics for matching (merge.method dimat), but "
+                                     f"merge.method is {f['merge.method']!r}")
+        if f["merge.basis"] != "own":
+            raise bad("merge.stats", "both needs merge.basis own (the statistics are of each edge's two models)")
+        if f["transport.name"] not in MESSAGE_TRANSPORTS:
+            raise bad("merge.stats", f"both needs a second message per round, which transport "
+                                     f"{f['transport.name']!r} cannot carry (use one of "
+                                     f"{', '.join(MESSAGE_TRANSPORTS)})")
+        if not f["transport.sync"]:
+            raise bad("merge.stats", "both needs synchronous rounds (transport.sync true): both sides' statistics "
+                                     "are of the same round's models")
     if f["merge.basis"] == "shared" and f["train.keep_optimizer_state"] and f["merge.method"] in ("dimat", "wm"):
         raise bad("train.keep_optimizer_state", "cannot be true with merge.basis shared: a merge may load the "
                   "model in a neighbour's unit order while the kept optimizer state stays in the old one")

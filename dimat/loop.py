@@ -6,6 +6,8 @@ assumes that every agent of the run is local: agents only meet through their :cl
 transport. A round is::
 
     post every local agent's snapshot of round r
+    gather: every local agent collects its neighbours' snapshots (and, with merge.stats both, sends each neighbour
+        the statistics of their pair on its own data: the round's second message)
     merge every local agent (Jacobi: the transport cloned the round-r snapshots at post time); evaluate
     unless r is the last round: train E local epochs; evaluate
     checkpoint
@@ -177,15 +179,22 @@ def run_round(
     eval_bs = cfg["eval"]["batch_size"]
     for a in agents:
         a.node.post(r)
+    for a in agents:  # every local agent has its neighbours' snapshots (and sent its second message) before any merges
+        _seed_phase(cfg["seed"], r, a.rank, "merge")
+        a.node.gather(r)
     results = []
     for a in agents:
         _seed_phase(cfg["seed"], r, a.rank, "merge")
         res = a.node.merge_round(r)
         results.append(res)
         if writer is not None:
+            extra = {}
+            if a.node.stats == "both":  # the second message: its bytes (in comm_bytes too), and the edges without it
+                extra = {"stats_bytes": res.stats_bytes, "stats_both": res.stats_both,
+                         "stats_fallback": sorted(res.stats_fallback)}
             writer.write(_record(a, r, "merge", **_evaluate(a, eval_bs), merge_s=res.merge_s, comm_s=res.comm_s,
                                  comm_bytes=res.comm_bytes, received=res.received, missing=res.missing,
-                                 ages=res.ages, **res.telemetry))
+                                 ages=res.ages, **extra, **res.telemetry))
         if progress:
             progress()
     if r < cfg["rounds"] - 1:

@@ -28,15 +28,21 @@ from torch import nn
 from dimat import merge as merge_ops
 from dimat.merge import combine as combine_mod
 from dimat.merge import payload as payload_mod
-from dimat.transport.base import Transport
+from dimat.merge import stats as stats_mod
+from dimat.transport.base import Transport, snapshot_nbytes
 
-__all__ = ["Node", "MergeResult", "BASIS_KEY", "with_basis_tag"]
+__all__ = ["Node", "MergeResult", "BASIS_KEY", "STATS_LANE", "with_basis_tag"]
 
 log = logging.getLogger(__name__)
 
 #: Snapshot entry that carries the sender's basis tag when ``basis="shared"``: an int64 scalar, the rank whose
 #: unit order the sender's model descends from. It travels like any tensor and never reaches a model.
 BASIS_KEY = "__dimat_basis__"
+
+
+#: The transport lane of the second message of a round under ``stats="both"``: per neighbour, the activation
+#: statistics of the pair (my model, its model) on my data (:func:`dimat.merge.stats.encode_pair_stats`).
+STATS_LANE = "pair_stats"
 
 
 def with_basis_tag(state: Dict[str, torch.Tensor], tag: int) -> Dict[str, torch.Tensor]:
@@ -68,6 +74,11 @@ class MergeResult:
     ages : for each rank in ``received``, how many rounds old its snapshot was (round minus the snapshot's round;
         always 0 in synchronous rounds, up to the staleness bound in asynchronous ones, negative when the
         neighbour is ahead).
+    stats_both : under ``stats="both"``, the neighbours aligned on statistics pooled from both agents' data.
+    stats_fallback : under ``stats="both"``, neighbour rank -> why its edge was aligned on my data only (its
+        statistics message did not arrive in time, or was refused).
+    stats_bytes : under ``stats="both"``, bytes of pair-statistics messages I posted (one per receiver) plus those
+        I received this round (also counted in ``bytes_sent`` / ``bytes_received``).
     """
 
     round: int
@@ -80,6 +91,9 @@ class MergeResult:
     bytes_received: int = 0
     telemetry: Dict[str, Any] = field(default_factory=dict)
     ages: List[int] = field(default_factory=list)
+    stats_both: List[int] = field(default_factory=list)
+    stats_fallback: Dict[int, str] = field(default_factory=dict)
+    stats_bytes: int = 0
 
     @property
     def comm_bytes(self) -> int:
@@ -145,9 +159,21 @@ class Node:
         at post time and send it inside the snapshot under reserved names.
     combine_seed : the run's seed; ``dare`` draws its drops from a generator seeded by (seed, round, rank).
     identity_prior, keep_margin : alignment guards of ``dimat`` (see :mod:`dimat.merge.guard`).
+    stats : whose data ``dimat`` aligns a neighbour on. ``"own"`` (as published): activation statistics on this
+        agent's batches only. ``"both"``: a second, small message per round (transport lane :data:`STATS_LANE`):
+        each agent computes, on its own batches, the statistics of the pair (its model, the neighbour's snapshot)
+        for every neighbour whose snapshot arrived (the same pair statistics it aligns on itself, computed once),
+        and sends each neighbour its pair's; each side then aligns on the two sides' statistics pooled (weighted
+        by sample counts). Only moments of activations travel (per activation site of C units: C x C
+        cross-moments plus 4 C moments, float32), never inputs or labels. An edge whose message does not arrive
+        or is refused is aligned on this agent's statistics alone, with a warning and an entry in
+        :attr:`MergeResult.stats_fallback`. Needs ``method="dimat"``, ``basis="own"`` and a transport with
+        messages (``supports_messages``). Several nodes in one process: call :meth:`post` on all, then
+        :meth:`gather` on all, then :meth:`merge_round` (as :func:`dimat.loop.run_round` does).
     """
 
     BASES = ("own", "shared")
+    STATS = ("own", "both")
 
     def __init__(
         self,
@@ -167,7 +193,23 @@ class Node:
         keep_margin: Optional[float] = None,
         bn_repair: str = "local",
         bn_refresh: bool = False,
+        stats: str = "own",
     ):
+        if stats not in self.STATS:
+            raise ValueError(f"stats must be one of {', '.join(self.STATS)}, got {stats!r}")
+        if stats == "both":
+            if method != "dimat":
+                raise ValueError(f"stats='both' pools activation statistics for matching: method 'dimat' only, "
+                                 f"got {method!r}")
+            if basis != "own":
+                raise ValueError("stats='both' needs basis='own' (the statistics are of the pair (own model, "
+                                 "neighbour), which a shared basis's reference need not be)")
+            if transport is not None and not getattr(transport, "supports_messages", False):
+                raise ValueError(f"stats='both' needs a transport that carries a second message per round, and "
+                                 f"{type(transport).__name__} does not (supports_messages is false)")
+            if getattr(transport, "sync", True) is False:
+                raise ValueError("stats='both' needs synchronous rounds: both sides' statistics must be of the "
+                                 "same round's models (the transport has sync=False)")
         if basis not in self.BASES:
             raise ValueError(f"basis must be one of {', '.join(self.BASES)}, got {basis!r}")
         # A time-varying topology (a dimat.schedule.Schedule) gives each round its own graph; see graph_at.
@@ -210,6 +252,10 @@ class Node:
         self._guards = {"identity_prior": float(identity_prior), "keep_margin": keep_margin}
         if method != "dimat" and (identity_prior or keep_margin is not None):
             raise ValueError(f"identity_prior and keep_margin guard activation matching; method {method!r} has none")
+        self.stats = stats
+        # The round in progress, from gather(): its snapshots, seconds collecting, the neighbour models and my pair
+        # statistics for them, stats bytes posted and seconds computing them.
+        self._gathered: Optional[tuple] = None  # (round, snapshots, comm_s, models, pair stats, bytes, stats_s)
         self._payload: Optional[Dict[str, torch.Tensor]] = None  # this round's own payload (in own unit order)
         self._payload_s = 0.0
         self._posted: Optional[int] = None
@@ -253,26 +299,64 @@ class Node:
         self._post_s = time.perf_counter() - t0
         self._posted = r
 
+    def gather(self, r: int) -> None:
+        """Phase 1 of round ``r`` (posts first if needed): collect the neighbours' round-``r`` snapshots. Under
+        ``stats="both"`` also compute, on my batches, the pair statistics (my model, each neighbour that arrived)
+        and post each neighbour its pair's (phase 2). Once per round; :meth:`merge_round` calls it when needed."""
+        if self.merge_fn is None or (self._gathered is not None and self._gathered[0] == r):
+            return
+        self.post(r)
+        t0 = time.perf_counter()
+        snapshots = self.transport.collect(r)
+        comm_s = self._post_s + time.perf_counter() - t0
+        models: Dict[int, nn.Module] = {}
+        pair: Dict[int, list] = {}
+        sent, stats_s = 0, 0.0  # stats_s: seconds computing pair statistics (merge work, counted in merge_s)
+        if self.stats == "both":
+            neighbors, _ = self.graph_at(r)
+            ranks = sorted(j for j in snapshots if j in neighbors)
+            messages: Dict[int, Dict[str, torch.Tensor]] = {}
+            if ranks and self.batches is not None:
+                t1 = time.perf_counter()
+                models = {j: self._neighbor_model(snapshots[j]) for j in ranks}
+                per = merge_ops.pair_statistics([self.model] + [models[j] for j in ranks], self.batches,
+                                                self.stat_batches)
+                stats_s = time.perf_counter() - t1
+                if per and per[0]:  # a model without activation sites has nothing to align on either side
+                    pair = dict(zip(ranks, per))
+                    messages = {j: stats_mod.encode_pair_stats(pair[j]) for j in ranks}
+            # Posted every round, even empty: a synchronous transport keeps its sends and receives matched.
+            t1 = time.perf_counter()
+            self.transport.post_messages(r, STATS_LANE, messages)
+            comm_s += time.perf_counter() - t1
+            sent = sum(snapshot_nbytes(m) for m in messages.values())
+        self._gathered = (r, snapshots, comm_s, models, pair, sent, stats_s)
+
     def merge_round(self, r: int) -> MergeResult:
         """Exchange round-``r`` snapshots with the neighbours and merge them into ``self.model`` in place.
 
-        Posts first unless :meth:`post` was already called for ``r``. The own model's weight and the weights of
-        the snapshots that arrived are taken from ``pi[rank]`` and renormalised to sum to 1. When no neighbour
-        snapshot arrived, the model is left unchanged.
+        Posts and gathers first unless :meth:`post` / :meth:`gather` were already called for ``r``. The own
+        model's weight and the weights of the snapshots that arrived are taken from ``pi[rank]`` and renormalised
+        to sum to 1. When no neighbour snapshot arrived, the model is left unchanged.
         """
         result = MergeResult(round=r, weights={self.rank: 1.0})
         if self.merge_fn is None:
             return result
-        self.post(r)
-        t0 = time.perf_counter()
-        snapshots = self.transport.collect(r)
-        result.comm_s = self._post_s + time.perf_counter() - t0
-        mark = (self.transport.bytes_sent, self.transport.bytes_received)
-        result.bytes_sent, result.bytes_received = mark[0] - self._bytes_mark[0], mark[1] - self._bytes_mark[1]
-        self._bytes_mark = mark
+        self.gather(r)
+        _, snapshots, result.comm_s, models, pair, sent, stats_s = self._gathered
+        self._gathered = None
         neighbors, pi_row = self.graph_at(r)
         result.received = sorted(j for j in snapshots if j in neighbors)
         result.missing = [j for j in neighbors if j not in snapshots]
+        pair_stats = None
+        if self.stats == "both":
+            t0 = time.perf_counter()
+            pair_stats = self._pool_stats(r, pair, result)
+            result.comm_s += time.perf_counter() - t0
+            result.stats_bytes += sent
+        mark = (self.transport.bytes_sent, self.transport.bytes_received)
+        result.bytes_sent, result.bytes_received = mark[0] - self._bytes_mark[0], mark[1] - self._bytes_mark[1]
+        self._bytes_mark = mark
         rounds = getattr(self.transport, "snapshot_rounds", None) or {}  # transports with asynchronous rounds
         result.ages = [r - int(rounds.get(j, r)) for j in result.received]
         ranks = [self.rank] + result.received
@@ -284,9 +368,33 @@ class Node:
         if not result.received:
             return result
         t0 = time.perf_counter()
-        result.telemetry = self._merge(ranks, snapshots, result.weights, r)
-        result.merge_s = time.perf_counter() - t0 + self._payload_s
+        result.telemetry = self._merge(ranks, snapshots, result.weights, r, models, pair_stats)
+        result.merge_s = time.perf_counter() - t0 + self._payload_s + stats_s
         return result
+
+    def _pool_stats(self, r: int, pair: Dict[int, list], result: MergeResult) -> Dict[int, list]:
+        """Phase 2's receiving side: per neighbour with my pair statistics, those pooled with the ones it sent,
+        or mine alone (logged, in ``result.stats_fallback``) when its message is missing or refused."""
+        got = self.transport.collect_messages(r, STATS_LANE, sorted(pair))
+        pooled: Dict[int, list] = {}
+        for j, mine in pair.items():
+            msg = got.get(j)
+            if msg is None:
+                why = "its statistics message did not arrive in time"
+            else:
+                result.stats_bytes += snapshot_nbytes(msg)
+                try:
+                    theirs = stats_mod.decode_pair_stats(msg, [st.mean_a.numel() for st in mine])
+                    pooled[j] = stats_mod.pool(mine, theirs)
+                    result.stats_both.append(j)
+                    continue
+                except ValueError as e:
+                    why = f"its statistics message was refused: {e}"
+            log.warning("agent %d, round %d: aligning neighbour %d on my data only (stats both): %s",
+                        self.rank, r, j, why)
+            result.stats_fallback[j] = why
+            pooled[j] = mine
+        return pooled
 
     # -------------------------------------------------------------------------------------------------- merge
     def _neighbor_model(self, snapshot: Dict[str, torch.Tensor]) -> nn.Module:
@@ -346,10 +454,13 @@ class Node:
 
     @torch.no_grad()
     def _merge(self, ranks: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]],
-               weights: Dict[int, float], r: int = 0) -> Dict[str, Any]:
+               weights: Dict[int, float], r: int = 0, built: Optional[Dict[int, nn.Module]] = None,
+               pair_stats: Optional[Dict[int, list]] = None) -> Dict[str, Any]:
         # The operator aligns every model to the first one it is given.
         order, same, tag = self._order(ranks, snapshots)
-        models = [self.model if j == self.rank else self._neighbor_model(snapshots[j]) for j in order]
+        built = built or {}
+        models = [self.model if j == self.rank else built[j] if j in built else self._neighbor_model(snapshots[j])
+                  for j in order]
         own_reset = self.reset_bn and self.bn_batches is not None  # a separate batch budget for the BN reset
         kw: Dict[str, Any] = {"same_basis": same} if same else {}
         if self.bn_repair != "local":  # needs the aligned participants: the operator does it, on bn_batches
@@ -362,6 +473,9 @@ class Node:
         align: Dict[int, Dict[str, float]] = {}
         if self.method == "dimat":
             kw.update(self._guards, report=align)
+            if pair_stats:
+                kw["pair_stats"] = {pos: pair_stats[j] for pos, j in enumerate(order)
+                                    if j in pair_stats and weights[j] > 0}
         kw["combine"] = self._combine_hook(order, snapshots, r, dist, moved)
         merged = self.merge_fn(models, [weights[j] for j in order], batches=self.batches,
                                reset_bn=self.reset_bn and not own_reset, stat_batches=self.stat_batches, **kw)

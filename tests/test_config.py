@@ -180,6 +180,10 @@ def test_method_list_comes_from_the_merge_registry(monkeypatch):
     ({"merge": {"regmean_alpha": 2.0}}, "merge.regmean_alpha"),
     ({"merge": {"fisher_samples": 0}}, "merge.fisher_samples"),
     ({"model": {"init": "shared"}}, "model.init"),
+    ({"merge": {"stats": "all"}}, "merge.stats"),
+    ({"merge": {"stats": "both", "method": "wa"}}, "merge.stats"),
+    ({"merge": {"stats": "both", "basis": "shared"}}, "merge.stats"),
+    ({"merge": {"stats": "both"}, "transport": {"name": "grpc", "sync": False}}, "merge.stats"),
 ])
 def test_merge_and_init_keys_are_checked(data, key):
     with pytest.raises(UserError, match=f"run.yaml: key '{key}'"):
@@ -190,6 +194,9 @@ def test_kept_optimizer_state_is_fine_where_no_merge_reorders_units():
     for data in ({"merge": {"basis": "own"}, "train": {"keep_optimizer_state": True}},
                  {"merge": {"basis": "shared", "method": "wa"}, "train": {"keep_optimizer_state": True}}):
         assert resolve(data).train.keep_optimizer_state is True
+    for name in ("inproc", "grpc", "torch"):  # each carries the second message (torch: gloo; see test_node)
+        assert resolve({"merge": {"stats": "both"}, "transport": {"name": name}}).merge.stats == "both"
+    assert resolve({}).merge.stats == "own"
     cfg = resolve({"merge": {"keep_margin": 0.02, "identity_prior": 0.1, "combine": "regmean"},
                    "model": {"init": "same"}})
     assert (cfg.merge.keep_margin, cfg.merge.identity_prior, cfg.merge.combine, cfg.model.init) == \

@@ -745,3 +745,75 @@ def test_a_400_mb_snapshot_crosses_between_two_processes_under_3x_memory():
           f"receiver {row['peak_rss_mib_receiver']:.0f} MiB (payload {payload_mib:.0f} MiB)")
     assert row["peak_rss_mib_sender"] < 3 * payload_mib
     assert row["peak_rss_mib_receiver"] < 3 * payload_mib
+
+
+# ------------------------------------------------------------------------------------- message lanes
+def _msg(seed, c=5):
+    g = torch.Generator().manual_seed(seed)
+    return {"site0.cross": torch.randn(c, c, generator=g), "site0.n": torch.tensor(10 + seed)}
+
+
+def test_messages_travel_on_their_own_lane_addressed_to_each_receiver(make):
+    ts = _mesh(make, 3)
+    for t in ts:
+        t.post(0, _snap(t.rank))
+    for t in ts:
+        t.collect(0)
+    sent_before = [t.bytes_sent for t in ts]
+    for t in ts:  # each agent sends each neighbour a message of its own
+        t.post_messages(0, "pair_stats", {j: _msg(10 * t.rank + j) for j in range(3) if j != t.rank})
+    for t in ts:
+        got = t.collect_messages(0, "pair_stats", [j for j in range(3) if j != t.rank])
+        assert sorted(got) == [j for j in range(3) if j != t.rank]
+        for j, m in got.items():  # what j addressed to me, nothing else
+            assert torch.equal(m["site0.cross"], _msg(10 * j + t.rank)["site0.cross"])
+            assert int(m["site0.n"]) == 10 + 10 * j + t.rank
+    size = wire.layout_of(_msg(0)).payload_bytes
+    end = time.monotonic() + 2.0  # a send is counted when its reply comes back, on a background thread
+    while time.monotonic() < end and not all(t.bytes_sent - b == 2 * size for t, b in zip(ts, sent_before)):
+        time.sleep(0.02)
+    assert [t.bytes_sent - b for t, b in zip(ts, sent_before)] == [2 * size] * 3
+    assert all(t.rejected_count == 0 for t in ts)
+    # the lane's round is over: a late message is refused
+    ts[1].post_messages(0, "pair_stats", {0: _msg(1)})
+    time.sleep(0.5)
+    assert any("late" in r.reason for r in ts[0].rejected)
+
+
+def test_bad_messages_are_refused_and_the_others_arrive(make, caplog):
+    caplog.set_level(logging.WARNING, logger="dimat.transport")
+    victim = make(0, [1, 2], {}, deadline_s=1.0)
+    # agent 0 learns the lane's layout from its own message
+    victim.post_messages(0, "pair_stats", {})  # sends nothing: no out-neighbours here
+    lane = victim._lane("pair_stats")
+    lane.expected = wire.layout_of(_msg(0))
+
+    def send(msg, sender, **kw):
+        return _raw_send(victim.address, _frames(msg, sender=sender, header_edit=lambda h: setattr(h, "lane",
+                                                                                                  "pair_stats"),
+                                                 **kw))
+
+    assert not send({"site0.cross": torch.zeros(4, 4), "site0.n": torch.tensor(1)}, 1).accepted  # wrong shape
+    nan = _msg(1)
+    nan["site0.cross"][0, 0] = float("nan")
+    assert not send(nan, 1).accepted  # NaN
+    assert isinstance(send(_msg(1), 1, secret="another secret"), grpc.RpcError)  # unauthenticated
+    reasons = " | ".join(r.reason for r in victim.rejected)
+    assert "shape" in reasons and "non-finite" in reasons and "unauthenticated" in reasons
+    assert send(_msg(2), 2).accepted
+    bad_lane = _raw_send(victim.address, _frames(_msg(2), sender=2, header_edit=lambda h: setattr(h, "lane", "x y")))
+    assert not bad_lane.accepted and "lane" in bad_lane.reason
+    got = victim.collect_messages(0, "pair_stats", [1, 2])
+    assert sorted(got) == [2] and torch.equal(got[2]["site0.cross"], _msg(2)["site0.cross"])
+    # snapshots are not messages: the snapshot inbox holds nothing
+    assert victim._inbox.rounds_from(2) == []
+
+
+def test_a_lane_signature_cannot_be_moved_to_snapshots(make):
+    """The lane is signed: a message re-labelled as a snapshot (or the reverse) fails authentication."""
+    victim = make(0, [1], {}, template=_msg(0))
+    frames = _frames(_msg(1), header_edit=lambda h: setattr(h, "lane", "pair_stats"))
+    h = wire.decode_frame(frames[0])
+    h.lane = ""
+    reply = _raw_send(victim.address, [wire.encode_header(h)] + frames[1:])
+    assert isinstance(reply, grpc.RpcError) and reply.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -443,6 +443,36 @@ def test_shared_basis_tags_travel_between_processes(tmp_path, transport):
     assert [{k: r.get(k) for k in SAME} for r in got] == [{k: r.get(k) for k in SAME} for r in ref]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["grpc", "torch"])
+def test_stats_from_both_sides_travel_between_processes(tmp_path, transport):
+    """merge.stats both: the second message of every round crosses between processes, every edge pools both
+    sides' statistics, and the launch gives the simulation's very numbers."""
+    import torch
+
+    from dimat.config import load_config
+    from dimat.metrics import read_metrics
+    from dimat.runner import run
+
+    cfg = tmp_path / "both.yaml"
+    cfg.write_text(json.dumps(dict(TINY, merge={"method": "dimat", "stats": "both"})))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(load_config(cfg, ["agents=3"]), tmp_path / "ref", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "out"
+    proc = _run(["launch", str(cfg), "--transport", transport, "--agents", "3", "--out", str(out), "--timeout", "120"])
+    assert proc.returncode == 0, proc.stdout + "\n".join(launcher.tail(launcher.log_path(out, k)) for k in range(3))
+    got, ref = (read_metrics([d / "metrics.jsonl"]) for d in (out, tmp_path / "ref"))
+    keys = SAME + ("stats_bytes", "stats_both", "stats_fallback")
+    assert [{k: r.get(k) for k in keys} for r in got] == [{k: r.get(k) for k in keys} for r in ref]
+    merges = [r for r in got if r["phase"] == "merge"]
+    assert merges and all(r["stats_fallback"] == [] and len(r["stats_both"]) == 2 and r["stats_bytes"] > 0
+                          for r in merges)
+
+
 def test_launch_refuses_a_finished_run_folder(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

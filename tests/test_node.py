@@ -258,13 +258,13 @@ def _count_alignments(monkeypatch):
     from dimat.merge import stats
 
     calls = []
-    real = stats.collect_correlations
+    real = stats.collect_pair_stats
 
     def counting(models, *a, **k):
         calls.append(len(models) - 1)
         return real(models, *a, **k)
 
-    monkeypatch.setattr(stats, "collect_correlations", counting)
+    monkeypatch.setattr(stats, "collect_pair_stats", counting)
     return calls
 
 
@@ -380,3 +380,133 @@ def test_checkpoints_keep_the_basis_tag(tmp_path):
     assert fresh.basis_tag == 2
     restore_agent(A(fresh), saved)
     assert fresh.basis_tag == 0
+
+
+# ------------------------------------------------------------------------------------------- stats="both"
+def deep(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _run_both(topo, tamper=None):
+    """One round of stats="both" over in-process transports; ``tamper(mailbox)`` may change the messages
+    between phase 2's post and the merge."""
+    ts = make_inproc([topo.neighbors(k) for k in range(topo.num_agents)])
+    ns = [Node(deep(k), topo, k, ts[k], batches(seed=k), method="dimat", stats="both")
+          for k in range(topo.num_agents)]
+    for n in ns:
+        n.post(0)
+    for n in ns:
+        n.gather(0)
+    if tamper is not None:
+        tamper(ts[0].mailbox)
+    return ns, [n.merge_round(0) for n in ns]
+
+
+def test_stats_both_aligns_each_edge_on_both_sides_data():
+    topo = Topology.build("ring", 3)
+    before = [state(deep(k)) for k in range(3)]
+    ns, res = _run_both(topo)
+    for k, r in enumerate(res):
+        assert r.stats_both == topo.neighbors(k) and r.stats_fallback == {}
+        # one message to each neighbour and one from each: 2 sites (8 and 6 units), float32 moments
+        size = sum(4 * (c * c + 4 * c) + 8 for c in (8, 6))
+        assert r.stats_bytes == 2 * len(topo.neighbors(k)) * size
+        assert r.comm_bytes >= r.stats_bytes
+    # agent 0's merge equals activation matching of its models on the statistics of both agents' batches: for
+    # neighbour j, the pair's statistics on agent 0's batches pooled with those on agent j's batches
+    m = [deep(k) for k in range(3)]
+    for k in range(3):
+        m[k].load_state_dict(before[k])
+    pooled = {}
+    for pos, j in enumerate([1, 2], start=1):
+        mine = merge.pair_statistics([m[0], m[j]], batches(seed=0))[0]
+        theirs = merge.pair_statistics([m[j], m[0]], batches(seed=j))[0]
+        st = merge.stats
+        pooled[pos] = st.pool(mine, st.decode_pair_stats(st.encode_pair_stats(theirs), [8, 6]))
+    ref = merge.activation_match(m, [1 / 3] * 3, batches(seed=0), pair_stats=pooled)
+    for name, t in ns[0].model.state_dict().items():
+        torch.testing.assert_close(t, ref.state_dict()[name])
+
+
+def test_stats_both_missing_or_bad_message_falls_back_loudly(caplog):
+    topo = Topology.build("ring", 3)
+
+    def tamper(box):
+        # agent 1's message to 0 goes missing; agent 2's to 0 holds a NaN
+        del box._messages[(0, "pair_stats", 1, 0)]
+        bad = dict(box._messages[(0, "pair_stats", 2, 0)])
+        bad["site0.cross"] = bad["site0.cross"].clone()
+        bad["site0.cross"][0, 0] = float("nan")
+        box._messages[(0, "pair_stats", 2, 0)] = bad
+
+    with caplog.at_level("WARNING", logger="dimat.node"):
+        ns, res = _run_both(topo, tamper)
+    assert res[0].stats_both == [] and sorted(res[0].stats_fallback) == [1, 2]
+    assert "did not arrive" in res[0].stats_fallback[1] and "NaN" in res[0].stats_fallback[2]
+    assert "neighbour 1 on my data only" in caplog.text and "neighbour 2 on my data only" in caplog.text
+    assert all(torch.isfinite(t).all() for t in ns[0].model.state_dict().values())
+    # the other agents were not affected
+    assert res[1].stats_both == [0, 2] and res[2].stats_both == [0, 1]
+    # a wrong-shape message is refused too
+    def reshape(box):
+        bad = dict(box._messages[(0, "pair_stats", 1, 0)])
+        bad["site1.cross"] = torch.zeros(5, 5)
+        box._messages[(0, "pair_stats", 1, 0)] = bad
+
+    _, res = _run_both(topo, reshape)
+    assert list(res[0].stats_fallback) == [1] and "shape" in res[0].stats_fallback[1]
+
+
+def test_stats_both_needs_a_transport_with_messages():
+    topo = Topology.build("ring", 3)
+    with pytest.raises(ValueError, match="Lossy does not"):
+        Node(deep(0), topo, 0, Lossy(0, {}), batches(), method="dimat", stats="both")
+    with pytest.raises(ValueError, match="method 'dimat' only"):
+        Node(deep(0), topo, 0, make_inproc([[1], [0]])[0], batches(), method="wa", stats="both")
+    with pytest.raises(ValueError, match="basis='own'"):
+        Node(deep(0), topo, 0, make_inproc([[1], [0]])[0], batches(), basis="shared", stats="both")
+    asynchronous = make_inproc([[1], [0]])[0]
+    asynchronous.sync = False
+    with pytest.raises(ValueError, match="synchronous rounds"):
+        Node(deep(0), topo, 0, asynchronous, batches(), stats="both")
+    with pytest.raises(ValueError, match="stats must be"):
+        Node(deep(0), topo, 0, make_inproc([[1], [0]])[0], batches(), stats="all")
+
+
+def test_stats_both_over_grpc_between_two_real_transports():
+    """Two agents in threads, each with its own gRPC transport on 127.0.0.1 (free ports): the second message
+    crosses, both edges are aligned on both sides' statistics, and its bytes are counted."""
+    import threading
+
+    from dimat.transport.grpc_transport import GrpcTransport
+
+    topo = Topology.build("fc", 2)
+    ts = [GrpcTransport(k, [1 - k], {1 - k: "127.0.0.1:1"}, listen="127.0.0.1:0", secret="s", deadline_s=20.0)
+          for k in range(2)]
+    try:
+        for t in ts:
+            t.peers[1 - t.rank] = ts[1 - t.rank].address
+        ns = [Node(deep(k), topo, k, ts[k], batches(seed=k), method="dimat", stats="both") for k in range(2)]
+        # Derive the groups once here: torch's tracing is not thread-safe (real agents are processes).
+        merge.pair_statistics([deep(0), deep(1)], batches())
+        res = [None, None]
+
+        def go(k):
+            res[k] = ns[k].merge_round(0)
+
+        threads = [threading.Thread(target=go, args=(k,)) for k in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=60)
+        assert all(r is not None for r in res), "a round did not finish"
+        size = sum(4 * (c * c + 4 * c) + 8 for c in (8, 6))
+        for k, r in enumerate(res):
+            assert r.stats_both == [1 - k] and r.stats_fallback == {}
+            assert r.stats_bytes == 2 * size
+            assert r.bytes_received >= size  # the message is in comm_bytes (sends are counted as replies come)
+        assert all(t.rejected_count == 0 for t in ts)
+    finally:
+        for t in ts:
+            t.close()

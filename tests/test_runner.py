@@ -204,3 +204,27 @@ def test_flip_on_non_images_is_refused(tmp_path):
     with pytest.raises(UserError, match="data.flip"):
         run(tiny(data={"dataset": "digits", "flip": True}), tmp_path / "r", quiet=True)
     assert not (tmp_path / "r").exists()
+
+
+def test_stats_both_runs_on_digits_and_records_the_second_message(tmp_path):
+    """merge.stats both in simulation: finite accuracies, the statistics messages' bytes in every merge record
+    (and inside comm_bytes), no edge falling back."""
+    base = dict(rounds=2, data={"dataset": "digits", "partition": "dirichlet:0.3"},
+                model={"name": "mlp", "width": 0.25})
+    own = tiny(merge={"method": "dimat", "stat_batches": 2}, **base)
+    both = tiny(merge={"method": "dimat", "stat_batches": 2, "stats": "both"}, **base)
+    run(own, tmp_path / "own", quiet=True)
+    summary = run(both, tmp_path / "both", quiet=True)
+    assert all(a is not None and 0.0 < a <= 1.0 for a in summary["per_agent_acc"]), summary["per_agent_acc"]
+    merges = [r for r in read_metrics([tmp_path / "both/metrics.jsonl"]) if r["phase"] == "merge"]
+    plain = {(r["round"], r["agent"]): r for r in read_metrics([tmp_path / "own/metrics.jsonl"])
+             if r["phase"] == "merge"}
+    assert len(merges) == 6
+    for r in merges:
+        assert r["stats_fallback"] == [] and r["stats_both"] == r["received"] and len(r["received"]) == 2
+        # the zoo MLP's two hidden layers (C = 256, 128 at width 1; 64, 32 here): one message per edge each way
+        size = sum(4 * (c * c + 4 * c) + 8 for c in (64, 32))
+        assert r["stats_bytes"] == 4 * size
+        assert r["comm_bytes"] == plain[(r["round"], r["agent"])]["comm_bytes"] + r["stats_bytes"]
+        assert all(v is not None for v in (r["test_acc"], r["test_loss"]))
+    assert all("stats_bytes" not in r for r in plain.values())

@@ -139,7 +139,41 @@ def _other_models(rank, world, port):
     return got
 
 
-_SCENARIOS = {"exchange": _exchange, "segments": _exchange_in_small_segments, "env": _from_env,
+def _msg(rank, to, r):
+    g = torch.Generator().manual_seed(1000 * r + 10 * rank + to)
+    return {"site0.cross": torch.randn(6, 6, generator=g), "site0.n": torch.tensor(7 + rank)}
+
+
+def _messages(rank, world, port):
+    """Ring of three, lane messages addressed per receiver. Round 0: exact. Round 1: rank 1's message to rank 0
+    holds a NaN. Round 2: rank 2 sends rank 0 nothing (an empty message keeps the exchange in step). Round 3:
+    rank 2 sends another shape."""
+    ring = {0: [1, 2], 1: [0, 2], 2: [0, 1]}
+    t = TorchTransport(rank, ring[rank], world_size=world, master_addr="127.0.0.1", master_port=port,
+                       timeout_s=TIMEOUT_S)
+    try:
+        out = {}
+        for r in range(4):
+            t.post(r, _snap(rank, r))
+            t.collect(r)
+            msgs = {j: _msg(rank, j, r) for j in ring[rank]}
+            if r == 1 and rank == 1:
+                msgs[0]["site0.cross"][2, 2] = float("nan")
+            if r == 2 and rank == 2:
+                del msgs[0]
+            lane = t
+            if r == 3 and rank == 2:  # a transport of its own (on the same group): t refuses to send other shapes
+                msgs = {j: {"site0.cross": torch.zeros(5, 5), "site0.n": torch.tensor(1)} for j in ring[rank]}
+                lane = TorchTransport(rank, ring[rank], timeout_s=TIMEOUT_S)
+            lane.post_messages(r, "pair_stats", msgs)
+            got = lane.collect_messages(r, "pair_stats", ring[rank])
+            out[r] = {j: (m["site0.cross"].tolist(), int(m["site0.n"])) for j, m in got.items()}
+        return out, [reason for _, _, reason in t.rejected], t.supports_messages
+    finally:
+        t.close()
+
+
+_SCENARIOS = {"messages": _messages, "exchange": _exchange, "segments": _exchange_in_small_segments, "env": _from_env,
               "dead": _neighbour_dies, "models": _other_models}
 
 
@@ -226,3 +260,21 @@ def test_bad_input_without_a_group(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     with pytest.raises(ValueError, match="RANK=3"):
         TorchTransport(0, [1], world_size=4, master_addr="127.0.0.1", master_port=1)
+
+
+def test_lane_messages_are_addressed_validated_and_keep_the_exchange_in_step():
+    results = _spawn("messages", 3)
+    for rank, (out, rejected, supported) in results.items():
+        assert supported
+        others = [j for j in range(3) if j != rank]
+        assert sorted(out[0]) == others
+        for j, (cross, n) in out[0].items():  # what j addressed to me
+            assert cross == _msg(j, rank, 0)["site0.cross"].tolist() and n == 7 + j
+    out, rejected, _ = results[0]
+    assert sorted(out[1]) == [2] and sorted(out[2]) == [1] and sorted(out[3]) == [1]
+    assert any("non-finite" in r for r in rejected) and any("shape" in r for r in rejected)
+    assert all(sorted(results[k][0][r]) == [j for j in range(3) if j != k] for k in (1, 2) for r in range(3))
+    # round 3: rank 2's other shape is refused by both; rank 2 in turn refuses theirs (not its own layout)
+    assert sorted(results[1][0][3]) == [0] and sorted(results[2][0][3]) == []
+    # the round after a refusal still exchanges: every rank finished all four rounds
+    assert all(sorted(out) == [0, 1, 2, 3] for out, _, _ in results.values())

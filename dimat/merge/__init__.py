@@ -4,7 +4,8 @@ It knows nothing about transports. One module each, in the order a merge runs:
 
 * :mod:`dimat.merge.structure`: the permutation groups, derived from a trace of the model and checked by an
   invariance self-test (:func:`derive`, :class:`PermutationSpec`, :func:`apply_permutation`);
-* :mod:`dimat.merge.stats`: streaming activation statistics at each group's sites;
+* :mod:`dimat.merge.stats`: streaming activation statistics at each group's sites (and, for statistics from
+  both sides of an edge, their encoding as a message and their pooling);
 * :mod:`dimat.merge.matching`: linear assignment (activation or weight matching);
 * :mod:`dimat.merge.operators`: the merge operators (:func:`average`, :func:`weight_match`,
   :func:`activation_match`), their registry :data:`METHODS` and :func:`get`;
@@ -32,6 +33,7 @@ from dimat.merge.operators import (
     batch_input,
     get,
     iter_inputs,
+    pair_statistics,
     reset_bn_stats,
     spec_for,
     weight_match,
@@ -52,6 +54,7 @@ __all__ = [
     "derive",
     "get",
     "iter_inputs",
+    "pair_statistics",
     "random_perms",
     "reset_bn_stats",
     "spec_for",

@@ -20,7 +20,7 @@ import math
 import numbers
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -34,7 +34,7 @@ from dimat.merge.structure import PermutationSpec
 
 __all__ = [
     "average", "weight_match", "activation_match", "reset_bn_stats", "spec_for", "graph_for", "METHODS", "get",
-    "UnalignedError",
+    "UnalignedError", "pair_statistics",
 ]
 
 Batches = Iterable[Any]
@@ -503,6 +503,7 @@ def activation_match(
     report: Optional[Dict[int, Dict[str, float]]] = None,
     bn_repair: str = "local",
     bn_batches: Optional[int] = None,
+    pair_stats: Optional[Mapping[int, Sequence[stats.CrossStats]]] = None,
 ) -> nn.Module:
     """DIMAT: align every neighbour to ``models[0]`` by activation correlation on local batches, then average.
 
@@ -544,6 +545,10 @@ def activation_match(
         sides); the local data's mean is never used (:func:`dimat.merge.repair.bn_targets`). ``num_batches_tracked``
         stays the agent's own. Costs one forward pass per participant more than ``"local"``.
     bn_batches : number of batches for the BatchNorm step and REPAIR (None: ``stat_batches``).
+    pair_stats : optional, per model index j >= 1, the statistics of the pair (``models[0]``, ``models[j]``) at
+        every activation site, in :func:`pair_statistics`' order, e.g. pooled from both agents' data
+        (:func:`dimat.merge.stats.pool`). Model j is then aligned on them and ``batches`` are not read for it
+        (they still serve the BatchNorm reset and REPAIR); the others are measured on ``batches``.
 
     Returns
     -------
@@ -566,9 +571,23 @@ def activation_match(
     t = time.perf_counter()
     corrs: List[Dict[int, torch.Tensor]] = []
     if groups and todo:
-        inputs = (_to(x, device, cl) for x in iter_inputs(batches, stat_batches))
-        corrs = stats.collect_correlations([models[0]] + [models[j] for j in todo], spec,
-                                           lambda x: graph_for(models[0], x), inputs, groups)
+        sites = stats.pair_sites(spec, groups)
+        given = dict(pair_stats or {})
+        for j in given:
+            if j not in todo:
+                raise ValueError(f"pair_stats given for model {j}, which is not aligned here (models to align: "
+                                 f"{todo})")
+            if [st.mean_a.numel() for st in given[j]] != [s.units for _, s in sites]:
+                raise ValueError(f"pair_stats for model {j} do not match the model's {len(sites)} activation sites")
+        measure = [j for j in todo if j not in given]
+        measured: List[List[stats.CrossStats]] = []
+        if measure:
+            inputs = (_to(x, device, cl) for x in iter_inputs(batches, stat_batches))
+            measured = stats.collect_pair_stats([models[0]] + [models[j] for j in measure], spec,
+                                                lambda x: graph_for(models[0], x), inputs, groups)
+        per_model = dict(zip(measure, measured))
+        per_model.update(given)
+        corrs = [stats.correlations_from_stats(sites, per_model[j]) for j in todo]
     t_stats = time.perf_counter() - t
     t = time.perf_counter()
     perms: List[Dict[int, torch.Tensor]] = [{} for _ in models[1:]]
@@ -584,6 +603,35 @@ def activation_match(
         models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, repair, cl, combine, bn_repair,
         bn_batches,
     )
+
+
+@torch.no_grad()
+def pair_statistics(models: Sequence[nn.Module], batches: Batches,
+                    stat_batches: Optional[int] = None) -> List[List[stats.CrossStats]]:
+    """Per neighbour j >= 1, the activation statistics of the pair (``models[0]``, ``models[j]``) on ``batches``:
+    one :class:`~dimat.merge.stats.CrossStats` per activation site of the permutable groups (``a``: models[0]'s
+    units), exactly what :func:`activation_match` gathers before matching. An agent computes them on its own data
+    for each neighbour's model, sends them (:func:`dimat.merge.stats.encode_pair_stats`) and gives them, pooled
+    with the neighbour's, back to :func:`activation_match` as ``pair_stats``; no input or label leaves it.
+
+    Returns one (possibly empty) list per neighbour."""
+    _check_models(models)
+    device = _device_of(models[0])
+    example = _first_input(batches).to(device)
+    spec, _ = spec_for(models[0], example)
+    cl = _channels_last(models[0], example)
+    if not spec.permutable or len(models) < 2:
+        return [[] for _ in models[1:]]
+    inputs = (_to(x, device, cl) for x in iter_inputs(batches, stat_batches))
+    return stats.collect_pair_stats(list(models), spec, lambda x: graph_for(models[0], x), inputs,
+                                    spec.permutable)
+
+
+def pair_sites_of(model: nn.Module, example_input: torch.Tensor) -> List[int]:
+    """Units of each activation site in :func:`pair_statistics`' order, for ``model`` on inputs like
+    ``example_input`` (what a pair-statistics message for this model must hold)."""
+    spec, _ = spec_for(model, example_input.to(_device_of(model)))
+    return [s.units for _, s in stats.pair_sites(spec, spec.permutable)]
 
 
 class UnalignedError(ValueError):

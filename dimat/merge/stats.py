@@ -9,7 +9,7 @@ catastrophic cancellation). Memory is O(k * C^2) per group; the joint kC x kC ma
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -17,7 +17,8 @@ from torch import nn
 
 from dimat.merge.structure import PermutationSpec, Site
 
-__all__ = ["CrossStats", "units_view", "unit_features", "site_module", "collect_correlations", "eval_mode"]
+__all__ = ["CrossStats", "units_view", "unit_features", "site_module", "collect_correlations", "collect_pair_stats",
+           "correlations_from_stats", "pair_sites", "encode_pair_stats", "decode_pair_stats", "pool", "eval_mode"]
 
 
 class CrossStats:
@@ -61,6 +62,31 @@ class CrossStats:
         self.mean_a += da * (m / tot)
         self.mean_b += db * (m / tot)
         self.n = tot
+
+    def merge(self, other: "CrossStats") -> "CrossStats":
+        """A new CrossStats holding both ``self``'s and ``other``'s samples (Chan's parallel update): exactly the
+        moments of the concatenated data, whatever the split."""
+        if other.mean_a.shape != self.mean_a.shape:
+            raise ValueError(f"cannot pool statistics of {other.mean_a.numel()} and {self.mean_a.numel()} units")
+        out = self.copy()
+        out.add_batch(other.n, other.mean_a, other.mean_b, other.m2_a, other.m2_b, other.cross)
+        return out
+
+    def transposed(self) -> "CrossStats":
+        """The same statistics with the roles of ``a`` and ``b`` swapped (cross-moment transposed)."""
+        out = CrossStats(self.mean_a.numel())
+        out.n = self.n
+        out.mean_a, out.mean_b = self.mean_b.clone(), self.mean_a.clone()
+        out.m2_a, out.m2_b = self.m2_b.clone(), self.m2_a.clone()
+        out.cross = self.cross.T.clone()
+        return out
+
+    def copy(self) -> "CrossStats":
+        out = CrossStats(self.mean_a.numel())
+        out.n = self.n
+        out.mean_a, out.mean_b = self.mean_a.clone(), self.mean_b.clone()
+        out.m2_a, out.m2_b, out.cross = self.m2_a.clone(), self.m2_b.clone(), self.cross.clone()
+        return out
 
     def correlation(self) -> torch.Tensor:
         """C x C Pearson correlation (float64); 0 wherever either unit has (numerically) zero variance."""
@@ -216,6 +242,14 @@ class eval_mode:
 GraphSource = Union[fx.Graph, Callable[[torch.Tensor], fx.Graph]]
 
 
+Sites = List[Tuple[int, Site]]
+
+
+def pair_sites(spec: PermutationSpec, groups: Sequence[int]) -> Sites:
+    """``(group index, site)`` of every activation site of ``groups``, in the order the pair statistics use."""
+    return [(gi, s) for gi in groups for s in spec.groups[gi].sites]
+
+
 @torch.no_grad()
 def collect_correlations(
     models: Sequence[nn.Module],
@@ -242,9 +276,41 @@ def collect_correlations(
     -------
     A list of length ``len(models) - 1`` of ``{group index: C x C float64 correlation}`` (rows: models[0]'s units).
     """
-    sites: List[Tuple[int, Site]] = [(gi, s) for gi in groups for s in spec.groups[gi].sites]
+    sites = pair_sites(spec, groups)
+    return [correlations_from_stats(sites, per_site)
+            for per_site in collect_pair_stats(models, spec, graph, inputs, groups)]
+
+
+def correlations_from_stats(sites: Sites, per_site: Sequence[CrossStats]) -> Dict[int, torch.Tensor]:
+    """``{group index: C x C correlation}``: per group, the mean over its sites of the sites' Pearson correlations
+    (``per_site[k]`` belongs to ``sites[k]``, see :func:`pair_sites`)."""
+    corr: Dict[int, torch.Tensor] = {}
+    count: Dict[int, int] = {}
+    for (gi, _), st in zip(sites, per_site):
+        c = st.correlation()
+        corr[gi] = corr[gi] + c if gi in corr else c
+        count[gi] = count.get(gi, 0) + 1
+    return {gi: c / count[gi] for gi, c in corr.items()}
+
+
+@torch.no_grad()
+def collect_pair_stats(
+    models: Sequence[nn.Module],
+    spec: PermutationSpec,
+    graph: GraphSource,
+    inputs: Iterable[torch.Tensor],
+    groups: Sequence[int],
+) -> List[List[CrossStats]]:
+    """Per neighbour ``j = 1..k``, per activation site of ``groups`` (in :func:`pair_sites` order): the
+    :class:`CrossStats` of ``models[0]``'s units (``a``) and ``models[j]``'s units (``b``) on ``inputs``.
+
+    These are the sufficient statistics of the correlations (:func:`correlations_from_stats`); statistics of the
+    same pair gathered on other data pool with :meth:`CrossStats.merge`. Parameters as in
+    :func:`collect_correlations`.
+    """
+    sites = pair_sites(spec, groups)
     if not sites:
-        return [{} for _ in models[1:]]
+        return [[] for _ in models[1:]]
     nodes = list(dict.fromkeys(s.node for _, s in sites))
     slot = {n: i for i, n in enumerate(nodes)}
     mods_by_shape: Dict[tuple, List[fx.GraphModule]] = {}
@@ -274,13 +340,73 @@ def collect_correlations(
                 featsj = _moments(mod(x), site_list, slot)
                 for f0, fj, st in zip(feats0, featsj, stats[j]):
                     st.add_batch(f0.n, f0.mean, fj.mean, f0.m2, fj.m2, f0.cross(fj))
-    out: List[Dict[int, torch.Tensor]] = []
-    for per_site in stats:
-        corr: Dict[int, torch.Tensor] = {}
-        count: Dict[int, int] = {}
-        for (gi, _), st in zip(sites, per_site):
-            c = st.correlation()
-            corr[gi] = corr[gi] + c if gi in corr else c
-            count[gi] = count.get(gi, 0) + 1
-        out.append({gi: c / count[gi] for gi, c in corr.items()})
+    return stats
+
+
+# ------------------------------------------------------------------------------ pair statistics as a message
+#: Tensor names of one site's entry in a pair-statistics message (``site{k}.{field}``).
+_FIELDS = ("n", "mean_a", "mean_b", "m2_a", "m2_b", "cross")
+
+
+#: dtype of the moments in a message. float32 halves the bytes; its relative rounding (6e-8) is far below the
+#: sampling noise of a few thousand samples. Never a 16-bit float: sums of squares over thousands of samples
+#: overflow float16.
+WIRE_DTYPE = torch.float32
+
+
+def encode_pair_stats(per_site: Sequence[CrossStats]) -> Dict[str, torch.Tensor]:
+    """One pair's statistics as a flat dict of tensors (a message any transport can carry).
+
+    Per site ``k``: ``site{k}.n`` (int64 scalar, samples), ``site{k}.mean_a`` / ``mean_b`` / ``m2_a`` / ``m2_b``
+    (C each) and ``site{k}.cross`` (C x C), in :data:`WIRE_DTYPE`. ``a`` is the sender's model, ``b`` the
+    receiver's: the receiver takes :meth:`CrossStats.transposed`. Size: ``4 * (C*C + 4*C) + 8`` bytes per site.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for k, st in enumerate(per_site):
+        out[f"site{k}.n"] = torch.tensor(int(st.n), dtype=torch.int64)
+        for f in _FIELDS[1:]:
+            out[f"site{k}.{f}"] = getattr(st, f).detach().cpu().to(WIRE_DTYPE).contiguous()
     return out
+
+
+def decode_pair_stats(msg: Mapping[str, torch.Tensor], units: Sequence[int]) -> List[CrossStats]:
+    """The per-site statistics in a message from :func:`encode_pair_stats`, checked against what this model
+    expects: exactly one entry per site with ``units[k]`` units, the right dtypes and shapes, ``n >= 1``, finite
+    values and non-negative sums of squares. ValueError (naming the first problem) otherwise."""
+    if not isinstance(msg, Mapping):
+        raise ValueError(f"pair statistics must be a dict of tensors, got {type(msg).__name__}")
+    expected = {f"site{k}.{f}" for k in range(len(units)) for f in _FIELDS}
+    extra = sorted(set(msg) - expected)
+    missing = sorted(expected - set(msg), key=lambda n: (len(n), n))
+    if extra or missing:
+        raise ValueError(f"pair statistics for {len(units)} sites: "
+                         + (f"unexpected entry {extra[0]!r}" if extra else f"entry {missing[0]!r} missing"))
+    out: List[CrossStats] = []
+    for k, c in enumerate(units):
+        st = CrossStats(c)
+        n = msg[f"site{k}.n"]
+        if not isinstance(n, torch.Tensor) or n.dtype != torch.int64 or n.dim() != 0 or int(n) < 1:
+            raise ValueError(f"pair statistics: site{k}.n must be an int64 scalar >= 1, got {n!r}")
+        st.n = int(n)
+        for f in _FIELDS[1:]:
+            t = msg[f"site{k}.{f}"]
+            shape = (c, c) if f == "cross" else (c,)
+            if not isinstance(t, torch.Tensor) or t.dtype != WIRE_DTYPE or tuple(t.shape) != shape:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"pair statistics: site{k}.{f} must be {WIRE_DTYPE} of shape {shape}, got {got}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"pair statistics: site{k}.{f} holds NaN or Inf")
+            if f.startswith("m2") and bool((t < 0).any()):
+                raise ValueError(f"pair statistics: site{k}.{f} (a sum of squares) has negative entries")
+            setattr(st, f, t.detach().cpu().to(torch.float64))
+        out.append(st)
+    return out
+
+
+def pool(own: Sequence[CrossStats], theirs: Sequence[CrossStats]) -> List[CrossStats]:
+    """Site by site, the pooled statistics of two sides of an edge: ``own`` (this agent's data; ``a`` = this
+    agent's model) and ``theirs`` as the neighbour sent them (its data; ``a`` = the neighbour's model), which are
+    transposed first. Each side weighs by its own sample count."""
+    if len(own) != len(theirs):
+        raise ValueError(f"cannot pool statistics of {len(theirs)} sites with {len(own)}")
+    return [o.merge(t.transposed()) for o, t in zip(own, theirs)]

@@ -59,6 +59,23 @@ class Transport(abc.ABC):
     def collect(self, round: int) -> Dict[int, Snapshot]:
         """Neighbours' round-``round`` snapshots that arrived in time, keyed by sender rank."""
 
+    #: Whether :meth:`post_messages` / :meth:`collect_messages` work (a second, small message per round).
+    supports_messages: bool = False
+
+    def post_messages(self, round: int, lane: str, messages: Mapping[int, Snapshot]) -> None:
+        """Start sending ``messages[j]`` (a dict of tensors) to each neighbour ``j`` on ``lane``, for ``round``.
+
+        Messages travel apart from snapshots (their own lane: one per round and sender, each receiver gets only
+        what is addressed to it) and are checked like snapshots (finite values; on networked transports: size
+        limits, authentication, the layout of my own message on that lane). Ranks I do not send to in this
+        round are skipped. Call after ``post(round)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not carry messages besides snapshots")
+
+    def collect_messages(self, round: int, lane: str, senders: Sequence[int]) -> Dict[int, Snapshot]:
+        """The round-``round`` messages on ``lane`` addressed to me from ``senders`` that arrived before the
+        round's deadline, keyed by sender (absent: late, down or refused)."""
+        raise NotImplementedError(f"{type(self).__name__} does not carry messages besides snapshots")
+
     def close(self) -> None:
         """Release sockets, servers and process groups. Idempotent."""
 

@@ -210,8 +210,10 @@ class _Inbox:
 class _Outgoing:
     """One posted snapshot: its layout, its bytes (views), its running hash, its deadline and its in-flight calls."""
 
-    def __init__(self, round: int, layout: wire.Layout, pieces, deadline: float, detached: bool = False):
+    def __init__(self, round: int, layout: wire.Layout, pieces, deadline: float, detached: bool = False,
+                 lane: str = ""):
         self.round = round
+        self.lane = lane  # "" for a snapshot, else the message lane
         # detached: the pieces are a private copy of the payload, so the sends may outlive collect(round) (the
         # model changes after it); they stop at their deadline or when a newer round is posted.
         self.detached = detached
@@ -229,6 +231,17 @@ class _Outgoing:
         with self.lock:
             for call in self.calls.values():
                 call.cancel()
+
+
+class _Lane:
+    """One message lane: its inbox, the layout accepted on it (from my first message; None until then), my
+    messages in flight by round and each round's deadline."""
+
+    def __init__(self, inbox_rounds: int):
+        self.inbox = _Inbox(inbox_rounds)
+        self.expected: Optional[wire.Layout] = None
+        self.outgoing: Dict[int, List[_Outgoing]] = {}
+        self.deadline: Dict[int, float] = {}
 
 
 class GrpcTransport(Transport):
@@ -395,6 +408,7 @@ class GrpcTransport(Transport):
         self._pool = wire.BufferPool(len(self.neighbors) * (inbox_rounds + 2))
         self._outgoing: Dict[int, _Outgoing] = {}
         self._round_deadline: Dict[int, float] = {}
+        self._lanes: Dict[str, _Lane] = {}  # message lanes (post_messages), created on first use
         self._channels: Dict[int, grpc.Channel] = {}
         # Round protocol (see collect): neighbours not waited for, what probes learnt, my latest offered state.
         self.down: Dict[int, float] = {}  # rank -> time.monotonic() it was marked down
@@ -412,7 +426,7 @@ class GrpcTransport(Transport):
         self._checker = ThreadPoolExecutor(max_workers=max(1, len(self.neighbors) + len(self.send_to)),
                                            thread_name_prefix=f"dimat-check-{self.rank}")
         # Two rounds' sends may overlap (a neighbour still receiving round r when I post r+1).
-        self._senders = ThreadPoolExecutor(max_workers=max(1, 3 * len(self.send_to)),
+        self._senders = ThreadPoolExecutor(max_workers=max(1, 4 * len(self.send_to)),
                                            thread_name_prefix=f"dimat-send-{self.rank}")
         if keys is None:
             log.warning("agent %d: no shared secret or credentials: snapshots are accepted from anyone who can "
@@ -494,6 +508,87 @@ class GrpcTransport(Transport):
             self._outgoing[round] = out
             self.latest_posted = max(self.latest_posted, round)
             out.futures = [self._senders.submit(self._send_loop, j, out) for j in self.send_to_at(round)]
+
+    # ---------------------------------------------------------------------------------------------- messages
+    supports_messages = True
+    #: Largest message accepted on a lane (bytes of payload).
+    max_message_bytes_lane = 1 << 30
+    #: Lanes a peer may open (names are short identifiers).
+    max_lanes = 8
+
+    def post_messages(self, round: int, lane: str, messages: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Start sending ``messages[j]`` to each ``j`` I send to in round ``round``, on ``lane``; returns at once.
+
+        Each message is its own stream, addressed to its receiver (signed with our pair's key, the lane included),
+        sent uncompressed from a private copy, retried until ``deadline_s`` after this call. All messages of a
+        lane must share one layout (tensor names, dtypes, shapes): the first one posted becomes what this agent
+        accepts on the lane. Messages of older rounds still in flight on the lane are cancelled."""
+        self._check_open()
+        round = int(round)
+        state = self._lane(lane)
+        out_to = set(self.send_to_at(round))
+        deadline = time.monotonic() + self.deadline_s
+        sends: List[_Outgoing] = []
+        for j, msg in sorted(messages.items()):
+            if int(j) not in out_to:
+                log.info("agent %d: no %s message to %d in round %d: not an out-neighbour", self.rank, lane, j,
+                         round)
+                continue
+            layout = wire.layout_of(msg)
+            with self._lock:
+                if state.expected is None:
+                    state.expected = layout
+            if layout.fingerprint != state.expected.fingerprint:
+                wire.check_against(layout, state.expected)  # raises WireError naming the difference
+            pieces = _private_copy(wire.tensor_views(msg, layout), layout.payload_bytes)
+            out = _Outgoing(round, layout, pieces, deadline, detached=True, lane=lane)
+            sends.append(out)
+            out.futures = [self._senders.submit(self._send_loop, int(j), out)]
+        with self._lock:
+            for r in [r for r in state.outgoing if r < round]:
+                for o in state.outgoing.pop(r):
+                    o.cancel()
+            state.outgoing.setdefault(round, []).extend(sends)
+            state.deadline[round] = deadline
+
+    def collect_messages(self, round: int, lane: str, senders: Sequence[int]) -> Dict[int, Snapshot]:
+        """The round-``round`` messages on ``lane`` from ``senders`` (neighbours of this round) that arrived and
+        passed validation, waiting at most until ``deadline_s`` after my :meth:`post_messages` of this round on
+        the lane (or after this call). Afterwards, this round's messages on the lane are refused as late."""
+        self._check_open()
+        round = int(round)
+        state = self._lane(lane)
+        allowed = set(self.neighbors_at(round))
+        wanted = [int(j) for j in senders if int(j) in allowed]
+        with self._lock:
+            deadline = state.deadline.get(round, time.monotonic() + self.deadline_s)
+        got = state.inbox.wait(round, wanted, deadline)
+        state.inbox.drop_through(round)
+        out: Dict[int, Snapshot] = {}
+        for j, (msg, layout) in got.items():
+            if state.expected is not None and layout.fingerprint != state.expected.fingerprint:
+                try:  # arrived before I knew the lane's layout
+                    wire.check_against(layout, state.expected)
+                except wire.WireError as e:
+                    self._reject(round, j, f"{lane} message: {e}", "collect_messages")
+                    continue
+            out[j] = msg
+        for j in wanted:
+            if j not in got:
+                log.warning("agent %d: no %s message from %d for round %d by the deadline", self.rank, lane, j, round)
+        return out
+
+    def _lane(self, name: str) -> "_Lane":
+        """The state of message lane ``name`` (created on first use); WireError for a bad name or too many."""
+        with self._lock:
+            lane = self._lanes.get(name)
+            if lane is None:
+                if not (0 < len(name) <= 64 and name.replace("_", "").isalnum() and name.isascii()):
+                    raise wire.WireError(f"bad message lane name {name[:70]!r}")
+                if len(self._lanes) >= self.max_lanes:
+                    raise wire.WireError(f"message lane {name!r}: already {self.max_lanes} lanes open")
+                lane = self._lanes[name] = _Lane(self._inbox.max_rounds)
+            return lane
 
     def collect(self, round: int) -> Dict[int, Snapshot]:
         """Neighbours' round-``round`` snapshots that arrived and passed validation before the deadline.
@@ -947,6 +1042,10 @@ class GrpcTransport(Transport):
             outs = list(self._outgoing.values())
             self._outgoing.clear()
             self._offer = None
+            lanes = list(self._lanes.values())
+        for lane in lanes:
+            lane.inbox.close()
+            outs += [o for sends in lane.outgoing.values() for o in sends]
         self._stop.set()
         self._wake.set()
         for out in outs:
@@ -1026,7 +1125,8 @@ class GrpcTransport(Transport):
         """One attempt: (delivered, worth retrying, what happened)."""
         channel = self._channel(peer)
         key = self._key_for(peer)
-        header = wire.make_header(self.rank, out.round, out.layout, key, receiver=peer, payload_hash=out.hash.name)
+        header = wire.make_header(self.rank, out.round, out.layout, key, receiver=peer, payload_hash=out.hash.name,
+                                  lane=out.lane)
         call = channel.stream_unary(_SEND_METHOD, request_serializer=None,
                                     response_deserializer=pb.SendReply.FromString)
         with out.lock:
@@ -1118,7 +1218,9 @@ class GrpcTransport(Transport):
                 return refuse("stream does not start with a header")
             round, sender = int(header.round), int(header.sender)
             key = self._authenticate(header, context)
-            why = self._admit(header)
+            lane = self._lane(header.lane) if header.lane else None  # None: a snapshot
+            inbox = self._inbox if lane is None else lane.inbox
+            why = self._admit(header, inbox)
             if why is not None:
                 reason, retry = why
                 if retry:  # not a refusal: the sender tries again within its deadline
@@ -1127,12 +1229,14 @@ class GrpcTransport(Transport):
                         self._postponed[sender] = max(self._postponed.get(sender, -1), round)
                     context.abort(grpc.StatusCode.UNAVAILABLE, reason)
                 return refuse(reason)
-            layout = wire.check_header(header, self._expected, self.max_snapshot_bytes)
+            expected = self._expected if lane is None else lane.expected
+            layout = wire.check_header(header, expected, self.max_snapshot_bytes if lane is None
+                                       else self.max_message_bytes_lane)
             # A sender that stops sending (without a deadline of its own) must not hold a server thread forever.
             watchdog = threading.Timer(self.deadline_s, lambda: (stalled.set(), context.cancel()))
             watchdog.daemon = True
             watchdog.start()
-            snap = self._receive_payload(frames, header, layout, key)
+            snap = self._receive_payload(frames, header, layout, key, pooled=lane is None)
         except wire.WireError as e:
             # A cancelled stream (by its client, or by the watchdog) may also just end, without its trailer.
             if stalled.is_set():
@@ -1153,7 +1257,7 @@ class GrpcTransport(Transport):
                 watchdog.cancel()
         if self._closed:
             context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down")
-        why = self._inbox.put(round, sender, snap, layout, self.latest_posted)
+        why = inbox.put(round, sender, snap, layout, self.latest_posted)
         if why is not None:  # another stream for the same round and sender got there first
             return refuse(why[0])
         with self._lock:
@@ -1179,19 +1283,21 @@ class GrpcTransport(Transport):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
             raise  # not reached: abort raises
 
-    def _admit(self, header: pb.SnapshotHeader) -> Optional[Tuple[str, bool]]:
+    def _admit(self, header: pb.SnapshotHeader, inbox: "_Inbox") -> Optional[Tuple[str, bool]]:
         """Whether an authenticated header may deliver a payload now: (reason, try again later) or None."""
         sender, round = int(header.sender), int(header.round)
         if header.receiver != self.rank:
             return f"addressed to agent {header.receiver}, this is agent {self.rank}", False
         if sender not in self.neighbors_at(round):
             return f"sender {sender} is not a neighbour of agent {self.rank} in round {round}", False
-        return self._inbox.admit(round, sender, self.latest_posted)
+        return inbox.admit(round, sender, self.latest_posted)
 
     def _receive_payload(self, frames: Iterator[bytes], header: pb.SnapshotHeader, layout: wire.Layout,
-                         key: Optional[bytes]) -> Snapshot:
-        """Chunks into one pooled buffer (hashed and value-checked as they come), then the signed trailer."""
-        asm = wire.Assembler(layout, self._pool.get(layout.payload_bytes), hash=header.payload_hash)
+                         key: Optional[bytes], pooled: bool = True) -> Snapshot:
+        """Chunks into one buffer (pooled for snapshots; hashed and value-checked as they come), then the signed
+        trailer."""
+        asm = wire.Assembler(layout, self._pool.get(layout.payload_bytes) if pooled else None,
+                             hash=header.payload_hash)
         trailer = None
         for raw in frames:
             frame = wire.decode_frame(raw)

@@ -18,6 +18,7 @@ class Mailbox:
 
     def __init__(self) -> None:
         self._posts: Dict[tuple, Snapshot] = {}
+        self._messages: Dict[tuple, Snapshot] = {}  # (round, lane, sender, receiver) -> message
 
     def put(self, round: int, sender: int, snapshot: Snapshot) -> None:
         self._posts[(round, sender)] = snapshot
@@ -26,6 +27,15 @@ class Mailbox:
 
     def get(self, round: int, sender: int) -> Snapshot | None:
         return self._posts.get((round, sender))
+
+    def put_message(self, round: int, lane: str, sender: int, receiver: int, message: Snapshot) -> None:
+        """Store a message of ``lane`` addressed to ``receiver`` (older rounds are dropped as rounds advance)."""
+        self._messages[(round, lane, sender, receiver)] = message
+        for key in [k for k in self._messages if k[0] < round - 1]:
+            del self._messages[key]
+
+    def get_message(self, round: int, lane: str, sender: int, receiver: int) -> Snapshot | None:
+        return self._messages.get((round, lane, sender, receiver))
 
 
 class InProcTransport(Transport):
@@ -65,6 +75,29 @@ class InProcTransport(Transport):
             if snap is not None:
                 got[j] = snap
                 self.bytes_received += snapshot_nbytes(snap)
+        return got
+
+
+    supports_messages = True
+
+    def post_messages(self, round: int, lane: str, messages: Mapping[int, Snapshot]) -> None:
+        """Store a clone of each message for its receiver (who validates what it collects)."""
+        out = set(self.send_to_at(round))
+        for j, msg in messages.items():
+            if int(j) not in out:
+                continue
+            frozen = {k: v.detach().clone() for k, v in msg.items()}
+            self.mailbox.put_message(round, lane, self.rank, int(j), frozen)
+            self.bytes_sent += snapshot_nbytes(frozen)
+
+    def collect_messages(self, round: int, lane: str, senders: Sequence[int]) -> Dict[int, Snapshot]:
+        got: Dict[int, Snapshot] = {}
+        allowed = set(self.neighbors_at(round))
+        for j in senders:
+            msg = self.mailbox.get_message(round, lane, int(j), self.rank) if int(j) in allowed else None
+            if msg is not None:
+                got[int(j)] = msg
+                self.bytes_received += snapshot_nbytes(msg)
         return got
 
 

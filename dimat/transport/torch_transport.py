@@ -4,6 +4,8 @@ Every agent is one rank of one process group. ``post(r, snapshot)`` sends the sn
 (laid out as :func:`dimat.transport.wire.pack` lays it out), behind a 32-byte prefix carrying the round, the
 architecture fingerprint, the payload size and the segment size; each in-neighbour's payload arrives in a buffer
 of the same size. Nothing is gathered over ranks that are not neighbours.
+Besides snapshots, a round may carry small messages on named lanes (``post_messages`` / ``collect_messages``,
+gloo only), each addressed to one neighbour, on tags of their own.
 
 On gloo the prefix goes first, as a message of its own, then the payload in segments of :data:`SEGMENT_BYTES`.
 A segment that lies inside one contiguous CPU tensor sent in its own dtype (most of a large model's segments) is
@@ -48,6 +50,13 @@ _MATCH_BYTES = 16
 #: Bytes per gloo message (a multiple of every item size). Smaller segments overlap packing and sending sooner
 #: but cost more messages: at 4 MiB a 400 MiB snapshot is 100 messages per neighbour.
 SEGMENT_BYTES = 4 << 20
+
+#: Tags of message lanes (post_messages): far above any snapshot segment's tag, so that a neighbour's next
+#: snapshot, posted while I still receive its message, can never be matched to a message receive.
+MESSAGE_TAG = 1 << 24
+#: Largest message header (manifest) and payload accepted on a lane, in bytes; a larger one is drained and refused.
+MAX_MESSAGE_HEADER = 4 << 20
+MAX_MESSAGE_BYTES = 1 << 30
 
 #: torchrun's environment variables; all four present means "initialise from the environment".
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -140,6 +149,8 @@ class TorchTransport(Transport):
         self._sends: List[dist.Work] = []  # gloo: this round's segment sends, started by post
         self._posted: Optional[int] = None
         self._closed = False
+        self._message_sends: List[Tuple[dist.Work, Tuple[torch.Tensor, ...]]] = []  # (work, buffers it reads)
+        self._message_layouts: Dict[str, wire.Layout] = {}  # lane -> the layout of my first message on it
 
     def _init_group(self, backend: str, world_size: Optional[int], addr: Optional[str],
                     port: Optional[int]) -> None:
@@ -256,6 +267,112 @@ class TorchTransport(Transport):
             out[j] = snap
         return out
 
+    # ---------------------------------------------------------------------------------------------- messages
+    @property
+    def supports_messages(self) -> bool:  # type: ignore[override]
+        """Messages travel as CPU buffers: gloo only (nccl would need them on the GPU)."""
+        return self.backend == "gloo"
+
+    def post_messages(self, round: int, lane: str, messages: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Start sending ``messages[j]`` to every rank ``j`` I send to in ``round``, and an empty message to those
+        without one: every rank must call this and :meth:`collect_messages` for the same rounds and lanes, so
+        that sends and receives stay matched. Each message is a 32-byte prefix (round, lane, header and payload
+        sizes), its manifest (a :mod:`~dimat.transport.wire` header) and its payload, uncompressed."""
+        self._check_open()
+        if self.backend != "gloo":
+            raise RuntimeError(f"rank {self.rank}: messages need the gloo backend (CPU buffers), not "
+                               f"{self.backend}")
+        self._wait_message_sends(round)
+        lane_id = _lane_id(lane)
+        try:
+            for j in self.send_to_at(round):
+                msg = messages.get(j)
+                head, payload = b"", torch.empty(0, dtype=torch.uint8)
+                if msg:
+                    layout = wire.layout_of(msg)
+                    known = self._message_layouts.setdefault(lane, layout)
+                    if layout.fingerprint != known.fingerprint:
+                        wire.check_against(layout, known)  # raises WireError naming the difference
+                    head = wire.encode_header(wire.make_header(self.rank, int(round), layout, receiver=j,
+                                                               lane=lane))
+                    payload = wire.pack(msg, layout)
+                prefix = _message_prefix(int(round), lane_id, len(head), payload.numel())
+                header = torch.frombuffer(bytearray(head), dtype=torch.uint8) if head else torch.empty(
+                    0, dtype=torch.uint8)
+                works = [dist.isend(prefix, j, tag=MESSAGE_TAG)]
+                if head:
+                    works += [dist.isend(header, j, tag=MESSAGE_TAG + 1), dist.isend(payload, j, tag=MESSAGE_TAG + 2)]
+                    self.bytes_sent += payload.numel()
+                self._message_sends += [(w, (prefix, header, payload)) for w in works]
+        except Exception as e:
+            raise self._failed(round, e) from e
+
+    def collect_messages(self, round: int, lane: str, senders: Sequence[int]) -> Dict[int, Snapshot]:
+        """Receive every in-neighbour's round-``round`` message on ``lane`` (all of them, to stay in step) and
+        return those from ``senders`` that are non-empty and valid: the round and lane as expected, the manifest
+        within the size limits and equal to my own message's on the lane (when I sent one), finite values.
+        Refusals are logged and recorded in :attr:`rejected`.
+
+        Raises RuntimeError when the exchange fails or times out (as :meth:`collect`)."""
+        self._check_open()
+        lane_id = _lane_id(lane)
+        wanted = {int(j) for j in senders}
+        out: Dict[int, Snapshot] = {}
+        try:
+            for j in self.neighbors_at(round):
+                prefix = torch.empty(PREFIX_BYTES, dtype=torch.uint8)
+                dist.irecv(prefix, j, tag=MESSAGE_TAG).wait()
+                got_round, got_lane, head_n, size = _message_sizes(prefix)
+                if head_n == 0:
+                    continue  # nothing for me this round
+                if head_n > MAX_MESSAGE_HEADER or size > MAX_MESSAGE_BYTES:
+                    # gloo can only take a message whole, into a buffer of its size: not received, the exchange
+                    # is out of step, so stop loudly
+                    raise RuntimeError(f"rank {self.rank}: rank {j} announced a {lane} message of {head_n} + "
+                                       f"{size} bytes, over the limits ({MAX_MESSAGE_HEADER} + "
+                                       f"{MAX_MESSAGE_BYTES}); the exchange cannot go on")
+                head = self._receive(j, head_n, MESSAGE_TAG + 1)
+                payload = self._receive(j, size, MESSAGE_TAG + 2)
+                try:
+                    if got_round != int(round) or got_lane != lane_id:
+                        raise wire.WireError(f"message of round {got_round} on another lane or round (expected "
+                                             f"round {round}, lane {lane!r})")
+                    header = wire.decode_frame(bytes(head.numpy()))
+                    if not hasattr(header, "tensors") or header.lane != lane or header.sender != j:
+                        raise wire.WireError("message without a valid header for this lane and sender")
+                    layout = wire.check_header(header, self._message_layouts.get(lane), MAX_MESSAGE_BYTES)
+                    if layout.payload_bytes != size:
+                        raise wire.WireError(f"payload of {size} bytes, the manifest declares {layout.payload_bytes}")
+                    wire.check_finite_range(payload, layout, 0, size)
+                    msg = wire.unpack(payload, layout)
+                except wire.WireError as e:
+                    log.warning("rank %d: refused %s message of round %d from %d: %s", self.rank, lane, round, j, e)
+                    self.rejected.append((int(round), j, f"{lane}: {e}"))
+                    continue
+                self.bytes_received += size
+                if j in wanted:
+                    out[j] = msg
+            self._wait_message_sends(round)
+        except RuntimeError:
+            raise
+        except Exception as e:
+            raise self._failed(round, e) from e
+        return out
+
+    def _receive(self, sender: int, nbytes: int, tag: int) -> torch.Tensor:
+        """``nbytes`` from ``sender``, one message."""
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        dist.irecv(buf, sender, tag=tag).wait()
+        return buf
+
+    def _wait_message_sends(self, round: int) -> None:
+        sends, self._message_sends = self._message_sends, []
+        try:
+            for w, _ in sends:
+                w.wait()
+        except Exception as e:
+            raise self._failed(round, e) from e
+
     def close(self) -> None:
         """Destroy the process group if this transport created it. Idempotent."""
         if self._closed:
@@ -340,6 +457,26 @@ def _prefix(round: int, fingerprint: bytes, payload_bytes: int, segment_bytes: i
     raw = (round.to_bytes(8, "little", signed=True) + fingerprint[:8] + payload_bytes.to_bytes(8, "little")
            + segment_bytes.to_bytes(8, "little"))
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _lane_id(lane: str) -> int:
+    """A lane's 8-byte id in message prefixes (the first 8 bytes of the SHA-256 of its name)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(lane.encode()).digest()[:8], "little", signed=True)
+
+
+def _message_prefix(round: int, lane_id: int, header_bytes: int, payload_bytes: int) -> torch.Tensor:
+    raw = (round.to_bytes(8, "little", signed=True) + lane_id.to_bytes(8, "little", signed=True)
+           + header_bytes.to_bytes(8, "little") + payload_bytes.to_bytes(8, "little"))
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _message_sizes(prefix: torch.Tensor) -> Tuple[int, int, int, int]:
+    """Round, lane id, header bytes and payload bytes of a message prefix."""
+    raw = bytes(prefix.numpy())
+    return (int.from_bytes(raw[:8], "little", signed=True), int.from_bytes(raw[8:16], "little", signed=True),
+            int.from_bytes(raw[16:24], "little"), int.from_bytes(raw[24:32], "little"))
 
 
 def _sizes(prefix: torch.Tensor) -> Tuple[int, int]:

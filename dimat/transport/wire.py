@@ -461,13 +461,13 @@ def entries_to_pb(layout: Layout) -> List[pb.TensorEntry]:
 
 
 def make_header(sender: int, round: int, layout: Layout, key: Optional[bytes] = None, receiver: int = -1,
-                now: Optional[float] = None, payload_hash: str = PAYLOAD_HASH) -> pb.SnapshotHeader:
+                now: Optional[float] = None, payload_hash: str = PAYLOAD_HASH, lane: str = "") -> pb.SnapshotHeader:
     """The first frame of a snapshot stream to ``receiver``; signed with a fresh nonce when ``key`` is given (the
     key of the (sender, receiver) pair, or the cluster's shared secret). The payload's digest is not in it: it
     follows the payload in the trailer (:func:`make_trailer`); the header names its algorithm (``payload_hash``)."""
     h = pb.SnapshotHeader(sender=sender, receiver=receiver, round=round, fingerprint=layout.fingerprint,
                           tensors=entries_to_pb(layout), payload_bytes=layout.payload_bytes,
-                          payload_hash=payload_hash)
+                          payload_hash=payload_hash, lane=lane)
     if key is not None:
         h.auth.CopyFrom(sign(key, header_auth_fields(h), now=now))
     return h
@@ -475,7 +475,8 @@ def make_header(sender: int, round: int, layout: Layout, key: Optional[bytes] = 
 
 def header_auth_fields(h: pb.SnapshotHeader) -> bytes:
     """What a snapshot header's HMAC protects: sender, receiver, round, fingerprint, payload size, the manifest,
-    and the payload hash's name when one is given (a header without it signs what older agents signed)."""
+    the payload hash's name when one is given (a header without it signs what older agents signed), and the lane
+    of a message."""
     manifest = hashlib.sha256()
     for e in h.tensors:
         manifest.update(f"{e.name}\0{e.dtype}\0{','.join(map(str, e.shape))}\0{e.wire_dtype}\0"
@@ -484,6 +485,8 @@ def header_auth_fields(h: pb.SnapshotHeader) -> bytes:
               h.fingerprint.hex().encode(), str(h.payload_bytes).encode(), manifest.hexdigest().encode()]
     if h.payload_hash:
         fields.append(b"hash=" + h.payload_hash.encode())
+    if h.lane:  # a message lane's name is signed too (a snapshot's fields are unchanged)
+        fields.append(b"lane=" + h.lane.encode())
     return b"|".join(fields)
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"dimat/transport/_proto/dimat.proto\x12\x08\x64imat.v1\"m\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x12\n\nwire_dtype\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\"9\n\x04\x41uth\x12\x14\n\x0ctimestamp_ms\x18\x01 \x01(\x03\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x0c\n\x04hmac\x18\x03 \x01(\x0c\"\xcf\x01\n\x0eSnapshotHeader\x12\x0e\n\x06sender\x18\x01 \x01(\x05\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\x0c\x12&\n\x07tensors\x18\x04 \x03(\x0b\x32\x15.dimat.v1.TensorEntry\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x1c\n\x04\x61uth\x18\x07 \x01(\x0b\x32\x0e.dimat.v1.Auth\x12\x10\n\x08receiver\x18\x08 \x01(\x05\x12\x14\n\x0cpayload_hash\x18\t \x01(\tJ\x04\x08\x06\x10\x07\"7\n\x0fSnapshotTrailer\x12\x16\n\x0epayload_digest\x18\x01 \x01(\x0c\x12\x0c\n\x04hmac\x18\x02 \x01(\x0c\"z\n\x05\x46rame\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.dimat.v1.SnapshotHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12,\n\x07trailer\x18\x03 \x01(\x0b\x32\x19.dimat.v1.SnapshotTrailerH\x00\x42\x06\n\x04kind\"-\n\tSendReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"O\n\rStatusRequest\x12\x0e\n\x06sender\x18\x01 \x01(\x05\x12\x1c\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x0e.dimat.v1.Auth\x12\x10\n\x08receiver\x18\x03 \x01(\x05\"m\n\x0bStatusReply\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x1b\n\x13latest_posted_round\x18\x02 \x01(\x03\x12\x1e\n\x16latest_collected_round\x18\x03 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\x0c\x32\xb2\x01\n\x04Peer\x12\x36\n\x0cSendSnapshot\x12\x0f.dimat.v1.Frame\x1a\x13.dimat.v1.SendReply(\x01\x12\x38\n\x06Status\x12\x17.dimat.v1.StatusRequest\x1a\x15.dimat.v1.StatusReply\x12\x38\n\nFetchState\x12\x17.dimat.v1.StatusRequest\x1a\x0f.dimat.v1.Frame0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"dimat/transport/_proto/dimat.proto\x12\x08\x64imat.v1\"m\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x12\n\nwire_dtype\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\"9\n\x04\x41uth\x12\x14\n\x0ctimestamp_ms\x18\x01 \x01(\x03\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x0c\n\x04hmac\x18\x03 \x01(\x0c\"\xdd\x01\n\x0eSnapshotHeader\x12\x0e\n\x06sender\x18\x01 \x01(\x05\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\x0c\x12&\n\x07tensors\x18\x04 \x03(\x0b\x32\x15.dimat.v1.TensorEntry\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x1c\n\x04\x61uth\x18\x07 \x01(\x0b\x32\x0e.dimat.v1.Auth\x12\x10\n\x08receiver\x18\x08 \x01(\x05\x12\x14\n\x0cpayload_hash\x18\t \x01(\t\x12\x0c\n\x04lane\x18\n \x01(\tJ\x04\x08\x06\x10\x07\"7\n\x0fSnapshotTrailer\x12\x16\n\x0epayload_digest\x18\x01 \x01(\x0c\x12\x0c\n\x04hmac\x18\x02 \x01(\x0c\"z\n\x05\x46rame\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.dimat.v1.SnapshotHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12,\n\x07trailer\x18\x03 \x01(\x0b\x32\x19.dimat.v1.SnapshotTrailerH\x00\x42\x06\n\x04kind\"-\n\tSendReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"O\n\rStatusRequest\x12\x0e\n\x06sender\x18\x01 \x01(\x05\x12\x1c\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x0e.dimat.v1.Auth\x12\x10\n\x08receiver\x18\x03 \x01(\x05\"m\n\x0bStatusReply\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x1b\n\x13latest_posted_round\x18\x02 \x01(\x03\x12\x1e\n\x16latest_collected_round\x18\x03 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\x0c\x32\xb2\x01\n\x04Peer\x12\x36\n\x0cSendSnapshot\x12\x0f.dimat.v1.Frame\x1a\x13.dimat.v1.SendReply(\x01\x12\x38\n\x06Status\x12\x17.dimat.v1.StatusRequest\x1a\x15.dimat.v1.StatusReply\x12\x38\n\nFetchState\x12\x17.dimat.v1.StatusRequest\x1a\x0f.dimat.v1.Frame0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTH']._serialized_start=159
   _globals['_AUTH']._serialized_end=216
   _globals['_SNAPSHOTHEADER']._serialized_start=219
-  _globals['_SNAPSHOTHEADER']._serialized_end=426
-  _globals['_SNAPSHOTTRAILER']._serialized_start=428
-  _globals['_SNAPSHOTTRAILER']._serialized_end=483
-  _globals['_FRAME']._serialized_start=485
-  _globals['_FRAME']._serialized_end=607
-  _globals['_SENDREPLY']._serialized_start=609
-  _globals['_SENDREPLY']._serialized_end=654
-  _globals['_STATUSREQUEST']._serialized_start=656
-  _globals['_STATUSREQUEST']._serialized_end=735
-  _globals['_STATUSREPLY']._serialized_start=737
-  _globals['_STATUSREPLY']._serialized_end=846
-  _globals['_PEER']._serialized_start=849
-  _globals['_PEER']._serialized_end=1027
+  _globals['_SNAPSHOTHEADER']._serialized_end=440
+  _globals['_SNAPSHOTTRAILER']._serialized_start=442
+  _globals['_SNAPSHOTTRAILER']._serialized_end=497
+  _globals['_FRAME']._serialized_start=499
+  _globals['_FRAME']._serialized_end=621
+  _globals['_SENDREPLY']._serialized_start=623
+  _globals['_SENDREPLY']._serialized_end=668
+  _globals['_STATUSREQUEST']._serialized_start=670
+  _globals['_STATUSREQUEST']._serialized_end=749
+  _globals['_STATUSREPLY']._serialized_start=751
+  _globals['_STATUSREPLY']._serialized_end=860
+  _globals['_PEER']._serialized_start=863
+  _globals['_PEER']._serialized_end=1041
 # @@protoc_insertion_point(module_scope)

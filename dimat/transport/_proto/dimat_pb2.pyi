@@ -32,7 +32,7 @@ class Auth(_message.Message):
     def __init__(self, timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., hmac: _Optional[bytes] = ...) -> None: ...
 
 class SnapshotHeader(_message.Message):
-    __slots__ = ("sender", "round", "fingerprint", "tensors", "payload_bytes", "auth", "receiver", "payload_hash")
+    __slots__ = ("sender", "round", "fingerprint", "tensors", "payload_bytes", "auth", "receiver", "payload_hash", "lane")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class SnapshotHeader(_message.Message):
     AUTH_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
     sender: int
     round: int
     fingerprint: bytes
@@ -49,7 +50,8 @@ class SnapshotHeader(_message.Message):
     auth: Auth
     receiver: int
     payload_hash: str
-    def __init__(self, sender: _Optional[int] = ..., round: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., receiver: _Optional[int] = ..., payload_hash: _Optional[str] = ...) -> None: ...
+    lane: str
+    def __init__(self, sender: _Optional[int] = ..., round: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., receiver: _Optional[int] = ..., payload_hash: _Optional[str] = ..., lane: _Optional[str] = ...) -> None: ...
 
 class SnapshotTrailer(_message.Message):
     __slots__ = ("payload_digest", "hmac")
