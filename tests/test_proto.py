@@ -45,6 +45,8 @@ def test_frame_is_a_header_a_raw_chunk_or_a_trailer():
     assert "payload_sha256" not in pb.SnapshotHeader.DESCRIPTOR.fields_by_name
     assert "payload_digest" in pb.SnapshotTrailer.DESCRIPTOR.fields_by_name
     assert pb.SnapshotTrailer.DESCRIPTOR.fields_by_name["payload_digest"].number == 1  # was payload_sha256
-    assert "payload_hash" in pb.SnapshotHeader.DESCRIPTOR.fields_by_name
+    fields = pb.SnapshotHeader.DESCRIPTOR.fields_by_name
+    # Numbers are the wire format: a new field never reuses one (payload_hash 9, the message lane 10).
+    assert fields["payload_hash"].number == 9 and fields["lane"].number == 10
     assert "receiver" in pb.SnapshotHeader.DESCRIPTOR.fields_by_name
     assert pb.Frame.DESCRIPTOR.fields_by_name["chunk"].type == pb.Frame.DESCRIPTOR.fields_by_name["chunk"].TYPE_BYTES
