@@ -229,20 +229,27 @@ def endpoint_stats(
     """Per-unit (mean, std) of each named layer's output over ``inputs``, in eval mode (model not modified).
 
     A layer called several times pools the outputs of all its calls."""
-    moments = {name: _Moments() for name in layers}
-    handles = []
-    for name in layers:
-        layer = model.get_submodule(name)
-        handles.append(layer.register_forward_hook(
-            lambda mod, args, out, m=moments[name]: m.add(out, _channel_dim(mod, out))))
+    moments = _moments_of(model, {n: model.get_submodule(n) for n in layers},
+                          lambda mod, args, out: (out, _channel_dim(mod, out)), eval_mode(model), inputs)
+    return {name: m.mean_std() for name, m in moments.items()}
+
+
+def _moments_of(model: nn.Module, modules: Dict[str, nn.Module],
+                pick: Callable[[nn.Module, tuple, object], Tuple[torch.Tensor, int]], mode,
+                inputs: Inputs) -> Dict[str, _Moments]:
+    """Per named module, the per-channel moments of what ``pick(module, args, out)`` returns ((tensor, channel
+    dim)) on every call, over ``inputs`` run through ``model`` inside the context manager ``mode``."""
+    moments = {n: _Moments() for n in modules}
+    handles = [mod.register_forward_hook(lambda m, args, out, acc=moments[n]: acc.add(*pick(m, args, out)))
+               for n, mod in modules.items()]
     try:
-        with eval_mode(model):
+        with mode:
             for x in _batches(inputs):
                 model(x)
     finally:
         for h in handles:
             h.remove()
-    return {name: m.mean_std() for name, m in moments.items()}
+    return moments
 
 
 class _Stop(Exception):
@@ -474,17 +481,8 @@ def bn_input_stats(model: nn.Module, inputs: Inputs) -> Dict[str, Tuple[torch.Te
     """Per tracked BatchNorm layer, the per-channel (mean, var) of its input over ``inputs`` (float64, pooled over
     every sample and position), with every BatchNorm normalising by batch statistics and everything else in eval
     mode. The model is not modified (its buffers, flags and momenta are as before)."""
-    bns = _bn_modules(model)
-    moments = {n: _Moments() for n in bns}
-    handles = [bn.register_forward_hook(lambda mod, args, out, m=moments[n]: m.add(_first_tensor(args), 1))
-               for n, bn in bns.items()]
-    try:
-        with _batch_stat_mode(model):
-            for x in _batches(inputs):
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    moments = _moments_of(model, _bn_modules(model), lambda mod, args, out: (_first_tensor(args), 1),
+                          _batch_stat_mode(model), inputs)
     out = {}
     for n, m in moments.items():
         if m.n == 0:
