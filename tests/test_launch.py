@@ -366,25 +366,40 @@ def _run(args, timeout=150):
                           timeout=timeout, env=env)
 
 
+def _simulate(cfg: Path, out: Path, agents: int) -> None:
+    """`dimat run` of ``cfg`` with ``agents`` agents into ``out``, with one intra-op thread as in the agents
+    (OMP_NUM_THREADS=1): the thread count changes float sums."""
+    import torch
+
+    from dimat.config import load_config
+    from dimat.runner import run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(load_config(cfg, [f"agents={agents}"]), out, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _launch(cfg: Path, transport: str, agents: int, out: Path) -> subprocess.CompletedProcess:
+    """`dimat launch` of ``cfg``; fails the test with the agents' log tails when it does not exit 0."""
+    proc = _run(["launch", str(cfg), "--transport", transport, "--agents", str(agents), "--out", str(out),
+                 "--timeout", "120"])
+    assert proc.returncode == 0, proc.stdout + "\n".join(launcher.tail(launcher.log_path(out, k))
+                                                          for k in range(agents))
+    return proc
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny config and its `dimat run` (in-process) records."""
     d = tmp_path_factory.mktemp("tiny")
     cfg = d / "tiny.yaml"
     cfg.write_text(json.dumps(TINY))
-    import torch
-
-    from dimat.config import load_config
     from dimat.metrics import read_metrics
-    from dimat.runner import run
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the agents (OMP_NUM_THREADS=1): the thread count changes float sums
-    try:
-        run(load_config(cfg, ["agents=3"]), d / "ref", quiet=True)
-    finally:
-        torch.set_num_threads(threads)
-
+    _simulate(cfg, d / "ref", 3)
     return cfg, read_metrics([d / "ref" / "metrics.jsonl"]), json.loads((d / "ref" / "summary.json").read_text())
 
 
@@ -394,8 +409,7 @@ def test_launch_reproduces_dimat_run(tiny, tmp_path, transport):
 
     cfg, ref, ref_summary = tiny
     out = tmp_path / "out"
-    proc = _run(["launch", str(cfg), "--transport", transport, "--agents", "3", "--out", str(out), "--timeout", "120"])
-    assert proc.returncode == 0, proc.stdout + "\n".join(launcher.tail(launcher.log_path(out, k)) for k in range(3))
+    proc = _launch(cfg, transport, 3, out)
     assert "round 2/2" in proc.stdout
     for k in range(3):
         assert launcher.read_pid_file(out, k) and launcher.read_exit_file(out, k) == 0
@@ -422,23 +436,13 @@ def test_launch_reproduces_dimat_run(tiny, tmp_path, transport):
 def test_shared_basis_tags_travel_between_processes(tmp_path, transport):
     # On a ring of 4 the agents' basis tags differ after round 0 (0, 0, 1, 0), so round 1's merges depend on the
     # tags that arrived with the snapshots: the launch matches the simulation only if they travelled intact.
-    import torch
-
-    from dimat.config import load_config
     from dimat.metrics import read_metrics
-    from dimat.runner import run
 
     cfg = tmp_path / "shared.yaml"
     cfg.write_text(json.dumps(dict(TINY, rounds=3, merge={"method": "dimat", "basis": "shared"})))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run(load_config(cfg, ["agents=4"]), tmp_path / "ref", quiet=True)
-    finally:
-        torch.set_num_threads(threads)
+    _simulate(cfg, tmp_path / "ref", 4)
     out = tmp_path / "out"
-    proc = _run(["launch", str(cfg), "--transport", transport, "--agents", "4", "--out", str(out), "--timeout", "120"])
-    assert proc.returncode == 0, proc.stdout + "\n".join(launcher.tail(launcher.log_path(out, k)) for k in range(4))
+    _launch(cfg, transport, 4, out)
     got, ref = (read_metrics([d / "metrics.jsonl"]) for d in (out, tmp_path / "ref"))
     assert [{k: r.get(k) for k in SAME} for r in got] == [{k: r.get(k) for k in SAME} for r in ref]
 
@@ -448,23 +452,13 @@ def test_shared_basis_tags_travel_between_processes(tmp_path, transport):
 def test_stats_from_both_sides_travel_between_processes(tmp_path, transport):
     """merge.stats both: the second message of every round crosses between processes, every edge pools both
     sides' statistics, and the launch gives the simulation's very numbers."""
-    import torch
-
-    from dimat.config import load_config
     from dimat.metrics import read_metrics
-    from dimat.runner import run
 
     cfg = tmp_path / "both.yaml"
     cfg.write_text(json.dumps(dict(TINY, merge={"method": "dimat", "stats": "both"})))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run(load_config(cfg, ["agents=3"]), tmp_path / "ref", quiet=True)
-    finally:
-        torch.set_num_threads(threads)
+    _simulate(cfg, tmp_path / "ref", 3)
     out = tmp_path / "out"
-    proc = _run(["launch", str(cfg), "--transport", transport, "--agents", "3", "--out", str(out), "--timeout", "120"])
-    assert proc.returncode == 0, proc.stdout + "\n".join(launcher.tail(launcher.log_path(out, k)) for k in range(3))
+    _launch(cfg, transport, 3, out)
     got, ref = (read_metrics([d / "metrics.jsonl"]) for d in (out, tmp_path / "ref"))
     keys = SAME + ("stats_bytes", "stats_both", "stats_fallback")
     assert [{k: r.get(k) for k in keys} for r in got] == [{k: r.get(k) for k in keys} for r in ref]
