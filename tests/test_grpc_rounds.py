@@ -71,6 +71,15 @@ def _until(cond, timeout, what):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def _pair(make, **kw):
+    """Agents 0 and 1, each the other's only neighbour, with each other's addresses (agent 0 is made first, so
+    its table gets agent 1's address once agent 1 exists)."""
+    a = make(0, [1], {1: "127.0.0.1:1"}, **kw)
+    b = make(1, [0], {0: a.address}, **kw)
+    a.peers[1] = b.address
+    return a, b
+
+
 def test_a_dead_neighbour_costs_one_deadline_in_total_and_a_restart_is_admitted_within_two_rounds(make):
     a, b, c = _line(make, serve_state=True)
     assert _round(0, [a, b, c])[0] == {0: [1], 1: [0, 2], 2: [1]}
@@ -99,9 +108,7 @@ def test_a_neighbour_that_is_late_but_alive_and_in_step_is_waited_for_beyond_the
     """A neighbour that answers its Status and has posted the previous round is working on this one: it is late
     because it waited for its own neighbours (a dead agent's neighbours post up to a deadline late). It is waited
     for up to one more deadline, not marked down for a near miss."""
-    a = make(0, [1], {1: "127.0.0.1:1"})
-    b = make(1, [0], {0: a.address})
-    a.peers[1] = b.address
+    a, b = _pair(make)
     _round(0, [a, b])
     b.post(1, _snap(11))
     late = threading.Timer(1.3 * DEADLINE, lambda: a.post(1, _snap(10)))
@@ -118,9 +125,7 @@ def test_a_late_neighbour_that_skips_ahead_meanwhile_is_not_waited_for_further(m
     """Waited for past the deadline (it answered, in step), the neighbour skips ahead instead (following a
     neighbour of its own that is further on): a repeated check finds it past the round, the wait ends within a
     quarter deadline or so, and it is not marked down."""
-    a = make(0, [1], {1: "127.0.0.1:1"})
-    b = make(1, [0], {0: a.address})
-    a.peers[1] = b.address
+    a, b = _pair(make)
     _round(0, [a, b])
     b.post(1, _snap(11))
     skip = threading.Timer(1.2 * DEADLINE, lambda: a.post(2, _snap(20)))
@@ -164,9 +169,7 @@ def test_a_neighbour_that_is_behind_still_receives_and_learns_where_the_others_a
     collect returned, so a restarted agent that was behind received nothing, stayed behind and was never waited
     for. Here agent 1 does not wait for agent 0, but its round-r send goes on after collect(r) (a private copy
     of the payload) and reaches agent 0 when it comes up; agent 0's round_hint says where agent 1 is."""
-    a = make(0, [1], {1: "127.0.0.1:1"}, serve_state=True)
-    b = make(1, [0], {0: a.address}, serve_state=True)
-    a.peers[1] = b.address
+    a, b = _pair(make, serve_state=True)
     _round(0, [a, b])
     address = a.address
     a.close()
@@ -186,9 +189,7 @@ def test_a_neighbour_that_is_behind_still_receives_and_learns_where_the_others_a
 def test_a_neighbour_that_answers_but_is_behind_is_not_waited_for_until_it_is_in_step(make):
     """Health alone does not admit: a neighbour that serves but has not posted recent rounds (frozen and resumed,
     or still starting up) would cost a deadline per round if it were waited for."""
-    a = make(0, [1], {1: "127.0.0.1:1"})
-    b = make(1, [0], {0: a.address})
-    a.peers[1] = b.address
+    a, b = _pair(make)
     _round(0, [a, b])
     for r in (1, 2):  # agent 0 serves but posts nothing: frozen, partitioned, or slow to come back
         b.post(r, _snap(r))
@@ -206,9 +207,7 @@ def test_a_neighbour_that_answers_but_is_behind_is_not_waited_for_until_it_is_in
 def test_a_neighbour_that_is_ahead_is_not_waited_for_nor_marked_down(make):
     """Agent 1 collected round 3 without agent 0 and posted round 4: agent 0, one round behind, takes agent 1's
     round-3 snapshot at once and catches up by not waiting."""
-    a = make(0, [1], {1: "127.0.0.1:1"})
-    b = make(1, [0], {0: a.address})
-    a.peers[1] = b.address
+    a, b = _pair(make)
     b.post(3, _snap(13))
     b.post(4, _snap(14))
     _until(lambda: a._inbox.rounds_from(1) == [3, 4], DEADLINE, "agent 1's rounds 3 and 4 at agent 0")
@@ -225,9 +224,7 @@ def test_a_neighbour_that_is_ahead_is_not_waited_for_nor_marked_down(make):
 
 
 def test_asynchronous_collect_never_waits_and_takes_the_freshest_snapshot_within_the_staleness(make):
-    a = make(0, [1], {1: "127.0.0.1:1"}, sync=False, staleness=1)
-    b = make(1, [0], {0: a.address}, sync=False, staleness=1)
-    a.peers[1] = b.address
+    a, b = _pair(make, sync=False, staleness=1)
     assert a.serve_state  # sends must outlive collect when nobody waits for them
     for r in (0, 1, 2):
         b.post(r, _snap(100 + r))
@@ -248,9 +245,7 @@ def test_asynchronous_rounds_record_each_snapshots_age(make):
 
     from dimat.node import Node
 
-    a = make(0, [1], {1: "127.0.0.1:1"}, sync=False, staleness=2)
-    b = make(1, [0], {0: a.address}, sync=False, staleness=2)
-    a.peers[1] = b.address
+    a, b = _pair(make, sync=False, staleness=2)
     models = [nn.Linear(4, 3), nn.Linear(4, 3)]
     nodes = [Node(m, [[0.5, 0.5], [0.5, 0.5]], k, t, batches=None, method="wa") for k, (m, t) in
              enumerate(zip(models, (a, b)))]
