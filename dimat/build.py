@@ -197,7 +197,8 @@ def build_agent(cfg: Mapping[str, Any], setup: Setup, rank: int, transport: Opti
     ds = setup.dataset
     train_idx, test_idx = setup.parts[rank]
     # model.init: different inits per agent (seed + rank), or one init shared by every agent (seed)
-    torch.manual_seed(cfg["seed"] + (rank if cfg["model"].get("init", "different") == "different" else 0))
+    same_init = cfg["model"].get("init", "different") == "same"
+    torch.manual_seed(cfg["seed"] + (0 if same_init else rank))
     model = _build_model(cfg, ds).to(resolve_device(cfg["device"]))  # data stay on the CPU, moved per batch
     # Merge statistics and BN resets read the first batches of this fixed random order: the rows of a dataset
     # are often sorted by class, and the first rows of a sorted partition would show the merge one class only.
@@ -208,7 +209,8 @@ def build_agent(cfg: Mapping[str, Any], setup: Setup, rank: int, transport: Opti
                 bn_batches=m["bn_batches"], reset_bn=m["reset_bn"], basis=m["basis"],
                 combine=CombineOptions.from_config(m), combine_seed=cfg["seed"],
                 identity_prior=m["identity_prior"], keep_margin=m["keep_margin"], bn_repair=m["bn_repair"],
-                bn_refresh=m["bn_refresh"], stats=m["stats"])
+                bn_refresh=m["bn_refresh"], stats=m["stats"],
+                basis_tag=0 if same_init else None)  # one init: one unit order from the start
     t = cfg["train"]
     train_idx_t, test_idx_t = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
     return Agent(

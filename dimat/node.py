@@ -154,6 +154,11 @@ class Node:
         repair=True)``; for ``wa``, the average plus the BatchNorm reset.
         The weights, the data the statistics are computed on (the agent's own batches) and where the result goes
         do not change. A snapshot without a valid tag is aligned, as under ``"own"``.
+    basis_tag : under ``basis="shared"``, the tag the model starts with (None: this agent's rank). Agents that
+        start from one initialisation already share a unit order: give them all the same tag (``dimat run`` gives
+        0 to every agent when ``model.init`` is ``same``), and their merges never align, which is the plain
+        weighted average plus the statistics repair. Models from different initialisations must keep distinct
+        tags, or they are averaged unaligned.
     combine : how aligned models are combined (:class:`dimat.merge.combine.CombineOptions`; None: the weighted
         mean). Rules that need a payload (``fisher``, ``regmean``) compute it on ``stat_batches`` local batches
         at post time and send it inside the snapshot under reserved names.
@@ -194,6 +199,7 @@ class Node:
         bn_repair: str = "local",
         bn_refresh: bool = False,
         stats: str = "own",
+        basis_tag: Optional[int] = None,
     ):
         if stats not in self.STATS:
             raise ValueError(f"stats must be one of {', '.join(self.STATS)}, got {stats!r}")
@@ -246,7 +252,10 @@ class Node:
         self.bn_repair = bn_repair
         self.bn_refresh = bool(bn_refresh)
         self.basis = basis
-        self.basis_tag = self.rank  # under "shared": whose unit order self.model is in (see `basis`)
+        if basis_tag is not None and not (isinstance(basis_tag, (int, np.integer)) and 0 <= basis_tag < len(pi)):
+            raise ValueError(f"basis_tag must be a rank of the topology's {len(pi)} agents, got {basis_tag!r}")
+        # under "shared": whose unit order self.model is in (see `basis`)
+        self.basis_tag = self.rank if basis_tag is None else int(basis_tag)
         self.combine = combine or combine_mod.CombineOptions()
         self.combine_seed = int(combine_seed)
         self._guards = {"identity_prior": float(identity_prior), "keep_margin": keep_margin}

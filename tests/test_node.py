@@ -319,6 +319,20 @@ def test_shared_basis_merge_of_same_tag_models_is_the_average_with_its_repair(ma
         torch.testing.assert_close(ns[1].model.state_dict()[name], t)
 
 
+def test_a_starting_basis_tag_skips_the_alignment_from_the_first_round(monkeypatch):
+    # Agents given one starting tag (one shared init) never align; a tag outside the topology is refused.
+    topo = Topology.build("ring", 3)
+    ts = make_inproc([topo.neighbors(k) for k in range(3)])
+    ns = [Node(bn_net(0), topo, k, ts[k], batches(2, seed=k), method="dimat", basis="shared", basis_tag=0)
+          for k in range(3)]
+    calls = _count_alignments(monkeypatch)
+    _ring_round(ns, 0)
+    assert sum(calls) == 0 and [n.basis_tag for n in ns] == [0, 0, 0]
+    for bad in (3, -1, 0.5):
+        with pytest.raises(ValueError, match="basis_tag"):
+            Node(bn_net(0), topo, 0, ts[0], batches(2), method="dimat", basis="shared", basis_tag=bad)
+
+
 class _Tamper(Transport):
     """Wraps a transport and rewrites the basis tag of every snapshot it delivers."""
 

@@ -13,6 +13,7 @@ from dimat.errors import UserError
 from dimat.metrics import read_metrics
 from dimat.build import build_agent, prepare
 from dimat.runner import run
+from dimat.transport.inproc import make_inproc
 
 TIMINGS = ("train_s", "merge_s", "comm_s")
 RECORD_KEYS = {"round", "agent", "phase", "test_acc", "test_loss", "local_test_acc", "train_loss", "train_s",
@@ -87,6 +88,19 @@ def test_agents_differ_by_seed(tmp_path):
     cfg5 = tiny(merge__method="none", seed=5)
     other = build_agent(cfg5, prepare(cfg5), 0, None)
     assert not torch.equal(next(a0.model.parameters()), next(other.model.parameters()))
+
+
+@pytest.mark.parametrize("init, tags", [("different", [0, 1, 2]), ("same", [0, 0, 0])])
+def test_one_init_is_one_basis(init, tags):
+    # model.init same: every agent starts from the same weights, so under basis shared they start with one tag
+    # (and their merges never align); different inits keep their own ranks as tags.
+    cfg = tiny(merge__method="dimat", merge__basis="shared", model__init=init)
+    setup = prepare(cfg)
+    ts = make_inproc([list(setup.graphs.neighbors(k)) for k in range(3)])
+    agents = [build_agent(cfg, setup, k, ts[k]) for k in range(3)]
+    assert [a.node.basis_tag for a in agents] == tags
+    first = [next(a.model.parameters()) for a in agents]
+    assert torch.equal(first[0], first[1]) == (init == "same")
 
 
 @pytest.mark.parametrize("keep", [False, True])
