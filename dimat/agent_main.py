@@ -202,7 +202,7 @@ def _template(cfg: Mapping, setup: Setup) -> Dict[str, torch.Tensor]:
     manifest against it before allocating anything, even those that arrive before this agent's first post."""
     from dimat import models
 
-    from dimat.node import with_basis_tag
+    from dimat.node import Node, with_basis_tag
 
     from dimat.merge import payload
     from dimat.merge.combine import CombineOptions
@@ -211,10 +211,12 @@ def _template(cfg: Mapping, setup: Setup) -> Dict[str, torch.Tensor]:
     model = models.build(cfg["model"]["name"], ds.num_classes, width=cfg["model"]["width"],
                          in_channels=ds.in_channels, image_size=ds.image_size)
     state = model.state_dict()
-    kind = CombineOptions.from_config(cfg["merge"]).payload
+    opts = CombineOptions.from_config(cfg["merge"])
+    kind = opts.payload
     if kind is not None:  # the combine rule's payload travels in the snapshot (same order as Node.post)
-        state = {**state, **payload.encode(kind, payload.template(kind, model))}
-    return with_basis_tag(state, 0) if cfg["merge"]["basis"] == "shared" else state
+        state = {**state, **payload.encode(kind, payload.template(kind, model, opts.regmean_max_inputs))}
+    tagged = cfg["merge"]["basis"] == "shared" and cfg["merge"]["method"] in Node.ALIGNING  # as Node.post
+    return with_basis_tag(state, 0) if tagged else state
 
 
 # ---------------------------------------------------------------------------------------------- resume / rejoin

@@ -62,7 +62,7 @@ DEFAULTS: Dict[str, Any] = {
         "reset_bn": True,  # recompute BatchNorm statistics of the merged model on local data
         "bn_repair": "local",  # how reset_bn sets them: local (recomputed on local batches) | mix (see dimat.Node)
         "bn_refresh": False,  # re-estimate the model's BatchNorm statistics on local batches before each post
-        "basis": "own",  # own (DIMAT: align to the agent's model) | shared (carry basis tags; see dimat.Node)
+        "basis": "shared",  # shared (carry basis tags; see dimat.Node) | own (DIMAT as published: align to own model)
         "identity_prior": 0.0,  # dimat: lambda added to the correlation's diagonal before each assignment
         "keep_margin": None,  # dimat: keep a group's order unless matching gains more correlation than this
         "stats": "own",  # dimat: align on own data's statistics (own) or on both sides' of each edge (both)
@@ -76,6 +76,7 @@ DEFAULTS: Dict[str, Any] = {
         "fisher_floor": 1e-8,  # added to every Fisher entry before weighting
         "fisher_samples": 256,  # most local samples the Fisher is estimated on (one backward pass each)
         "regmean_alpha": 0.9,  # factor on the Gram matrices' off-diagonal entries
+        "regmean_max_inputs": None,  # regmean: layers with larger Gram matrices (rows) take the mean (None: none)
     },
     "gossip": {  # the gradient-gossip baselines (merge.method cdsgd, cdmsgd, dpsgd, sgp); see dimat/gossip.py
         "comm_every": 1,  # local steps between two exchanges
@@ -114,6 +115,7 @@ TYPES: Dict[str, Tuple[type, ...]] = {
     "merge.stat_batches": (int, type(None)),
     "merge.bn_batches": (int, type(None)),
     "merge.keep_margin": (int, float, type(None)),
+    "merge.regmean_max_inputs": (int, type(None)),
     "gossip.lr": (int, float, type(None)),
     "transport.compress": (str, type(None)),
     "transport.secret_file": (str, type(None)),
@@ -371,7 +373,8 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
             raise bad("merge.stats", f"both pools activation statistics for matching (merge.method dimat), but "
                                      f"merge.method is {f['merge.method']!r}")
         if f["merge.basis"] != "own":
-            raise bad("merge.stats", "both needs merge.basis own (the statistics are of each edge's two models)")
+            raise bad("merge.stats", "both needs merge.basis: own (the statistics are of each edge's two models, and the "
+                                     "default basis is shared)")
         if f["transport.name"] not in MESSAGE_TRANSPORTS:
             raise bad("merge.stats", f"both needs a second message per round, which transport "
                                      f"{f['transport.name']!r} cannot carry (use one of "
@@ -379,9 +382,6 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
         if not f["transport.sync"]:
             raise bad("merge.stats", "both needs synchronous rounds (transport.sync true): both sides' statistics "
                                      "are of the same round's models")
-    if f["merge.basis"] == "shared" and f["train.keep_optimizer_state"] and f["merge.method"] in ("dimat", "wm"):
-        raise bad("train.keep_optimizer_state", "cannot be true with merge.basis shared: a merge may load the "
-                  "model in a neighbour's unit order while the kept optimizer state stays in the old one")
 
 
 def known_methods() -> List[str]:

@@ -185,8 +185,14 @@ def run_round(
     results = []
     for a in agents:
         _seed_phase(cfg["seed"], r, a.rank, "merge")
+        tag = a.node.basis_tag
         res = a.node.merge_round(r)
         results.append(res)
+        if a.node.basis_tag != tag and a.optimizer is not None:
+            # The merge loaded the model in another agent's unit order (basis shared): a kept optimizer state is
+            # in the old order, so this agent trains the round with a fresh optimizer. A tag changes at most
+            # a few times per run (it only decreases).
+            a.optimizer = None
         if writer is not None:
             extra = {}
             if a.node.stats == "both":  # the second message: its bytes (in comm_bytes too), and the edges without it

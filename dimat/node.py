@@ -144,7 +144,8 @@ class Node:
         too. The seconds count in the round's ``merge_s``.
     basis : whose units the neighbours are aligned to. ``"own"`` (DIMAT as published): the agent's own model, so
         every agent keeps a basis of its own and every round needs a fresh, lossy alignment of every neighbour.
-        ``"shared"``: every model carries a basis tag, the rank whose unit order it descends from (at first its
+        ``"shared"`` (the default, because it ends higher in every measurement of docs/benchmarks.md and
+        docs/merge.md): every model carries a basis tag, the rank whose unit order it descends from (at first its
         own rank), sent with its snapshot. A merge takes as reference the participant with the lowest tag (this
         agent's own model when its tag is that low), aligns only the models whose tag differs, averages those
         that carry the reference's tag as they are, and gives the result that tag. The lowest rank's basis spreads
@@ -179,6 +180,8 @@ class Node:
 
     BASES = ("own", "shared")
     STATS = ("own", "both")
+    #: Methods whose merges permute units, so that under ``basis="shared"`` their snapshots carry basis tags.
+    ALIGNING = ("dimat", "wm")
 
     def __init__(
         self,
@@ -191,7 +194,7 @@ class Node:
         stat_batches: Optional[int] = None,
         bn_batches: Optional[int] = None,
         reset_bn: bool = True,
-        basis: str = "own",
+        basis: str = "shared",
         combine: Optional[combine_mod.CombineOptions] = None,
         combine_seed: int = 0,
         identity_prior: float = 0.0,
@@ -209,7 +212,8 @@ class Node:
                                  f"got {method!r}")
             if basis != "own":
                 raise ValueError("stats='both' needs basis='own' (the statistics are of the pair (own model, "
-                                 "neighbour), which a shared basis's reference need not be)")
+                                 "neighbour), which a shared basis's reference need not be; the default basis is "
+                                 "'shared')")
             if transport is not None and not getattr(transport, "supports_messages", False):
                 raise ValueError(f"stats='both' needs a transport that carries a second message per round, and "
                                  f"{type(transport).__name__} does not (supports_messages is false)")
@@ -252,6 +256,8 @@ class Node:
         self.bn_repair = bn_repair
         self.bn_refresh = bool(bn_refresh)
         self.basis = basis
+        # Tags only matter where a merge permutes units; plain averaging (wa) sends none under either basis.
+        self._tagged = basis == "shared" and method in self.ALIGNING
         if basis_tag is not None and not (isinstance(basis_tag, (int, np.integer)) and 0 <= basis_tag < len(pi)):
             raise ValueError(f"basis_tag must be a rank of the topology's {len(pi)} agents, got {basis_tag!r}")
         # under "shared": whose unit order self.model is in (see `basis`)
@@ -296,13 +302,13 @@ class Node:
         if kind is not None:  # computed before the clock of the exchange starts: merge work, not communication
             t0 = time.perf_counter()
             self._payload = payload_mod.compute(kind, self.model, self.batches, self.stat_batches,
-                                                self.combine.fisher_samples)
+                                                self.combine.fisher_samples, self.combine.regmean_max_inputs)
             self._payload_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         state = self.model.state_dict()
         if kind is not None:
             state = {**state, **payload_mod.encode(kind, self._payload)}
-        if self.basis == "shared":
+        if self._tagged:
             state = with_basis_tag(state, self.basis_tag)
         self.transport.post(r, state)
         self._post_s = time.perf_counter() - t0
@@ -428,7 +434,7 @@ class Node:
                ) -> tuple[List[int], List[int], int]:
         """Participants with the reference first, the positions (>= 1) already in the reference's basis, and the
         reference's tag (the merged model's)."""
-        if self.basis != "shared":
+        if not self._tagged:
             return list(ranks), [], self.basis_tag
         tags = {j: self.basis_tag if j == self.rank else self._tag_of(j, snapshots[j]) for j in ranks}
         ref = min(t for t in tags.values() if t is not None)  # own tag is always valid
@@ -455,7 +461,7 @@ class Node:
         if self.combine.rule == "dare":
             seed = np.random.SeedSequence([self.combine_seed, int(r) + 1, self.rank]).generate_state(2)
             gen = torch.Generator().manual_seed(int(seed[0]) << 32 | int(seed[1]))
-        layers = {n: m.bias is not None for n, m in payload_mod.gram_layers(self.model).items()} \
+        layers = {n: m.bias is not None for n, m in payload_mod.gram_layers(self.model, self.combine.regmean_max_inputs).items()} \
             if kind == "gram" else None
         params = {n for n, _ in self.model.named_parameters()}
         return combine_mod.make_hook(self.combine, list(order).index(self.rank), params, payloads, layers, gen,

@@ -13,7 +13,7 @@ from dimat.config import resolve
 from dimat.errors import UserError
 from dimat.merge import payload, structure
 from dimat.merge.combine import CombineOptions, combine_states, consensus, dare_drop, regmean_layer, ties
-from dimat.node import Node
+from dimat.node import Node, with_basis_tag
 from dimat.topology import Topology
 from dimat.transport import wire
 from dimat.transport.inproc import make_inproc
@@ -144,7 +144,8 @@ def test_task_vector_rules_leave_buffers_to_the_mean():
 
 @pytest.mark.parametrize("bad", [dict(rule="avg"), dict(ties_density=0.0), dict(dare_drop=1.0),
                                  dict(dare_then="x"), dict(consensus_k=0), dict(fisher_floor=0.0),
-                                 dict(regmean_alpha=1.5), dict(combine_scale=math.inf)])
+                                 dict(regmean_alpha=1.5), dict(combine_scale=math.inf),
+                                 dict(regmean_max_inputs=0), dict(regmean_max_inputs=2.5)])
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValueError, match="combine option"):
         CombineOptions(**bad)
@@ -219,11 +220,33 @@ def test_payload_encode_split_and_check():
 
 
 # ----------------------------------------------------------------------------------------------- in a round
-def _nodes(rule, method="dimat", n=3, **kw):
+def _nodes(rule, method="dimat", n=3, opts=None, **kw):
     topo = Topology.build("ring", n)
     ts = make_inproc([topo.neighbors(k) for k in range(n)])
     return [Node(_mlp(k), topo, k, ts[k], _batches(seed=k), method=method, stat_batches=2,
-                 combine=CombineOptions(rule=rule), **kw) for k in range(n)]
+                 combine=CombineOptions(rule=rule, **(opts or {})), **kw) for k in range(n)]
+
+
+def test_regmean_max_inputs_leaves_wider_layers_to_the_mean_and_off_the_wire():
+    # _mlp's layers have Gram matrices of 5, 7 and 6 rows (inputs plus the bias): a cap of 6 leaves out the
+    # middle one. In a round of plain averaging (wa, so no alignment) the capped layer is the exact weighted mean,
+    # the other the least-squares merge, and the payload is only the kept Gram matrix.
+    model = _mlp(0)
+    assert {n: payload._gram_size(m) for n, m in payload.gram_layers(model).items()} == {"0": 5, "2": 7, "4": 6}
+    assert set(payload.gram_layers(model, 6)) == {"0", "4"} == set(payload.template("gram", model, 6))
+    assert set(payload.input_grams(model, _batches(), 1, max_size=6)) == {"0", "4"}
+    full, capped, mean = (_nodes(r, method="wa", n=2, opts=o) for r, o in
+                          (("regmean", None), ("regmean", {"regmean_max_inputs": 6}), ("mean", None)))
+    for ns in (full, capped, mean):
+        for nd in ns:
+            nd.post(0)
+    res_full, res_capped = full[0].merge_round(0), capped[0].merge_round(0)
+    mean[0].merge_round(0)
+    assert res_full.comm_bytes - res_capped.comm_bytes == 2 * 7 * 7 * 4  # one 7x7 float32 matrix, each way
+    got, lsq, avg = (ns[0].model.state_dict() for ns in (capped, full, mean))
+    torch.testing.assert_close(got["2.weight"], avg["2.weight"])
+    torch.testing.assert_close(got["0.weight"], lsq["0.weight"])
+    assert not torch.allclose(got["0.weight"], avg["0.weight"])
 
 
 @pytest.mark.parametrize("rule", ["fisher", "regmean"])
@@ -290,8 +313,8 @@ def test_payload_crosses_grpc_against_the_run_template():
     from dimat.transport.grpc_transport import GrpcTransport
 
     nodes = _nodes("fisher", n=2)
-    template = {**nodes[0].model.state_dict(),
-                **payload.encode("fisher", payload.template("fisher", nodes[0].model))}
+    template = with_basis_tag({**nodes[0].model.state_dict(),  # basis shared (the default): snapshots carry a tag
+                               **payload.encode("fisher", payload.template("fisher", nodes[0].model))}, 0)
     ts = [GrpcTransport(k, [1 - k], {1 - k: "127.0.0.1:1"}, listen="127.0.0.1:0", deadline_s=5.0,
                         secret="s", template=template) for k in range(2)]
     try:

@@ -170,9 +170,6 @@ def test_method_list_comes_from_the_merge_registry(monkeypatch):
 
 @pytest.mark.parametrize("data, key", [
     # a merge in a neighbour's unit order would meet Adam moments / momentum kept in the old order
-    ({"merge": {"basis": "shared"}, "train": {"keep_optimizer_state": True}}, "train.keep_optimizer_state"),
-    ({"merge": {"basis": "shared", "method": "wm"}, "train": {"keep_optimizer_state": True}},
-     "train.keep_optimizer_state"),
     ({"merge": {"identity_prior": -0.1}}, "merge.identity_prior"),
     ({"merge": {"method": "wa", "identity_prior": 0.1}}, "merge.identity_prior"),
     ({"merge": {"method": "wm", "keep_margin": 0.1}}, "merge.keep_margin"),
@@ -183,7 +180,7 @@ def test_method_list_comes_from_the_merge_registry(monkeypatch):
     ({"merge": {"stats": "all"}}, "merge.stats"),
     ({"merge": {"stats": "both", "method": "wa"}}, "merge.stats"),
     ({"merge": {"stats": "both", "basis": "shared"}}, "merge.stats"),
-    ({"merge": {"stats": "both"}, "transport": {"name": "grpc", "sync": False}}, "merge.stats"),
+    ({"merge": {"stats": "both", "basis": "own"}, "transport": {"name": "grpc", "sync": False}}, "merge.stats"),
 ])
 def test_merge_and_init_keys_are_checked(data, key):
     with pytest.raises(UserError, match=f"run.yaml: key '{key}'"):
@@ -192,11 +189,14 @@ def test_merge_and_init_keys_are_checked(data, key):
 
 def test_kept_optimizer_state_is_fine_where_no_merge_reorders_units():
     for data in ({"merge": {"basis": "own"}, "train": {"keep_optimizer_state": True}},
+                 {"merge": {"basis": "shared"}, "train": {"keep_optimizer_state": True}},  # see test_runner
                  {"merge": {"basis": "shared", "method": "wa"}, "train": {"keep_optimizer_state": True}}):
         assert resolve(data).train.keep_optimizer_state is True
     for name in ("inproc", "grpc", "torch"):  # each carries the second message (torch: gloo; see test_node)
-        assert resolve({"merge": {"stats": "both"}, "transport": {"name": name}}).merge.stats == "both"
-    assert resolve({}).merge.stats == "own"
+        assert resolve({"merge": {"stats": "both", "basis": "own"}, "transport": {"name": name}}).merge.stats == "both"
+    assert (resolve({}).merge.stats, resolve({}).merge.basis) == ("own", "shared")
+    with pytest.raises(UserError, match=r"merge\.stats.*merge\.basis: own"):  # both with the default basis
+        resolve({"merge": {"stats": "both"}})
     cfg = resolve({"merge": {"keep_margin": 0.02, "identity_prior": 0.1, "combine": "regmean"},
                    "model": {"init": "same"}})
     assert (cfg.merge.keep_margin, cfg.merge.identity_prior, cfg.merge.combine, cfg.model.init) == \

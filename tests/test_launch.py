@@ -455,7 +455,7 @@ def test_stats_from_both_sides_travel_between_processes(tmp_path, transport):
     from dimat.metrics import read_metrics
 
     cfg = tmp_path / "both.yaml"
-    cfg.write_text(json.dumps(dict(TINY, merge={"method": "dimat", "stats": "both"})))
+    cfg.write_text(json.dumps(dict(TINY, merge={"method": "dimat", "stats": "both", "basis": "own"})))
     _simulate(cfg, tmp_path / "ref", 3)
     out = tmp_path / "out"
     _launch(cfg, transport, 3, out)

@@ -406,7 +406,7 @@ def _run_both(topo, tamper=None):
     """One round of stats="both" over in-process transports; ``tamper(mailbox)`` may change the messages
     between phase 2's post and the merge."""
     ts = make_inproc([topo.neighbors(k) for k in range(topo.num_agents)])
-    ns = [Node(deep(k), topo, k, ts[k], batches(seed=k), method="dimat", stats="both")
+    ns = [Node(deep(k), topo, k, ts[k], batches(seed=k), method="dimat", stats="both", basis="own")
           for k in range(topo.num_agents)]
     for n in ns:
         n.post(0)
@@ -475,7 +475,7 @@ def test_stats_both_missing_or_bad_message_falls_back_loudly(caplog):
 def test_stats_both_needs_a_transport_with_messages():
     topo = Topology.build("ring", 3)
     with pytest.raises(ValueError, match="Lossy does not"):
-        Node(deep(0), topo, 0, Lossy(0, {}), batches(), method="dimat", stats="both")
+        Node(deep(0), topo, 0, Lossy(0, {}), batches(), method="dimat", stats="both", basis="own")
     with pytest.raises(ValueError, match="method 'dimat' only"):
         Node(deep(0), topo, 0, make_inproc([[1], [0]])[0], batches(), method="wa", stats="both")
     with pytest.raises(ValueError, match="basis='own'"):
@@ -483,7 +483,7 @@ def test_stats_both_needs_a_transport_with_messages():
     asynchronous = make_inproc([[1], [0]])[0]
     asynchronous.sync = False
     with pytest.raises(ValueError, match="synchronous rounds"):
-        Node(deep(0), topo, 0, asynchronous, batches(), stats="both")
+        Node(deep(0), topo, 0, asynchronous, batches(), stats="both", basis="own")
     with pytest.raises(ValueError, match="stats must be"):
         Node(deep(0), topo, 0, make_inproc([[1], [0]])[0], batches(), stats="all")
 
@@ -501,7 +501,7 @@ def test_stats_both_over_grpc_between_two_real_transports():
     try:
         for t in ts:
             t.peers[1 - t.rank] = ts[1 - t.rank].address
-        ns = [Node(deep(k), topo, k, ts[k], batches(seed=k), method="dimat", stats="both") for k in range(2)]
+        ns = [Node(deep(k), topo, k, ts[k], batches(seed=k), method="dimat", stats="both", basis="own") for k in range(2)]
         # Derive the groups once here: torch's tracing is not thread-safe (real agents are processes).
         merge.pair_statistics([deep(0), deep(1)], batches())
         res = [None, None]

@@ -12,6 +12,7 @@ from dimat.config import resolve
 from dimat.errors import UserError
 from dimat.metrics import read_metrics
 from dimat.build import build_agent, prepare
+from dimat.loop import run_round
 from dimat.runner import run
 from dimat.transport.inproc import make_inproc
 
@@ -101,6 +102,23 @@ def test_one_init_is_one_basis(init, tags):
     assert [a.node.basis_tag for a in agents] == tags
     first = [next(a.model.parameters()) for a in agents]
     assert torch.equal(first[0], first[1]) == (init == "same")
+
+
+def test_a_kept_optimizer_is_replaced_when_a_merge_changes_the_basis():
+    # Ring of 3 under basis shared: in round 0 agents 1 and 2 take tag 0 (their models are loaded in agent 0's
+    # unit order), so their kept Adam moments would be in the wrong order; agent 0's basis does not change.
+    cfg = tiny(merge__method="dimat", merge__basis="shared", train__keep_optimizer_state=True)
+    setup = prepare(cfg)
+    ts = make_inproc([list(setup.graphs.neighbors(k)) for k in range(3)])
+    agents = [build_agent(cfg, setup, k, ts[k]) for k in range(3)]
+    kept = []
+    for a in agents:
+        a.optimizer = a.make_optimizer(a.model)
+        kept.append(a.optimizer)
+    run_round(agents, 0, cfg, None)
+    assert [a.node.basis_tag for a in agents] == [0, 0, 0]
+    assert [a.optimizer is k for a, k in zip(agents, kept)] == [True, False, False]
+    assert all(a.optimizer is not None for a in agents)  # the round's training built and kept a fresh one
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -225,8 +243,8 @@ def test_stats_both_runs_on_digits_and_records_the_second_message(tmp_path):
     (and inside comm_bytes), no edge falling back."""
     base = dict(rounds=2, data={"dataset": "digits", "partition": "dirichlet:0.3"},
                 model={"name": "mlp", "width": 0.25})
-    own = tiny(merge={"method": "dimat", "stat_batches": 2}, **base)
-    both = tiny(merge={"method": "dimat", "stat_batches": 2, "stats": "both"}, **base)
+    own = tiny(merge={"method": "dimat", "stat_batches": 2, "basis": "own"}, **base)
+    both = tiny(merge={"method": "dimat", "stat_batches": 2, "stats": "both", "basis": "own"}, **base)
     run(own, tmp_path / "own", quiet=True)
     summary = run(both, tmp_path / "both", quiet=True)
     assert all(a is not None and 0.0 < a <= 1.0 for a in summary["per_agent_acc"]), summary["per_agent_acc"]

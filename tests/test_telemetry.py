@@ -33,7 +33,7 @@ def test_run_writes_per_edge_telemetry_and_plot_draws_it(tmp_path):
     from dimat.runner import run
 
     cfg = resolve({"agents": 3, "rounds": 2, "threads": 1, "train": {"epochs": 1},
-                   "merge": {"stat_batches": 2}})
+                   "merge": {"stat_batches": 2, "basis": "own"}})  # every edge aligned in every round
     run(cfg, out_dir=tmp_path / "r", quiet=True)
     recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     merges = [r for r in recs if r["phase"] == "merge"]

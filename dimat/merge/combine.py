@@ -68,6 +68,10 @@ class CombineOptions:
         back to the plain weighted mean.
     fisher_samples : the most local samples the Fisher is estimated on (each costs one backward pass).
     regmean_alpha : factor on the off-diagonal entries of every Gram matrix, in [0, 1] (0: diagonal only).
+    regmean_max_inputs : the largest Gram matrix regmean computes and sends, in rows (a layer's inputs, times the
+        kernel area for a conv, plus one with a bias); larger layers take the weighted mean. None: every layer.
+        A Gram matrix is rows² floats per snapshot, so one wide layer (a 4096-input Linear: 67 MB) can cost
+        far more than the weights.
     """
 
     rule: str = "mean"
@@ -80,6 +84,7 @@ class CombineOptions:
     fisher_floor: float = 1e-8
     fisher_samples: int = 256
     regmean_alpha: float = 0.9
+    regmean_max_inputs: Optional[int] = None
 
     def __post_init__(self) -> None:
         def bad(name: str, msg: str) -> ValueError:
@@ -106,6 +111,9 @@ class CombineOptions:
             raise bad("fisher_samples", "must be an integer >= 1")
         if not 0 <= self.regmean_alpha <= 1:
             raise bad("regmean_alpha", "must be in [0, 1]")
+        m = self.regmean_max_inputs
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise bad("regmean_max_inputs", "must be an integer >= 1 or None")
 
     @classmethod
     def from_config(cls, merge_cfg: Mapping[str, object]) -> "CombineOptions":

@@ -33,8 +33,10 @@ KINDS = ("fisher", "gram")
 
 
 # ------------------------------------------------------------------------------------------------- layers
-def gram_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    """Layers whose weights RegMean merges: Linear, and Conv2d with one group and zero (numeric) padding."""
+def gram_layers(model: nn.Module, max_size: Optional[int] = None) -> Dict[str, nn.Module]:
+    """Layers whose weights RegMean merges: Linear, and Conv2d with one group and zero (numeric) padding, whose
+    Gram matrix has at most ``max_size`` rows (inputs, times the kernel's area for a conv, plus one with a bias;
+    None: any size). The matrix costs ``max_size ** 2`` floats on the wire, per snapshot."""
     out: Dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
@@ -42,6 +44,8 @@ def gram_layers(model: nn.Module) -> Dict[str, nn.Module]:
         elif (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
               and not isinstance(m.padding, str)):
             out[name] = m
+    if max_size is not None:
+        out = {name: m for name, m in out.items() if _gram_size(m) <= max_size}
     return out
 
 
@@ -91,9 +95,11 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def input_grams(model: nn.Module, batches: Iterable, limit: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """Layer name -> mean Gram matrix of the layer's inputs over ``limit`` batches (float32; eval mode)."""
-    layers = gram_layers(model)
+def input_grams(model: nn.Module, batches: Iterable, limit: Optional[int] = None,
+                max_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Layer name -> mean Gram matrix of the layer's inputs over ``limit`` batches (float32; eval mode), for the
+    layers of :func:`gram_layers` (``max_size``)."""
+    layers = gram_layers(model, max_size)
     acc = {name: torch.zeros(_gram_size(m), _gram_size(m), dtype=torch.float64) for name, m in layers.items()}
     count = {name: 0 for name in layers}
 
@@ -176,22 +182,22 @@ def _loop_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str,
 
 
 def compute(kind: str, model: nn.Module, batches: Iterable, limit: Optional[int] = None,
-            fisher_samples: Optional[int] = None) -> Dict[str, torch.Tensor]:
+            fisher_samples: Optional[int] = None, gram_max: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """The payload of ``kind`` (``fisher`` or ``gram``) of ``model`` on ``limit`` local batches (the Fisher on
-    at most ``fisher_samples`` samples of them)."""
+    at most ``fisher_samples`` samples of them; Gram matrices of at most ``gram_max`` rows)."""
     if kind == "fisher":
         return fisher_diag(model, batches, limit, fisher_samples)
     if kind == "gram":
-        return input_grams(model, batches, limit)
+        return input_grams(model, batches, limit, gram_max)
     raise ValueError(f"unknown payload kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
-def template(kind: str, model: nn.Module) -> Dict[str, torch.Tensor]:
+def template(kind: str, model: nn.Module, gram_max: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Zero tensors with the names, shapes and dtypes of ``model``'s payload of ``kind`` (no data needed)."""
     if kind == "fisher":
         return {n: torch.zeros_like(p, device="cpu") for n, p in model.named_parameters() if p.is_floating_point()}
     if kind == "gram":
-        return {n: torch.zeros(_gram_size(m), _gram_size(m)) for n, m in gram_layers(model).items()}
+        return {n: torch.zeros(_gram_size(m), _gram_size(m)) for n, m in gram_layers(model, gram_max).items()}
     raise ValueError(f"unknown payload kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
