@@ -144,20 +144,21 @@ class Node:
         too. The seconds count in the round's ``merge_s``.
     basis : whose units the neighbours are aligned to. ``"own"`` (DIMAT as published): the agent's own model, so
         every agent keeps a basis of its own and every round needs a fresh, lossy alignment of every neighbour.
-        ``"shared"`` (the default, because it ends higher in every measurement of docs/benchmarks.md and
-        docs/merge.md): every model carries a basis tag, the rank whose unit order it descends from (at first its
-        own rank), sent with its snapshot. A merge takes as reference the participant with the lowest tag (this
+        ``"shared"`` (the default: it ended higher than ``"own"`` in every comparison in docs/benchmarks.md,
+        docs/merge.md and docs/run-results.md): every model carries a basis tag, the rank whose unit order it
+        descends from (at first its own rank), sent with its snapshot. A merge takes as reference the participant with the lowest tag (this
         agent's own model when its tag is that low), aligns only the models whose tag differs, averages those
         that carry the reference's tag as they are, and gives the result that tag. The lowest rank's basis spreads
         one hop per round; once every agent carries it, a merge is the operator with identity permutations: the
         weighted average, then the statistics repair the operator does (the BatchNorm reset, and for ``dimat`` and
         ``wm`` REPAIR's correction of layers no BatchNorm follows), i.e. ``merge.average(..., reset_bn=True,
-        repair=True)``; for ``wa``, the average plus the BatchNorm reset.
+        repair=True)``. Only the aligning methods (:attr:`ALIGNING`) send tags; ``wa`` never permutes, so the
+        basis changes nothing there.
         The weights, the data the statistics are computed on (the agent's own batches) and where the result goes
         do not change. A snapshot without a valid tag is aligned, as under ``"own"``.
     basis_tag : under ``basis="shared"``, the tag the model starts with (None: this agent's rank). Agents that
-        start from one initialisation already share a unit order: give them all the same tag (``dimat run`` gives
-        0 to every agent when ``model.init`` is ``same``), and their merges never align, which is the plain
+        start from one initialisation already share a unit order: give them all the same tag (the runners give 0 to
+        every agent when ``model.init`` is ``same``), and their merges never align, which is the plain
         weighted average plus the statistics repair. Models from different initialisations must keep distinct
         tags, or they are averaged unaligned.
     combine : how aligned models are combined (:class:`dimat.merge.combine.CombineOptions`; None: the weighted
