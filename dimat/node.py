@@ -146,9 +146,10 @@ class Node:
         every agent keeps a basis of its own and every round needs a fresh, lossy alignment of every neighbour.
         ``"shared"`` (the default: it ended higher than ``"own"`` in every comparison in docs/benchmarks.md,
         docs/merge.md and docs/run-results.md): every model carries a basis tag, the rank whose unit order it
-        descends from (at first its own rank), sent with its snapshot. A merge takes as reference the participant with the lowest tag (this
-        agent's own model when its tag is that low), aligns only the models whose tag differs, averages those
-        that carry the reference's tag as they are, and gives the result that tag. The lowest rank's basis spreads
+        descends from (at first its own rank), sent with its snapshot. A merge takes as reference the
+        participant with the lowest tag (this agent's own model when its tag is that low), aligns only the models
+        whose tag differs, averages those that carry the reference's tag as they are, and gives the result that
+        tag. The lowest rank's basis spreads
         one hop per round; once every agent carries it, a merge is the operator with identity permutations: the
         weighted average, then the statistics repair the operator does (the BatchNorm reset, and for ``dimat`` and
         ``wm`` REPAIR's correction of layers no BatchNorm follows), i.e. ``merge.average(..., reset_bn=True,
