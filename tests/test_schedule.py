@@ -341,8 +341,15 @@ def test_launch_on_a_directed_schedule_reproduces_dimat_run(tmp_path, transport)
                            str(tmp_path / "out"), "--timeout", "150"], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=200, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:]
-    keys = ("round", "agent", "phase", "test_acc", "received", "missing", "comm_bytes")
-    ref = [{k: r.get(k) for k in keys} for r in read_metrics([tmp_path / "ref" / "metrics.jsonl"])]
-    got = [{k: r.get(k) for k in keys} for r in read_metrics([tmp_path / "out" / "metrics.jsonl"])]
+    keys = ("round", "agent", "phase", "test_acc", "received", "missing")
+    ref_recs, got_recs = (read_metrics([tmp_path / d / "metrics.jsonl"]) for d in ("ref", "out"))
+    ref = [{k: r.get(k) for k in keys} for r in ref_recs]
+    got = [{k: r.get(k) for k in keys} for r in got_recs]
     assert got == ref
+    # comm_bytes counts what the transport moved since the previous merge: on a directed schedule an agent may
+    # already receive its next round's snapshot from a neighbour that runs ahead, so only each agent's total
+    # over the run must agree with the simulation.
+    totals = [{a: sum(r["comm_bytes"] or 0 for r in recs if r["agent"] == a) for a in range(4)}
+              for recs in (ref_recs, got_recs)]
+    assert totals[0] == totals[1]
     assert [r["received"] for r in got if r["phase"] == "merge" and r["agent"] == 0] == [[1], [2], [1]]
