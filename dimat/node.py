@@ -149,12 +149,11 @@ class Node:
         descends from (at first its own rank), sent with its snapshot. A merge takes as reference the
         participant with the lowest tag (this agent's own model when its tag is that low), aligns only the models
         whose tag differs, averages those that carry the reference's tag as they are, and gives the result that
-        tag. The lowest rank's basis spreads
-        one hop per round; once every agent carries it, a merge is the operator with identity permutations: the
-        weighted average, then the statistics repair the operator does (the BatchNorm reset, and for ``dimat`` and
-        ``wm`` REPAIR's correction of layers no BatchNorm follows), i.e. ``merge.average(..., reset_bn=True,
-        repair=True)``. Only the aligning methods (:attr:`ALIGNING`) send tags; ``wa`` never permutes, so the
-        basis changes nothing there.
+        tag. The lowest rank's basis spreads one hop per round; once every agent carries it, a merge is the
+        operator with identity permutations: the weighted average, then the statistics repair the operator does
+        (the BatchNorm reset, and for ``dimat`` and ``wm`` REPAIR's correction of layers no BatchNorm follows),
+        i.e. ``merge.average(..., reset_bn=True, repair=True)``. Only the aligning methods (:attr:`ALIGNING`)
+        send tags; ``wa`` never permutes, so the basis changes nothing there.
         The weights, the data the statistics are computed on (the agent's own batches) and where the result goes
         do not change. A snapshot without a valid tag is aligned, as under ``"own"``.
     basis_tag : under ``basis="shared"``, the tag the model starts with (None: this agent's rank). Agents that
@@ -463,8 +462,10 @@ class Node:
         if self.combine.rule == "dare":
             seed = np.random.SeedSequence([self.combine_seed, int(r) + 1, self.rank]).generate_state(2)
             gen = torch.Generator().manual_seed(int(seed[0]) << 32 | int(seed[1]))
-        layers = {n: m.bias is not None for n, m in payload_mod.gram_layers(self.model, self.combine.regmean_max_inputs).items()} \
-            if kind == "gram" else None
+        layers = None
+        if kind == "gram":
+            grams = payload_mod.gram_layers(self.model, self.combine.regmean_max_inputs)
+            layers = {n: m.bias is not None for n, m in grams.items()}
         params = {n for n, _ in self.model.named_parameters()}
         return combine_mod.make_hook(self.combine, list(order).index(self.rank), params, payloads, layers, gen,
                                      distances=dist, moved=moved)

@@ -371,10 +371,7 @@ def _one_level(model, inputs, layer_names, bn_names, targets, calls, bn_mix=None
     for name, m in bn_in.items():
         if m.n == 0:
             raise ValueError(f"BatchNorm layer {name!r} saw no input on the batches: cannot measure its collapse")
-        mean, var = bn_mix[name].corrected(m.mean_var()[1])
-        bn = model.get_submodule(name)
-        bn.running_mean.copy_(mean.to(bn.running_mean))
-        bn.running_var.copy_(var.to(bn.running_var))
+        bn_mix[name].apply(model.get_submodule(name), m.mean_var()[1])
     for name in layer_names:
         if moments[name].n == 0:
             continue
@@ -417,6 +414,12 @@ class BNTarget:
     def corrected(self, merged_var: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Running (mean, var) for the merged layer: the mixture mean, the mixture variance times the ratio."""
         return self.mean, self.var * self.ratio(merged_var)
+
+    def apply(self, bn: nn.Module, merged_var: torch.Tensor) -> None:
+        """Set ``bn``'s running statistics to :meth:`corrected` (in place, in the buffers' dtype)."""
+        mean, var = self.corrected(merged_var)
+        bn.running_mean.copy_(mean.to(bn.running_mean))
+        bn.running_var.copy_(var.to(bn.running_var))
 
 
 def _bn_modules(model: nn.Module) -> Dict[str, nn.Module]:
@@ -532,10 +535,7 @@ def mix_bn_stats(model: nn.Module, inputs: Inputs, targets: Dict[str, BNTarget])
         return
     measured = bn_input_stats(model, inputs)
     for name, target in targets.items():
-        bn = model.get_submodule(name)
-        mean, var = target.corrected(measured[name][1])
-        bn.running_mean.copy_(mean.to(bn.running_mean))
-        bn.running_var.copy_(var.to(bn.running_var))
+        target.apply(model.get_submodule(name), measured[name][1])
 
 
 @torch.no_grad()

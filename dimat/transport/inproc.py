@@ -77,7 +77,6 @@ class InProcTransport(Transport):
                 self.bytes_received += snapshot_nbytes(snap)
         return got
 
-
     supports_messages = True
 
     def post_messages(self, round: int, lane: str, messages: Mapping[int, Snapshot]) -> None:
