@@ -61,6 +61,7 @@ DEFAULTS: Dict[str, Any] = {
         "bn_batches": None,  # a separate number of batches for the BN reset, done outside the operator (no REPAIR)
         "reset_bn": True,  # recompute BatchNorm statistics of the merged model on local data
         "bn_repair": "local",  # how reset_bn sets them: local (recomputed on local batches) | mix (see dimat.Node)
+        "restore_norms": False,  # give units a BatchNorm normalises their mean norm back after combining
         "bn_refresh": False,  # re-estimate the model's BatchNorm statistics on local batches before each post
         "basis": "shared",  # shared (carry basis tags; see dimat.Node) | own (DIMAT as published: align to own model)
         "identity_prior": 0.0,  # dimat: lambda added to the correlation's diagonal before each assignment
@@ -354,6 +355,13 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
     if f["merge.bn_repair"] != "local" and not f["merge.reset_bn"]:
         raise bad("merge.bn_repair", f"is {f['merge.bn_repair']!r}, but merge.reset_bn is false: no BatchNorm "
                   "statistics are repaired at all")
+    if f["merge.restore_norms"]:
+        if f["merge.method"] not in ("dimat", "wa", "wm"):
+            raise bad("merge.restore_norms", f"rescales merged weights: merge.method dimat, wa or wm only, got "
+                      f"{f['merge.method']!r}")
+        if not f["merge.reset_bn"]:
+            raise bad("merge.restore_norms", "rescales weights that a BatchNorm normalises, whose statistics must "
+                      "then be recomputed: set merge.reset_bn true")
     if f["merge.identity_prior"] < 0:
         raise bad("merge.identity_prior", f"must be >= 0, got {f['merge.identity_prior']}")
     if f["merge.method"] != "dimat":

@@ -166,6 +166,9 @@ class Node:
         at post time and send it inside the snapshot under reserved names.
     combine_seed : the run's seed; ``dare`` draws its drops from a generator seeded by (seed, round, rank).
     identity_prior, keep_margin : alignment guards of ``dimat`` (see :mod:`dimat.merge.guard`).
+    restore_norms : after combining, give every unit of a conv/linear layer that only a BatchNorm reads the mean
+        weight norm it had in the participants, so that the merged model trains at their effective step size
+        (see ``activation_match``'s ``restore_norms``). Needs ``reset_bn`` and ``batches``.
     stats : whose data ``dimat`` aligns a neighbour on. ``"own"`` (as published): activation statistics on this
         agent's batches only. ``"both"``: a second, small message per round (transport lane :data:`STATS_LANE`):
         each agent computes, on its own batches, the statistics of the pair (its model, the neighbour's snapshot)
@@ -204,6 +207,7 @@ class Node:
         bn_refresh: bool = False,
         stats: str = "own",
         basis_tag: Optional[int] = None,
+        restore_norms: bool = False,
     ):
         if stats not in self.STATS:
             raise ValueError(f"stats must be one of {', '.join(self.STATS)}, got {stats!r}")
@@ -268,6 +272,12 @@ class Node:
         self._guards = {"identity_prior": float(identity_prior), "keep_margin": keep_margin}
         if method != "dimat" and (identity_prior or keep_margin is not None):
             raise ValueError(f"identity_prior and keep_margin guard activation matching; method {method!r} has none")
+        if not isinstance(restore_norms, bool):
+            raise ValueError(f"restore_norms must be True or False, got {restore_norms!r}")
+        if restore_norms and (not reset_bn or batches is None) and self.merge_fn is not None:
+            raise ValueError("restore_norms rescales weights that a BatchNorm normalises: it needs reset_bn=True "
+                             "and batches, so that the statistics are recomputed after it")
+        self.restore_norms = restore_norms
         self.stats = stats
         # The round in progress, from gather(): its snapshots, seconds collecting, the neighbour models and my pair
         # statistics for them, stats bytes posted and seconds computing them.
@@ -481,6 +491,8 @@ class Node:
                   for j in order]
         own_reset = self.reset_bn and self.bn_batches is not None  # a separate batch budget for the BN reset
         kw: Dict[str, Any] = {"same_basis": same} if same else {}
+        if self.restore_norms:
+            kw["restore_norms"] = True
         if self.bn_repair != "local":  # needs the aligned participants: the operator does it, on bn_batches
             kw["bn_repair"] = self.bn_repair
             if own_reset:

@@ -28,7 +28,7 @@ from torch import nn
 
 from dimat.merge import guard, matching, stats, structure, telemetry
 from dimat.merge.repair import BN_REPAIRS, bn_targets, endpoint_stats, mix_bn_stats, repair_layers, reset_and_repair
-from dimat.merge.repair import RepairPlan
+from dimat.merge.repair import RepairPlan, normalised_layers, restore_unit_norms
 from dimat.merge.repair import plan as repair_plan
 from dimat.merge.structure import PermutationSpec
 
@@ -240,6 +240,7 @@ def average(
     combine: Optional[CombineFn] = None,
     bn_repair: str = "local",
     bn_batches: Optional[int] = None,
+    restore_norms: bool = False,
 ) -> nn.Module:
     """WA: the weighted average of every floating-point tensor, without alignment.
 
@@ -258,6 +259,7 @@ def average(
     combine : replaces the weighted sum (see :data:`CombineFn`); called with identity permutations.
     bn_repair, bn_batches : how ``reset_bn`` repairs BatchNorm statistics, and on how many batches, as in
         :func:`activation_match`.
+    restore_norms : as in :func:`activation_match`.
 
     Returns
     -------
@@ -266,14 +268,15 @@ def average(
     states, w = _check(models, weights)
     _to_align(w, same_basis)  # the same checks as the aligning operators
     _check_bn_repair(bn_repair, bn_batches)
-    if reset_bn and batches is not None:
+    _check_restore(restore_norms, batches)
+    if (reset_bn or restore_norms) and batches is not None:
         example = _first_input(batches)  # an empty iterable is an error before any work is done
-        if repair or bn_repair != "local" or bn_batches is not None:
+        if repair or bn_repair != "local" or bn_batches is not None or restore_norms:
             device = _device_of(models[0])
             spec = spec_for(models[0], example.to(device))[0] if repair else None
             cl = _channels_last(models[0], example)
             return _merge_aligned(models, states, w, [{} for _ in models[1:]], spec, batches, reset_bn,
-                                  stat_batches, None, repair, cl, combine, bn_repair, bn_batches)
+                                  stat_batches, None, repair, cl, combine, bn_repair, bn_batches, restore_norms)
     state = _weighted_sum(states, w) if combine is None else combine(states, w, [{} for _ in states[1:]], None)
     return _finish(models[0], state, batches, reset_bn, stat_batches)
 
@@ -401,6 +404,33 @@ def _plan_for(model: nn.Module, candidates: List[str], example: torch.Tensor) ->
     return _PLAN_CACHE[key]
 
 
+_NORMALISED_CACHE: "OrderedDict[tuple, List[str]]" = OrderedDict()
+
+
+def _normalised_for(model: nn.Module, example: torch.Tensor) -> List[str]:
+    """The conv/linear layers only a BatchNorm reads (:func:`dimat.merge.repair.normalised_layers`), once per
+    architecture and input shape."""
+    key = _arch_key(model, model.state_dict(), example)
+    if key not in _NORMALISED_CACHE:
+        layers = [n for n, m in model.named_modules() if isinstance(m, _NORM_LAYERS)]
+        _NORMALISED_CACHE[key] = normalised_layers(model, layers, example) if layers else []
+        while len(_NORMALISED_CACHE) > _SPEC_CACHE_SIZE:
+            _NORMALISED_CACHE.popitem(last=False)
+    _NORMALISED_CACHE.move_to_end(key)
+    return _NORMALISED_CACHE[key]
+
+
+_NORM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _check_restore(restore_norms: bool, batches) -> None:
+    if not isinstance(restore_norms, bool):
+        raise ValueError(f"restore_norms must be true or false, got {restore_norms!r}")
+    if restore_norms and batches is None:
+        raise ValueError("restore_norms needs batches: the layers it rescales are found by one forward pass, and "
+                         "the BatchNorm statistics must be recomputed after it")
+
+
 def _check_bn_repair(bn_repair: str, bn_batches: Optional[int]) -> None:
     if bn_repair not in BN_REPAIRS:
         raise ValueError(f"bn_repair must be one of {', '.join(BN_REPAIRS)}, got {bn_repair!r}")
@@ -452,9 +482,10 @@ def _cached_spec(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[P
 
 
 def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, stat_batches, profile,
-                   repair=False, cl=False, combine=None, bn_repair="local", bn_batches=None):
-    """Apply the permutations, take the weighted sum, then repair the statistics (BatchNorm by ``bn_repair``, and
-    REPAIR) on ``bn_batches`` batches (None: ``stat_batches``)."""
+                   repair=False, cl=False, combine=None, bn_repair="local", bn_batches=None, restore_norms=False):
+    """Apply the permutations, take the weighted sum, with ``restore_norms`` give the units a BatchNorm normalises
+    their mean norm back, then repair the statistics (BatchNorm by ``bn_repair``, and REPAIR) on ``bn_batches``
+    batches (None: ``stat_batches``)."""
     t = time.perf_counter()
     aligned = [states[0]] + [
         structure.apply_permutation(sd, spec, perms) if perms else sd
@@ -463,6 +494,9 @@ def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, 
     permuted = [None] + [sd if perms else None for sd, perms in zip(aligned[1:], perms_per_model)]
     merged = _new_model(models[0], _weighted_sum(aligned, w) if combine is None
                         else combine(aligned, w, perms_per_model, spec))
+    if restore_norms:
+        example = _to(_first_input(batches), _device_of(merged), cl)[:2]
+        restore_unit_norms(merged, _normalised_for(merged, example), aligned, w)
     t_apply = time.perf_counter() - t
     t = time.perf_counter()
     if reset_bn and batches is not None:
@@ -504,6 +538,7 @@ def activation_match(
     bn_repair: str = "local",
     bn_batches: Optional[int] = None,
     pair_stats: Optional[Mapping[int, Sequence[stats.CrossStats]]] = None,
+    restore_norms: bool = False,
 ) -> nn.Module:
     """DIMAT: align every neighbour to ``models[0]`` by activation correlation on local batches, then average.
 
@@ -549,6 +584,11 @@ def activation_match(
         every activation site, in :func:`pair_statistics`' order, e.g. pooled from both agents' data
         (:func:`dimat.merge.stats.pool`). Model j is then aligned on them and ``batches`` are not read for it
         (they still serve the BatchNorm reset and REPAIR); the others are measured on ``batches``.
+    restore_norms : after the combine step, give every output unit of each conv/linear layer whose output only a
+        BatchNorm reads the weighted mean of its weight norm in the aligned models (weights and bias scaled by
+        one factor per unit; :func:`dimat.merge.repair.restore_unit_norms`). The function is unchanged once the
+        BatchNorm statistics are recomputed (``reset_bn``), but the merged model trains at its participants'
+        effective step size instead of a larger one: averaging units that do not agree shortens them.
 
     Returns
     -------
@@ -556,6 +596,7 @@ def activation_match(
     """
     states, w = _check(models, weights)
     _check_bn_repair(bn_repair, bn_batches)
+    _check_restore(restore_norms, batches)
     if not (math.isfinite(identity_prior) and identity_prior >= 0):
         raise ValueError(f"identity_prior must be a finite number >= 0, got {identity_prior!r}")
     if keep_margin is not None and not math.isfinite(keep_margin):
@@ -601,7 +642,7 @@ def activation_match(
         profile["assign_s"] = time.perf_counter() - t
     return _merge_aligned(
         models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, repair, cl, combine, bn_repair,
-        bn_batches,
+        bn_batches, restore_norms,
     )
 
 
@@ -701,6 +742,7 @@ def weight_match(
     combine: Optional[CombineFn] = None,
     bn_repair: str = "local",
     bn_batches: Optional[int] = None,
+    restore_norms: bool = False,
 ) -> nn.Module:
     """WM: align every neighbour to ``models[0]`` by Git Re-Basin weight matching, then average.
 
@@ -721,6 +763,7 @@ def weight_match(
     repair : with ``reset_bn`` and ``batches``, also the REPAIR correction, as in :func:`activation_match`.
     combine : as in :func:`activation_match`.
     bn_repair, bn_batches : as in :func:`activation_match`.
+    restore_norms : as in :func:`activation_match`; needs ``batches``.
 
     Returns
     -------
@@ -728,6 +771,7 @@ def weight_match(
     """
     states, w = _check(models, weights)
     _check_bn_repair(bn_repair, bn_batches)
+    _check_restore(restore_norms, batches)
     todo = _to_align(w, same_basis)
     device = _device_of(models[0])
     cl = False
@@ -756,13 +800,14 @@ def weight_match(
         profile["stats_s"] = 0.0
         profile["assign_s"] = time.perf_counter() - t
     return _merge_aligned(models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, repair, cl,
-                          combine, bn_repair, bn_batches)
+                          combine, bn_repair, bn_batches, restore_norms)
 
 
 MergeFn = Callable[..., nn.Module]
 
 #: config name -> merge operator; every entry accepts
-#: ``fn(models, weights, batches=, reset_bn=, stat_batches=, same_basis=, combine=, bn_repair=, bn_batches=)``.
+#: ``fn(models, weights, batches=, reset_bn=, stat_batches=, same_basis=, combine=, bn_repair=, bn_batches=,
+#: restore_norms=)``.
 METHODS: Dict[str, MergeFn] = {"dimat": activation_match, "wa": average, "wm": weight_match}
 
 

@@ -30,7 +30,8 @@ from dimat.merge.structure import PermutationSpec
 from dimat.merge.stats import eval_mode
 
 __all__ = ["repair_layers", "endpoint_stats", "plan", "RepairPlan", "reset_and_repair", "BN_REPAIRS", "BNTarget",
-           "mixture_stats", "bn_input_stats", "bn_targets", "mix_bn_stats", "refresh_bn_stats"]
+           "mixture_stats", "bn_input_stats", "bn_targets", "mix_bn_stats", "refresh_bn_stats", "normalised_layers",
+           "restore_unit_norms"]
 
 #: How a merge repairs BatchNorm running statistics (``merge.bn_repair``): ``local`` recomputes them on the
 #: agent's own batches; ``mix`` takes the mixture of the aligned participants' own running statistics and
@@ -573,3 +574,103 @@ def refresh_bn_stats(model: nn.Module, inputs: Inputs) -> int:
     if n == 0:
         raise ValueError("refresh_bn_stats got no batches: the running statistics would be left at their reset")
     return n
+
+
+def _tensors(value) -> List[torch.Tensor]:
+    """Every tensor in a (nested) output: a tensor, tuple, list or mapping (e.g. a Hugging Face ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def normalised_layers(model: nn.Module, candidates: Sequence[str], example: torch.Tensor) -> List[str]:
+    """The ``candidates`` (conv/linear module names) whose output only a tracked BatchNorm reads.
+
+    Such a layer is scale-free per output unit: multiplying a unit's weights and bias by ``s > 0`` multiplies the
+    BatchNorm's input channel by ``s``, which the normalisation divides out (in training, and in eval once the
+    running statistics are recomputed). One probe forward pass on a copy of ``model`` (eval mode) records each
+    call's output autograd node and every node's consumers; a layer qualifies when, in every call, the consumers
+    of its output are BatchNorm calls that take it as their input and nothing else reads it (a residual branch or
+    a returned tensor disqualifies it).
+    """
+    probe = copy.deepcopy(model).eval()
+    for p in probe.parameters():
+        p.requires_grad_(True)
+    wanted = set(candidates)
+    mods = dict(probe.named_modules())
+    outs: Dict[str, List[object]] = {n: [] for n in wanted if n in mods}
+    bn_calls: Dict[object, Set[object]] = {}  # input node -> output nodes of the BatchNorm calls reading it
+
+    def layer_hook(name):
+        def hook(mod, args, out):
+            t = _first_tensor(out)
+            outs[name].append(t.grad_fn if t is not None else None)
+        return hook
+
+    def bn_hook(mod, args, out):
+        t_in, t_out = _first_tensor(args), _first_tensor(out)
+        if t_in is not None and t_out is not None and t_in.grad_fn is not None:
+            bn_calls.setdefault(t_in.grad_fn, set()).add(t_out.grad_fn)
+
+    handles = [mods[n].register_forward_hook(layer_hook(n)) for n in outs]
+    handles += [m.register_forward_hook(bn_hook) for m in mods.values() if _is_bn(m)]
+    try:
+        with torch.enable_grad():
+            roots = [t.grad_fn for t in _tensors(probe(example)) if t.grad_fn is not None]
+    finally:
+        for h in handles:
+            h.remove()
+    consumers: Dict[object, Set[object]] = {}
+    seen: Set[object] = set()
+    stack = list(roots)
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        for nxt, _ in getattr(fn, "next_functions", ()):
+            if nxt is not None:
+                consumers.setdefault(nxt, set()).add(fn)
+                stack.append(nxt)
+
+    def bn_only(fn) -> bool:
+        readers = consumers.get(fn, set())
+        return fn is not None and fn not in roots and bool(readers) and readers <= bn_calls.get(fn, set())
+
+    return [n for n in candidates if n in outs and outs[n] and all(bn_only(fn) for fn in outs[n])]
+
+
+@torch.no_grad()
+def restore_unit_norms(model: nn.Module, layers: Sequence[str], states: Sequence[Dict[str, torch.Tensor]],
+                       weights: Sequence[float]) -> Dict[str, float]:
+    """Give every output unit of ``layers`` the weighted mean of its weight norm in ``states``, in place.
+
+    Averaging aligned networks that are not identical shrinks their weights: the less two units agree, the
+    shorter their mean. Where a BatchNorm normalises the layer's output (:func:`normalised_layers`) the shrink
+    does not change the function, but it does change training: a scale-free weight moves by an angle of about
+    ``lr / |w|`` per step, so a merged model at half the norm trains with about twice the angular step size and
+    drifts away from its neighbours faster. The unit's weights and bias are multiplied by one factor, the target
+    norm (the ``weights``-weighted mean of the unit's weight-row L2 norm in the aligned ``states``) over its
+    current norm; zero rows stay zero. The BatchNorm statistics must be recomputed afterwards. Returns, per
+    layer, the mean factor applied (1.0: nothing changed).
+    """
+    mods = dict(model.named_modules())
+    total = float(sum(w for w in weights if w > 0))
+    factors: Dict[str, float] = {}
+    for name in layers:
+        layer = mods[name]
+        key = f"{name}.weight" if name else "weight"
+        target = sum(w * sd[key].detach().float().flatten(1).norm(dim=1) for sd, w in zip(states, weights) if w > 0)
+        target = target / total
+        current = layer.weight.detach().float().flatten(1).norm(dim=1)
+        scale = torch.where(current > 0, target / current.clamp_min(1e-30), torch.ones_like(current))
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        layer.weight.mul_(scale.view(shape).to(layer.weight.dtype))
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.mul_(scale.to(layer.bias.dtype))
+        factors[name] = float(scale.mean())
+    return factors
