@@ -272,3 +272,153 @@ def test_dimat_run_on_digits_with_mix(tmp_path, capsys, sets):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     merges = [r for r in rows if r.get("phase") == "merge" and r.get("agent", 0) >= 0]
     assert merges and all(math.isfinite(r["test_acc"]) and math.isfinite(r["test_loss"]) for r in merges)
+
+
+# ------------------------------------------------------------------------ restore_norms (merge.restore_norms)
+class _Branches(nn.Module):
+    """conv_a feeds a BatchNorm only; conv_b feeds a BatchNorm and a residual sum; conv_c no BatchNorm; lin's
+    output is returned; conv_d is read by two BatchNorms (both scale-free)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv_b, self.bn_b = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv_c = nn.Conv2d(4, 4, 1)
+        self.conv_d, self.bn_d1, self.bn_d2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.lin = nn.Linear(4, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.bn_a(self.conv_a(x)))
+        b = self.conv_b(a)
+        h = torch.relu(self.bn_b(b)) + b  # conv_b's output is also read by the sum
+        h = self.conv_c(h)
+        d = self.conv_d(h)
+        h = self.bn_d1(d) + self.bn_d2(d)
+        return self.lin(h.mean((2, 3)))
+
+
+def test_normalised_layers_are_those_only_a_batchnorm_reads():
+    model = _Branches()
+    names = ["conv_a", "conv_b", "conv_c", "conv_d", "lin"]
+    assert repair.normalised_layers(model, names, torch.randn(2, 3, 8, 8)) == ["conv_a", "conv_d"]
+    cnn = CNN(10, width=0.25)
+    layers = [n for n, m in cnn.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert repair.normalised_layers(cnn, layers, torch.randn(2, 3, 32, 32)) == [
+        "features.0", "features.3", "features.7", "features.10"]
+
+
+def test_restore_unit_norms_by_hand():
+    lin = nn.Sequential(nn.Linear(2, 2))
+    with torch.no_grad():
+        lin[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.5]]))
+        lin[0].bias.copy_(torch.tensor([2.0, 4.0]))
+    a = {"0.weight": torch.tensor([[3.0, 4.0], [0.0, 1.0]])}  # row norms 5, 1
+    b = {"0.weight": torch.tensor([[1.0, 0.0], [0.0, 3.0]])}  # row norms 1, 3
+    factors = repair.restore_unit_norms(lin, ["0"], [a, b], [0.25, 0.75])
+    # targets: 0.25 * 5 + 0.75 * 1 = 2 and 0.25 * 1 + 0.75 * 3 = 2.5; current norms 1 and 0.5: factors 2 and 5
+    assert torch.allclose(lin[0].weight, torch.tensor([[2.0, 0.0], [0.0, 2.5]]))
+    assert torch.allclose(lin[0].bias, torch.tensor([4.0, 20.0]))
+    assert factors == {"0": pytest.approx(3.5)}
+    # a participant with weight 0 does not count; a zero row stays zero
+    with torch.no_grad():
+        lin[0].weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+    repair.restore_unit_norms(lin, ["0"], [a, b], [1.0, 0.0])
+    assert torch.equal(lin[0].weight, torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+
+
+def _two_cnns():
+    torch.manual_seed(0)
+    a = CNN(10, width=0.25)
+    torch.manual_seed(1)
+    b = CNN(10, width=0.25)
+    x = torch.randn(48, 3, 32, 32)
+    return a, b, x, [x[:24], x[24:]]
+
+
+@pytest.mark.parametrize("op", OPERATORS, ids=lambda f: f.__name__)
+def test_restore_norms_keeps_the_function_and_restores_the_norms(op):
+    a, b, x, batches = _two_cnns()
+    kw = {"repair": True} if op is merge.average else {}
+    plain = op([a, b], [0.5, 0.5], batches, reset_bn=True, **kw).eval()
+    restored = op([a, b], [0.5, 0.5], batches, reset_bn=True, restore_norms=True, **kw).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(x), restored(x), atol=1e-4)
+    sa, sb, sp, sr = (m.state_dict() for m in (a, b, plain, restored))
+    for name in ["features.0", "features.3", "features.7", "features.10"]:
+        key = name + ".weight"
+        # unit i gets 0.5 |a_i| + 0.5 |b_p(i)| for the permutation p that aligned b: what is left over after
+        # a's half is b's half in some order
+        rest = 2 * sr[key].flatten(1).norm(dim=1) - sa[key].flatten(1).norm(dim=1)
+        assert torch.allclose(rest.sort().values, sb[key].flatten(1).norm(dim=1).sort().values, atol=1e-5)
+        if op is not merge.average:  # aligned or not, two different inits average to a shorter unit
+            assert sp[key].norm() < 0.9 * sr[key].norm()
+    # the layers no BatchNorm reads are left to the combine step and REPAIR
+    for key in ["classifier.3.weight"]:
+        assert torch.equal(sp[key], sr[key])
+
+
+@pytest.mark.parametrize("op", OPERATORS, ids=lambda f: f.__name__)
+def test_restore_norms_needs_batches_and_a_bool(op):
+    a, b, _, batches = _two_cnns()
+    with pytest.raises(ValueError, match="restore_norms needs batches"):
+        op([a, b], [0.5, 0.5], None, restore_norms=True, example_input=batches[0]) if op is merge.weight_match \
+            else op([a, b], [0.5, 0.5], None, restore_norms=True)
+    with pytest.raises(ValueError, match="restore_norms must be true or false"):
+        op([a, b], [0.5, 0.5], batches, restore_norms="yes")
+
+
+def test_restore_norms_leaves_a_model_without_batchnorm_alone():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    batches = [torch.randn(16, 4)]
+    plain = merge.average([a, b], [0.5, 0.5], batches, reset_bn=True)
+    with pytest.warns(UserWarning, match="restore_norms: no conv/linear layer of Sequential"):
+        restored = merge.average([a, b], [0.5, 0.5], batches, reset_bn=True, restore_norms=True)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, restored.state_dict()[k]), k
+
+
+def test_node_refuses_restore_norms_without_a_bn_reset():
+    mix = [[0.5, 0.5], [0.5, 0.5]]
+    x = [torch.randn(4, 3, 32, 32)]
+    with pytest.raises(ValueError, match="restore_norms rescales weights"):
+        Node(CNN(10, width=0.25), mix, 0, _Capture(), x, reset_bn=False, restore_norms=True)
+    with pytest.raises(ValueError, match="restore_norms rescales weights"):
+        Node(CNN(10, width=0.25), mix, 0, _Capture(), None, restore_norms=True)
+    with pytest.raises(ValueError, match="restore_norms must be True or False"):
+        Node(CNN(10, width=0.25), mix, 0, _Capture(), x, restore_norms=1)
+    assert Node(CNN(10, width=0.25), mix, 0, _Capture(), x, restore_norms=True).restore_norms is True
+
+
+@pytest.mark.parametrize("sets,needles", [
+    (["merge.restore_norms=true", "merge.method=cdsgd"], ["key 'merge.restore_norms'", "dimat, wa or wm"]),
+    (["merge.restore_norms=true", "merge.reset_bn=false"], ["key 'merge.restore_norms'", "merge.reset_bn true"]),
+    (["merge.restore_norms=1"], ["merge.restore_norms", "true/false"]),
+])
+def test_restore_norms_config_validation_names_the_field(sets, needles):
+    with pytest.raises(UserError) as e:
+        resolve({}, sets, where="run.yaml")
+    msg = str(e.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, msg
+
+
+def test_dimat_run_on_digits_with_restore_norms(tmp_path, capsys, monkeypatch):
+    calls = []
+    real = merge.operators.restore_unit_norms
+    monkeypatch.setattr(merge.operators, "restore_unit_norms", lambda *a: calls.append(a[1]) or real(*a))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(RUN.replace("merge: {stat_batches: 2, bn_repair: mix, bn_refresh: true}",
+                               "merge: {stat_batches: 2, restore_norms: true}"))
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out), "-q"]) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    merges = [r for r in rows if r.get("phase") == "merge" and r.get("agent", 0) >= 0]
+    assert len(merges) == 6 and all(math.isfinite(r["test_acc"]) for r in merges)
+    # every merge of every agent rescaled the cnn's four BatchNorm-fed convolutions
+    assert len(calls) == 6 and all(c == ["features.0", "features.3", "features.7", "features.10"] for c in calls)

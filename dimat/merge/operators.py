@@ -19,6 +19,7 @@ import copy
 import math
 import numbers
 import time
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -413,7 +414,12 @@ def _normalised_for(model: nn.Module, example: torch.Tensor) -> List[str]:
     key = _arch_key(model, model.state_dict(), example)
     if key not in _NORMALISED_CACHE:
         layers = [n for n, m in model.named_modules() if isinstance(m, _NORM_LAYERS)]
-        _NORMALISED_CACHE[key] = normalised_layers(model, layers, example) if layers else []
+        found = normalised_layers(model, layers, example) if layers else []
+        if not found:  # said once per architecture: the option was asked for and does nothing here
+            warnings.warn(f"restore_norms: no conv/linear layer of {type(model).__name__} has an output that only a "
+                          f"BatchNorm reads, so nothing is rescaled (layers before GroupNorm, LayerNorm or no "
+                          f"normalisation are left as the combine step made them)", stacklevel=3)
+        _NORMALISED_CACHE[key] = found
         while len(_NORMALISED_CACHE) > _SPEC_CACHE_SIZE:
             _NORMALISED_CACHE.popitem(last=False)
     _NORMALISED_CACHE.move_to_end(key)
