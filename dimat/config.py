@@ -66,6 +66,7 @@ DEFAULTS: Dict[str, Any] = {
         "basis": "shared",  # shared (carry basis tags; see dimat.Node) | own (DIMAT as published: align to own model)
         "identity_prior": 0.0,  # dimat: lambda added to the correlation's diagonal before each assignment
         "keep_margin": None,  # dimat: keep a group's order unless matching gains more correlation than this
+        "min_corr": None,  # dimat: average a neighbour's unit only where its matched correlation reaches this
         "stats": "own",  # dimat: align on own data's statistics (own) or on both sides' of each edge (both)
         "combine": "mean",  # after alignment: mean | ties | dare | consensus | fisher | regmean
         "combine_scale": 1.0,  # lambda on the combined task vector (ties, dare, consensus)
@@ -116,6 +117,7 @@ TYPES: Dict[str, Tuple[type, ...]] = {
     "merge.stat_batches": (int, type(None)),
     "merge.bn_batches": (int, type(None)),
     "merge.keep_margin": (int, float, type(None)),
+    "merge.min_corr": (int, float, type(None)),
     "merge.regmean_max_inputs": (int, type(None)),
     "gossip.lr": (int, float, type(None)),
     "transport.compress": (str, type(None)),
@@ -365,10 +367,13 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
     if f["merge.identity_prior"] < 0:
         raise bad("merge.identity_prior", f"must be >= 0, got {f['merge.identity_prior']}")
     if f["merge.method"] != "dimat":
-        for key, off in (("merge.identity_prior", 0.0), ("merge.keep_margin", None)):
+        for key, off in (("merge.identity_prior", 0.0), ("merge.keep_margin", None), ("merge.min_corr", None)):
             if f[key] != off:
-                raise bad(key, f"guards activation matching (merge.method dimat), but merge.method is "
+                raise bad(key, f"acts on activation matching (merge.method dimat), but merge.method is "
                                f"{f['merge.method']!r}")
+    if f["merge.min_corr"] is not None and f["merge.combine"] != "mean":
+        raise bad("merge.min_corr", f"leaves poorly matched units out of the mean: merge.combine mean only, got "
+                  f"{f['merge.combine']!r}")
     try:
         CombineOptions.from_config({k[len("merge."):]: v for k, v in f.items() if k.startswith("merge.")})
     except ValueError as e:  # "combine option NAME must ..., got X": name the config key

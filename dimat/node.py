@@ -166,6 +166,9 @@ class Node:
         at post time and send it inside the snapshot under reserved names.
     combine_seed : the run's seed; ``dare`` draws its drops from a generator seeded by (seed, round, rank).
     identity_prior, keep_margin : alignment guards of ``dimat`` (see :mod:`dimat.merge.guard`).
+    min_corr : ``dimat`` only: a neighbour's unit joins the average only where its matched correlation reaches
+        this (None: every unit is averaged; see ``activation_match``'s ``min_corr``). The telemetry's edges then
+        carry ``kept``, the share of that neighbour's units that did.
     restore_norms : after combining, give every unit of a conv/linear layer that only a BatchNorm reads the mean
         weight norm it had in the participants, so that the merged model trains at their effective step size
         (see ``activation_match``'s ``restore_norms``). Needs ``reset_bn`` and ``batches``.
@@ -208,6 +211,7 @@ class Node:
         stats: str = "own",
         basis_tag: Optional[int] = None,
         restore_norms: bool = False,
+        min_corr: Optional[float] = None,
     ):
         if stats not in self.STATS:
             raise ValueError(f"stats must be one of {', '.join(self.STATS)}, got {stats!r}")
@@ -269,9 +273,10 @@ class Node:
         self.basis_tag = self.rank if basis_tag is None else int(basis_tag)
         self.combine = combine or combine_mod.CombineOptions()
         self.combine_seed = int(combine_seed)
-        self._guards = {"identity_prior": float(identity_prior), "keep_margin": keep_margin}
-        if method != "dimat" and (identity_prior or keep_margin is not None):
-            raise ValueError(f"identity_prior and keep_margin guard activation matching; method {method!r} has none")
+        self._guards = {"identity_prior": float(identity_prior), "keep_margin": keep_margin, "min_corr": min_corr}
+        if method != "dimat" and (identity_prior or keep_margin is not None or min_corr is not None):
+            raise ValueError(f"identity_prior, keep_margin and min_corr act on activation matching; method "
+                             f"{method!r} has none")
         if not isinstance(restore_norms, bool):
             raise ValueError(f"restore_norms must be True or False, got {restore_norms!r}")
         if restore_norms and (not reset_bn or batches is None) and self.merge_fn is not None:
@@ -529,10 +534,12 @@ def _telemetry(order: Sequence[int], own: int, dist: Dict[int, float], moved: Di
         e["moved"] = align[pos]["moved"] if pos in align else moved.get(pos, 0.0)
         if pos in align:
             e["corr_before"], e["corr_after"] = align[pos]["corr_before"], align[pos]["corr_after"]
+            if "kept" in align[pos]:
+                e["kept"] = align[pos]["kept"]
         edges[str(j)] = e
     out: Dict[str, Any] = {"edges": edges}
     for key, name in (("dist", "consensus_dist"), ("moved", "units_moved"), ("corr_before", "align_corr_before"),
-                      ("corr_after", "align_corr_after")):
+                      ("corr_after", "align_corr_after"), ("kept", "units_kept")):
         vals = [e[key] for e in edges.values() if key in e and e[key] == e[key]]
         if vals:
             out[name] = sum(vals) / len(vals)

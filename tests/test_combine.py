@@ -410,3 +410,35 @@ def test_payload_crosses_torch_distributed_and_merges_as_in_process():
         assert received == [1 - k] and 0 <= comm - res[k].comm_bytes <= 2 * wire.ALIGN * (len(state) + 6)
         for name, t in ns[k].model.state_dict().items():
             assert torch.allclose(torch.tensor(state[name], dtype=t.dtype), t, atol=1e-5), name
+
+
+# ----------------------------------------------------------------- masked mean (merge.min_corr's combine step)
+def test_masked_mean_by_hand():
+    from dimat.merge.combine import masked_mean
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    b = torch.tensor([[5.0, 6.0], [7.0, 8.0]])
+    c = torch.tensor([[9.0, 10.0], [11.0, 12.0]])
+    # b leaves row 1 out; c leaves column 0 out
+    masks = [None, [(0, torch.tensor([1.0, 0.0]))], [(1, torch.tensor([0.0, 1.0]))]]
+    got = masked_mean([a, b, c], [0.5, 0.25, 0.25], masks)
+    want = torch.tensor([
+        [(0.5 * 1 + 0.25 * 5) / 0.75, (0.5 * 2 + 0.25 * 6 + 0.25 * 10) / 1.0],
+        [3.0, (0.5 * 4 + 0.25 * 12) / 0.75],
+    ], dtype=torch.float64)
+    assert torch.allclose(got, want)
+    # no masks: the weighted mean; an entry nobody with weight keeps: the weighted mean too
+    assert torch.allclose(masked_mean([a, b], [0.5, 0.5], [None, None]), (a + b).double() / 2)
+    none = masked_mean([a, b], [0.0, 1.0], [None, [(0, torch.tensor([0.0, 1.0]))]])
+    assert torch.allclose(none, b.double())
+
+
+def test_combine_states_with_masks_is_the_masked_mean_and_mean_only():
+    s0 = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    s1 = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}
+    masks = [None, {"w": [(0, torch.tensor([0.0, 1.0]))]}]
+    out = combine_states([s0, s1], [0.5, 0.5], CombineOptions(), masks=masks)
+    assert torch.allclose(out["w"], torch.tensor([1.0, 4.0])) and int(out["n"]) == 3
+    assert torch.allclose(combine_states([s0, s1], [0.5, 0.5], CombineOptions(), masks=[None, None])["w"],
+                          torch.tensor([2.0, 4.0]))
+    with pytest.raises(ValueError, match="rule 'mean' only, got 'ties'"):
+        combine_states([s0, s1], [0.5, 0.5], CombineOptions(rule="ties"), masks=masks)

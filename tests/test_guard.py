@@ -94,5 +94,5 @@ def test_node_forwards_the_guards_to_dimat_and_refuses_them_elsewhere():
     res = ns[0].merge_round(0)
     assert seen["identity_prior"] == 0.2 and seen["keep_margin"] == 0.1
     assert set(res.telemetry["edges"]["1"]) == {"dist", "moved", "corr_before", "corr_after"}
-    with pytest.raises(ValueError, match="identity_prior and keep_margin"):
+    with pytest.raises(ValueError, match="identity_prior, keep_margin and min_corr act on activation matching"):
         Node(_mlp(0), topo, 0, ts[0], data, method="wa", keep_margin=0.1)

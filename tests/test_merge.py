@@ -733,3 +733,91 @@ def test_channels_last_fast_path_gives_the_same_merge(monkeypatch):
     for k in fast:
         assert torch.allclose(fast[k].float(), slow[k].float(), rtol=1e-4, atol=1e-5), k
     assert not operators._accepts_channels_last(UserConvFlat(), torch.randn(2, 3, 8, 8))  # x.view(n, -1) raises
+
+
+# ------------------------------------------------------------------- min_corr: poorly matched units stay out
+def _mlp_and_corrupted_copy():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(32, 6), nn.ReLU(), nn.Linear(6, 3))  # 6 nearly uncorrelated features
+    other = copy.deepcopy(ref)
+    with torch.no_grad():
+        other[0].weight[2] = -ref[0].weight[2]  # unit 2 now fires where ref's unit 2 is silent: correlation < 0
+        other[0].bias[2] = -ref[0].bias[2]
+        other[2].weight[:, 2] = torch.randn(3)
+    p = torch.tensor([3, 5, 0, 1, 4, 2])  # hide it among the others, by hand
+    _out(other[0], p)
+    with torch.no_grad():
+        other[2].weight.copy_(other[2].weight[:, p])
+    return ref, other, [torch.randn(256, 32) for _ in range(2)]
+
+
+def test_min_corr_leaves_a_unit_that_does_not_match_out_of_the_mean():
+    ref, other, batches = _mlp_and_corrupted_copy()
+    report = {}
+    merged = merge.activation_match([ref, other], [0.5, 0.5], batches, repair=False, min_corr=0.5, report=report)
+    # every other unit is the same feature in both models, and the corrupted one is the reference's alone
+    for (k, v), (_, r) in zip(merged.state_dict().items(), ref.state_dict().items()):
+        assert torch.allclose(v, r, atol=1e-6), k
+    assert report[1]["kept"] == pytest.approx(5 / 6)
+    plain = merge.activation_match([ref, other], [0.5, 0.5], batches, repair=False)
+    assert not torch.allclose(plain[0].weight[2], ref[0].weight[2])  # averaged with its opposite
+    assert torch.allclose(plain[0].weight[[0, 1, 3, 4, 5]], ref[0].weight[[0, 1, 3, 4, 5]], atol=1e-6)
+    # below every correlation: the plain merge; above 1: no aligned neighbour contributes
+    low = merge.activation_match([ref, other], [0.5, 0.5], batches, repair=False, min_corr=-2.0)
+    for (k, v), (_, w) in zip(low.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(v, w), k
+    report = {}
+    alone = merge.activation_match([ref, other], [0.5, 0.5], batches, repair=False, min_corr=1.5, report=report)
+    assert torch.allclose(alone[2].weight, ref[2].weight) and report[1]["kept"] == 0.0
+
+
+def test_min_corr_averages_models_of_the_same_basis_whole():
+    ref, other, batches = _mlp_and_corrupted_copy()
+    merged = merge.activation_match([ref, other], [0.5, 0.5], batches, repair=False, min_corr=1.5, same_basis=[1])
+    want = merge.average([ref, other], [0.5, 0.5])
+    for (k, v), (_, w) in zip(merged.state_dict().items(), want.state_dict().items()):
+        assert torch.allclose(v, w), k
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "0.5", True])
+def test_min_corr_must_be_a_finite_number(bad):
+    ref, other, batches = _mlp_and_corrupted_copy()
+    with pytest.raises(ValueError, match="min_corr must be a finite number or None"):
+        merge.activation_match([ref, other], [0.5, 0.5], batches, min_corr=bad)
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["merge.min_corr=0.5", "merge.method=wa"], "acts on activation matching (merge.method dimat)"),
+    (["merge.min_corr=0.5", "merge.combine=ties"], "merge.combine mean only, got 'ties'"),
+    (["merge.min_corr=.nan"], "must be finite"),
+    (["merge.min_corr=high"], "merge.min_corr"),
+])
+def test_min_corr_config_is_checked(sets, needle):
+    from dimat.config import UserError, resolve
+    with pytest.raises(UserError) as e:
+        resolve({}, sets, where="run.yaml")
+    assert needle in str(e.value) and "merge.min_corr" in str(e.value) and "\n" not in str(e.value)
+    assert resolve({}, ["merge.min_corr=0.4"]).merge.min_corr == 0.4
+
+
+def test_node_refuses_min_corr_for_a_method_that_does_not_match():
+    from dimat.node import Node
+    from dimat.transport.inproc import make_inproc
+    t = make_inproc([[1], [0]])[0]
+    with pytest.raises(ValueError, match="min_corr act on activation matching; method 'wa'"):
+        Node(nn.Linear(2, 2), [[0.5, 0.5], [0.5, 0.5]], 0, t, [torch.randn(4, 2)], method="wa", min_corr=0.5)
+
+
+def test_a_run_with_min_corr_reports_the_share_of_units_kept(tmp_path, capsys):
+    import json
+    from dimat.cli import main
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("agents: 3\nthreads: 1\nrounds: 2\ntopology: ring\nmerge: {basis: own, min_corr: 0.3}\n"
+                   "data: {dataset: digits, partition: iid}\nmodel: {name: mlp}\ntrain: {epochs: 1}\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "-q"]) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    merges = [r for r in rows if r.get("phase") == "merge" and r.get("agent", -1) >= 0]
+    assert len(merges) == 6
+    kept = [e["kept"] for r in merges for e in r["edges"].values()]
+    assert len(kept) == 12 and all(0.0 <= k <= 1.0 for k in kept) and min(kept) < 1.0  # some units left out
+    assert all(r["units_kept"] == pytest.approx(sum(e["kept"] for e in r["edges"].values()) / 2) for r in merges)

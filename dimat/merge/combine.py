@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Collection, Dict, List, Mapping, Optional, Sequence
+from typing import Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -128,6 +128,39 @@ class CombineOptions:
 
 
 # ----------------------------------------------------------------------------------------- per-tensor rules
+#: Which entries of a participant's tensors join a masked mean (see :func:`masked_mean`): tensor name -> list of
+#: ``(axis, vector)``, the vector holding one 0/1 value per index along that axis; an entry's mask is the product
+#: of its axes' values, and a tensor the mapping does not name is kept whole.
+EntryMask = Mapping[str, Sequence[Tuple[int, torch.Tensor]]]
+
+
+def entry_mask(t: torch.Tensor, axes: Sequence[Tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """The 0/1 mask of ``t``'s entries given per-axis vectors (float64, broadcastable to ``t``)."""
+    m = torch.ones((1,) * t.dim(), dtype=torch.float64)
+    for axis, vec in axes:
+        shape = [1] * t.dim()
+        shape[axis] = -1
+        m = m * vec.to(torch.float64).view(shape)
+    return m
+
+
+def masked_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                masks: Sequence[Optional[Sequence[Tuple[int, torch.Tensor]]]]) -> torch.Tensor:
+    """``sum_j w_j m_j t_j / sum_j w_j m_j`` per entry, in float64: the weighted mean over the participants that
+    keep the entry (``masks[j]``: participant j's per-axis vectors, see :data:`EntryMask`; None keeps every
+    entry). An entry no participant with a positive weight keeps takes the plain weighted mean."""
+    num = torch.zeros_like(tensors[0], dtype=torch.float64)
+    den = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for t, w, axes in zip(tensors, weights, masks):
+        if not w:
+            continue
+        wm = float(w) * (entry_mask(t, axes) if axes else torch.ones((), dtype=torch.float64))
+        num += wm * t.detach().to(torch.float64)
+        den += wm
+    plain = weighted_mean(tensors, weights)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), plain)
+
+
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``sum_j w_j t_j`` in float64."""
     acc = torch.zeros_like(tensors[0], dtype=torch.float64)
@@ -248,6 +281,7 @@ def combine_states(
     payloads: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
     gram_layers: Optional[Mapping[str, bool]] = None,
     generator: Optional[torch.Generator] = None,
+    masks: Optional[Sequence[Optional[EntryMask]]] = None,
 ) -> Dict[str, torch.Tensor]:
     """Combine aligned state dicts with ``options.rule``.
 
@@ -262,6 +296,8 @@ def combine_states(
         ``regmean`` layer name -> Gram matrix. Required for those two rules.
     gram_layers : for ``regmean``, layer name -> whether the layer has a bias (its weight is ``<layer>.weight``).
     generator : the random source of ``dare`` (seed it per run, round and agent).
+    masks : optional, per participant, the entries it contributes (:data:`EntryMask`; None: all), from
+        ``merge.min_corr``: each tensor is then the :func:`masked_mean`. Rule ``mean`` only.
 
     Returns
     -------
@@ -277,12 +313,22 @@ def combine_states(
             raise ValueError(f"combine rule {rule!r} needs one payload per participant")
     if rule == "dare" and generator is None:
         raise ValueError("combine rule 'dare' needs a seeded generator")
+    masks = list(masks) if masks is not None and any(masks) else None
+    if masks is not None:
+        if rule != "mean":
+            raise ValueError(f"entry masks (merge.min_corr) combine by the masked mean: rule 'mean' only, got "
+                             f"{rule!r}")
+        if len(masks) != len(states):
+            raise ValueError(f"got {len(masks)} masks for {len(states)} states")
     ref = states[0]
     names = [n for n, t in ref.items() if t.is_floating_point() and (params is None or n in params)]
     out: Dict[str, torch.Tensor] = {}
     for name, t0 in ref.items():
         if not t0.is_floating_point():
             out[name] = t0.detach().clone()
+        elif masks is not None and any(m and name in m for m in masks):
+            out[name] = masked_mean([s[name] for s in states], weights,
+                                    [m.get(name) if m else None for m in masks]).to(t0.dtype)
         elif name not in names or rule == "mean":
             out[name] = weighted_mean([s[name] for s in states], weights).to(t0.dtype)
     if rule == "mean":
@@ -358,7 +404,7 @@ def make_hook(
 
     kind = options.payload
 
-    def hook(aligned, weights, perms_per_model, spec):
+    def hook(aligned, weights, perms_per_model, spec, masks=None):
         aligned_payloads = None
         if kind is not None:
             if payloads is None:
@@ -369,7 +415,7 @@ def make_hook(
                 for p, s, perms in zip(payloads[1:], aligned[1:], perms_per_model)
             ]
         out = combine_states(aligned, weights, options, base_index, params, aligned_payloads, gram_layers,
-                             generator)
+                             generator, masks)
         if distances is not None:
             for j, s in enumerate(aligned):
                 distances[j] = telemetry.distance(out, s, params)

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from dimat.merge import combine as combine_mod
 from dimat.merge import guard, matching, stats, structure, telemetry
 from dimat.merge.repair import BN_REPAIRS, bn_targets, endpoint_stats, mix_bn_stats, repair_layers, reset_and_repair
 from dimat.merge.repair import RepairPlan, normalised_layers, restore_unit_norms
@@ -157,6 +158,17 @@ def _weighted_sum(states: Sequence[Dict[str, torch.Tensor]], weights: Sequence[f
             out[name] = acc.to(t0.dtype)
         else:
             out[name] = t0.detach().clone()
+    return out
+
+
+def _masked_sum(states: Sequence[Dict[str, torch.Tensor]], weights: Sequence[float],
+                masks: Sequence[Optional[combine_mod.EntryMask]]) -> Dict[str, torch.Tensor]:
+    """:func:`_weighted_sum`, except that a tensor some participant masks is their masked mean."""
+    out = _weighted_sum(states, weights)
+    for name, t0 in states[0].items():
+        if t0.is_floating_point() and any(m and name in m for m in masks):
+            out[name] = combine_mod.masked_mean([sd[name] for sd in states], weights,
+                                                [m.get(name) if m else None for m in masks]).to(t0.dtype)
     return out
 
 
@@ -488,7 +500,8 @@ def _cached_spec(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[P
 
 
 def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, stat_batches, profile,
-                   repair=False, cl=False, combine=None, bn_repair="local", bn_batches=None, restore_norms=False):
+                   repair=False, cl=False, combine=None, bn_repair="local", bn_batches=None, restore_norms=False,
+                   masks=None):
     """Apply the permutations, take the weighted sum, with ``restore_norms`` give the units a BatchNorm normalises
     their mean norm back, then repair the statistics (BatchNorm by ``bn_repair``, and REPAIR) on ``bn_batches``
     batches (None: ``stat_batches``)."""
@@ -498,8 +511,13 @@ def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, 
         for sd, perms in zip(states[1:], perms_per_model)
     ]
     permuted = [None] + [sd if perms else None for sd, perms in zip(aligned[1:], perms_per_model)]
-    merged = _new_model(models[0], _weighted_sum(aligned, w) if combine is None
-                        else combine(aligned, w, perms_per_model, spec))
+    if masks is not None and any(masks):  # merge.min_corr: poorly matched units are left out of the mean
+        entry = [None] + list(masks)
+        state = _masked_sum(aligned, w, entry) if combine is None else combine(aligned, w, perms_per_model, spec,
+                                                                                 masks=entry)
+    else:
+        state = _weighted_sum(aligned, w) if combine is None else combine(aligned, w, perms_per_model, spec)
+    merged = _new_model(models[0], state)
     if restore_norms:
         example = _to(_first_input(batches), _device_of(merged), cl)[:2]
         restore_unit_norms(merged, _normalised_for(merged, example), aligned, w)
@@ -545,6 +563,7 @@ def activation_match(
     bn_batches: Optional[int] = None,
     pair_stats: Optional[Mapping[int, Sequence[stats.CrossStats]]] = None,
     restore_norms: bool = False,
+    min_corr: Optional[float] = None,
 ) -> nn.Module:
     """DIMAT: align every neighbour to ``models[0]`` by activation correlation on local batches, then average.
 
@@ -595,6 +614,15 @@ def activation_match(
         one factor per unit; :func:`dimat.merge.repair.restore_unit_norms`). The function is unchanged once the
         BatchNorm statistics are recomputed (``reset_bn``), but the merged model trains at its participants'
         effective step size instead of a larger one: averaging units that do not agree shortens them.
+    min_corr : None (default): every aligned unit is averaged. A number: a neighbour's unit joins the average
+        only where its correlation with the ``models[0]`` unit it was matched to is at least ``min_corr``; elsewhere
+        that neighbour is left out of the mean, for the unit's incoming and outgoing weights and its
+        normalisation parameters alike (:func:`dimat.merge.combine.masked_mean`), so the unit comes from the
+        participants that do agree (at least ``models[0]``). Averaging two unrelated features gives a third that
+        neither model uses; this keeps the basis model's feature instead. Models in ``same_basis`` are averaged
+        whole; so are groups aligned by weight matching (no correlation). Above 1, no aligned neighbour
+        contributes at all. With a combine hook, the hook gets ``masks=`` (rule ``mean`` only). ``report``
+        gains ``kept``: the share of a neighbour's units that joined the average.
 
     Returns
     -------
@@ -607,6 +635,9 @@ def activation_match(
         raise ValueError(f"identity_prior must be a finite number >= 0, got {identity_prior!r}")
     if keep_margin is not None and not math.isfinite(keep_margin):
         raise ValueError(f"keep_margin must be a finite number or None, got {keep_margin!r}")
+    if min_corr is not None and (isinstance(min_corr, bool) or not isinstance(min_corr, numbers.Real)
+                                 or not math.isfinite(min_corr)):
+        raise ValueError(f"min_corr must be a finite number or None, got {min_corr!r}")
     device = _device_of(models[0])
     example = _first_input(batches).to(device)
     spec, graph = spec_for(models[0], example)
@@ -638,17 +669,23 @@ def activation_match(
     t_stats = time.perf_counter() - t
     t = time.perf_counter()
     perms: List[Dict[int, torch.Tensor]] = [{} for _ in models[1:]]
+    masks: List[Optional[combine_mod.EntryMask]] = [None for _ in models[1:]]
     for j, corr in zip(todo, corrs):
         perms[j - 1] = _perms_from_correlations(spec, corr, states[0], states[j], models[0], identity_prior,
                                                 keep_margin)
+        kept = None
+        if min_corr is not None:
+            masks[j - 1], kept = _unit_masks(spec, corr, perms[j - 1], float(min_corr), states[0])
         if report is not None:
             report[j] = telemetry.alignment(corr, perms[j - 1])
+            if kept is not None:
+                report[j]["kept"] = kept
     if profile is not None:
         profile["stats_s"] = t_stats
         profile["assign_s"] = time.perf_counter() - t
     return _merge_aligned(
         models, states, w, perms, spec, batches, reset_bn, stat_batches, profile, repair, cl, combine, bn_repair,
-        bn_batches, restore_norms,
+        bn_batches, restore_norms, masks,
     )
 
 
@@ -701,6 +738,30 @@ def _check_alignable(spec: PermutationSpec) -> None:
     if bad:
         raise UnalignedError(
             f"strict activation matching: {len(bad)} group(s) cannot be aligned by activations: " + "; ".join(bad))
+
+
+def _unit_masks(spec: PermutationSpec, corr: Mapping[int, torch.Tensor], perms: Mapping[int, torch.Tensor],
+                min_corr: float, state: Mapping[str, torch.Tensor]) -> Tuple[combine_mod.EntryMask, float]:
+    """The entries an aligned neighbour contributes under ``min_corr`` (see :func:`activation_match`), and the
+    share of its correlated units that pass. A unit passes when its matched correlation (``corr[g][u, perm[u]]``,
+    basis unit ``u``) is at least ``min_corr``; a NaN correlation (a unit constant on the batches) fails."""
+    out: Dict[str, List[Tuple[int, torch.Tensor]]] = {}
+    passed = total = 0
+    for gi, c in corr.items():
+        n = c.shape[0]
+        p = torch.as_tensor(perms.get(gi, torch.arange(n)), dtype=torch.long).cpu()
+        keep = (c.detach().cpu().double()[torch.arange(n), p] >= min_corr)
+        passed += int(keep.sum())
+        total += n
+        if bool(keep.all()):
+            continue
+        for ax in spec.groups[gi].axes:
+            if ax.units != n:
+                raise AssertionError(f"{ax} has {ax.units} units, its group {n}")  # derive() guarantees equality
+            vec = torch.ones(state[ax.tensor].shape[ax.axis], dtype=torch.float64)
+            vec[ax.offset: ax.offset + n * ax.block] = keep.double().repeat_interleave(ax.block)
+            out.setdefault(ax.tensor, []).append((ax.axis, vec))
+    return out, (passed / total if total else 1.0)
 
 
 def _perms_from_correlations(spec, corr, s0, sj, model, identity_prior: float = 0.0,
