@@ -66,7 +66,8 @@ DEFAULTS: Dict[str, Any] = {
         "basis": "shared",  # shared (carry basis tags; see dimat.Node) | own (DIMAT as published: align to own model)
         "identity_prior": 0.0,  # dimat: lambda added to the correlation's diagonal before each assignment
         "keep_margin": None,  # dimat: keep a group's order unless matching gains more correlation than this
-        "min_corr": None,  # dimat: average a neighbour's unit only where its matched correlation reaches this
+        "min_corr": "auto",  # dimat: average a matched unit only where its correlation reaches this (auto: 0.7 with
+        # combine mean, else null; null: average every matched unit, as published)
         "stats": "own",  # dimat: align on own data's statistics (own) or on both sides' of each edge (both)
         "combine": "mean",  # after alignment: mean | ties | dare | consensus | fisher | regmean
         "combine_scale": 1.0,  # lambda on the combined task vector (ties, dare, consensus)
@@ -117,7 +118,7 @@ TYPES: Dict[str, Tuple[type, ...]] = {
     "merge.stat_batches": (int, type(None)),
     "merge.bn_batches": (int, type(None)),
     "merge.keep_margin": (int, float, type(None)),
-    "merge.min_corr": (int, float, type(None)),
+    "merge.min_corr": (int, float, str, type(None)),
     "merge.regmean_max_inputs": (int, type(None)),
     "gossip.lr": (int, float, type(None)),
     "transport.compress": (str, type(None)),
@@ -366,12 +367,14 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
                       "then be recomputed: set merge.reset_bn true")
     if f["merge.identity_prior"] < 0:
         raise bad("merge.identity_prior", f"must be >= 0, got {f['merge.identity_prior']}")
+    if isinstance(f["merge.min_corr"], str) and f["merge.min_corr"] != "auto":
+        raise bad("merge.min_corr", f"must be a number, null or auto, got {f['merge.min_corr']!r}")
     if f["merge.method"] != "dimat":
-        for key, off in (("merge.identity_prior", 0.0), ("merge.keep_margin", None), ("merge.min_corr", None)):
-            if f[key] != off:
+        for key, off in (("merge.identity_prior", 0.0), ("merge.keep_margin", None), ("merge.min_corr", "auto")):
+            if f[key] != off and not (key == "merge.min_corr" and f[key] is None):
                 raise bad(key, f"acts on activation matching (merge.method dimat), but merge.method is "
                                f"{f['merge.method']!r}")
-    if f["merge.min_corr"] is not None and f["merge.combine"] != "mean":
+    if f["merge.min_corr"] not in (None, "auto") and f["merge.combine"] != "mean":
         raise bad("merge.min_corr", f"leaves poorly matched units out of the mean: merge.combine mean only, got "
                   f"{f['merge.combine']!r}")
     try:

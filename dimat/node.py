@@ -19,7 +19,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -167,8 +167,9 @@ class Node:
     combine_seed : the run's seed; ``dare`` draws its drops from a generator seeded by (seed, round, rank).
     identity_prior, keep_margin : alignment guards of ``dimat`` (see :mod:`dimat.merge.guard`).
     min_corr : ``dimat`` only: a neighbour's unit joins the average only where its matched correlation reaches
-        this (None: every unit is averaged; see ``activation_match``'s ``min_corr``). The telemetry's edges then
-        carry ``kept``, the share of that neighbour's units that did.
+        this (None: every unit is averaged, as published; see ``activation_match``'s ``min_corr``). The
+        telemetry's edges then carry ``kept``, the share of that neighbour's units that did. ``"auto"`` (the
+        default): :attr:`MIN_CORR` for ``dimat`` with the ``mean`` combine rule, None otherwise.
     restore_norms : after combining, give every unit of a conv/linear layer that only a BatchNorm reads the mean
         weight norm it had in the participants, so that the merged model trains at their effective step size
         (see ``activation_match``'s ``restore_norms``). Needs ``reset_bn`` and ``batches``.
@@ -189,6 +190,9 @@ class Node:
     STATS = ("own", "both")
     #: Methods whose merges permute units, so that under ``basis="shared"`` their snapshots carry basis tags.
     ALIGNING = ("dimat", "wm")
+    #: What ``min_corr="auto"`` means for ``dimat`` with the ``mean`` combine rule (docs/merge.md, "Averaging only
+    #: the units that match").
+    MIN_CORR = 0.7
 
     def __init__(
         self,
@@ -211,7 +215,7 @@ class Node:
         stats: str = "own",
         basis_tag: Optional[int] = None,
         restore_norms: bool = False,
-        min_corr: Optional[float] = None,
+        min_corr: Union[float, str, None] = "auto",
     ):
         if stats not in self.STATS:
             raise ValueError(f"stats must be one of {', '.join(self.STATS)}, got {stats!r}")
@@ -273,6 +277,14 @@ class Node:
         self.basis_tag = self.rank if basis_tag is None else int(basis_tag)
         self.combine = combine or combine_mod.CombineOptions()
         self.combine_seed = int(combine_seed)
+        if isinstance(min_corr, str):
+            if min_corr != "auto":
+                raise ValueError(f"min_corr must be a number, None or 'auto', got {min_corr!r}")
+            min_corr = self.MIN_CORR if method == "dimat" and self.combine.rule == "mean" else None
+        elif min_corr is not None and self.combine.rule != "mean":
+            raise ValueError(f"min_corr leaves poorly matched units out of the mean: combine rule 'mean' only, got "
+                             f"{self.combine.rule!r}")
+        self.min_corr = min_corr
         self._guards = {"identity_prior": float(identity_prior), "keep_margin": keep_margin, "min_corr": min_corr}
         if method != "dimat" and (identity_prior or keep_margin is not None or min_corr is not None):
             raise ValueError(f"identity_prior, keep_margin and min_corr act on activation matching; method "

@@ -92,7 +92,7 @@ def test_node_forwards_the_guards_to_dimat_and_refuses_them_elsewhere():
     for n in ns:
         n.post(0)
     res = ns[0].merge_round(0)
-    assert seen["identity_prior"] == 0.2 and seen["keep_margin"] == 0.1
-    assert set(res.telemetry["edges"]["1"]) == {"dist", "moved", "corr_before", "corr_after"}
+    assert seen["identity_prior"] == 0.2 and seen["keep_margin"] == 0.1 and seen["min_corr"] == Node.MIN_CORR
+    assert set(res.telemetry["edges"]["1"]) == {"dist", "moved", "corr_before", "corr_after", "kept"}
     with pytest.raises(ValueError, match="identity_prior, keep_margin and min_corr act on activation matching"):
         Node(_mlp(0), topo, 0, ts[0], data, method="wa", keep_margin=0.1)

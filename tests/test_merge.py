@@ -821,3 +821,23 @@ def test_a_run_with_min_corr_reports_the_share_of_units_kept(tmp_path, capsys):
     kept = [e["kept"] for r in merges for e in r["edges"].values()]
     assert len(kept) == 12 and all(0.0 <= k <= 1.0 for k in kept) and min(kept) < 1.0  # some units left out
     assert all(r["units_kept"] == pytest.approx(sum(e["kept"] for e in r["edges"].values()) / 2) for r in merges)
+
+
+def test_min_corr_auto_is_the_default_for_dimat_with_the_mean_rule_only():
+    from dimat.config import resolve
+    from dimat.merge.combine import CombineOptions
+    from dimat.node import Node
+    from dimat.transport.inproc import make_inproc
+    assert resolve({}).merge.min_corr == "auto"
+    for sets in (["merge.method=wa"], ["merge.combine=ties"], ["merge.min_corr=null", "merge.method=wm"]):
+        resolve({}, sets)  # the default, or null, is fine with any method and rule
+    t = make_inproc([[1], [0]])[0]
+    mix, x = [[0.5, 0.5], [0.5, 0.5]], [torch.randn(4, 2)]
+    assert Node(nn.Linear(2, 2), mix, 0, t, x).min_corr == Node.MIN_CORR
+    assert Node(nn.Linear(2, 2), mix, 0, t, x, min_corr=None).min_corr is None
+    assert Node(nn.Linear(2, 2), mix, 0, t, x, method="wa").min_corr is None
+    assert Node(nn.Linear(2, 2), mix, 0, t, x, combine=CombineOptions(rule="ties")).min_corr is None
+    with pytest.raises(ValueError, match="min_corr must be a number, None or 'auto'"):
+        Node(nn.Linear(2, 2), mix, 0, t, x, min_corr="high")
+    with pytest.raises(ValueError, match="combine rule 'mean' only, got 'ties'"):
+        Node(nn.Linear(2, 2), mix, 0, t, x, min_corr=0.5, combine=CombineOptions(rule="ties"))

@@ -438,7 +438,7 @@ def test_stats_both_aligns_each_edge_on_both_sides_data():
         theirs = merge.pair_statistics([m[j], m[0]], batches(seed=j))[0]
         st = merge.stats
         pooled[pos] = st.pool(mine, st.decode_pair_stats(st.encode_pair_stats(theirs), [8, 6]))
-    ref = merge.activation_match(m, [1 / 3] * 3, batches(seed=0), pair_stats=pooled)
+    ref = merge.activation_match(m, [1 / 3] * 3, batches(seed=0), pair_stats=pooled, min_corr=ns[0].min_corr)
     for name, t in ns[0].model.state_dict().items():
         torch.testing.assert_close(t, ref.state_dict()[name])
 
