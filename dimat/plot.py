@@ -24,7 +24,7 @@ def run_curve(run_dir: str | Path, phase: str = "merge", metric: str = "test_acc
     """Rounds and the mean, min and max over agents of ``metric`` in ``phase`` ("merge": after each merge).
 
     ``metric`` is a numeric field of the records: ``test_acc`` or a merge telemetry field (``acc_change``,
-    ``align_corr_before``, ``align_corr_after``, ``units_moved``, ``consensus_dist``).
+    ``align_corr_before``, ``align_corr_after``, ``units_moved``, ``units_kept``, ``consensus_dist``).
 
     Raises
     ------
@@ -56,7 +56,7 @@ def _label(run_dir: Path) -> str:
 _LABELS = {"test_acc": "test accuracy after merge", "acc_change": "test accuracy change across the merge",
            "align_corr_before": "mean correlation of units in place", "align_corr_after":
            "mean correlation of matched units", "units_moved": "share of units moved by alignment",
-           "consensus_dist": "relative distance, merged model to neighbours"}
+           "units_kept": "share of aligned units averaged (min_corr)", "consensus_dist": "relative distance, merged model to neighbours"}
 
 
 def plot_accuracy(run_dirs: Sequence[str | Path], out_file: str | Path, title: Optional[str] = None,
