@@ -56,7 +56,8 @@ def _label(run_dir: Path) -> str:
 _LABELS = {"test_acc": "test accuracy after merge", "acc_change": "test accuracy change across the merge",
            "align_corr_before": "mean correlation of units in place", "align_corr_after":
            "mean correlation of matched units", "units_moved": "share of units moved by alignment",
-           "units_kept": "share of aligned units averaged (min_corr)", "consensus_dist": "relative distance, merged model to neighbours"}
+           "units_kept": "share of aligned units averaged (min_corr)",
+           "consensus_dist": "relative distance, merged model to neighbours"}
 
 
 def plot_accuracy(run_dirs: Sequence[str | Path], out_file: str | Path, title: Optional[str] = None,

@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tupl
 import torch
 from torch import nn
 
-from dimat.merge.structure import PermutationSpec
+from dimat.merge.structure import PermutationSpec, output_tensors
 from dimat.merge.stats import eval_mode
 
 __all__ = ["repair_layers", "endpoint_stats", "plan", "RepairPlan", "reset_and_repair", "BN_REPAIRS", "BNTarget",
@@ -576,17 +576,6 @@ def refresh_bn_stats(model: nn.Module, inputs: Inputs) -> int:
     return n
 
 
-def _tensors(value) -> List[torch.Tensor]:
-    """Every tensor in a (nested) output: a tensor, tuple, list or mapping (e.g. a Hugging Face ModelOutput)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
 def normalised_layers(model: nn.Module, candidates: Sequence[str], example: torch.Tensor) -> List[str]:
     """The ``candidates`` (conv/linear module names) whose output only a tracked BatchNorm reads.
 
@@ -620,7 +609,7 @@ def normalised_layers(model: nn.Module, candidates: Sequence[str], example: torc
     handles += [m.register_forward_hook(bn_hook) for m in mods.values() if _is_bn(m)]
     try:
         with torch.enable_grad():
-            roots = [t.grad_fn for t in _tensors(probe(example)) if t.grad_fn is not None]
+            roots = [t.grad_fn for t in output_tensors(probe(example)) if t.grad_fn is not None]
     finally:
         for h in handles:
             h.remove()

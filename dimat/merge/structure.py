@@ -50,6 +50,7 @@ __all__ = [
     "trace",
     "module_graph",
     "model_output",
+    "output_tensors",
     "apply_permutation",
     "check_invariance",
     "random_perms",
@@ -282,14 +283,16 @@ def model_output(out: Any) -> Any:
     return out
 
 
-def _output_tensors(out: Any) -> List[torch.Tensor]:
+def output_tensors(out: Any) -> List[torch.Tensor]:
+    """Every tensor of a model's output: a tensor, or any nesting of tuples, lists and mappings (a Hugging Face
+    ModelOutput included)."""
     out = model_output(out)
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, Mapping):
         out = list(out.values())
     if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _output_tensors(o)]
+        return [t for o in out for t in output_tensors(o)]
     return []
 
 
@@ -310,7 +313,7 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
 
     def run(*flat):
         out = functional_call(work, dict(zip(names, flat[:-1])), (flat[-1],), tie_weights=True)
-        tensors = _output_tensors(out)
+        tensors = output_tensors(out)
         if not tensors:
             raise ValueError(f"the model's output holds no tensor (got {type(out).__name__})")
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
@@ -1772,7 +1775,7 @@ def _jitter(model: nn.Module, generator: torch.Generator) -> None:
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in _output_tensors(model(x))])
+    return torch.cat([t.reshape(-1) for t in output_tensors(model(x))])
 
 
 class _Tester:
