@@ -29,12 +29,15 @@ import torch
 
 from dimat import build, merge
 from dimat.data import Batches
+from dimat.node import Node
 from dimat.config import load_config
 from dimat.train import evaluate
 
 
 def main(run: str, variants: list[str]) -> None:
-    cfg = load_config(f"{run}/config.yaml", ["merge.method=none"])  # agents without a transport
+    # agents without a transport; the merge settings are read from the run's config as it ran
+    cfg = load_config(f"{run}/config.yaml", ["merge.method=none", "merge.min_corr=null"])
+    ran = load_config(f"{run}/config.yaml")["merge"]
     method = json.load(open(f"{run}/summary.json"))["method"]
     torch.set_num_threads(cfg["threads"] or torch.get_num_threads())
     setup = build.prepare(cfg)
@@ -60,6 +63,9 @@ def main(run: str, variants: list[str]) -> None:
         for v in variants:
             models = [agents[j].model for j in ranks] if v == "local" else [fresh[j] for j in ranks]
             kw = dict(batches=a.node.batches, reset_bn=m["reset_bn"], stat_batches=m["stat_batches"])
+            if method == "dimat":  # min_corr as the run's Node resolved it
+                kw["min_corr"] = (Node.MIN_CORR if ran["combine"] == "mean" else None) if ran["min_corr"] == "auto" \
+                    else ran["min_corr"]
             if m["bn_batches"] is not None:  # the node's own reset on bn_batches, no REPAIR (as in the run)
                 kw.update(bn_batches=m["bn_batches"], repair=False)
             merged = fn(models, w, bn_repair="mix" if v == "mix" else "local", **kw)
