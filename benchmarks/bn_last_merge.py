@@ -2,7 +2,8 @@
 "BatchNorm repair").
 
 The run folder's ``checkpoints/agent-K.prev.pt`` hold every agent's model before the last round's merge (the
-snapshots that merge used). Each agent merges them again with the run's operator, weights and local batches, and
+snapshots that merge used) and its basis tag; under ``merge.basis: shared``, participants that all carry one tag
+are averaged without alignment, as the run did. Each agent merges them again with the run's operator, weights and local batches, and
 the merged model's accuracy on the full test set is printed, per variant, as the mean over agents and per agent:
 
 * ``local``: the BatchNorm statistics recomputed on the local batches (``merge.bn_repair: local``, the default);
@@ -42,8 +43,11 @@ def main(run: str, variants: list[str]) -> None:
     torch.set_num_threads(cfg["threads"] or torch.get_num_threads())
     setup = build.prepare(cfg)
     agents = [build.build_agent(cfg, setup, k, None) for k in range(cfg["agents"])]
+    tags = {}
     for a in agents:
-        a.model.load_state_dict(torch.load(f"{run}/checkpoints/agent-{a.rank}.prev.pt", weights_only=False)["model"])
+        ck = torch.load(f"{run}/checkpoints/agent-{a.rank}.prev.pt", weights_only=False)
+        a.model.load_state_dict(ck["model"])
+        tags[a.rank] = ck.get("basis_tag")
     m = cfg["merge"]
     n_bn = m["bn_batches"] or m["stat_batches"]
     fresh = []
@@ -68,6 +72,9 @@ def main(run: str, variants: list[str]) -> None:
                     else ran["min_corr"]
             if m["bn_batches"] is not None:  # the node's own reset on bn_batches, no REPAIR (as in the run)
                 kw.update(bn_batches=m["bn_batches"], repair=False)
+            if ran["basis"] == "shared" and method in Node.ALIGNING and None not in tags.values() \
+                    and len({tags[j] for j in ranks}) == 1:
+                kw["same_basis"] = list(range(1, len(ranks)))  # one basis: the run averaged them unaligned
             merged = fn(models, w, bn_repair="mix" if v == "mix" else "local", **kw)
             if v == "global":
                 merge.reset_bn_stats(merged, everyone, 20)
