@@ -418,6 +418,7 @@ def _plan_for(model: nn.Module, candidates: List[str], example: torch.Tensor) ->
 
 
 _NORMALISED_CACHE: "OrderedDict[tuple, List[str]]" = OrderedDict()
+_NORM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layers restore_norms may rescale
 
 
 def _normalised_for(model: nn.Module, example: torch.Tensor) -> List[str]:
@@ -436,9 +437,6 @@ def _normalised_for(model: nn.Module, example: torch.Tensor) -> List[str]:
             _NORMALISED_CACHE.popitem(last=False)
     _NORMALISED_CACHE.move_to_end(key)
     return _NORMALISED_CACHE[key]
-
-
-_NORM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _check_restore(restore_norms: bool, batches) -> None:
