@@ -3,8 +3,9 @@
 
 The run folder's ``checkpoints/agent-K.prev.pt`` hold every agent's model before the last round's merge (the
 snapshots that merge used) and its basis tag; under ``merge.basis: shared``, participants that all carry one tag
-are averaged without alignment, as the run did. Each agent merges them again with the run's operator, weights and local batches, and
-the merged model's accuracy on the full test set is printed, per variant, as the mean over agents and per agent:
+are averaged without alignment, as the run did. Each agent merges them again with the run's operator, weights and
+local batches, and the merged model's accuracy on the full test set is printed, per variant, as the mean over
+agents and per agent:
 
 * ``local``: the BatchNorm statistics recomputed on the local batches (``merge.bn_repair: local``, the default);
 * ``refresh``: every snapshot's statistics first re-estimated on its owner's batches (``merge.bn_refresh``),
@@ -68,8 +69,7 @@ def main(run: str, variants: list[str]) -> None:
             models = [agents[j].model for j in ranks] if v == "local" else [fresh[j] for j in ranks]
             kw = dict(batches=a.node.batches, reset_bn=m["reset_bn"], stat_batches=m["stat_batches"])
             if method == "dimat":  # min_corr as the run's Node resolved it
-                kw["min_corr"] = (Node.MIN_CORR if ran["combine"] == "mean" else None) if ran["min_corr"] == "auto" \
-                    else ran["min_corr"]
+                kw["min_corr"] = Node.resolve_min_corr(ran["min_corr"], method, ran["combine"])
             if m["bn_batches"] is not None:  # the node's own reset on bn_batches, no REPAIR (as in the run)
                 kw.update(bn_batches=m["bn_batches"], repair=False)
             if ran["basis"] == "shared" and method in Node.ALIGNING and None not in tags.values() \

@@ -370,8 +370,9 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
     if isinstance(f["merge.min_corr"], str) and f["merge.min_corr"] != "auto":
         raise bad("merge.min_corr", f"must be a number, null or auto, got {f['merge.min_corr']!r}")
     if f["merge.method"] != "dimat":
-        for key, off in (("merge.identity_prior", 0.0), ("merge.keep_margin", None), ("merge.min_corr", "auto")):
-            if f[key] != off and not (key == "merge.min_corr" and f[key] is None):
+        for key, off in (("merge.identity_prior", (0.0,)), ("merge.keep_margin", (None,)),
+                         ("merge.min_corr", ("auto", None))):
+            if f[key] not in off:
                 raise bad(key, f"acts on activation matching (merge.method dimat), but merge.method is "
                                f"{f['merge.method']!r}")
     if f["merge.min_corr"] not in (None, "auto") and f["merge.combine"] != "mean":

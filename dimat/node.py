@@ -194,6 +194,19 @@ class Node:
     #: the units that match").
     MIN_CORR = 0.7
 
+    @classmethod
+    def resolve_min_corr(cls, min_corr: Union[float, str, None], method: str, rule: str) -> Optional[float]:
+        """The threshold a node with ``method`` and combine ``rule`` uses: ``"auto"`` is :attr:`MIN_CORR` for
+        ``dimat`` with ``mean`` and None otherwise; a number needs the ``mean`` rule (ValueError)."""
+        if isinstance(min_corr, str):
+            if min_corr != "auto":
+                raise ValueError(f"min_corr must be a number, None or 'auto', got {min_corr!r}")
+            return cls.MIN_CORR if method == "dimat" and rule == "mean" else None
+        if min_corr is not None and rule != "mean":
+            raise ValueError(f"min_corr leaves poorly matched units out of the mean: combine rule 'mean' only, got "
+                             f"{rule!r}")
+        return min_corr
+
     def __init__(
         self,
         model: nn.Module,
@@ -277,13 +290,7 @@ class Node:
         self.basis_tag = self.rank if basis_tag is None else int(basis_tag)
         self.combine = combine or combine_mod.CombineOptions()
         self.combine_seed = int(combine_seed)
-        if isinstance(min_corr, str):
-            if min_corr != "auto":
-                raise ValueError(f"min_corr must be a number, None or 'auto', got {min_corr!r}")
-            min_corr = self.MIN_CORR if method == "dimat" and self.combine.rule == "mean" else None
-        elif min_corr is not None and self.combine.rule != "mean":
-            raise ValueError(f"min_corr leaves poorly matched units out of the mean: combine rule 'mean' only, got "
-                             f"{self.combine.rule!r}")
+        min_corr = self.resolve_min_corr(min_corr, method, self.combine.rule)
         self.min_corr = min_corr
         self._guards = {"identity_prior": float(identity_prior), "keep_margin": keep_margin, "min_corr": min_corr}
         if method != "dimat" and (identity_prior or keep_margin is not None or min_corr is not None):

@@ -157,8 +157,10 @@ def masked_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
         wm = float(w) * (entry_mask(t, axes) if axes else torch.ones((), dtype=torch.float64))
         num += wm * t.detach().to(torch.float64)
         den += wm
-    plain = weighted_mean(tensors, weights)
-    return torch.where(den > 0, num / den.clamp_min(1e-300), plain)
+    kept = den > 0
+    if bool(kept.all()):
+        return num / den
+    return torch.where(kept, num / den.clamp_min(1e-300), weighted_mean(tensors, weights))
 
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

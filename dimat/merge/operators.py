@@ -161,17 +161,6 @@ def _weighted_sum(states: Sequence[Dict[str, torch.Tensor]], weights: Sequence[f
     return out
 
 
-def _masked_sum(states: Sequence[Dict[str, torch.Tensor]], weights: Sequence[float],
-                masks: Sequence[Optional[combine_mod.EntryMask]]) -> Dict[str, torch.Tensor]:
-    """:func:`_weighted_sum`, except that a tensor some participant masks is their masked mean."""
-    out = _weighted_sum(states, weights)
-    for name, t0 in states[0].items():
-        if t0.is_floating_point() and any(m and name in m for m in masks):
-            out[name] = combine_mod.masked_mean([sd[name] for sd in states], weights,
-                                                [m.get(name) if m else None for m in masks]).to(t0.dtype)
-    return out
-
-
 def _new_model(template: nn.Module, state: Dict[str, torch.Tensor]) -> nn.Module:
     model = copy.deepcopy(template)
     model.load_state_dict(state)
@@ -333,29 +322,38 @@ def _spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
     return spec
 
 
+def _memo(cache: "OrderedDict[tuple, Any]", key: tuple, make: Callable[[], Any],
+          size: int = _SPEC_CACHE_SIZE) -> Any:
+    """``cache[key]``, made by ``make()`` on a miss; the least recently used entries beyond ``size`` are dropped."""
+    if key not in cache:
+        cache[key] = make()
+        while len(cache) > size:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
+
+
 _GRAPH_CACHE: "OrderedDict[tuple, fx.Graph]" = OrderedDict()
 
 
 def graph_for(model: nn.Module, x: torch.Tensor) -> fx.Graph:
     """The model's aten graph (:func:`dimat.merge.structure.trace`) for inputs of ``x``'s exact shape, cached per
     architecture and shape; an empty graph when the model cannot be traced."""
-    key = _arch_key(model, model.state_dict(), x) + (tuple(x.shape), "aten")
-    hit = _GRAPH_CACHE.get(key)
-    if hit is None:
-        hit = fx.Graph()
+
+    def make() -> fx.Graph:
+        graph = fx.Graph()
         try:
             env: Dict[str, fx.Node] = {}
             traced = structure.trace(model, x).graph
             for node in traced.nodes:  # a free copy: the trace's module holds a model copy
-                env[node.name] = hit.node_copy(node, lambda n: env[n.name])
-            hit.dimat_constants = getattr(traced, "dimat_constants", {})
+                env[node.name] = graph.node_copy(node, lambda n: env[n.name])
+            graph.dimat_constants = getattr(traced, "dimat_constants", {})
         except Exception:  # derive already warned; nothing is permuted
-            hit = fx.Graph()
-        _GRAPH_CACHE[key] = hit
-        while len(_GRAPH_CACHE) > 2 * _SPEC_CACHE_SIZE:
-            _GRAPH_CACHE.popitem(last=False)
-    _GRAPH_CACHE.move_to_end(key)
-    return hit
+            graph = fx.Graph()
+        return graph
+
+    key = _arch_key(model, model.state_dict(), x) + (tuple(x.shape), "aten")
+    return _memo(_GRAPH_CACHE, key, make, 2 * _SPEC_CACHE_SIZE)
 
 
 _CHANNELS_LAST: Dict[tuple, bool] = {}
@@ -409,12 +407,7 @@ _PLAN_CACHE: "OrderedDict[tuple, RepairPlan]" = OrderedDict()
 def _plan_for(model: nn.Module, candidates: List[str], example: torch.Tensor) -> RepairPlan:
     """REPAIR's plan (:func:`dimat.merge.repair.plan`), made once per architecture, input shape and layer set."""
     key = _arch_key(model, model.state_dict(), example) + (tuple(candidates),)
-    if key not in _PLAN_CACHE:
-        _PLAN_CACHE[key] = repair_plan(model, candidates, example)
-        while len(_PLAN_CACHE) > _SPEC_CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
-    _PLAN_CACHE.move_to_end(key)
-    return _PLAN_CACHE[key]
+    return _memo(_PLAN_CACHE, key, lambda: repair_plan(model, candidates, example))
 
 
 _NORMALISED_CACHE: "OrderedDict[tuple, List[str]]" = OrderedDict()
@@ -424,19 +417,17 @@ _NORM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layers restor
 def _normalised_for(model: nn.Module, example: torch.Tensor) -> List[str]:
     """The conv/linear layers only a BatchNorm reads (:func:`dimat.merge.repair.normalised_layers`), once per
     architecture and input shape."""
-    key = _arch_key(model, model.state_dict(), example)
-    if key not in _NORMALISED_CACHE:
+
+    def make() -> List[str]:
         layers = [n for n, m in model.named_modules() if isinstance(m, _NORM_LAYERS)]
         found = normalised_layers(model, layers, example) if layers else []
         if not found:  # said once per architecture: the option was asked for and does nothing here
             warnings.warn(f"restore_norms: no conv/linear layer of {type(model).__name__} has an output that only a "
                           f"BatchNorm reads, so nothing is rescaled (layers before GroupNorm, LayerNorm or no "
-                          f"normalisation are left as the combine step made them)", stacklevel=3)
-        _NORMALISED_CACHE[key] = found
-        while len(_NORMALISED_CACHE) > _SPEC_CACHE_SIZE:
-            _NORMALISED_CACHE.popitem(last=False)
-    _NORMALISED_CACHE.move_to_end(key)
-    return _NORMALISED_CACHE[key]
+                          f"normalisation are left as the combine step made them)", stacklevel=5)
+        return found
+
+    return _memo(_NORMALISED_CACHE, _arch_key(model, model.state_dict(), example), make)
 
 
 def _check_restore(restore_norms: bool, batches) -> None:
@@ -511,8 +502,8 @@ def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, 
     permuted = [None] + [sd if perms else None for sd, perms in zip(aligned[1:], perms_per_model)]
     if masks is not None and any(masks):  # merge.min_corr: poorly matched units are left out of the mean
         entry = [None] + list(masks)
-        state = _masked_sum(aligned, w, entry) if combine is None else combine(aligned, w, perms_per_model, spec,
-                                                                                 masks=entry)
+        state = combine_mod.combine_states(aligned, w, combine_mod.CombineOptions(), masks=entry) if combine is None \
+            else combine(aligned, w, perms_per_model, spec, masks=entry)
     else:
         state = _weighted_sum(aligned, w) if combine is None else combine(aligned, w, perms_per_model, spec)
     merged = _new_model(models[0], state)
