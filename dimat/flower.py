@@ -41,6 +41,7 @@ import copy
 import inspect
 import logging
 import math
+import numbers
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -132,13 +133,25 @@ class ModelAggregator:
     telemetry : after every merge, also measure how far the clients were from the reference's unit order
         (:func:`alignment_telemetry`, one more statistics pass over the calibration batches) and put it in
         :attr:`last_report`. Needs ``calibration``.
+    min_corr : ``"dimat"`` only: a client's unit joins the average only where its correlation with the reference
+        unit it was matched to is at least ``min_corr`` (the node's ``merge.min_corr``, docs/merge.md); the
+        report's ``kept`` gives each other client's share of units that joined. None (default): every matched
+        unit, as published. Clients that start every round from the server's model stay in one unit order and
+        keep nearly every unit; the threshold matters when clients diverge (e.g. several local epochs from
+        different initialisations).
+    bn_repair : how the BatchNorm statistics of the merged model are repaired on ``calibration`` (with
+        ``reset_bn``): ``"local"`` (default) recomputes them on the calibration batches; ``"mix"`` takes the
+        clients' aligned running statistics, mixed by weight and corrected for the merge's variance collapse as
+        measured on the calibration batches (the node's ``merge.bn_repair``). ``"mix"`` suits a server whose
+        calibration batches do not look like the clients' data.
 
     Attributes
     ----------
     last_report : dict describing the latest merge (None before the first): ``method``, ``clients``,
         ``reference`` (index into the results given), ``weights`` (normalised, reference first), ``merge_s``
         (seconds), ``operator_profile`` (the operator's own timings: ``stats_s``/``assign_s`` exist only when it
-        matched units) and, with ``telemetry``, ``alignment``.
+        matched units), with ``min_corr`` ``kept`` (per other client in the order of ``weights``, the share of its
+        units that joined the average) and, with ``telemetry``, ``alignment``.
     """
 
     def __init__(
@@ -149,6 +162,9 @@ class ModelAggregator:
         reset_bn: bool = True,
         stat_batches: Optional[int] = None,
         telemetry: bool = False,
+        *,
+        min_corr: Optional[float] = None,
+        bn_repair: str = "local",
     ) -> None:
         self.template = _template(model)
         self.calibration = _calibration(calibration)
@@ -163,6 +179,17 @@ class ModelAggregator:
         if telemetry and self.calibration is None:
             raise ValueError("telemetry (alignment statistics) needs calibration batches held by the server")
         self.telemetry = bool(telemetry)
+        if min_corr is not None:
+            if self.method != "dimat":
+                raise ValueError(f"min_corr acts on activation matching (method 'dimat'), not {self.method!r}")
+            if isinstance(min_corr, bool) or not isinstance(min_corr, numbers.Real) or not math.isfinite(min_corr):
+                raise ValueError(f"min_corr must be a finite number or None, got {min_corr!r}")
+        self.min_corr = None if min_corr is None else float(min_corr)
+        if bn_repair not in merge.repair.BN_REPAIRS:
+            raise ValueError(f"bn_repair must be one of {', '.join(merge.repair.BN_REPAIRS)}, got {bn_repair!r}")
+        if bn_repair != "local" and self.calibration is None:
+            raise ValueError(f"bn_repair {bn_repair!r} measures the merge on calibration batches; none were given")
+        self.bn_repair = bn_repair
         self.last_report: Optional[Dict[str, Any]] = None
         # Only operators that match units take a `profile` dict; it records the seconds of each of their stages.
         self._takes_profile = "profile" in inspect.signature(self._merge).parameters
@@ -190,7 +217,12 @@ class ModelAggregator:
         models = [self._model(results[i][0], f"client {i}") for i in order]
         weights = [counts[i] for i in order]
         profile: Dict[str, float] = {}
-        extra = {"profile": profile} if self._takes_profile else {}
+        extra: Dict[str, Any] = {"profile": profile} if self._takes_profile else {}
+        matched: Dict[int, Dict[str, float]] = {}
+        if self.min_corr is not None:
+            extra.update(min_corr=self.min_corr, report=matched)
+        if self.bn_repair != "local":
+            extra["bn_repair"] = self.bn_repair
         t = time.perf_counter()
         merged = self._merge(
             models,
@@ -208,6 +240,8 @@ class ModelAggregator:
             "merge_s": time.perf_counter() - t,
             "operator_profile": dict(profile),
         }
+        if self.min_corr is not None:
+            report["kept"] = [matched.get(j, {}).get("kept", 1.0) for j in range(1, len(models))]
         if self.telemetry:
             report["alignment"] = alignment_telemetry(models, self.calibration, self.stat_batches)
         self.last_report = report
@@ -374,10 +408,13 @@ class _Merging:
         reset_bn: bool = True,
         stat_batches: Optional[int] = None,
         telemetry: bool = False,
+        min_corr: Optional[float] = None,
+        bn_repair: str = "local",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # the FedAvg that follows in the strategy's MRO
-        self.aggregator = ModelAggregator(model, calibration, method, reset_bn, stat_batches, telemetry)
+        self.aggregator = ModelAggregator(model, calibration, method, reset_bn, stat_batches, telemetry,
+                                          min_corr=min_corr, bn_repair=bn_repair)
         #: one dict per aggregated round: ``{"round": r, "client_ids": [...], **aggregator.last_report}``
         self.merge_log: List[Dict[str, Any]] = []
 
@@ -409,8 +446,8 @@ def _build_dimat_fedavg() -> type:
         model : the clients' architecture (``nn.Module`` or zero-argument factory); see :class:`ModelAggregator`.
         calibration : batches held by the server for activation statistics and the BatchNorm reset. Without it the
             strategy falls back to weighted averaging (FedAvg's arithmetic).
-        method, reset_bn, stat_batches, telemetry : as in :class:`ModelAggregator`; each round's report is
-            appended to ``merge_log``.
+        method, reset_bn, stat_batches, telemetry, min_corr, bn_repair : as in :class:`ModelAggregator`; each
+            round's report is appended to ``merge_log``.
         **kwargs : every FedAvg keyword (``min_fit_clients``, ``initial_parameters``, ``evaluate_fn``, ...).
         """
 
@@ -458,8 +495,8 @@ def _build_message_dimat_fedavg() -> type:
         model : the clients' architecture (``nn.Module`` or zero-argument factory); see :class:`ModelAggregator`.
         calibration : batches held by the server for activation statistics and the BatchNorm reset. Without it the
             strategy falls back to weighted averaging (FedAvg's arithmetic).
-        method, reset_bn, stat_batches, telemetry : as in :class:`ModelAggregator`; each round's report is
-            appended to ``merge_log``.
+        method, reset_bn, stat_batches, telemetry, min_corr, bn_repair : as in :class:`ModelAggregator`; each
+            round's report is appended to ``merge_log``.
         **kwargs : every FedAvg keyword (``fraction_train``, ``min_train_nodes``, ``weighted_by_key``, ...).
         """
 

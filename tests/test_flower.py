@@ -165,6 +165,41 @@ def test_aggregation_is_the_merge_operator_on_the_reference_first_with_example_c
         np.testing.assert_array_equal(got, want)
 
 
+def test_min_corr_is_the_operators_threshold_and_reports_the_units_kept():
+    def plain(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 3))
+
+    clients = [plain(30), plain(31), plain(32)]  # unrelated inits: few units match
+    agg = ModelAggregator(plain(0), CALIBRATION, min_corr=0.6)
+    out = agg.aggregate(results_of(clients, [3, 7, 5]))
+    report = {}
+    expected = merge.activation_match([clients[1], clients[0], clients[2]], [7, 3, 5], CALIBRATION, min_corr=0.6,
+                                      report=report)
+    for got, want in zip(out, state_to_ndarrays(expected)):
+        np.testing.assert_array_equal(got, want)
+    assert agg.last_report["kept"] == [report[1]["kept"], report[2]["kept"]]
+    assert all(0.0 <= k < 1.0 for k in agg.last_report["kept"])
+    # above every correlation no other client's unit joins: the hidden layers are the reference's
+    agg = ModelAggregator(plain(0), CALIBRATION, min_corr=1.5, reset_bn=False)
+    alone = plain(0)
+    alone.load_state_dict(ndarrays_to_state(alone, agg.aggregate(results_of(clients, [3, 7, 5]))))
+    assert agg.last_report["kept"] == [0.0, 0.0]
+    for i in (0, 2):
+        torch.testing.assert_close(alone[i].weight, clients[1][i].weight, rtol=0, atol=1e-6)
+
+
+def test_bn_repair_mix_takes_the_clients_running_statistics():
+    m = make_model(12)
+    clients = [m, permuted(m, 1)]
+    out = as_model(ModelAggregator(make_model(0), CALIBRATION, bn_repair="mix").aggregate(results_of(clients, [3, 3])))
+    # two copies of one model: the mixture is that model's statistics and the merge collapses nothing
+    torch.testing.assert_close(out[1].running_mean, m[1].running_mean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[1].running_var, m[1].running_var, rtol=1e-4, atol=1e-5)
+    local = as_model(ModelAggregator(make_model(0), CALIBRATION).aggregate(results_of(clients, [3, 3])))
+    assert not torch.allclose(local[1].running_mean, m[1].running_mean, atol=1e-3)  # a reset on the calibration
+
+
 def test_without_calibration_falls_back_to_weighted_average_by_example_counts():
     a, b = make_model(6), make_model(7)
     agg = ModelAggregator(make_model(0))
@@ -210,6 +245,11 @@ def test_aggregation_does_not_modify_the_client_arrays():
         (dict(calibration=5), "iterable of batches"),
         (dict(method="nope"), "unknown merge method 'nope'"),
         (dict(stat_batches=0), "stat_batches must be a positive int"),
+        (dict(min_corr=0.5, method="wa"), "min_corr acts on activation matching"),
+        (dict(min_corr=float("nan"), calibration=CALIBRATION), "min_corr must be a finite number"),
+        (dict(min_corr="0.5", calibration=CALIBRATION), "min_corr must be a finite number"),
+        (dict(bn_repair="global"), "bn_repair must be one of local, mix"),
+        (dict(bn_repair="mix", calibration=None, method="wa"), "bn_repair 'mix' measures the merge on calibration"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
