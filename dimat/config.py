@@ -68,6 +68,8 @@ DEFAULTS: Dict[str, Any] = {
         "keep_margin": None,  # dimat: keep a group's order unless matching gains more correlation than this
         "min_corr": "auto",  # dimat: average a matched unit only where its correlation reaches this (auto: 0.7 with
         # combine mean, else null; null: average every matched unit, as published)
+        "adopt_min_acc": None,  # basis shared: adopt a neighbour's basis only if its model reaches this accuracy
+        # on local batches (auto: chance, 1/classes; null: always adopt)
         "stats": "own",  # dimat: align on own data's statistics (own) or on both sides' of each edge (both)
         "combine": "mean",  # after alignment: mean | ties | dare | consensus | fisher | regmean
         "combine_scale": 1.0,  # lambda on the combined task vector (ties, dare, consensus)
@@ -119,6 +121,7 @@ TYPES: Dict[str, Tuple[type, ...]] = {
     "merge.bn_batches": (int, type(None)),
     "merge.keep_margin": (int, float, type(None)),
     "merge.min_corr": (int, float, str, type(None)),
+    "merge.adopt_min_acc": (int, float, str, type(None)),
     "merge.regmean_max_inputs": (int, type(None)),
     "gossip.lr": (int, float, type(None)),
     "transport.compress": (str, type(None)),
@@ -369,6 +372,16 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
         raise bad("merge.identity_prior", f"must be >= 0, got {f['merge.identity_prior']}")
     if isinstance(f["merge.min_corr"], str) and f["merge.min_corr"] != "auto":
         raise bad("merge.min_corr", f"must be a number, null or auto, got {f['merge.min_corr']!r}")
+    adopt = f["merge.adopt_min_acc"]
+    if isinstance(adopt, str) and adopt != "auto":
+        raise bad("merge.adopt_min_acc", f"must be an accuracy in [0, 1], null or auto, got {adopt!r}")
+    if not isinstance(adopt, (str, type(None))):
+        if not 0.0 <= adopt <= 1.0:
+            raise bad("merge.adopt_min_acc", f"must be an accuracy in [0, 1], got {adopt!r}")
+        if f["merge.basis"] != "shared" or f["merge.method"] not in ("dimat", "wm"):
+            raise bad("merge.adopt_min_acc", f"decides whether a neighbour's basis is adopted: merge.basis shared "
+                      f"with merge.method dimat or wm only, got basis {f['merge.basis']!r} and method "
+                      f"{f['merge.method']!r}")
     if f["merge.method"] != "dimat":
         for key, off in (("merge.identity_prior", (0.0,)), ("merge.keep_margin", (None,)),
                          ("merge.min_corr", ("auto", None))):

@@ -170,6 +170,17 @@ class Node:
         this (None: every unit is averaged, as published; see ``activation_match``'s ``min_corr``). The
         telemetry's edges then carry ``kept``, the share of that neighbour's units that did. ``"auto"`` (the
         default): :attr:`MIN_CORR` for ``dimat`` with the ``mean`` combine rule, None otherwise.
+    adopt_min_acc : under ``basis="shared"``, when a merge's reference is a neighbour's basis (a lower tag than
+        this agent's), the model that holds it must first reach this accuracy on the local batches
+        (``stat_batches`` of them, in eval mode), or the agent keeps its own basis for the merge: it aligns the
+        others to its own model instead, and its tag does not change. Adopting a basis, with ``min_corr``,
+        replaces most of this agent's units by that model's, which is only worth it when that model knows
+        something of this agent's data; on label-disjoint splits it scores nothing here and adopting it throws
+        the agent's own classes away. ``"auto"``: chance, 1 / the number of outputs of a model that returns
+        ``[batch, classes]`` logits for integer labels; the check is skipped (the basis adopted, with one warning)
+        for models or batches without them. None (the default): always adopt; the check won on one benchmark and
+        lost on another (docs/merge.md, "Keeping one's own basis"). The telemetry carries ``adopt`` (the holder's
+        rank and accuracy, the threshold and whether it was adopted) for every merge it checked.
     restore_norms : after combining, give every unit of a conv/linear layer that only a BatchNorm reads the mean
         weight norm it had in the participants, so that the merged model trains at their effective step size
         (see ``activation_match``'s ``restore_norms``). Needs ``reset_bn`` and ``batches``.
@@ -229,6 +240,7 @@ class Node:
         basis_tag: Optional[int] = None,
         restore_norms: bool = False,
         min_corr: Union[float, str, None] = "auto",
+        adopt_min_acc: Union[float, str, None] = None,
     ):
         if stats not in self.STATS:
             raise ValueError(f"stats must be one of {', '.join(self.STATS)}, got {stats!r}")
@@ -302,6 +314,12 @@ class Node:
             raise ValueError("restore_norms rescales weights that a BatchNorm normalises: it needs reset_bn=True "
                              "and batches, so that the statistics are recomputed after it")
         self.restore_norms = restore_norms
+        if adopt_min_acc is not None and adopt_min_acc != "auto" and (
+                isinstance(adopt_min_acc, (bool, str)) or not isinstance(adopt_min_acc, (int, float))
+                or not 0.0 <= float(adopt_min_acc) <= 1.0):
+            raise ValueError(f"adopt_min_acc must be an accuracy in [0, 1], None or 'auto', got {adopt_min_acc!r}")
+        self.adopt_min_acc = adopt_min_acc
+        self._adopt_unchecked_warned = False
         self.stats = stats
         # The round in progress, from gather(): its snapshots, seconds collecting, the neighbour models and my pair
         # statistics for them, stats bytes posted and seconds computing them.
@@ -465,14 +483,15 @@ class Node:
             return None
         return int(t)
 
-    def _order(self, ranks: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]]
-               ) -> tuple[List[int], List[int], int]:
+    def _order(self, ranks: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]],
+               ref: Optional[int] = None) -> tuple[List[int], List[int], int]:
         """Participants with the reference first, the positions (>= 1) already in the reference's basis, and the
-        reference's tag (the merged model's)."""
+        reference's tag (the merged model's): the lowest valid tag, or ``ref``."""
         if not self._tagged:
             return list(ranks), [], self.basis_tag
         tags = {j: self.basis_tag if j == self.rank else self._tag_of(j, snapshots[j]) for j in ranks}
-        ref = min(t for t in tags.values() if t is not None)  # own tag is always valid
+        if ref is None:
+            ref = min(t for t in tags.values() if t is not None)  # own tag is always valid
         # The reference's holder: this agent if it carries the reference tag, else the lowest such rank.
         order = sorted(ranks, key=lambda j: (tags[j] != ref, j != self.rank, j))
         return order, [i for i, j in enumerate(order) if i > 0 and tags[j] == ref], ref
@@ -510,7 +529,14 @@ class Node:
                pair_stats: Optional[Dict[int, list]] = None) -> Dict[str, Any]:
         # The operator aligns every model to the first one it is given.
         order, same, tag = self._order(ranks, snapshots)
-        built = built or {}
+        built = dict(built or {})
+        adopt = None
+        if tag != self.basis_tag and self.adopt_min_acc is not None:
+            if order[0] not in built:
+                built[order[0]] = self._neighbor_model(snapshots[order[0]])
+            adopt = self._adoption_check(order[0], built[order[0]], tag)
+            if adopt is not None and not adopt["adopted"]:
+                order, same, tag = self._order(ranks, snapshots, ref=self.basis_tag)
         models = [self.model if j == self.rank else built[j] if j in built else self._neighbor_model(snapshots[j])
                   for j in order]
         own_reset = self.reset_bn and self.bn_batches is not None  # a separate batch budget for the BN reset
@@ -537,7 +563,60 @@ class Node:
             merge_ops.reset_bn_stats(merged, self.batches, self.bn_batches)
         self.model.load_state_dict(merged.state_dict())
         self.basis_tag = tag  # only once the merged model is in place
-        return _telemetry(order, self.rank, dist, moved, align)
+        telemetry = _telemetry(order, self.rank, dist, moved, align)
+        if adopt is not None:
+            telemetry["adopt"] = adopt
+        return telemetry
+
+    @torch.no_grad()
+    def _adoption_check(self, holder: int, model: nn.Module, tag: int) -> Optional[Dict[str, Any]]:
+        """Whether the neighbour basis held by ``holder`` (its ``model``) is adopted (see ``adopt_min_acc``):
+        ``{"from": holder, "acc": ..., "min_acc": ..., "adopted": ...}``, or None where the local batches or
+        the model's output give no accuracy (the basis is then adopted, with a warning the first time)."""
+        acc, classes = _accuracy(model, self.batches, self.stat_batches)
+        if acc is None:
+            if not self._adopt_unchecked_warned:
+                log.warning("agent %d: adopt_min_acc: the local batches have no integer labels or the model does "
+                            "not return [batch, classes] logits; adopting neighbours' bases unchecked", self.rank)
+                self._adopt_unchecked_warned = True
+            return None
+        threshold = 1.0 / classes if self.adopt_min_acc == "auto" else float(self.adopt_min_acc)
+        adopted = acc > threshold
+        if not adopted:
+            log.info("agent %d: keeping its own basis: agent %d's model (basis %d) scores %.3f on its data, "
+                     "threshold %.3f", self.rank, holder, tag, acc, threshold)
+        return {"from": int(holder), "acc": acc, "min_acc": threshold, "adopted": bool(adopted)}
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, batches: Optional[Iterable[Any]], limit: Optional[int]
+              ) -> tuple[Optional[float], int]:
+    """Top-1 accuracy of ``model`` (eval mode, restored after) on the first ``limit`` ``(input, label)`` batches,
+    and its number of outputs; ``(None, 0)`` when a batch has no integer labels or the output is not
+    ``[batch, classes]``."""
+    if batches is None:
+        return None, 0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    flags = [(m, m.training) for m in model.modules()]
+    correct = total = classes = 0
+    model.eval()
+    try:
+        for i, b in enumerate(batches):
+            if limit is not None and i >= limit:
+                break
+            if not (isinstance(b, (tuple, list)) and len(b) > 1 and isinstance(b[1], torch.Tensor)
+                    and not b[1].is_floating_point() and b[1].dim() == 1):
+                return None, 0
+            out = model(b[0].to(device))
+            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != b[1].shape[0]:
+                return None, 0
+            classes = out.shape[1]
+            correct += int((out.argmax(1).cpu() == b[1].cpu()).sum())
+            total += int(b[1].shape[0])
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return (correct / total if total else None), classes
 
 
 def _telemetry(order: Sequence[int], own: int, dist: Dict[int, float], moved: Dict[int, float],

@@ -524,3 +524,86 @@ def test_stats_both_over_grpc_between_two_real_transports():
     finally:
         for t in ts:
             t.close()
+
+
+# ------------------------------------------------------------------------------- adopting a neighbour's basis
+def _always_predicts(cls: int, seed: int) -> nn.Module:
+    """An mlp() whose output layer makes it predict class ``cls`` on every input."""
+    m = mlp(seed)
+    with torch.no_grad():
+        m[2].weight.zero_()
+        m[2].bias.copy_(torch.nn.functional.one_hot(torch.tensor(cls), 3).float() * 10)
+    return m
+
+
+def _pair_round(models, labels, **kw):
+    """Agents 0 and 1 (fc) whose local batches are labelled ``labels[k]``; one dimat round, shared basis."""
+    topo = Topology.build("fc", 2)
+    ts = make_inproc([topo.neighbors(k) for k in range(2)])
+    data = [[(x, torch.full((16,), labels[k], dtype=torch.long)) for x, _ in batches(2, seed=k)] for k in range(2)]
+    ns = [Node(m, topo, k, ts[k], data[k], method="dimat", reset_bn=False, basis="shared", min_corr=None, **kw)
+          for k, m in enumerate(models)]
+    own1 = state(ns[1].model)
+    results = _ring_round(ns, 0)
+    return ns, results, own1
+
+
+def test_a_basis_whose_model_scores_at_chance_on_local_data_is_not_adopted(caplog):
+    # agent 0's model always answers class 0; agent 1's data are all class 1: it scores 0 there, below chance (1/3)
+    ns, results, own1 = _pair_round([_always_predicts(0, 0), mlp(1)], [0, 1], adopt_min_acc="auto")
+    assert ns[1].basis_tag == 1 and ns[0].basis_tag == 0
+    check = results[1].telemetry["adopt"]
+    assert check == {"from": 0, "acc": 0.0, "min_acc": pytest.approx(1 / 3), "adopted": False}
+    assert "adopt" not in results[0].telemetry  # agent 0 holds the lowest tag: nothing to adopt
+    # agent 1 aligned agent 0's model to its own units: the merge is the same as under basis="own"
+    topo = Topology.build("fc", 2)
+    ts = make_inproc([topo.neighbors(k) for k in range(2)])
+    data = [[(x, torch.full((16,), k, dtype=torch.long)) for x, _ in batches(2, seed=k)] for k in range(2)]
+    own = [Node(m, topo, k, ts[k], data[k], method="dimat", reset_bn=False, basis="own", min_corr=None)
+           for k, m in enumerate([_always_predicts(0, 0), mlp(1)])]
+    _ring_round(own, 0)
+    for name, t in ns[1].model.state_dict().items():
+        torch.testing.assert_close(t, own[1].model.state_dict()[name])
+
+
+def test_a_basis_whose_model_beats_chance_is_adopted_and_none_always_adopts():
+    ns, results, _ = _pair_round([_always_predicts(1, 0), mlp(1)], [0, 1], adopt_min_acc="auto")
+    assert ns[1].basis_tag == 0 and results[1].telemetry["adopt"]["adopted"] is True
+    assert results[1].telemetry["adopt"]["acc"] == 1.0
+    ns, results, _ = _pair_round([_always_predicts(0, 0), mlp(1)], [0, 1])  # the default: None, no check
+    assert ns[1].basis_tag == 0 and "adopt" not in results[1].telemetry
+    ns, results, _ = _pair_round([_always_predicts(1, 0), mlp(1)], [0, 1], adopt_min_acc=1.0)  # 1.0 is not > 1.0
+    assert ns[1].basis_tag == 1 and results[1].telemetry["adopt"]["min_acc"] == 1.0
+
+
+def test_the_adoption_check_is_skipped_with_a_warning_without_labels(caplog):
+    topo = Topology.build("fc", 2)
+    ts = make_inproc([topo.neighbors(k) for k in range(2)])
+    ns = [Node(mlp(k), topo, k, ts[k], [x for x, _ in batches(2, seed=k)], method="dimat", basis="shared",
+               adopt_min_acc="auto") for k in range(2)]
+    with caplog.at_level("WARNING"):
+        results = _ring_round(ns, 0)
+        _ring_round(ns, 1)
+    assert ns[1].basis_tag == 0 and "adopt" not in results[1].telemetry
+    assert sum("adopting neighbours' bases unchecked" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, "chance", True])
+def test_bad_adopt_min_acc_is_refused(bad):
+    with pytest.raises(ValueError, match="adopt_min_acc must be an accuracy in"):
+        Node(mlp(0), Topology.build("ring", 3), 0, None, None, method="none", adopt_min_acc=bad)
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["merge.adopt_min_acc=1.5"], "must be an accuracy in [0, 1]"),
+    (["merge.adopt_min_acc=chance"], "null or auto"),
+    (["merge.adopt_min_acc=0.2", "merge.basis=own"], "merge.basis shared"),
+    (["merge.adopt_min_acc=0.2", "merge.method=wa"], "merge.method dimat or wm"),
+])
+def test_adopt_min_acc_config_is_checked(sets, needle):
+    from dimat.config import UserError, resolve
+    with pytest.raises(UserError) as e:
+        resolve({}, sets, where="run.yaml")
+    assert needle in str(e.value) and "merge.adopt_min_acc" in str(e.value) and "\n" not in str(e.value)
+    assert resolve({}, ["merge.adopt_min_acc=auto"]).merge.adopt_min_acc == "auto"
+    assert resolve({}).merge.adopt_min_acc is None
