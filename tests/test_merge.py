@@ -779,49 +779,6 @@ def test_min_corr_averages_models_of_the_same_basis_whole():
         assert torch.allclose(v, w), k
 
 
-def test_min_corr_leaves_a_neighbour_out_of_the_repair_targets_of_the_units_it_left():
-    # REPAIR rescales each unit of ref[0] (no BatchNorm reads it) to the participants' mean statistics: the
-    # corrupted unit, left out of the weights, must not pull the kept unit towards its own statistics
-    ref, other, batches = _mlp_and_corrupted_copy()
-    merged = merge.activation_match([ref, other], [0.5, 0.5], batches, repair=True, reset_bn=True, min_corr=0.5)
-    x = torch.cat(batches)
-    assert torch.allclose(merged(x), ref(x), atol=1e-4)
-    plain = merge.activation_match([ref, other], [0.5, 0.5], batches, repair=True, reset_bn=True)
-    assert not torch.allclose(plain(x), ref(x), atol=1e-2)
-
-
-def test_min_corr_leaves_a_neighbour_out_of_the_batchnorm_mixture():
-    torch.manual_seed(0)
-    ref = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    other = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    batches = [torch.randn(128, 16) for _ in range(2)]
-    for m in (ref, other):  # running statistics of their own
-        m.train()
-        with torch.no_grad():
-            m(torch.randn(512, 16) * 3 + 1)
-        m.eval()
-    merged = merge.activation_match([ref, other], [0.5, 0.5], batches, bn_repair="mix", min_corr=1.5)
-    assert torch.allclose(merged[1].running_mean, ref[1].running_mean, atol=1e-5)
-    assert torch.allclose(merged[1].running_var, ref[1].running_var, rtol=1e-4)
-    mixed = merge.activation_match([ref, other], [0.5, 0.5], batches, bn_repair="mix")
-    assert not torch.allclose(mixed[1].running_mean, ref[1].running_mean, atol=1e-2)
-
-
-def test_unit_weights_renormalise_per_unit_and_fall_back_where_nobody_keeps_a_unit():
-    keep = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
-    masks = [None, {"l.weight": [(0, keep), (1, torch.zeros(5, dtype=torch.float64))]},
-             {"l.weight": [(0, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))]}]
-    w = operators._unit_weights([0.5, 0.25, 0.25], masks, {"l": "l.weight", "n": "n.weight"})
-    assert set(w) == {"l"}  # no participant leaves a unit of n out
-    got = torch.stack(w["l"])
-    assert torch.allclose(got, torch.tensor([[0.5, 2 / 3, 1.0], [0.25, 0.0, 0.0], [0.25, 1 / 3, 0.0]],
-                                            dtype=torch.float64))
-    nobody = torch.stack(operators._unit_weights([0.0, 0.5, 0.5], masks, {"l": "l.weight"})["l"])
-    # unit 0: both neighbours; unit 1: the third alone; unit 2: nobody with weight keeps it, so the plain weights
-    assert torch.allclose(nobody, torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.0, 0.5], [0.5, 1.0, 0.5]],
-                                               dtype=torch.float64))
-
-
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "0.5", True])
 def test_min_corr_must_be_a_finite_number(bad):
     ref, other, batches = _mlp_and_corrupted_copy()

@@ -384,12 +384,10 @@ def _channels_last(model: nn.Module, example: torch.Tensor) -> bool:
     return _CHANNELS_LAST.get(_arch_key(model, model.state_dict(), example), False)
 
 
-def _repair_targets(models, aligned, w, layers, batches, stat_batches, cl=False, unit_w=None):
+def _repair_targets(models, aligned, w, layers, batches, stat_batches, cl=False):
     """Weighted per-unit output (mean, std) of the aligned endpoints (``aligned``: their permuted state dicts)
-    for the named ``layers``; each endpoint is measured in ``models[0]``'s unit order. ``unit_w[layer]``, where
-    given, weighs each unit by participant (:func:`_unit_weights`) instead of ``w``."""
+    for the named ``layers``; each endpoint is measured in ``models[0]``'s unit order."""
     device = _device_of(models[0])
-    unit_w = unit_w or {}
     targets: Dict[str, List[torch.Tensor]] = {}
     for j, (sd, wj) in enumerate(zip(aligned, w)):
         if wj <= 0:
@@ -398,43 +396,9 @@ def _repair_targets(models, aligned, w, layers, batches, stat_batches, cl=False,
         inputs = (_to(x, device, cl) for x in iter_inputs(batches, stat_batches))
         for name, (mean, std) in endpoint_stats(model, layers, inputs).items():
             acc = targets.setdefault(name, [torch.zeros_like(mean), torch.zeros_like(std)])
-            f = unit_w[name][j].to(mean) if name in unit_w else wj
-            acc[0] += f * mean
-            acc[1] += f * std
+            acc[0] += wj * mean
+            acc[1] += wj * std
     return {name: (m, s) for name, (m, s) in targets.items()}
-
-
-def _unit_weights(w: Sequence[float], masks: Optional[Sequence[Optional[combine_mod.EntryMask]]],
-                  tensors: Mapping[str, str]) -> Dict[str, List[torch.Tensor]]:
-    """What ``merge.min_corr`` means for statistics measured per unit (REPAIR's targets, ``bn_repair: mix``):
-    per layer (name -> the tensor whose axis 0 holds its units), each participant's weight per unit, ``w_j``
-    where its entry mask keeps the unit and 0 where it leaves it out, renormalised per unit (the plain weights
-    where no participant keeps it). Only layers with a left-out unit appear: the others take ``w`` as it is."""
-    out: Dict[str, List[torch.Tensor]] = {}
-    if not masks or not any(masks):
-        return out
-    for layer, tensor in tensors.items():
-        keeps = [None if not m else _axis0_keep(m, tensor) for m in masks]
-        if all(k is None or bool(k.all()) for k in keeps):
-            continue
-        n = next(k.numel() for k in keeps if k is not None)
-        cols = [wj * (torch.ones(n, dtype=torch.float64) if k is None else k) for wj, k in zip(w, keeps)]
-        total = torch.stack(cols).sum(0)
-        plain = float(sum(w))
-        out[layer] = [torch.where(total > 0, c / total.clamp_min(1e-300), torch.full_like(c, wj / plain))
-                      for c, wj in zip(cols, w)]
-    return out
-
-
-def _axis0_keep(mask: combine_mod.EntryMask, tensor: str) -> Optional[torch.Tensor]:
-    """The units (axis 0) of ``tensor`` that an entry mask keeps, as 0/1 float64 (None: the mask spares it)."""
-    vecs = [v for axis, v in mask.get(tensor, []) if axis == 0]
-    if not vecs:
-        return None
-    keep = vecs[0]
-    for v in vecs[1:]:
-        keep = keep * v
-    return keep.double()
 
 
 _PLAN_CACHE: "OrderedDict[tuple, RepairPlan]" = OrderedDict()
@@ -482,28 +446,23 @@ def _check_bn_repair(bn_repair: str, bn_batches: Optional[int]) -> None:
         raise ValueError(f"bn_batches must be an integer >= 1 or None, got {bn_batches!r}")
 
 
-def _mix_targets(models, states, aligned, w, batches, n_batches, cl, masks=None):
+def _mix_targets(models, states, aligned, w, batches, n_batches, cl):
     """:func:`dimat.merge.repair.bn_targets` of a merge: ``states`` are the aligned state dicts, ``aligned[j]``
-    is None where model j was not permuted (it is then measured as it is); ``masks`` as in :func:`_repair_bn`."""
-    bns = [n for n, m in models[0].named_modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
-    if not bns:
+    is None where model j was not permuted (it is then measured as it is)."""
+    if not any(isinstance(m, _BN_TYPES) and m.track_running_stats for m in models[0].modules()):
         return {}  # nothing to repair: no endpoint copies, no passes
     device = _device_of(models[0])
     endpoints = [models[j] if j == 0 or sd is None else _new_model(models[j], sd) for j, sd in enumerate(aligned)]
-    unit_w = _unit_weights(w, masks, {n: f"{n}.running_mean" for n in bns})
-    return bn_targets(endpoints, states, w, lambda: (_to(x, device, cl) for x in iter_inputs(batches, n_batches)),
-                      unit_w)
+    return bn_targets(endpoints, states, w, lambda: (_to(x, device, cl) for x in iter_inputs(batches, n_batches)))
 
 
 def _repair_bn(merged, models, states, aligned, w, spec, batches, n_batches, cl, repair: bool,
-               bn_repair: str, masks=None) -> None:
+               bn_repair: str) -> None:
     """The statistics repair after the weighted sum (in place): BatchNorm statistics by ``bn_repair`` (a reset on
     the local batches, or the participants' collapse-corrected mixture), plus, with ``repair``, REPAIR of the
-    permuted conv/linear layers that no BatchNorm reads directly. ``masks`` (``merge.min_corr``: one entry mask
-    per participant, None for one that keeps everything) leave a participant out of the per-unit targets of the
-    units it was left out of in the weights."""
+    permuted conv/linear layers that no BatchNorm reads directly."""
     device = _device_of(merged)
-    mix = _mix_targets(models, states, aligned, w, batches, n_batches, cl, masks) if bn_repair == "mix" else None
+    mix = _mix_targets(models, states, aligned, w, batches, n_batches, cl) if bn_repair == "mix" else None
     inputs = lambda: (_to(x, device, cl) for x in iter_inputs(batches, n_batches))  # noqa: E731
     steps = None
     if repair:
@@ -516,8 +475,7 @@ def _repair_bn(merged, models, states, aligned, w, spec, batches, n_batches, cl,
         else:
             mix_bn_stats(merged, inputs, mix)
         return
-    unit_w = _unit_weights(w, masks, {n: f"{n}.weight" for n in steps.layers})
-    targets = _repair_targets(models, aligned, w, list(steps.layers), batches, n_batches, cl, unit_w)
+    targets = _repair_targets(models, aligned, w, list(steps.layers), batches, n_batches, cl)
     reset_and_repair(merged, inputs, targets, steps, example, bn_mix=mix)
 
 
@@ -542,7 +500,6 @@ def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, 
         for sd, perms in zip(states[1:], perms_per_model)
     ]
     permuted = [None] + [sd if perms else None for sd, perms in zip(aligned[1:], perms_per_model)]
-    entry = None
     if masks is not None and any(masks):  # merge.min_corr: poorly matched units are left out of the mean
         entry = [None] + list(masks)
         state = combine_mod.combine_states(aligned, w, combine_mod.CombineOptions(), masks=entry) if combine is None \
@@ -558,8 +515,7 @@ def _merge_aligned(models, states, w, perms_per_model, spec, batches, reset_bn, 
     if reset_bn and batches is not None:
         n_batches = stat_batches if bn_batches is None else bn_batches
         if repair or bn_repair != "local":
-            _repair_bn(merged, models, aligned, permuted, w, spec, batches, n_batches, cl, repair, bn_repair,
-                       entry)
+            _repair_bn(merged, models, aligned, permuted, w, spec, batches, n_batches, cl, repair, bn_repair)
         else:
             reset_bn_stats(merged, batches, n_batches, channels_last=cl)
     if profile is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -428,25 +428,20 @@ def _bn_modules(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def mixture_stats(
-    states: Sequence[Dict[str, torch.Tensor]], weights: Sequence[float], names: Iterable[str],
-    unit_weights: Optional[Mapping[str, Sequence[torch.Tensor]]] = None,
+    states: Sequence[Dict[str, torch.Tensor]], weights: Sequence[float], names: Iterable[str]
 ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """Per BatchNorm layer, the (mean, var) of the weighted mixture of the participants' running statistics.
 
     ``states`` are aligned state dicts (every channel in ``states[0]``'s order), ``weights`` sum to 1. The mixture
     variance includes the spread of the means: ``var = sum_j w_j (var_j + mean_j**2) - mean**2`` (float64,
-    clamped at 0 against rounding). ``unit_weights[name]``, where given, replaces ``weights`` for that layer by
-    one weight per participant and channel (each channel's summing to 1; ``merge.min_corr`` leaves a participant
-    out of the channels it does not keep).
+    clamped at 0 against rounding).
     """
     out = {}
     for name in names:
         mean = var2 = None
-        for j, (sd, w) in enumerate(zip(states, weights)):
+        for sd, w in zip(states, weights):
             if w <= 0:
                 continue
-            if unit_weights is not None and name in unit_weights:
-                w = unit_weights[name][j].double().cpu()
             m = sd[f"{name}.running_mean"].detach().double().cpu()
             v = sd[f"{name}.running_var"].detach().double().cpu()
             mean = w * m if mean is None else mean + w * m
@@ -505,7 +500,6 @@ def bn_targets(
     states: Sequence[Dict[str, torch.Tensor]],
     weights: Sequence[float],
     inputs: Inputs,
-    unit_weights: Optional[Mapping[str, Sequence[torch.Tensor]]] = None,
 ) -> Dict[str, BNTarget]:
     """The :class:`BNTarget` of every tracked BatchNorm layer of a merge.
 
@@ -515,20 +509,17 @@ def bn_targets(
     states : their aligned state dicts (the running statistics are read from these).
     weights : the merge weights, summing to 1 (participants with weight 0 are skipped).
     inputs : local batches (a re-iterable, or a callable returning a fresh iterable), read once per endpoint.
-    unit_weights : per BatchNorm layer, weights per participant and channel that replace ``weights`` for it
-        (see :func:`mixture_stats`).
     """
     names = list(_bn_modules(endpoints[0]))
     if not names:
         return {}
-    mix = mixture_stats(states, weights, names, unit_weights)
+    mix = mixture_stats(states, weights, names)
     local: Dict[str, torch.Tensor] = {}
-    for j, (model, w) in enumerate(zip(endpoints, weights)):
+    for model, w in zip(endpoints, weights):
         if w <= 0:
             continue
         for n, (_, var) in bn_input_stats(model, inputs).items():
-            f = unit_weights[n][j].to(var) if unit_weights is not None and n in unit_weights else w
-            local[n] = local[n] + f * var if n in local else f * var
+            local[n] = local[n] + w * var if n in local else w * var
     return {n: BNTarget(mix[n][0], mix[n][1], local[n]) for n in names}
 
 
