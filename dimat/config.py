@@ -352,6 +352,7 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
     from dimat.merge.combine import CombineOptions
 
     from dimat.merge.repair import BN_REPAIRS
+    from dimat.node import Node
 
     if f["merge.bn_repair"] not in BN_REPAIRS:
         raise bad("merge.bn_repair", f"must be one of {', '.join(BN_REPAIRS)}, got {f['merge.bn_repair']!r}")
@@ -378,9 +379,9 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
     if not isinstance(adopt, (str, type(None))):
         if not 0.0 <= adopt <= 1.0:
             raise bad("merge.adopt_min_acc", f"must be an accuracy in [0, 1], got {adopt!r}")
-        if f["merge.basis"] != "shared" or f["merge.method"] not in ("dimat", "wm"):
+        if f["merge.basis"] != "shared" or f["merge.method"] not in Node.ALIGNING:
             raise bad("merge.adopt_min_acc", f"decides whether a neighbour's basis is adopted: merge.basis shared "
-                      f"with merge.method dimat or wm only, got basis {f['merge.basis']!r} and method "
+                      f"with merge.method {' or '.join(Node.ALIGNING)} only, got basis {f['merge.basis']!r} and method "
                       f"{f['merge.method']!r}")
     if f["merge.method"] != "dimat":
         for key, off in (("merge.identity_prior", (0.0,)), ("merge.keep_margin", (None,)),

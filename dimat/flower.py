@@ -41,7 +41,6 @@ import copy
 import inspect
 import logging
 import math
-import numbers
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -182,11 +181,9 @@ class ModelAggregator:
         if min_corr is not None:
             if self.method != "dimat":
                 raise ValueError(f"min_corr acts on activation matching (method 'dimat'), not {self.method!r}")
-            if isinstance(min_corr, bool) or not isinstance(min_corr, numbers.Real) or not math.isfinite(min_corr):
-                raise ValueError(f"min_corr must be a finite number or None, got {min_corr!r}")
+            merge.operators.check_min_corr(min_corr)
         self.min_corr = None if min_corr is None else float(min_corr)
-        if bn_repair not in merge.repair.BN_REPAIRS:
-            raise ValueError(f"bn_repair must be one of {', '.join(merge.repair.BN_REPAIRS)}, got {bn_repair!r}")
+        merge.operators.check_bn_repair(bn_repair)
         if bn_repair != "local" and self.calibration is None:
             raise ValueError(f"bn_repair {bn_repair!r} measures the merge on calibration batches; none were given")
         self.bn_repair = bn_repair

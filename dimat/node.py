@@ -284,8 +284,7 @@ class Node:
         self.stat_batches = stat_batches
         self.bn_batches = bn_batches
         self.reset_bn = reset_bn
-        if bn_repair not in merge_ops.repair.BN_REPAIRS:
-            raise ValueError(f"bn_repair must be one of {', '.join(merge_ops.repair.BN_REPAIRS)}, got {bn_repair!r}")
+        merge_ops.operators.check_bn_repair(bn_repair)
         if bn_repair == "mix" and not bn_refresh:
             raise ValueError("bn_repair 'mix' mixes the running statistics the snapshots carry: set bn_refresh=True "
                              "so that they describe the current weights (not a stale training average)")
@@ -597,10 +596,8 @@ def _accuracy(model: nn.Module, batches: Optional[Iterable[Any]], limit: Optiona
     if batches is None:
         return None, 0
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    flags = [(m, m.training) for m in model.modules()]
     correct = total = classes = 0
-    model.eval()
-    try:
+    with stats_mod.eval_mode(model):
         for i, b in enumerate(batches):
             if limit is not None and i >= limit:
                 break
@@ -613,9 +610,6 @@ def _accuracy(model: nn.Module, batches: Optional[Iterable[Any]], limit: Optiona
             classes = out.shape[1]
             correct += int((out.argmax(1).cpu() == b[1].cpu()).sum())
             total += int(b[1].shape[0])
-    finally:
-        for m, flag in flags:
-            m.training = flag
     return (correct / total if total else None), classes
 
 

@@ -269,7 +269,7 @@ def average(
     """
     states, w = _check(models, weights)
     _to_align(w, same_basis)  # the same checks as the aligning operators
-    _check_bn_repair(bn_repair, bn_batches)
+    check_bn_repair(bn_repair, bn_batches)
     _check_restore(restore_norms, batches)
     if (reset_bn or restore_norms) and batches is not None:
         example = _first_input(batches)  # an empty iterable is an error before any work is done
@@ -438,7 +438,16 @@ def _check_restore(restore_norms: bool, batches) -> None:
                          "the BatchNorm statistics must be recomputed after it")
 
 
-def _check_bn_repair(bn_repair: str, bn_batches: Optional[int]) -> None:
+def check_min_corr(min_corr: Optional[float]) -> None:
+    """ValueError unless ``min_corr`` is None or a finite real number (not a bool)."""
+    if min_corr is not None and (isinstance(min_corr, bool) or not isinstance(min_corr, numbers.Real)
+                                 or not math.isfinite(min_corr)):
+        raise ValueError(f"min_corr must be a finite number or None, got {min_corr!r}")
+
+
+def check_bn_repair(bn_repair: str, bn_batches: Optional[int] = None) -> None:
+    """ValueError unless ``bn_repair`` is one of :data:`~dimat.merge.repair.BN_REPAIRS` and ``bn_batches`` None or
+    an int >= 1 (the operators' arguments; the node and the Flower aggregator check theirs with it)."""
     if bn_repair not in BN_REPAIRS:
         raise ValueError(f"bn_repair must be one of {', '.join(BN_REPAIRS)}, got {bn_repair!r}")
     if bn_batches is not None and (isinstance(bn_batches, bool) or not isinstance(bn_batches, numbers.Integral)
@@ -618,15 +627,13 @@ def activation_match(
     A new module; the inputs are not modified.
     """
     states, w = _check(models, weights)
-    _check_bn_repair(bn_repair, bn_batches)
+    check_bn_repair(bn_repair, bn_batches)
     _check_restore(restore_norms, batches)
     if not (math.isfinite(identity_prior) and identity_prior >= 0):
         raise ValueError(f"identity_prior must be a finite number >= 0, got {identity_prior!r}")
     if keep_margin is not None and not math.isfinite(keep_margin):
         raise ValueError(f"keep_margin must be a finite number or None, got {keep_margin!r}")
-    if min_corr is not None and (isinstance(min_corr, bool) or not isinstance(min_corr, numbers.Real)
-                                 or not math.isfinite(min_corr)):
-        raise ValueError(f"min_corr must be a finite number or None, got {min_corr!r}")
+    check_min_corr(min_corr)
     device = _device_of(models[0])
     example = _first_input(batches).to(device)
     spec, graph = spec_for(models[0], example)
@@ -826,7 +833,7 @@ def weight_match(
     A new module; the inputs are not modified.
     """
     states, w = _check(models, weights)
-    _check_bn_repair(bn_repair, bn_batches)
+    check_bn_repair(bn_repair, bn_batches)
     _check_restore(restore_norms, batches)
     todo = _to_align(w, same_basis)
     device = _device_of(models[0])
