@@ -403,9 +403,6 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
         if f["merge.method"] != "dimat":
             raise bad("merge.stats", f"both pools activation statistics for matching (merge.method dimat), but "
                                      f"merge.method is {f['merge.method']!r}")
-        if f["merge.basis"] != "own":
-            raise bad("merge.stats", "both needs merge.basis: own (the statistics are of each edge's two "
-                                     "models, and the default basis is shared)")
         if f["transport.name"] not in MESSAGE_TRANSPORTS:
             raise bad("merge.stats", f"both needs a second message per round, which transport "
                                      f"{f['transport.name']!r} cannot carry (use one of "

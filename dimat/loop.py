@@ -197,7 +197,7 @@ def run_round(
             extra = {}
             if a.node.stats == "both":  # the second message: its bytes (in comm_bytes too), and the edges without it
                 extra = {"stats_bytes": res.stats_bytes, "stats_both": res.stats_both,
-                         "stats_fallback": sorted(res.stats_fallback)}
+                         "stats_fallback": sorted(res.stats_fallback), "stats_unused": res.stats_unused}
             writer.write(_record(a, r, "merge", **_evaluate(a, eval_bs), merge_s=res.merge_s, comm_s=res.comm_s,
                                  comm_bytes=res.comm_bytes, received=res.received, missing=res.missing,
                                  ages=res.ages, **extra, **res.telemetry))

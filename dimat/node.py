@@ -74,9 +74,13 @@ class MergeResult:
     ages : for each rank in ``received``, how many rounds old its snapshot was (round minus the snapshot's round;
         always 0 in synchronous rounds, up to the staleness bound in asynchronous ones, negative when the
         neighbour is ahead).
-    stats_both : under ``stats="both"``, the neighbours aligned on statistics pooled from both agents' data.
+    stats_both : under ``stats="both"``, the neighbours whose pair with this agent was aligned on statistics
+        pooled from both agents' data.
     stats_fallback : under ``stats="both"``, neighbour rank -> why its edge was aligned on my data only (its
         statistics message did not arrive in time, or was refused).
+    stats_unused : under ``stats="both"`` with ``basis="shared"``, the neighbours whose statistics arrived valid
+        but were not needed: the merge aligned no model of that pair to the other (the reference was a third
+        agent's basis, or the adoption check changed the reference).
     stats_bytes : under ``stats="both"``, bytes of pair-statistics messages I posted (one per receiver) plus those
         I received this round (also counted in ``bytes_sent`` / ``bytes_received``).
     """
@@ -93,6 +97,7 @@ class MergeResult:
     ages: List[int] = field(default_factory=list)
     stats_both: List[int] = field(default_factory=list)
     stats_fallback: Dict[int, str] = field(default_factory=dict)
+    stats_unused: List[int] = field(default_factory=list)
     stats_bytes: int = 0
 
     @property
@@ -192,8 +197,12 @@ class Node:
         by sample counts). Only moments of activations travel (per activation site of C units: C x C
         cross-moments plus 4 C moments, float32), never inputs or labels. An edge whose message does not arrive
         or is refused is aligned on this agent's statistics alone, with a warning and an entry in
-        :attr:`MergeResult.stats_fallback`. Needs ``method="dimat"``, ``basis="own"`` and a transport with
-        messages (``supports_messages``). Several nodes in one process: call :meth:`post` on all, then
+        :attr:`MergeResult.stats_fallback`. Under ``basis="shared"`` the pair statistics are computed and sent
+        only for neighbours whose basis tag differs from this agent's (one of the two may then be aligned to the
+        other), and pooled statistics are used for the one pair of the merge that involves this agent and its
+        reference: this model aligned to a neighbour's basis, or a neighbour aligned to this model's; the other
+        neighbours are aligned to the reference on this agent's statistics. Needs ``method="dimat"`` and a
+        transport with messages (``supports_messages``). Several nodes in one process: call :meth:`post` on all, then
         :meth:`gather` on all, then :meth:`merge_round` (as :func:`dimat.loop.run_round` does).
     """
 
@@ -248,10 +257,6 @@ class Node:
             if method != "dimat":
                 raise ValueError(f"stats='both' pools activation statistics for matching: method 'dimat' only, "
                                  f"got {method!r}")
-            if basis != "own":
-                raise ValueError("stats='both' needs basis='own' (the statistics are of the pair (own model, "
-                                 "neighbour), which a shared basis's reference need not be; the default basis is "
-                                 "'shared')")
             if transport is not None and not getattr(transport, "supports_messages", False):
                 raise ValueError(f"stats='both' needs a transport that carries a second message per round, and "
                                  f"{type(transport).__name__} does not (supports_messages is false)")
@@ -381,7 +386,7 @@ class Node:
         sent, stats_s = 0, 0.0  # stats_s: seconds computing pair statistics (merge work, counted in merge_s)
         if self.stats == "both":
             neighbors, _ = self.graph_at(r)
-            ranks = sorted(j for j in snapshots if j in neighbors)
+            ranks = sorted(j for j in snapshots if j in neighbors and self._may_align(snapshots[j]))
             messages: Dict[int, Dict[str, torch.Tensor]] = {}
             if ranks and self.batches is not None:
                 t1 = time.perf_counter()
@@ -437,7 +442,20 @@ class Node:
         t0 = time.perf_counter()
         result.telemetry = self._merge(ranks, snapshots, result.weights, r, models, pair_stats)
         result.merge_s = time.perf_counter() - t0 + self._payload_s + stats_s
+        if pair_stats is not None:
+            used = set(result.telemetry.pop("stats_used", ()))
+            result.stats_unused = [j for j in result.stats_both if j not in used]
+            result.stats_both = [j for j in result.stats_both if j in used]
         return result
+
+    def _may_align(self, snapshot: Dict[str, torch.Tensor]) -> bool:
+        """Whether a merge may align this agent's model and the snapshot's to each other: always under
+        ``basis="own"``; under ``"shared"`` unless the snapshot carries this agent's tag (an invalid tag: yes)."""
+        if not self._tagged:
+            return True
+        t = snapshot.get(BASIS_KEY)
+        return not (isinstance(t, torch.Tensor) and t.numel() == 1 and not t.is_floating_point()
+                    and not t.is_complex() and int(t) == self.basis_tag)
 
     def _pool_stats(self, r: int, pair: Dict[int, list], result: MergeResult) -> Dict[int, list]:
         """Phase 2's receiving side: per neighbour with my pair statistics, those pooled with the ones it sent,
@@ -550,11 +568,12 @@ class Node:
         dist: Dict[int, float] = {}
         moved: Dict[int, float] = {}
         align: Dict[int, Dict[str, float]] = {}
+        given: Dict[int, list] = {}
         if self.method == "dimat":
             kw.update(self._guards, report=align)
-            if pair_stats:
-                kw["pair_stats"] = {pos: pair_stats[j] for pos, j in enumerate(order)
-                                    if j in pair_stats and weights[j] > 0}
+            given = self._pair_stats_for(order, same, weights, pair_stats or {})
+            if given:
+                kw["pair_stats"] = given
         kw["combine"] = self._combine_hook(order, snapshots, r, dist, moved)
         merged = self.merge_fn(models, [weights[j] for j in order], batches=self.batches,
                                reset_bn=self.reset_bn and not own_reset, stat_batches=self.stat_batches, **kw)
@@ -565,7 +584,25 @@ class Node:
         telemetry = _telemetry(order, self.rank, dist, moved, align)
         if adopt is not None:
             telemetry["adopt"] = adopt
+        if pair_stats is not None:  # merge_round takes it out of the telemetry again
+            telemetry["stats_used"] = [order[0] if order[pos] == self.rank else order[pos] for pos in given]
         return telemetry
+
+    def _pair_stats_for(self, order: Sequence[int], same: Sequence[int], weights: Dict[int, float],
+                        pooled: Dict[int, list]) -> Dict[int, list]:
+        """The operator's ``pair_stats`` (position -> statistics of the pair (reference, that position)) from the
+        pooled statistics of my pairs (neighbour -> statistics of (me, neighbour)): every aligned neighbour's when
+        I hold the reference; mine, turned around, when I am aligned to a neighbour's basis."""
+        out: Dict[int, list] = {}
+        ref = order[0]
+        for pos, j in enumerate(order):
+            if pos == 0 or pos in same or weights[j] <= 0:
+                continue
+            if ref == self.rank and j in pooled:
+                out[pos] = pooled[j]
+            elif j == self.rank and ref in pooled:
+                out[pos] = [st.transposed() for st in pooled[ref]]
+        return out
 
     @torch.no_grad()
     def _adoption_check(self, holder: int, model: nn.Module, tag: int) -> Optional[Dict[str, Any]]:

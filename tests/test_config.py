@@ -179,7 +179,6 @@ def test_method_list_comes_from_the_merge_registry(monkeypatch):
     ({"model": {"init": "shared"}}, "model.init"),
     ({"merge": {"stats": "all"}}, "merge.stats"),
     ({"merge": {"stats": "both", "method": "wa"}}, "merge.stats"),
-    ({"merge": {"stats": "both", "basis": "shared"}}, "merge.stats"),
     ({"merge": {"stats": "both", "basis": "own"}, "transport": {"name": "grpc", "sync": False}}, "merge.stats"),
 ])
 def test_merge_and_init_keys_are_checked(data, key):
@@ -195,8 +194,7 @@ def test_kept_optimizer_state_is_fine_where_no_merge_reorders_units():
     for name in ("inproc", "grpc", "torch"):  # each carries the second message (torch: gloo; see test_node)
         assert resolve({"merge": {"stats": "both", "basis": "own"}, "transport": {"name": name}}).merge.stats == "both"
     assert (resolve({}).merge.stats, resolve({}).merge.basis) == ("own", "shared")
-    with pytest.raises(UserError, match=r"merge\.stats.*merge\.basis: own"):  # both with the default basis
-        resolve({"merge": {"stats": "both"}})
+    assert resolve({"merge": {"stats": "both"}}).merge.basis == "shared"  # both with the default basis too
     cfg = resolve({"merge": {"keep_margin": 0.02, "identity_prior": 0.1, "combine": "regmean"},
                    "model": {"init": "same"}})
     assert (cfg.merge.keep_margin, cfg.merge.identity_prior, cfg.merge.combine, cfg.model.init) == \

@@ -448,23 +448,30 @@ def test_shared_basis_tags_travel_between_processes(tmp_path, transport):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["grpc", "torch"])
-def test_stats_from_both_sides_travel_between_processes(tmp_path, transport):
-    """merge.stats both: the second message of every round crosses between processes, every edge pools both
-    sides' statistics, and the launch gives the simulation's very numbers."""
+@pytest.mark.parametrize("transport, basis", [("grpc", "own"), ("torch", "own"), ("grpc", "shared"),
+                                              ("torch", "shared")])
+def test_stats_from_both_sides_travel_between_processes(tmp_path, transport, basis):
+    """merge.stats both: the second message of every round crosses between processes, and the launch gives the
+    simulation's very numbers. Under basis own every edge pools both sides' statistics every round; under shared
+    only round 0 aligns (3 agents, all neighbours: tag 0 reaches everyone at once), and later rounds send none."""
     from dimat.metrics import read_metrics
 
     cfg = tmp_path / "both.yaml"
-    cfg.write_text(json.dumps(dict(TINY, merge={"method": "dimat", "stats": "both", "basis": "own"})))
+    cfg.write_text(json.dumps(dict(TINY, merge={"method": "dimat", "stats": "both", "basis": basis})))
     _simulate(cfg, tmp_path / "ref", 3)
     out = tmp_path / "out"
     _launch(cfg, transport, 3, out)
     got, ref = (read_metrics([d / "metrics.jsonl"]) for d in (out, tmp_path / "ref"))
-    keys = SAME + ("stats_bytes", "stats_both", "stats_fallback")
+    keys = SAME + ("stats_bytes", "stats_both", "stats_fallback", "stats_unused")
     assert [{k: r.get(k) for k in keys} for r in got] == [{k: r.get(k) for k in keys} for r in ref]
     merges = [r for r in got if r["phase"] == "merge"]
-    assert merges and all(r["stats_fallback"] == [] and len(r["stats_both"]) == 2 and r["stats_bytes"] > 0
-                          for r in merges)
+    assert merges and all(r["stats_fallback"] == [] for r in merges)
+    if basis == "own":
+        assert all(len(r["stats_both"]) == 2 and r["stats_bytes"] > 0 for r in merges)
+    else:
+        first = {r["agent"]: r for r in merges if r["round"] == 0}
+        assert first[0]["stats_both"] == [1, 2] and first[1]["stats_both"] == [0] and first[2]["stats_both"] == [0]
+        assert all(r["stats_bytes"] == 0 and r["stats_both"] == [] for r in merges if r["round"] > 0)
 
 
 def test_launch_refuses_a_finished_run_folder(tmp_path, capsys):

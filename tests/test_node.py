@@ -402,12 +402,14 @@ def deep(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
 
 
-def _run_both(topo, tamper=None):
+def _run_both(topo, tamper=None, basis="own", tags=None):
     """One round of stats="both" over in-process transports; ``tamper(mailbox)`` may change the messages
-    between phase 2's post and the merge."""
+    between phase 2's post and the merge; ``tags``: the agents' basis tags under ``basis="shared"``."""
     ts = make_inproc([topo.neighbors(k) for k in range(topo.num_agents)])
-    ns = [Node(deep(k), topo, k, ts[k], batches(seed=k), method="dimat", stats="both", basis="own")
+    ns = [Node(deep(k), topo, k, ts[k], batches(seed=k), method="dimat", stats="both", basis=basis)
           for k in range(topo.num_agents)]
+    for n, tag in zip(ns, tags or []):
+        n.basis_tag = tag
     for n in ns:
         n.post(0)
     for n in ns:
@@ -441,6 +443,51 @@ def test_stats_both_aligns_each_edge_on_both_sides_data():
     ref = merge.activation_match(m, [1 / 3] * 3, batches(seed=0), pair_stats=pooled, min_corr=ns[0].min_corr)
     for name, t in ns[0].model.state_dict().items():
         torch.testing.assert_close(t, ref.state_dict()[name])
+
+
+def _pooled(m, i, j, sizes=(8, 6)):
+    """The statistics of the pair (m[i], m[j]) on agent i's batches pooled with those agent j sends i."""
+    st = merge.stats
+    mine = merge.pair_statistics([m[i], m[j]], batches(seed=i))[0]
+    theirs = merge.pair_statistics([m[j], m[i]], batches(seed=j))[0]
+    return st.pool(mine, st.decode_pair_stats(st.encode_pair_stats(theirs), list(sizes)))
+
+
+def test_stats_both_with_a_shared_basis_pools_the_pair_with_the_reference():
+    """basis shared, tags = ranks: agent 0 holds the reference and aligns both neighbours on pooled statistics;
+    agent 1 (and 2) is aligned to agent 0's basis on its pair's pooled statistics turned around, and aligns its
+    other neighbour to agent 0 on its own data: that neighbour's statistics arrive but are not used."""
+    topo = Topology.build("ring", 3)
+    m = [deep(k) for k in range(3)]
+    ns, res = _run_both(topo, basis="shared", tags=[0, 1, 2])
+    assert (res[0].stats_both, res[0].stats_unused) == ([1, 2], [])
+    assert (res[1].stats_both, res[1].stats_unused) == ([0], [2])
+    assert (res[2].stats_both, res[2].stats_unused) == ([0], [1])
+    assert all(r.stats_fallback == {} for r in res) and [n.basis_tag for n in ns] == [0, 0, 0]
+    w = [1 / 3] * 3
+    want0 = merge.activation_match(m, w, batches(seed=0), min_corr=ns[0].min_corr,
+                                   pair_stats={1: _pooled(m, 0, 1), 2: _pooled(m, 0, 2)})
+    want1 = merge.activation_match(m, w, batches(seed=1), min_corr=ns[1].min_corr,
+                                   pair_stats={1: [s.transposed() for s in _pooled(m, 1, 0)]})
+    for n, want in ((ns[0], want0), (ns[1], want1)):
+        for name, t in n.model.state_dict().items():
+            torch.testing.assert_close(t, want.state_dict()[name])
+    # the pooled statistics matter: agent 1 aligned on its own data alone gives another model here
+    own1 = merge.activation_match(m, w, batches(seed=1), min_corr=ns[1].min_corr)
+    assert any(not torch.allclose(t, own1.state_dict()[k]) for k, t in ns[1].model.state_dict().items())
+
+
+def test_stats_both_with_a_shared_basis_sends_nothing_between_agents_of_one_basis():
+    """Agents 0 and 1 carry one tag: no merge aligns them to each other, so they exchange no statistics (and
+    average as they are); each still exchanges them with agent 2, whose tag differs."""
+    topo = Topology.build("ring", 3)
+    size = sum(4 * (c * c + 4 * c) + 8 for c in (8, 6))
+    ns, res = _run_both(topo, basis="shared", tags=[0, 0, 2])
+    assert [r.stats_bytes for r in res] == [2 * size, 2 * size, 4 * size]
+    assert (res[0].stats_both, res[1].stats_both, res[1].stats_unused) == ([2], [2], [])
+    assert (res[2].stats_both, res[2].stats_unused) == ([0], [1])  # agent 2 aligns itself to 0, and 1 is in 0's basis
+    _, res = _run_both(topo, basis="shared", tags=[0, 0, 0])
+    assert all(r.stats_bytes == 0 and r.stats_both == [] and r.stats_unused == [] for r in res)
 
 
 def test_stats_both_missing_or_bad_message_falls_back_loudly(caplog):
@@ -478,8 +525,6 @@ def test_stats_both_needs_a_transport_with_messages():
         Node(deep(0), topo, 0, Lossy(0, {}), batches(), method="dimat", stats="both", basis="own")
     with pytest.raises(ValueError, match="method 'dimat' only"):
         Node(deep(0), topo, 0, make_inproc([[1], [0]])[0], batches(), method="wa", stats="both")
-    with pytest.raises(ValueError, match="basis='own'"):
-        Node(deep(0), topo, 0, make_inproc([[1], [0]])[0], batches(), basis="shared", stats="both")
     asynchronous = make_inproc([[1], [0]])[0]
     asynchronous.sync = False
     with pytest.raises(ValueError, match="synchronous rounds"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -260,3 +261,24 @@ def test_stats_both_runs_on_digits_and_records_the_second_message(tmp_path):
         assert r["comm_bytes"] == plain[(r["round"], r["agent"])]["comm_bytes"] + r["stats_bytes"]
         assert all(v is not None for v in (r["test_acc"], r["test_loss"]))
     assert all("stats_bytes" not in r for r in plain.values())
+
+
+def test_stats_both_with_the_default_shared_basis(tmp_path):
+    """merge.stats both with basis shared (the default) in simulation: in round 0 (tags = ranks) agent 0 holds
+    the reference and uses both neighbours' statistics, every other agent uses its pair with its reference; once
+    every agent of a merge carries one basis, nothing is exchanged."""
+    both = tiny(rounds=3, data={"dataset": "digits", "partition": "dirichlet:0.3"}, model={"name": "mlp", "width": 0.25},
+                merge={"method": "dimat", "stat_batches": 2, "stats": "both"})
+    summary = run(both, tmp_path / "both", quiet=True)
+    assert all(a is not None and 0.0 < a <= 1.0 for a in summary["per_agent_acc"]), summary["per_agent_acc"]
+    merges = {(r["round"], r["agent"]): r for r in read_metrics([tmp_path / "both/metrics.jsonl"])
+              if r["phase"] == "merge"}
+    assert merges[(0, 0)]["stats_both"] == [1, 2] and merges[(0, 0)]["stats_unused"] == []
+    assert merges[(0, 1)]["stats_both"] == [0] and merges[(0, 1)]["stats_unused"] == [2]
+    assert merges[(0, 2)]["stats_both"] == [0] and merges[(0, 2)]["stats_unused"] == [1]
+    for r in merges.values():
+        assert r["stats_fallback"] == []
+        assert r["test_acc"] is not None and math.isfinite(r["test_acc"])
+    # tag 0 reaches all three agents of the ring in round 0, so rounds 1 and 2 send no statistics at all
+    assert all(merges[(k, a)]["stats_bytes"] == 0 and merges[(k, a)]["stats_both"] == [] for k in (1, 2)
+               for a in range(3))
