@@ -402,11 +402,11 @@ def deep(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
 
 
-def _run_both(topo, tamper=None, basis="own", tags=None):
+def _run_both(topo, tamper=None, basis="own", tags=None, **kw):
     """One round of stats="both" over in-process transports; ``tamper(mailbox)`` may change the messages
     between phase 2's post and the merge; ``tags``: the agents' basis tags under ``basis="shared"``."""
     ts = make_inproc([topo.neighbors(k) for k in range(topo.num_agents)])
-    ns = [Node(deep(k), topo, k, ts[k], batches(seed=k), method="dimat", stats="both", basis=basis)
+    ns = [Node(deep(k), topo, k, ts[k], batches(seed=k), method="dimat", stats="both", basis=basis, **kw)
           for k in range(topo.num_agents)]
     for n, tag in zip(ns, tags or []):
         n.basis_tag = tag
@@ -475,6 +475,20 @@ def test_stats_both_with_a_shared_basis_pools_the_pair_with_the_reference():
     # the pooled statistics matter: agent 1 aligned on its own data alone gives another model here
     own1 = merge.activation_match(m, w, batches(seed=1), min_corr=ns[1].min_corr)
     assert any(not torch.allclose(t, own1.state_dict()[k]) for k, t in ns[1].model.state_dict().items())
+
+
+def test_stats_both_with_a_declined_adoption_aligns_the_neighbours_to_the_own_basis():
+    """adopt_min_acc 1.0 declines every neighbour's basis: each agent is its merge's reference, so every pair's
+    pooled statistics are used, as under basis own."""
+    topo = Topology.build("ring", 3)
+    m = [deep(k) for k in range(3)]
+    ns, res = _run_both(topo, basis="shared", tags=[0, 1, 2], adopt_min_acc=1.0)
+    assert [n.basis_tag for n in ns] == [0, 1, 2]
+    assert all(r.stats_both == topo.neighbors(k) and r.stats_unused == [] for k, r in enumerate(res))
+    want = merge.activation_match([m[1], m[0], m[2]], [1 / 3] * 3, batches(seed=1), min_corr=ns[1].min_corr,
+                                  pair_stats={1: _pooled(m, 1, 0), 2: _pooled(m, 1, 2)})
+    for name, t in ns[1].model.state_dict().items():
+        torch.testing.assert_close(t, want.state_dict()[name])
 
 
 def test_stats_both_with_a_shared_basis_sends_nothing_between_agents_of_one_basis():
