@@ -192,6 +192,12 @@ def prepare(cfg: Mapping[str, Any]) -> Setup:
     return Setup(topo, ds, parts, None if sched.is_static else sched)
 
 
+def _label_counts(ds: Any, train_idx: np.ndarray) -> Optional[np.ndarray]:
+    """The agent's training samples per class (for ``merge.head: label_counts``); None for an empty partition."""
+    y = np.asarray(ds.y_train)[np.asarray(train_idx, dtype=np.int64)]
+    return np.bincount(y, minlength=ds.num_classes).astype(np.float64) if len(y) else None
+
+
 def build_agent(cfg: Mapping[str, Any], setup: Setup, rank: int, transport: Optional[Transport]) -> Agent:
     """Agent ``rank`` of the run: model initialised with seed + rank, its data partition and a Node."""
     ds = setup.dataset
@@ -211,6 +217,7 @@ def build_agent(cfg: Mapping[str, Any], setup: Setup, rank: int, transport: Opti
                 identity_prior=m["identity_prior"], keep_margin=m["keep_margin"], min_corr=m["min_corr"],
                 adopt_min_acc=m["adopt_min_acc"], bn_repair=m["bn_repair"],
                 bn_refresh=m["bn_refresh"], stats=m["stats"], restore_norms=m["restore_norms"],
+                head=m["head"], label_counts=_label_counts(ds, train_idx),
                 basis_tag=0 if same_init else None)  # one init: one unit order from the start
     t = cfg["train"]
     train_idx_t, test_idx_t = torch.as_tensor(train_idx), torch.as_tensor(test_idx)

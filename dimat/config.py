@@ -70,6 +70,8 @@ DEFAULTS: Dict[str, Any] = {
         # combine mean, else null; null: average every matched unit, as published)
         "adopt_min_acc": None,  # basis shared: adopt a neighbour's basis only if its model reaches this accuracy
         # on local batches (auto: chance, 1/classes; null: always adopt)
+        "head": "auto",  # the output layer: mean | label_counts (class c from the agents with samples of c, by
+        # their counts; the counts travel with the snapshots) | auto (label_counts for dimat with combine mean)
         "stats": "own",  # dimat: align on own data's statistics (own) or on both sides' of each edge (both)
         "combine": "mean",  # after alignment: mean | ties | dare | consensus | fisher | regmean
         "combine_scale": 1.0,  # lambda on the combined task vector (ties, dare, consensus)
@@ -383,6 +385,13 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
             raise bad("merge.adopt_min_acc", f"decides whether a neighbour's basis is adopted: merge.basis shared "
                       f"with merge.method {' or '.join(Node.ALIGNING)} only, got basis {f['merge.basis']!r} and method "
                       f"{f['merge.method']!r}")
+    if f["merge.head"] not in Node.HEADS:
+        raise bad("merge.head", f"must be one of {', '.join(Node.HEADS)}, got {f['merge.head']!r}")
+    if f["merge.head"] == "label_counts" and (f["merge.method"] not in ("dimat", "wa", "wm")
+                                              or f["merge.combine"] != "mean"):
+        raise bad("merge.head", f"label_counts combines the output layer class by class within the mean: "
+                                f"merge.method dimat, wa or wm with merge.combine mean only, got method "
+                                f"{f['merge.method']!r} and combine {f['merge.combine']!r}")
     if f["merge.method"] != "dimat":
         for key, off in (("merge.identity_prior", (0.0,)), ("merge.keep_margin", (None,)),
                          ("merge.min_corr", ("auto", None))):

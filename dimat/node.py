@@ -27,6 +27,7 @@ from torch import nn
 
 from dimat import merge as merge_ops
 from dimat.merge import combine as combine_mod
+from dimat.merge import head as head_mod
 from dimat.merge import payload as payload_mod
 from dimat.merge import stats as stats_mod
 from dimat.transport.base import Transport, snapshot_nbytes
@@ -34,6 +35,10 @@ from dimat.transport.base import Transport, snapshot_nbytes
 __all__ = ["Node", "MergeResult", "BASIS_KEY", "STATS_LANE", "with_basis_tag"]
 
 log = logging.getLogger(__name__)
+
+#: Payload kind of the class counts sent under ``head="label_counts"`` (snapshot entry
+#: ``__dimat_payload__.labels.counts``, float64 ``[classes]``).
+LABELS_KIND = "labels"
 
 #: Snapshot entry that carries the sender's basis tag when ``basis="shared"``: an int64 scalar, the rank whose
 #: unit order the sender's model descends from. It travels like any tensor and never reaches a model.
@@ -208,11 +213,26 @@ class Node:
 
     BASES = ("own", "shared")
     STATS = ("own", "both")
+    HEADS = ("auto", "mean", "label_counts")
     #: Methods whose merges permute units, so that under ``basis="shared"`` their snapshots carry basis tags.
     ALIGNING = ("dimat", "wm")
     #: What ``min_corr="auto"`` means for ``dimat`` with the ``mean`` combine rule (docs/merge.md, "Averaging only
     #: the units that match").
     MIN_CORR = 0.7
+
+    @classmethod
+    def resolve_head(cls, head: str, method: str, rule: str) -> str:
+        """The output-layer combine a node with ``method`` and combine ``rule`` uses: ``"auto"`` is
+        ``"label_counts"`` for ``dimat`` with ``mean`` and ``"mean"`` otherwise; ``"label_counts"`` needs the
+        ``mean`` rule and a merging method (ValueError)."""
+        if head not in cls.HEADS:
+            raise ValueError(f"head must be one of {', '.join(cls.HEADS)}, got {head!r}")
+        if head == "auto":
+            return "label_counts" if method == "dimat" and rule == "mean" else "mean"
+        if head == "label_counts" and (rule != "mean" or method == "none"):
+            raise ValueError(f"head 'label_counts' combines the output layer class by class within the mean: "
+                             f"a merging method with combine rule 'mean' only, got method {method!r}, rule {rule!r}")
+        return head
 
     @classmethod
     def resolve_min_corr(cls, min_corr: Union[float, str, None], method: str, rule: str) -> Optional[float]:
@@ -250,6 +270,8 @@ class Node:
         restore_norms: bool = False,
         min_corr: Union[float, str, None] = "auto",
         adopt_min_acc: Union[float, str, None] = None,
+        head: str = "auto",
+        label_counts: Optional[Sequence[float]] = None,
     ):
         if stats not in self.STATS:
             raise ValueError(f"stats must be one of {', '.join(self.STATS)}, got {stats!r}")
@@ -324,6 +346,15 @@ class Node:
             raise ValueError(f"adopt_min_acc must be an accuracy in [0, 1], None or 'auto', got {adopt_min_acc!r}")
         self.adopt_min_acc = adopt_min_acc
         self._adopt_unchecked_warned = False
+        self.head = self.resolve_head(head, method, self.combine.rule)
+        if label_counts is not None:
+            label_counts = torch.as_tensor(label_counts, dtype=torch.float64)
+            if label_counts.dim() != 1 or not bool(torch.isfinite(label_counts).all()) \
+                    or bool((label_counts < 0).any()) or float(label_counts.sum()) <= 0:
+                raise ValueError("label_counts must be a vector of samples per class: finite, >= 0, not all 0")
+        self._label_counts = label_counts
+        self._output: Optional[head_mod.OutputLayer] = None  # found at the first post under head label_counts
+        self._output_checked = False
         self.stats = stats
         # The round in progress, from gather(): its snapshots, seconds collecting, the neighbour models and my pair
         # statistics for them, stats bytes posted and seconds computing them.
@@ -365,6 +396,9 @@ class Node:
         state = self.model.state_dict()
         if kind is not None:
             state = {**state, **payload_mod.encode(kind, self._payload)}
+        counts = self._class_counts()
+        if counts is not None:
+            state = {**state, **payload_mod.encode(LABELS_KIND, {"counts": counts})}
         if self._tagged:
             state = with_basis_tag(state, self.basis_tag)
         self.transport.post(r, state)
@@ -448,6 +482,57 @@ class Node:
             result.stats_both = [j for j in result.stats_both if j in used]
         return result
 
+    def _class_counts(self) -> Optional[torch.Tensor]:
+        """Under ``head="label_counts"``: this agent's samples per class, sent with every snapshot (found once:
+        the output layer, then the counts given or counted over all the local batches). None, with
+        one warning, where the model has no output layer to combine class by class. An agent whose labels cannot
+        be counted sends zeros (its neighbours then average the layer, with a warning), so that every snapshot
+        of the run keeps one layout."""
+        if self.head != "label_counts" or self.merge_fn is None:
+            return None
+        if not self._output_checked:
+            self._output_checked = True
+            why = "no local batches to run the model on"
+            if self.batches is not None:
+                example = next(merge_ops.iter_inputs(self.batches, 1))
+                device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
+                self._output, why = head_mod.output_layer(self.model, example.to(device))
+            if self._output is None:
+                log.warning("agent %d: head label_counts: %s; the output layer is averaged like the others",
+                            self.rank, why)
+                return None
+            classes = self._output.classes
+            counts = self._label_counts
+            if counts is None and self.batches is not None:
+                counts = head_mod.count_labels(self.batches, classes)
+            if counts is None or counts.numel() != classes or float(counts.sum()) <= 0:
+                log.warning("agent %d: head label_counts: %s; sending no class counts (the neighbours average the "
+                            "output layer)", self.rank,
+                            "the local batches carry no labels in 0..%d" % (classes - 1) if counts is None
+                            else f"{counts.numel()} class counts for an output layer of {classes} classes"
+                            if counts.numel() != classes else "no sample counted")
+                counts = torch.zeros(classes, dtype=torch.float64)
+            self._label_counts = counts
+        return None if self._output is None else self._label_counts
+
+    def _class_head(self, order: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]],
+                    r: int) -> Optional[combine_mod.ClassHead]:
+        """The participants' class counts for a class-by-class output layer, or None (the layer averaged, with a
+        warning) when a participant's are missing, of the wrong size, negative, non-finite or all zero."""
+        own = self._class_counts()
+        if own is None:
+            return None
+        counts = []
+        for j in order:
+            c = own if j == self.rank else payload_mod.split(snapshots[j])[1].get(LABELS_KIND, {}).get("counts")
+            if not isinstance(c, torch.Tensor) or tuple(c.shape) != tuple(own.shape) or not c.is_floating_point() \
+                    or not bool(torch.isfinite(c).all()) or bool((c < 0).any()) or float(c.sum()) <= 0:
+                log.warning("agent %d, round %d: head label_counts: the class counts of agent %d are missing or "
+                            "invalid; averaging the output layer in this merge", self.rank, r, j)
+                return None
+            counts.append(c.to(torch.float64))
+        return combine_mod.ClassHead(self._output.axes, counts)
+
     def _may_align(self, snapshot: Dict[str, torch.Tensor]) -> bool:
         """Whether a merge may align this agent's model and the snapshot's to each other: always under
         ``basis="own"``; under ``"shared"`` unless the snapshot carries this agent's tag (an invalid tag: yes)."""
@@ -514,7 +599,8 @@ class Node:
         return order, [i for i, j in enumerate(order) if i > 0 and tags[j] == ref], ref
 
     def _combine_hook(self, order: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]], r: int,
-                      dist: Dict[int, float], moved: Dict[int, float]):
+                      dist: Dict[int, float], moved: Dict[int, float],
+                      class_head: Optional[combine_mod.ClassHead] = None):
         """The operator's combine step: this agent's rule, base and payloads (validated), for participants
         ``order``."""
         kind = self.combine.payload
@@ -538,7 +624,7 @@ class Node:
             layers = {n: m.bias is not None for n, m in grams.items()}
         params = {n for n, _ in self.model.named_parameters()}
         return combine_mod.make_hook(self.combine, list(order).index(self.rank), params, payloads, layers, gen,
-                                     distances=dist, moved=moved)
+                                     distances=dist, moved=moved, head=class_head)
 
     @torch.no_grad()
     def _merge(self, ranks: Sequence[int], snapshots: Dict[int, Dict[str, torch.Tensor]],
@@ -574,7 +660,8 @@ class Node:
             given = self._pair_stats_for(order, same, weights, pair_stats or {})
             if given:
                 kw["pair_stats"] = given
-        kw["combine"] = self._combine_hook(order, snapshots, r, dist, moved)
+        class_head = self._class_head(order, snapshots, r) if self.head == "label_counts" else None
+        kw["combine"] = self._combine_hook(order, snapshots, r, dist, moved, class_head)
         merged = self.merge_fn(models, [weights[j] for j in order], batches=self.batches,
                                reset_bn=self.reset_bn and not own_reset, stat_batches=self.stat_batches, **kw)
         if own_reset and self.batches is not None:
@@ -584,6 +671,8 @@ class Node:
         telemetry = _telemetry(order, self.rank, dist, moved, align)
         if adopt is not None:
             telemetry["adopt"] = adopt
+        if self.head == "label_counts":
+            telemetry["head"] = "label_counts" if class_head is not None else "mean"
         if pair_stats is not None:  # merge_round takes it out of the telemetry again
             telemetry["stats_used"] = [order[0] if order[pos] == self.rank else order[pos] for pos in given]
         return telemetry

@@ -251,7 +251,7 @@ def test_regmean_max_inputs_leaves_wider_layers_to_the_mean_and_off_the_wire():
 
 @pytest.mark.parametrize("rule", ["fisher", "regmean"])
 def test_payload_travels_in_the_snapshot_is_counted_and_merges(rule):
-    plain = _nodes("mean")
+    plain = _nodes("mean", head="mean")  # no class counts: the rule's payload is the only extra
     withp = _nodes(rule)
     for ns in (plain, withp):
         for nd in ns:

@@ -28,6 +28,11 @@ in the unit order of the merge (``states[base_index]``). A participant's task ve
 Only the floating-point tensors named in ``params`` (the model's parameters) are combined by the rule; other
 floating-point tensors (BatchNorm running statistics, which the BN reset recomputes anyway) by ``mean``;
 integer tensors come from ``states[0]``.
+
+With the ``mean`` rule, the output layer can be combined class by class (:class:`ClassHead`, ``merge.head:
+label_counts``): the output unit of class c is ``sum_j w_j n_jc state_j / sum_j w_j n_jc``, with ``n_jc`` the
+number of participant j's training samples of class c, so a class's output weights come from the participants
+that trained on it.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ from typing import Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["RULES", "PAYLOAD_OF", "CombineOptions", "combine_states", "ties", "dare_drop", "consensus",
-           "fisher_average", "regmean_layer", "weighted_mean"]
+__all__ = ["RULES", "PAYLOAD_OF", "CombineOptions", "ClassHead", "combine_states", "ties", "dare_drop",
+           "consensus", "fisher_average", "regmean_layer", "weighted_mean", "masked_mean", "class_weighted_mean"]
 
 #: The rule names ``merge.combine`` accepts.
 RULES = ("mean", "ties", "dare", "consensus", "fisher", "regmean")
@@ -144,11 +149,10 @@ def entry_mask(t: torch.Tensor, axes: Sequence[Tuple[int, torch.Tensor]]) -> tor
     return m
 
 
-def masked_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
-                masks: Sequence[Optional[Sequence[Tuple[int, torch.Tensor]]]]) -> torch.Tensor:
-    """``sum_j w_j m_j t_j / sum_j w_j m_j`` per entry, in float64: the weighted mean over the participants that
-    keep the entry (``masks[j]``: participant j's per-axis vectors, see :data:`EntryMask`; None keeps every
-    entry). An entry no participant with a positive weight keeps takes the plain weighted mean."""
+def _masked_sums(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                 masks: Sequence[Optional[Sequence[Tuple[int, torch.Tensor]]]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_j w_j m_j t_j, sum_j w_j m_j)`` per entry, in float64 (``m_j``: the product of participant j's
+    per-axis vectors; no vectors: 1)."""
     num = torch.zeros_like(tensors[0], dtype=torch.float64)
     den = torch.zeros_like(tensors[0], dtype=torch.float64)
     for t, w, axes in zip(tensors, weights, masks):
@@ -157,10 +161,51 @@ def masked_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
         wm = float(w) * (entry_mask(t, axes) if axes else torch.ones((), dtype=torch.float64))
         num += wm * t.detach().to(torch.float64)
         den += wm
+    return num, den
+
+
+def masked_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                masks: Sequence[Optional[Sequence[Tuple[int, torch.Tensor]]]]) -> torch.Tensor:
+    """``sum_j w_j m_j t_j / sum_j w_j m_j`` per entry, in float64: the weighted mean over the participants that
+    keep the entry (``masks[j]``: participant j's per-axis vectors, see :data:`EntryMask`; None keeps every
+    entry). An entry no participant with a positive weight keeps takes the plain weighted mean."""
+    num, den = _masked_sums(tensors, weights, masks)
     kept = den > 0
     if bool(kept.all()):
         return num / den
     return torch.where(kept, num / den.clamp_min(1e-300), weighted_mean(tensors, weights))
+
+
+@dataclass(frozen=True)
+class ClassHead:
+    """The output layer for a class-by-class combine (``merge.head: label_counts``).
+
+    Attributes
+    ----------
+    axes : tensor name -> its class axis (an output Linear's ``weight`` and ``bias``: 0).
+    counts : per participant, in the order of the states, its number of training samples per class
+        (``[classes]``, finite, >= 0).
+    """
+
+    axes: Mapping[str, int]
+    counts: Sequence[torch.Tensor]
+
+
+def class_weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], axis: int,
+                        counts: Sequence[torch.Tensor],
+                        masks: Optional[Sequence[Optional[Sequence[Tuple[int, torch.Tensor]]]]] = None
+                        ) -> torch.Tensor:
+    """Class c of the output (index c along ``axis``) is ``sum_j w_j n_jc m_j t_j / sum_j w_j n_jc m_j``, in
+    float64: the participants that trained on class c, weighted by their samples of it (``counts[j][c]``) and
+    the mixing weights, among those whose entry ``masks`` keeps (``merge.min_corr``). Where no kept participant
+    has a sample of the class, the entry is the :func:`masked_mean` without counts."""
+    masks = list(masks) if masks is not None else [None] * len(tensors)
+    with_counts = [list(m or []) + [(axis, c)] for m, c in zip(masks, counts)]
+    num, den = _masked_sums(tensors, weights, with_counts)
+    known = den > 0
+    if bool(known.all()):
+        return num / den
+    return torch.where(known, num / den.clamp_min(1e-300), masked_mean(tensors, weights, masks))
 
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -284,6 +329,7 @@ def combine_states(
     gram_layers: Optional[Mapping[str, bool]] = None,
     generator: Optional[torch.Generator] = None,
     masks: Optional[Sequence[Optional[EntryMask]]] = None,
+    head: Optional[ClassHead] = None,
 ) -> Dict[str, torch.Tensor]:
     """Combine aligned state dicts with ``options.rule``.
 
@@ -300,6 +346,8 @@ def combine_states(
     generator : the random source of ``dare`` (seed it per run, round and agent).
     masks : optional, per participant, the entries it contributes (:data:`EntryMask`; None: all), from
         ``merge.min_corr``: each tensor is then the :func:`masked_mean`. Rule ``mean`` only.
+    head : optional, the output layer's tensors and every participant's samples per class: those tensors are
+        then the :func:`class_weighted_mean` (``merge.head: label_counts``). Rule ``mean`` only.
 
     Returns
     -------
@@ -322,12 +370,22 @@ def combine_states(
                              f"{rule!r}")
         if len(masks) != len(states):
             raise ValueError(f"got {len(masks)} masks for {len(states)} states")
+    if head is not None:
+        if rule != "mean":
+            raise ValueError(f"a class-by-class output layer (merge.head label_counts) combines by the mean: rule "
+                             f"'mean' only, got {rule!r}")
+        if len(head.counts) != len(states):
+            raise ValueError(f"got {len(head.counts)} class counts for {len(states)} states")
     ref = states[0]
     names = [n for n, t in ref.items() if t.is_floating_point() and (params is None or n in params)]
     out: Dict[str, torch.Tensor] = {}
     for name, t0 in ref.items():
         if not t0.is_floating_point():
             out[name] = t0.detach().clone()
+        elif head is not None and name in head.axes:
+            out[name] = class_weighted_mean([s[name] for s in states], weights, head.axes[name], head.counts,
+                                            [m.get(name) if m else None for m in masks] if masks else None
+                                            ).to(t0.dtype)
         elif masks is not None and any(m and name in m for m in masks):
             out[name] = masked_mean([s[name] for s in states], weights,
                                     [m.get(name) if m else None for m in masks]).to(t0.dtype)
@@ -393,10 +451,12 @@ def make_hook(
     generator: Optional[torch.Generator] = None,
     distances: Optional[Dict[int, float]] = None,
     moved: Optional[Dict[int, float]] = None,
+    head: Optional[ClassHead] = None,
 ):
     """A combine hook for the merge operators (:data:`dimat.merge.operators.CombineFn`).
 
-    It permutes each participant's payload like its weights, combines with :func:`combine_states` and, when the
+    It permutes each participant's payload like its weights, combines with :func:`combine_states` (``head``: the
+    output layer class by class) and, when the
     dicts are given, records per participant index the relative distance between the combined parameters and the
     participant's aligned parameters (``distances``) and the share of its units that alignment moved (``moved``).
     Payloads are given in the participants' own unit order.
@@ -417,7 +477,7 @@ def make_hook(
                 for p, s, perms in zip(payloads[1:], aligned[1:], perms_per_model)
             ]
         out = combine_states(aligned, weights, options, base_index, params, aligned_payloads, gram_layers,
-                             generator, masks)
+                             generator, masks, head)
         if distances is not None:
             for j, s in enumerate(aligned):
                 distances[j] = telemetry.distance(out, s, params)
