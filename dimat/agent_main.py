@@ -202,7 +202,8 @@ def _template(cfg: Mapping, setup: Setup) -> Dict[str, torch.Tensor]:
     manifest against it before allocating anything, even those that arrive before this agent's first post."""
     from dimat import models
 
-    from dimat.node import Node, with_basis_tag
+    from dimat.merge.head import output_layer
+    from dimat.node import LABELS_KIND, Node, with_basis_tag
 
     from dimat.merge import payload
     from dimat.merge.combine import CombineOptions
@@ -215,7 +216,13 @@ def _template(cfg: Mapping, setup: Setup) -> Dict[str, torch.Tensor]:
     kind = opts.payload
     if kind is not None:  # the combine rule's payload travels in the snapshot (same order as Node.post)
         state = {**state, **payload.encode(kind, payload.template(kind, model, opts.regmean_max_inputs))}
-    tagged = cfg["merge"]["basis"] == "shared" and cfg["merge"]["method"] in Node.ALIGNING  # as Node.post
+    method = cfg["merge"]["method"]
+    if method != "none" and Node.resolve_head(cfg["merge"]["head"], method, opts.rule) == "label_counts":
+        layer, _ = output_layer(model, ds.x_train[:2])  # as Node.post: counts only where the layer is found
+        if layer is not None:
+            state = {**state, **payload.encode(LABELS_KIND, {"counts": torch.zeros(layer.classes,
+                                                                                   dtype=torch.float64)})}
+    tagged = cfg["merge"]["basis"] == "shared" and method in Node.ALIGNING  # as Node.post
     return with_basis_tag(state, 0) if tagged else state
 
 
@@ -274,6 +281,7 @@ def join_from_neighbour(agent: Agent, t: Transport, neighbors: Sequence[int],
     fetch = getattr(t, "fetch_state", None)
     if fetch is None:
         return None
+    from dimat.merge import payload
     from dimat.node import BASIS_KEY
 
     posted = {}
@@ -287,7 +295,7 @@ def join_from_neighbour(agent: Agent, t: Transport, neighbors: Sequence[int],
             continue
         round, snap = got
         tag = snap.pop(BASIS_KEY, None)
-        agent.model.load_state_dict(snap)
+        agent.model.load_state_dict(payload.split(snap)[0])  # without the payloads (class counts, Fisher, Gram)
         if tag is not None:
             agent.node.basis_tag = int(tag)
         log(f"agent {agent.rank}: took the round-{round} state of neighbour {j} (state transfer); joining at round "

@@ -51,8 +51,9 @@ def test_bytes_per_agent_are_the_snapshots_each_method_exchanges(bench):
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["results"]}
     snap = snapshot_nbytes(models.build("mlp", 10, width=0.25, in_channels=64, image_size=1).state_dict())
     tag = snapshot_nbytes(with_basis_tag({}, 0))  # dimat's snapshots carry the basis tag (basis shared)
+    counts = 10 * 8  # and the agent's samples per class (merge.head auto: label_counts), 10 float64 values
     # Ring of 3: each agent sends to 2 neighbours and receives from 2, per exchange.
-    assert rows["dimat"]["comm_bytes_per_agent"] == 2 * 4 * (snap + tag)  # one merge per round, 2 rounds
+    assert rows["dimat"]["comm_bytes_per_agent"] == 2 * 4 * (snap + tag + counts)  # one merge per round, 2 rounds
     cells = {c["method"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
     lines = (out / "cells" / "cdsgd-iid-ring-seed0" / "metrics.jsonl").read_text().splitlines()
     train = next(r for r in map(json.loads, lines) if r["phase"] == "train" and r["agent"] == 0)

@@ -442,3 +442,46 @@ def test_combine_states_with_masks_is_the_masked_mean_and_mean_only():
                           torch.tensor([2.0, 4.0]))
     with pytest.raises(ValueError, match="rule 'mean' only, got 'ties'"):
         combine_states([s0, s1], [0.5, 0.5], CombineOptions(rule="ties"), masks=masks)
+
+
+# ------------------------------------------------------------ the output layer class by class (merge.head)
+def test_class_weighted_mean_by_hand():
+    from dimat.merge.combine import class_weighted_mean
+    # a 3-class output layer (rows = classes, 2 inputs); participant 0 saw classes 0 and 1, participant 1 classes
+    # 1 and 2, participant 2 none of them
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    b = torch.tensor([[7.0, 8.0], [9.0, 10.0], [11.0, 12.0]])
+    c = torch.tensor([[13.0, 14.0], [15.0, 16.0], [17.0, 18.0]])
+    counts = [torch.tensor([4.0, 2.0, 0.0]), torch.tensor([0.0, 6.0, 3.0]), torch.zeros(3)]
+    w = [0.5, 0.25, 0.25]
+    got = class_weighted_mean([a, b, c], w, 0, counts)
+    row1 = (0.5 * 2 * a[1] + 0.25 * 6 * b[1]) / (0.5 * 2 + 0.25 * 6)
+    want = torch.stack([a[0], row1, b[2]]).double()
+    assert torch.allclose(got, want)
+    # a bias (one axis) the same way; a class nobody has samples of: the plain weighted mean
+    bias = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0]), torch.tensor([7.0, 8.0, 9.0])]
+    got = class_weighted_mean(bias, w, 0, [torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]),
+                                           torch.zeros(3)])
+    mean2 = 0.5 * 3 + 0.25 * 6 + 0.25 * 9
+    assert torch.allclose(got, torch.tensor([1.0, 5.0, mean2], dtype=torch.float64))
+    # with min_corr's unit masks: participant 1 leaves input 0 out, so class 2's entry there has no kept
+    # participant with samples of it and falls back to the masked mean of the others (a and c)
+    masks = [None, [(1, torch.tensor([0.0, 1.0]))], None]
+    got = class_weighted_mean([a, b, c], w, 0, counts, masks)
+    assert torch.allclose(got[2, 0], torch.tensor((0.5 * 5 + 0.25 * 17) / 0.75, dtype=torch.float64))
+    assert torch.allclose(got[2, 1], torch.tensor(12.0, dtype=torch.float64))
+    assert torch.allclose(got[0], a[0].double())
+
+
+def test_combine_states_with_a_class_head_and_mean_only():
+    from dimat.merge.combine import ClassHead
+    s0 = {"h.weight": torch.tensor([[1.0], [2.0]]), "h.bias": torch.tensor([1.0, 2.0]), "x": torch.tensor([0.0])}
+    s1 = {"h.weight": torch.tensor([[3.0], [4.0]]), "h.bias": torch.tensor([3.0, 4.0]), "x": torch.tensor([2.0])}
+    head = ClassHead({"h.weight": 0, "h.bias": 0}, [torch.tensor([5.0, 0.0]), torch.tensor([0.0, 5.0])])
+    out = combine_states([s0, s1], [0.5, 0.5], CombineOptions(), head=head)
+    assert torch.equal(out["h.weight"], torch.tensor([[1.0], [4.0]]))
+    assert torch.equal(out["h.bias"], torch.tensor([1.0, 4.0])) and torch.equal(out["x"], torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="rule 'mean' only, got 'fisher'"):
+        combine_states([s0, s1], [0.5, 0.5], CombineOptions(rule="fisher"), payloads=[{}, {}], head=head)
+    with pytest.raises(ValueError, match="2 class counts for 3 states"):
+        combine_states([s0, s1, s1], [0.4, 0.3, 0.3], CombineOptions(), head=head)

@@ -178,6 +178,10 @@ def test_method_list_comes_from_the_merge_registry(monkeypatch):
     ({"merge": {"fisher_samples": 0}}, "merge.fisher_samples"),
     ({"model": {"init": "shared"}}, "model.init"),
     ({"merge": {"stats": "all"}}, "merge.stats"),
+    ({"merge": {"head": "classes"}}, "merge.head"),
+    ({"merge": {"head": "label_counts", "combine": "fisher"}}, "merge.head"),
+    ({"merge": {"head": "label_counts", "method": "none"}}, "merge.head"),
+    ({"merge": {"head": "label_counts", "method": "cdsgd"}}, "merge.head"),
     ({"merge": {"stats": "both", "method": "wa"}}, "merge.stats"),
     ({"merge": {"stats": "both", "basis": "own"}, "transport": {"name": "grpc", "sync": False}}, "merge.stats"),
 ])
@@ -195,6 +199,7 @@ def test_kept_optimizer_state_is_fine_where_no_merge_reorders_units():
         assert resolve({"merge": {"stats": "both", "basis": "own"}, "transport": {"name": name}}).merge.stats == "both"
     assert (resolve({}).merge.stats, resolve({}).merge.basis) == ("own", "shared")
     assert resolve({"merge": {"stats": "both"}}).merge.basis == "shared"  # both with the default basis too
+    assert resolve({}).merge.head == "auto" and resolve({"merge": {"method": "wa", "head": "label_counts"}})
     cfg = resolve({"merge": {"keep_margin": 0.02, "identity_prior": 0.1, "combine": "regmean"},
                    "model": {"init": "same"}})
     assert (cfg.merge.keep_margin, cfg.merge.identity_prior, cfg.merge.combine, cfg.model.init) == \

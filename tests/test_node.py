@@ -11,6 +11,7 @@ from torch import nn
 
 import dimat
 from dimat import merge
+from dimat.merge.combine import CombineOptions
 from dimat.node import MergeResult, Node
 from dimat.topology import Topology
 from dimat.transport.base import Transport
@@ -666,3 +667,107 @@ def test_adopt_min_acc_config_is_checked(sets, needle):
     assert needle in str(e.value) and "merge.adopt_min_acc" in str(e.value) and "\n" not in str(e.value)
     assert resolve({}, ["merge.adopt_min_acc=auto"]).merge.adopt_min_acc == "auto"
     assert resolve({}).merge.adopt_min_acc is None
+
+
+# ------------------------------------------------------------------------------------- head="label_counts"
+def labelled(labels, seed=0, n=2):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(labels)
+    return [(torch.randn(len(labels), 4, generator=g), y) for _ in range(n)]
+
+
+def _head_pair(labels=([0, 0], [1, 2]), make=mlp, method="wa", tamper=None, counts=(None, None), **kw):
+    topo = Topology.build("fc", 2)
+    ts = make_inproc([[1], [0]])
+    ns = [Node(make(k), topo, k, ts[k], labelled(labels[k], seed=k), method=method, label_counts=counts[k], **kw)
+          for k in range(2)]
+    before = [state(n.model) for n in ns]
+    for n in ns:
+        n.post(0)
+    if tamper is not None:
+        tamper(ts[0].mailbox)
+    return ns, [n.merge_round(0) for n in ns], before
+
+
+def test_label_counts_take_each_class_of_the_output_layer_from_the_agents_that_saw_it():
+    ns, res, before = _head_pair(head="label_counts")
+    assert all(r.telemetry["head"] == "label_counts" for r in res)
+    for n in ns:
+        got = n.model.state_dict()
+        # class 0 only agent 0 saw (4 samples), classes 1 and 2 only agent 1: their rows come whole from them
+        for c, owner in ((0, 0), (1, 1), (2, 1)):
+            torch.testing.assert_close(got["2.weight"][c], before[owner]["2.weight"][c])
+            torch.testing.assert_close(got["2.bias"][c], before[owner]["2.bias"][c])
+        torch.testing.assert_close(got["0.weight"], (before[0]["0.weight"] + before[1]["0.weight"]) / 2)
+    # the counts travel with the snapshot: 3 float64 values more than a merge without them, each way
+    _, plain, _ = _head_pair(head="mean")
+    assert [r.comm_bytes - p.comm_bytes for r, p in zip(res, plain)] == [2 * 3 * 8, 2 * 3 * 8]
+    assert "head" not in plain[0].telemetry
+
+
+def test_label_counts_default_for_dimat_only_and_given_counts_win():
+    assert Node.resolve_head("auto", "dimat", "mean") == "label_counts"
+    assert Node.resolve_head("auto", "dimat", "fisher") == "mean" == Node.resolve_head("auto", "wa", "mean")
+    # counts given to the node replace those of its batches: agent 0 says it saw class 2 only
+    ns, res, before = _head_pair(head="label_counts", counts=([0, 0, 12], None))
+    got = ns[1].model.state_dict()["2.weight"]
+    # class 2: agent 0's 12 against agent 1's 2 (its batches: labels 1, 2 twice); class 1: agent 1 alone;
+    # class 0: nobody, the plain mean
+    torch.testing.assert_close(got[2], (12 * before[0]["2.weight"][2] + 2 * before[1]["2.weight"][2]) / 14)
+    torch.testing.assert_close(got[1], before[1]["2.weight"][1])
+    torch.testing.assert_close(got[0], (before[0]["2.weight"][0] + before[1]["2.weight"][0]) / 2)
+
+
+def test_bad_class_counts_from_a_neighbour_average_the_layer_loudly(caplog):
+    def tamper(box):
+        for key, snap in list(box._posts.items()):
+            if key[1] == 1:  # agent 1's snapshot: negative counts
+                box._posts[key] = {**snap, "__dimat_payload__.labels.counts": torch.tensor([-1.0, 2.0, 2.0],
+                                                                                          dtype=torch.float64)}
+
+    with caplog.at_level("WARNING", logger="dimat.node"):
+        ns, res, before = _head_pair(head="label_counts", tamper=tamper)
+    assert res[0].telemetry["head"] == "mean" and res[1].telemetry["head"] == "label_counts"
+    assert "class counts of agent 1 are missing or invalid" in caplog.text
+    torch.testing.assert_close(ns[0].model.state_dict()["2.weight"],
+                               (before[0]["2.weight"] + before[1]["2.weight"]) / 2)
+
+
+class _Scaled(nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(x))) * 2.0
+
+
+def test_label_counts_on_a_model_without_a_plain_output_layer_warn_once_and_average(caplog):
+    with caplog.at_level("WARNING", logger="dimat.node"):
+        ns, res, before = _head_pair(make=_Scaled, head="label_counts")
+        ns[0].post(1)
+        ns[0].merge_round(1)
+    assert caplog.text.count("agent 0: head label_counts: no nn.Linear layer returns") == 1
+    assert all("head" in r.telemetry and r.telemetry["head"] == "mean" for r in res)
+    torch.testing.assert_close(ns[1].model.state_dict()["out.weight"],
+                               (before[0]["out.weight"] + before[1]["out.weight"]) / 2)
+
+
+def test_unlabelled_batches_send_zero_counts_and_neighbours_average(caplog):
+    with caplog.at_level("WARNING", logger="dimat.node"):
+        ns, res, _ = _head_pair(labels=([0, 0], [1.5, 2.5]), head="label_counts")
+    assert "agent 1: head label_counts: the local batches carry no labels in 0..2" in caplog.text
+    assert [r.telemetry["head"] for r in res] == ["mean", "mean"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"head": "classes"}, "head must be one of"),
+    ({"head": "label_counts", "combine": CombineOptions(rule="fisher")}, "combine rule 'mean' only"),
+    ({"label_counts": [1.0, -1.0]}, "label_counts must be"),
+    ({"label_counts": [0.0, 0.0]}, "label_counts must be"),
+    ({"label_counts": [[1.0]]}, "label_counts must be"),
+])
+def test_bad_head_settings_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Node(mlp(0), Topology.build("fc", 2), 0, make_inproc([[1], [0]])[0], batches(), **kw)

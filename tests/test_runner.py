@@ -282,3 +282,20 @@ def test_stats_both_with_the_default_shared_basis(tmp_path):
     # tag 0 reaches all three agents of the ring in round 0, so rounds 1 and 2 send no statistics at all
     assert all(merges[(k, a)]["stats_bytes"] == 0 and merges[(k, a)]["stats_both"] == [] for k in (1, 2)
                for a in range(3))
+
+
+def test_dimat_runs_combine_the_output_layer_by_class_counts(tmp_path):
+    """merge.head auto: dimat's merges record head label_counts (the counts of each agent's partition, given by
+    the runner), wa's record nothing; head mean gives another model on a label-skewed split (in round 1, once
+    the three agents share a basis and min_corr leaves no unit out)."""
+    base = dict(rounds=2, data={"dataset": "digits", "partition": "classes"}, model={"name": "mlp", "width": 0.25})
+    run(tiny(merge={"method": "dimat", "stat_batches": 2}, **base), tmp_path / "auto", quiet=True)
+    run(tiny(merge={"method": "dimat", "stat_batches": 2, "head": "mean"}, **base), tmp_path / "mean", quiet=True)
+    run(tiny(merge={"method": "wa", "stat_batches": 2}, **base), tmp_path / "wa", quiet=True)
+    recs = {k: [r for r in read_metrics([tmp_path / k / "metrics.jsonl"]) if r["phase"] == "merge"]
+            for k in ("auto", "mean", "wa")}
+    assert [r["head"] for r in recs["auto"]] == ["label_counts"] * 6
+    assert all("head" not in r for r in recs["mean"] + recs["wa"])
+    ck = [torch.load(tmp_path / k / "checkpoints/agent-0.pt", weights_only=False)["model"] for k in ("auto", "mean")]
+    last = [n for n in ck[0] if n.endswith("weight")][-1]
+    assert not torch.allclose(ck[0][last], ck[1][last])
