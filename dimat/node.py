@@ -191,6 +191,16 @@ class Node:
         for models or batches without them. None (the default): always adopt; the check won on one benchmark and
         lost on another (docs/merge.md, "Keeping one's own basis"). The telemetry carries ``adopt`` (the holder's
         rank and accuracy, the threshold and whether it was adopted) for every merge it checked.
+    head : how the output layer (the ``nn.Linear`` that returns the logits, found by running the model once) is
+        combined. ``"mean"``: like every other layer. ``"label_counts"``: class by class, the row and bias of class
+        c weighted by each participant's mixing weight times its number of samples of class c (a class nobody has
+        samples of: the mean; see :func:`dimat.merge.combine.class_weighted_mean`); every snapshot then carries
+        this agent's samples per class (C float64 values, which reveal its label distribution). ``"auto"``
+        (default): ``"label_counts"`` for ``method="dimat"`` with the ``mean`` rule, else ``"mean"``. A model
+        without such a layer, or a neighbour's missing or invalid counts, average the layer with a warning; the
+        telemetry carries ``head``.
+    label_counts : this agent's samples per class (for ``head="label_counts"``); None (default): counted once over
+        all of ``batches`` (integer labels in the batches' second element).
     restore_norms : after combining, give every unit of a conv/linear layer that only a BatchNorm reads the mean
         weight norm it had in the participants, so that the merged model trains at their effective step size
         (see ``activation_match``'s ``restore_norms``). Needs ``reset_bn`` and ``batches``.
