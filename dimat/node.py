@@ -359,8 +359,7 @@ class Node:
         self.head = self.resolve_head(head, method, self.combine.rule)
         if label_counts is not None:
             label_counts = torch.as_tensor(label_counts, dtype=torch.float64)
-            if label_counts.dim() != 1 or not bool(torch.isfinite(label_counts).all()) \
-                    or bool((label_counts < 0).any()) or float(label_counts.sum()) <= 0:
+            if not head_mod.counts_ok(label_counts):
                 raise ValueError("label_counts must be a vector of samples per class: finite, >= 0, not all 0")
         self._label_counts = label_counts
         self._output: Optional[head_mod.OutputLayer] = None  # found at the first post under head label_counts
@@ -535,8 +534,7 @@ class Node:
         counts = []
         for j in order:
             c = own if j == self.rank else payload_mod.split(snapshots[j])[1].get(LABELS_KIND, {}).get("counts")
-            if not isinstance(c, torch.Tensor) or tuple(c.shape) != tuple(own.shape) or not c.is_floating_point() \
-                    or not bool(torch.isfinite(c).all()) or bool((c < 0).any()) or float(c.sum()) <= 0:
+            if not head_mod.counts_ok(c) or tuple(c.shape) != tuple(own.shape):
                 log.warning("agent %d, round %d: head label_counts: the class counts of agent %d are missing or "
                             "invalid; averaging the output layer in this merge", self.rank, r, j)
                 return None
@@ -737,15 +735,15 @@ def _accuracy(model: nn.Module, batches: Optional[Iterable[Any]], limit: Optiona
         for i, b in enumerate(batches):
             if limit is not None and i >= limit:
                 break
-            if not (isinstance(b, (tuple, list)) and len(b) > 1 and isinstance(b[1], torch.Tensor)
-                    and not b[1].is_floating_point() and b[1].dim() == 1):
+            y = head_mod.batch_labels(b)
+            if y is None:
                 return None, 0
             out = model(b[0].to(device))
-            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != b[1].shape[0]:
+            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != y.shape[0]:
                 return None, 0
             classes = out.shape[1]
-            correct += int((out.argmax(1).cpu() == b[1].cpu()).sum())
-            total += int(b[1].shape[0])
+            correct += int((out.argmax(1).cpu() == y.cpu()).sum())
+            total += int(y.shape[0])
     return (correct / total if total else None), classes
 
 

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from dimat.merge.stats import eval_mode
+from dimat.merge.structure import model_output
 
-__all__ = ["OutputLayer", "output_layer", "logits_of", "count_labels"]
+__all__ = ["OutputLayer", "output_layer", "logits_of", "batch_labels", "count_labels", "counts_ok"]
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,12 @@ class OutputLayer:
 
 
 def logits_of(out: Any) -> Optional[torch.Tensor]:
-    """The logits in a model's output: the tensor itself, a ``.logits`` attribute (Hugging Face), or the first
-    element of a tuple; None otherwise."""
+    """The logits in a model's output: what :func:`dimat.merge.structure.model_output` takes as the output (the
+    tensor itself, or the ``logits`` of a Hugging Face ``ModelOutput`` or dict), or the first element of a tuple;
+    None otherwise."""
+    out = model_output(out)
     if isinstance(out, torch.Tensor):
         return out
-    got = getattr(out, "logits", None)
-    if isinstance(got, torch.Tensor):
-        return got
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     return None
@@ -78,6 +78,20 @@ def output_layer(model: nn.Module, example: torch.Tensor) -> Tuple[Optional[Outp
     return OutputLayer(name, int(mod.out_features), axes), ""
 
 
+def batch_labels(batch: Any) -> Optional[torch.Tensor]:
+    """The integer class labels of an ``(input, label, ...)`` batch: a 1-D integer tensor, or None."""
+    y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dim() != 1:
+        return None
+    return y
+
+
+def counts_ok(counts: Any) -> bool:
+    """Whether ``counts`` is a usable vector of samples per class: 1-D floating point, finite, >= 0, not all 0."""
+    return (isinstance(counts, torch.Tensor) and counts.dim() == 1 and counts.is_floating_point()
+            and bool(torch.isfinite(counts).all()) and not bool((counts < 0).any()) and float(counts.sum()) > 0)
+
+
 def count_labels(batches: Iterable, classes: int, limit: Optional[int] = None) -> Optional[torch.Tensor]:
     """Samples per class (float64, ``[classes]``) in the first ``limit`` batches of ``(input, label, ...)``
     (None: all), or None when a batch carries no integer labels or a label is outside ``0 .. classes - 1``."""
@@ -85,8 +99,8 @@ def count_labels(batches: Iterable, classes: int, limit: Optional[int] = None) -
     for i, b in enumerate(batches):
         if limit is not None and i >= limit:
             break
-        y = b[1] if isinstance(b, (tuple, list)) and len(b) > 1 else None
-        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dim() != 1:
+        y = batch_labels(b)
+        if y is None:
             return None
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
             return None
