@@ -201,29 +201,15 @@ def _template(cfg: Mapping, setup: Setup) -> Dict[str, torch.Tensor]:
     """A snapshot of the run's architecture (values irrelevant), so that the gRPC server checks every snapshot's
     manifest against it before allocating anything, even those that arrive before this agent's first post."""
     from dimat import models
-
-    from dimat.merge.head import output_layer
-    from dimat.node import LABELS_KIND, Node, with_basis_tag
-
-    from dimat.merge import payload
     from dimat.merge.combine import CombineOptions
+    from dimat.node import Node
 
     ds = setup.dataset
     model = models.build(cfg["model"]["name"], ds.num_classes, width=cfg["model"]["width"],
                          in_channels=ds.in_channels, image_size=ds.image_size)
-    state = model.state_dict()
-    opts = CombineOptions.from_config(cfg["merge"])
-    kind = opts.payload
-    if kind is not None:  # the combine rule's payload travels in the snapshot (same order as Node.post)
-        state = {**state, **payload.encode(kind, payload.template(kind, model, opts.regmean_max_inputs))}
-    method = cfg["merge"]["method"]
-    if method != "none" and Node.resolve_head(cfg["merge"]["head"], method, opts.rule) == "label_counts":
-        layer, _ = output_layer(model, ds.x_train[:2])  # as Node.post: counts only where the layer is found
-        if layer is not None:
-            state = {**state, **payload.encode(LABELS_KIND, {"counts": torch.zeros(layer.classes,
-                                                                                   dtype=torch.float64)})}
-    tagged = cfg["merge"]["basis"] == "shared" and method in Node.ALIGNING  # as Node.post
-    return with_basis_tag(state, 0) if tagged else state
+    m = cfg["merge"]
+    return Node.template_snapshot(model, ds.x_train[:2], m["method"], m["basis"], CombineOptions.from_config(m),
+                                  m["head"])
 
 
 # ---------------------------------------------------------------------------------------------- resume / rejoin

@@ -19,7 +19,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -53,6 +53,18 @@ STATS_LANE = "pair_stats"
 def with_basis_tag(state: Dict[str, torch.Tensor], tag: int) -> Dict[str, torch.Tensor]:
     """``state`` plus the :data:`BASIS_KEY` entry (a new dict; the tensors are shared, not copied)."""
     return {**state, BASIS_KEY: torch.tensor(int(tag), dtype=torch.int64)}
+
+
+def compose_snapshot(state: Dict[str, torch.Tensor], payload: Optional[Tuple[str, Dict[str, torch.Tensor]]] = None,
+                     counts: Optional[torch.Tensor] = None, tag: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """What a snapshot holds, in one place for :meth:`Node.post` and :meth:`Node.template_snapshot`: the model's
+    ``state``, then the combine rule's ``payload`` (kind, tensors), the class ``counts`` (float64 ``[classes]``)
+    and the basis ``tag``; each None part is left out. A new dict; the tensors are shared, not copied."""
+    if payload is not None:
+        state = {**state, **payload_mod.encode(*payload)}
+    if counts is not None:
+        state = {**state, **payload_mod.encode(LABELS_KIND, {"counts": counts})}
+    return state if tag is None else with_basis_tag(state, tag)
 
 
 @dataclass
@@ -245,6 +257,27 @@ class Node:
         return head
 
     @classmethod
+    def sends_tag(cls, basis: str, method: str) -> bool:
+        """Whether a node's snapshots carry its basis tag: under ``basis="shared"``, for the methods that permute
+        units (plain averaging sends none under either basis)."""
+        return basis == "shared" and method in cls.ALIGNING
+
+    @classmethod
+    def template_snapshot(cls, model: nn.Module, example: torch.Tensor, method: str, basis: str,
+                          combine: combine_mod.CombineOptions, head: str) -> Dict[str, torch.Tensor]:
+        """A snapshot with the layout a node of these settings posts (values irrelevant: zeros for the payload
+        and class counts, tag 0), for a transport that checks every snapshot's manifest before allocating
+        anything. ``example``: one input batch, to find the output layer as :meth:`post` does."""
+        kind = combine.payload
+        payload = None if kind is None else (kind, payload_mod.template(kind, model, combine.regmean_max_inputs))
+        counts = None
+        if method != "none" and cls.resolve_head(head, method, combine.rule) == "label_counts":
+            layer, _ = head_mod.output_layer(model, example)  # counts only where the layer is found, as in post
+            if layer is not None:
+                counts = torch.zeros(layer.classes, dtype=torch.float64)
+        return compose_snapshot(model.state_dict(), payload, counts, 0 if cls.sends_tag(basis, method) else None)
+
+    @classmethod
     def resolve_min_corr(cls, min_corr: Union[float, str, None], method: str, rule: str) -> Optional[float]:
         """The threshold a node with ``method`` and combine ``rule`` uses: ``"auto"`` is :attr:`MIN_CORR` for
         ``dimat`` with ``mean`` and None otherwise; a number needs the ``mean`` rule (ValueError)."""
@@ -331,7 +364,7 @@ class Node:
         self.bn_refresh = bool(bn_refresh)
         self.basis = basis
         # Tags only matter where a merge permutes units; plain averaging (wa) sends none under either basis.
-        self._tagged = basis == "shared" and method in self.ALIGNING
+        self._tagged = self.sends_tag(basis, method)
         if basis_tag is not None and not (isinstance(basis_tag, (int, np.integer)) and 0 <= basis_tag < len(pi)):
             raise ValueError(f"basis_tag must be a rank of the topology's {len(pi)} agents, got {basis_tag!r}")
         # under "shared": whose unit order self.model is in (see `basis`)
@@ -402,14 +435,8 @@ class Node:
                                                 self.combine.fisher_samples, self.combine.regmean_max_inputs)
             self._payload_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        state = self.model.state_dict()
-        if kind is not None:
-            state = {**state, **payload_mod.encode(kind, self._payload)}
-        counts = self._class_counts()
-        if counts is not None:
-            state = {**state, **payload_mod.encode(LABELS_KIND, {"counts": counts})}
-        if self._tagged:
-            state = with_basis_tag(state, self.basis_tag)
+        state = compose_snapshot(self.model.state_dict(), None if kind is None else (kind, self._payload),
+                                 self._class_counts(), self.basis_tag if self._tagged else None)
         self.transport.post(r, state)
         self._post_s = time.perf_counter() - t0
         self._posted = r

@@ -771,3 +771,27 @@ def test_unlabelled_batches_send_zero_counts_and_neighbours_average(caplog):
 def test_bad_head_settings_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         Node(mlp(0), Topology.build("fc", 2), 0, make_inproc([[1], [0]])[0], batches(), **kw)
+
+
+@pytest.mark.parametrize("method,basis,rule,head,opts", [
+    ("dimat", "shared", "mean", "auto", {}),              # class counts and a basis tag
+    ("dimat", "own", "fisher", "auto", {}),               # a payload, no tag, no counts
+    ("dimat", "shared", "regmean", "mean", {"regmean_max_inputs": 5}),
+    ("wa", "shared", "mean", "label_counts", {}),         # counts, no tag: plain averaging permutes nothing
+    ("wm", "shared", "mean", "mean", {}),
+])
+def test_the_template_snapshot_has_the_layout_a_node_posts(method, basis, rule, head, opts):
+    """The gRPC run template (`dimat agent`) checks every arriving snapshot against it: it must hold exactly the
+    entries, shapes and dtypes a node of the same settings posts."""
+    from dimat.transport import wire
+
+    topo = Topology.build("ring", 3)
+    posted = {}
+    nd = nodes(topo, method=method, basis=basis, combine=CombineOptions(rule=rule, **opts), head=head,
+               stat_batches=2)[0]
+    nd.transport.post = lambda r, s: posted.update(s)
+    nd.post(0)
+    template = Node.template_snapshot(mlp(7), batches()[0][0][:2], method, basis,
+                                      CombineOptions(rule=rule, **opts), head)
+    assert wire.layout_of(template) == wire.layout_of(posted)
+    assert ("__dimat_basis__" in template) == (basis == "shared" and method != "wa")
