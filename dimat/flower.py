@@ -143,6 +143,13 @@ class ModelAggregator:
         clients' aligned running statistics, mixed by weight and corrected for the merge's variance collapse as
         measured on the calibration batches (the node's ``merge.bn_repair``). ``"mix"`` suits a server whose
         calibration batches do not look like the clients' data.
+    head : how the output layer (the ``nn.Linear`` that returns the logits) is combined: ``"mean"`` (default) like
+        every other layer; ``"label_counts"``: class by class, the row and bias of class c weighted by each
+        client's weight times its training samples of class c (the node's ``merge.head``, docs/merge.md), so a
+        class comes from the clients that trained on it. The clients' samples per class are the third element of
+        each result (see :meth:`merge`); a round where a client's are missing or invalid averages the layer, with a
+        warning. Needs ``calibration`` (the layer is found by running the model on a calibration batch) and a model
+        whose last Linear returns ``[batch, classes]`` logits unchanged (ValueError otherwise).
 
     Attributes
     ----------
@@ -150,8 +157,11 @@ class ModelAggregator:
         ``reference`` (index into the results given), ``weights`` (normalised, reference first), ``merge_s``
         (seconds), ``operator_profile`` (the operator's own timings: ``stats_s``/``assign_s`` exist only when it
         matched units), with ``min_corr`` ``kept`` (per other client in the order of ``weights``, the share of its
-        units that joined the average) and, with ``telemetry``, ``alignment``.
+        units that joined the average), ``head`` (``"label_counts"`` or ``"mean"``: how this merge combined the
+        output layer) and, with ``telemetry``, ``alignment``.
     """
+
+    HEADS = ("mean", "label_counts")
 
     def __init__(
         self,
@@ -164,6 +174,7 @@ class ModelAggregator:
         *,
         min_corr: Optional[float] = None,
         bn_repair: str = "local",
+        head: str = "mean",
     ) -> None:
         self.template = _template(model)
         self.calibration = _calibration(calibration)
@@ -187,27 +198,48 @@ class ModelAggregator:
         if bn_repair != "local" and self.calibration is None:
             raise ValueError(f"bn_repair {bn_repair!r} measures the merge on calibration batches; none were given")
         self.bn_repair = bn_repair
+        self.head = head
+        self._output = self._output_layer(head)
         self.last_report: Optional[Dict[str, Any]] = None
         # Only operators that match units take a `profile` dict; it records the seconds of each of their stages.
         self._takes_profile = "profile" in inspect.signature(self._merge).parameters
 
-    def aggregate(self, results: Sequence[Tuple[Any, float]]) -> NDArrays:
+    def _output_layer(self, head: str) -> Optional[Any]:
+        """The output layer to combine class by class under ``head="label_counts"`` (None under ``"mean"``)."""
+        if head not in self.HEADS:
+            raise ValueError(f"head must be one of {', '.join(self.HEADS)}, got {head!r}")
+        if head == "mean":
+            return None
+        if self.calibration is None:
+            raise ValueError("head 'label_counts' finds the output layer by running the model on a calibration "
+                             "batch; none were given")
+        from dimat.merge.head import output_layer
+
+        layer, why = output_layer(self.template, next(merge.iter_inputs(self.calibration, 1)))
+        if layer is None:
+            raise ValueError(f"head 'label_counts' needs an output layer to combine class by class: {why}")
+        return layer
+
+    def aggregate(self, results: Sequence[Tuple[Any, ...]]) -> NDArrays:
         """Merge ``[(arrays, num_examples), ...]`` (one pair per client) into one model's arrays (state_dict order).
 
         ``arrays`` is a list in state_dict order or a name -> array mapping (see :func:`ndarrays_to_state`).
+        Under ``head="label_counts"`` each result is ``(arrays, num_examples, class_counts)``.
         """
         return state_to_ndarrays(self.merge(results))
 
-    def merge(self, results: Sequence[Tuple[Any, float]]) -> nn.Module:
+    def merge(self, results: Sequence[Tuple[Any, ...]]) -> nn.Module:
         """Like :meth:`aggregate`, but return the merged model (a new module).
 
         The client with the most examples is the reference every other client is aligned to (ties: the first).
-        ValueError on no results, a negative or non-finite count, counts that sum to 0, or arrays that do not fit
-        the template.
+        Under ``head="label_counts"`` a result's third element is the client's training samples per class (a
+        sequence of ``classes`` finite non-negative numbers, not all 0); missing or invalid ones make this merge
+        average the output layer, with a warning naming the client. ValueError on no results, a negative or
+        non-finite count, counts that sum to 0, or arrays that do not fit the template.
         """
         if len(results) == 0:
             raise ValueError("no client results to aggregate")
-        counts = [_count(n, i) for i, (_, n) in enumerate(results)]
+        counts = [_count(res[1], i) for i, res in enumerate(results)]
         if sum(counts) <= 0:
             raise ValueError("every client reported num_examples=0; nothing to weight the merge by")
         order = _reference_first(counts)
@@ -220,6 +252,12 @@ class ModelAggregator:
             extra.update(min_corr=self.min_corr, report=matched)
         if self.bn_repair != "local":
             extra["bn_repair"] = self.bn_repair
+        class_head = self._class_head([results[i] for i in order], order)
+        if class_head is not None:
+            from dimat.merge import combine as combine_mod
+
+            params = {n for n, _ in self.template.named_parameters()}
+            extra["combine"] = combine_mod.make_hook(combine_mod.CombineOptions(), 0, params, head=class_head)
         t = time.perf_counter()
         merged = self._merge(
             models,
@@ -239,10 +277,31 @@ class ModelAggregator:
         }
         if self.min_corr is not None:
             report["kept"] = [matched.get(j, {}).get("kept", 1.0) for j in range(1, len(models))]
+        if self._output is not None:
+            report["head"] = "mean" if class_head is None else "label_counts"
         if self.telemetry:
             report["alignment"] = alignment_telemetry(models, self.calibration, self.stat_batches)
         self.last_report = report
         return merged
+
+    def _class_head(self, results: Sequence[Tuple[Any, ...]], clients: Sequence[int]) -> Optional[Any]:
+        """The clients' class counts (``results`` in merge order; ``clients``: their indices, for the warning) as
+        a :class:`dimat.merge.combine.ClassHead`, or None: under ``head="mean"``, or (with a warning) when a
+        client's are missing or invalid."""
+        if self._output is None:
+            return None
+        from dimat.merge.combine import ClassHead
+        from dimat.merge.head import counts_ok
+
+        counts = []
+        for i, res in zip(clients, results):
+            c = _class_counts(res[2] if len(res) > 2 else None)
+            if c is None or not counts_ok(c) or c.numel() != self._output.classes:
+                log.warning("head label_counts: client %d sent no valid class counts (%d finite non-negative numbers, "
+                            "not all 0); averaging the output layer in this merge", i, self._output.classes)
+                return None
+            counts.append(c)
+        return ClassHead(self._output.axes, counts)
 
     def _model(self, arrays: Any, who: str) -> nn.Module:
         model = copy.deepcopy(self.template)
@@ -282,6 +341,17 @@ def _count(n: Any, i: int) -> float:
     ):
         raise ValueError(f"client {i} reported num_examples={n!r}; it must be a finite non-negative number")
     return n
+
+
+def _class_counts(value: Any) -> Optional[torch.Tensor]:
+    """A client's samples per class as float64, or None when ``value`` is not a 1-D sequence of numbers."""
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        c = torch.as_tensor(np.asarray(value, dtype=np.float64))
+    except (TypeError, ValueError):
+        return None
+    return c if c.dim() == 1 else None
 
 
 def _reference_first(counts: Sequence[float]) -> List[int]:
@@ -407,11 +477,15 @@ class _Merging:
         telemetry: bool = False,
         min_corr: Optional[float] = None,
         bn_repair: str = "local",
+        head: str = "mean",
+        class_counts_key: str = "class-counts",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # the FedAvg that follows in the strategy's MRO
         self.aggregator = ModelAggregator(model, calibration, method, reset_bn, stat_batches, telemetry,
-                                          min_corr=min_corr, bn_repair=bn_repair)
+                                          min_corr=min_corr, bn_repair=bn_repair, head=head)
+        #: the key of the clients' metrics that holds their training samples per class (``head="label_counts"``)
+        self.class_counts_key = class_counts_key
         #: one dict per aggregated round: ``{"round": r, "client_ids": [...], **aggregator.last_report}``
         self.merge_log: List[Dict[str, Any]] = []
 
@@ -443,8 +517,10 @@ def _build_dimat_fedavg() -> type:
         model : the clients' architecture (``nn.Module`` or zero-argument factory); see :class:`ModelAggregator`.
         calibration : batches held by the server for activation statistics and the BatchNorm reset. Without it the
             strategy falls back to weighted averaging (FedAvg's arithmetic).
-        method, reset_bn, stat_batches, telemetry, min_corr, bn_repair : as in :class:`ModelAggregator`; each
-            round's report is appended to ``merge_log``.
+        method, reset_bn, stat_batches, telemetry, min_corr, bn_repair, head : as in :class:`ModelAggregator`;
+            each round's report is appended to ``merge_log``.
+        class_counts_key : under ``head="label_counts"``, the ``FitRes.metrics`` key of each client's training
+            samples per class, a list of numbers (default ``"class-counts"``).
         **kwargs : every FedAvg keyword (``min_fit_clients``, ``initial_parameters``, ``evaluate_fn``, ...).
         """
 
@@ -459,7 +535,8 @@ def _build_dimat_fedavg() -> type:
                 return None, {}
             # Sort by client id so that the reference client (and so the result) does not depend on arrival order.
             results = sorted(results, key=lambda r: str(getattr(r[0], "cid", "")))
-            pairs = [(parameters_to_ndarrays(res.parameters), res.num_examples) for _, res in results]
+            pairs = [(parameters_to_ndarrays(res.parameters), res.num_examples,
+                      (res.metrics or {}).get(self.class_counts_key)) for _, res in results]
             arrays = self.aggregator.aggregate(pairs)
             self._record(server_round, [getattr(proxy, "cid", "") for proxy, _ in results])
             log.info("round %s: merged %d client models with %r", server_round, len(pairs), self.aggregator.method)
@@ -492,8 +569,10 @@ def _build_message_dimat_fedavg() -> type:
         model : the clients' architecture (``nn.Module`` or zero-argument factory); see :class:`ModelAggregator`.
         calibration : batches held by the server for activation statistics and the BatchNorm reset. Without it the
             strategy falls back to weighted averaging (FedAvg's arithmetic).
-        method, reset_bn, stat_batches, telemetry, min_corr, bn_repair : as in :class:`ModelAggregator`; each
-            round's report is appended to ``merge_log``.
+        method, reset_bn, stat_batches, telemetry, min_corr, bn_repair, head : as in :class:`ModelAggregator`;
+            each round's report is appended to ``merge_log``.
+        class_counts_key : under ``head="label_counts"``, the ``MetricRecord`` key of each reply's training
+            samples per class, a list of floats (default ``"class-counts"``).
         **kwargs : every FedAvg keyword (``fraction_train``, ``min_train_nodes``, ``weighted_by_key``, ...).
         """
 
@@ -508,12 +587,14 @@ def _build_message_dimat_fedavg() -> type:
             validate_message_reply_consistency(
                 replies=contents, weighted_by_key=self.weighted_by_key, check_arrayrecord=True
             )
+            metrics = [next(iter(c.metric_records.values())) for c in contents]
             pairs = [
                 (
                     next(iter(c.array_records.values())).to_torch_state_dict(),
-                    next(iter(c.metric_records.values()))[self.weighted_by_key],
+                    m[self.weighted_by_key],
+                    m[self.class_counts_key] if self.class_counts_key in m else None,
                 )
-                for c in contents
+                for c, m in zip(contents, metrics)
             ]
             merged = self.aggregator.merge(pairs)
             self._record(server_round, [m.metadata.src_node_id for m in valid])

@@ -189,6 +189,89 @@ def test_min_corr_is_the_operators_threshold_and_reports_the_units_kept():
         torch.testing.assert_close(alone[i].weight, clients[1][i].weight, rtol=0, atol=1e-6)
 
 
+def _plain(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 3))
+
+
+def test_head_label_counts_combines_the_output_layer_class_by_class():
+    # wa (no alignment): every hidden layer is the weighted mean; output row c is sum_j w_j n_jc row_jc / sum ...
+    clients = [_plain(40), _plain(41), _plain(42)]
+    counts = [[5, 0, 1], [0, 4, 1], [0, 0, 0.5]]
+    weights = [3, 7, 5]
+    agg = ModelAggregator(_plain(0), CALIBRATION, method="wa", head="label_counts")
+    out = _plain(0)
+    out.load_state_dict(ndarrays_to_state(out, agg.aggregate(
+        [(state_to_ndarrays(m), w, c) for m, w, c in zip(clients, weights, counts)])))
+    assert agg.last_report["head"] == "label_counts"
+    with torch.no_grad():
+        for i in (0, 2):
+            want = sum(w * m[i].weight for w, m in zip(weights, clients)) / sum(weights)
+            torch.testing.assert_close(out[i].weight, want, rtol=0, atol=1e-6)
+        for c in range(3):
+            den = sum(w * n[c] for w, n in zip(weights, counts))
+            for name in ("weight", "bias"):
+                want = sum(w * n[c] * getattr(m[4], name)[c] for w, n, m in zip(weights, counts, clients)) / den
+                torch.testing.assert_close(getattr(out[4], name)[c], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[4].weight[0], clients[0][4].weight[0], rtol=0, atol=1e-6)  # only client 0 has 0
+
+
+def test_head_label_counts_with_activation_matching_is_the_operator_with_the_class_head():
+    from dimat.merge import combine
+    from dimat.merge.head import output_layer
+
+    clients = [_plain(50), _plain(51), _plain(52)]
+    counts = [[5.0, 0, 1], [0, 4, 1], [1, 1, 6]]
+    agg = ModelAggregator(_plain(0), CALIBRATION, head="label_counts", stat_batches=2)
+    got = agg.aggregate([(state_to_ndarrays(m), w, c) for m, w, c in zip(clients, [3, 7, 5], counts)])
+    layer, _ = output_layer(_plain(0), CALIBRATION[0])
+    order = [1, 0, 2]  # the reference (most examples) first
+    hook = combine.make_hook(combine.CombineOptions(), 0, {n for n, _ in _plain(0).named_parameters()},
+                             head=combine.ClassHead(layer.axes, [torch.tensor(counts[i], dtype=torch.float64)
+                                                                 for i in order]))
+    want = merge.activation_match([clients[i] for i in order], [7, 3, 5], CALIBRATION, stat_batches=2, combine=hook)
+    plain_mean = ModelAggregator(_plain(0), CALIBRATION, stat_batches=2).aggregate(
+        results_of(clients, [3, 7, 5]))
+    for g, w in zip(got, state_to_ndarrays(want)):
+        np.testing.assert_array_equal(g, w)
+    assert not np.allclose(got[-2], plain_mean[-2])  # the output weight differs from the mean's
+
+
+@pytest.mark.parametrize("bad", [None, [1.0, 2.0], [1.0, -1.0, 2.0], [0, 0, 0], [1.0, float("nan"), 1.0], "1,2,3",
+                                 [[1, 2, 3]]])
+def test_head_label_counts_without_valid_counts_averages_the_layer_loudly(bad, caplog):
+    clients = [_plain(40), _plain(41)]
+    agg = ModelAggregator(_plain(0), CALIBRATION, method="wa", head="label_counts")
+    results = [(state_to_ndarrays(clients[0]), 3, [1.0, 2.0, 3.0]), (state_to_ndarrays(clients[1]), 5, bad)]
+    if bad is None:
+        results[1] = results[1][:2]
+    with caplog.at_level("WARNING"):
+        got = agg.aggregate(results)
+    assert "client 1 sent no valid class counts" in caplog.text
+    assert agg.last_report["head"] == "mean"
+    mean = ModelAggregator(_plain(0), CALIBRATION, method="wa").aggregate(results_of(clients, [3, 5]))
+    for g, w in zip(got, mean):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_head_label_counts_needs_calibration_and_a_plain_output_layer():
+    with pytest.raises(ValueError, match="head must be one of mean, label_counts"):
+        ModelAggregator(_plain(0), CALIBRATION, head="counts")
+    with pytest.raises(ValueError, match="finds the output layer by running the model on a calibration batch"):
+        ModelAggregator(_plain(0), None, method="wa", head="label_counts")
+
+    class Scaled(nn.Module):  # the logits are scaled after the last Linear: no row per class to combine
+        def __init__(self):
+            super().__init__()
+            self.net = _plain(0)
+
+        def forward(self, x):
+            return self.net(x) * 2.0
+
+    with pytest.raises(ValueError, match="needs an output layer to combine class by class"):
+        ModelAggregator(Scaled(), CALIBRATION, head="label_counts")
+
+
 def test_bn_repair_mix_takes_the_clients_running_statistics():
     m = make_model(12)
     clients = [m, permuted(m, 1)]
@@ -308,7 +391,7 @@ def fl():
     return pytest.importorskip("flwr", reason="flwr not installed (see dimat.flower.FLOWER_HINT)")
 
 
-def fit_results(models, counts, cids=None):
+def fit_results(models, counts, cids=None, class_counts=None):
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.server.client_proxy import ClientProxy
 
@@ -316,9 +399,11 @@ def fit_results(models, counts, cids=None):
         get_properties = get_parameters = fit = evaluate = reconnect = None
 
     cids = cids or [str(i) for i in range(len(models))]
+    extra = [{} if c is None else {"class-counts": c} for c in (class_counts or [None] * len(models))]
     return [
-        (Proxy(cid), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(state_to_ndarrays(m)), n, {"loss": float(n)}))
-        for cid, m, n in zip(cids, models, counts)
+        (Proxy(cid), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(state_to_ndarrays(m)), n,
+                            {"loss": float(n), **x}))
+        for cid, m, n, x in zip(cids, models, counts, extra)
     ]
 
 
@@ -388,11 +473,12 @@ def test_strategy_without_calibration_is_fedavg(fl):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=name)
 
 
-def replies(models, counts, node_ids=None, error_for=()):
+def replies(models, counts, node_ids=None, error_for=(), class_counts=None):
     from flwr.common import ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
     out = []
     for i, (m, n) in enumerate(zip(models, counts)):
+        extra = {} if class_counts is None or class_counts[i] is None else {"class-counts": class_counts[i]}
         nid = (node_ids or list(range(10, 10 + len(models))))[i]
         md = Metadata(run_id=1, message_id=f"m{i}", src_node_id=nid, dst_node_id=0, reply_to_message_id=f"q{i}",
                       group_id="1", created_at=0.0, ttl=60.0, message_type="train")
@@ -400,7 +486,7 @@ def replies(models, counts, node_ids=None, error_for=()):
             out.append(Message(metadata=md, error=Error(code=0, reason="client crashed")))
         else:
             content = RecordDict({"arrays": ArrayRecord(m.state_dict()),
-                                  "metrics": MetricRecord({"num-examples": n, "loss": float(n)})})
+                                  "metrics": MetricRecord({"num-examples": n, "loss": float(n), **extra})})
             out.append(Message(metadata=md, content=content))
     return out
 
@@ -425,6 +511,31 @@ def test_message_strategy_identical_and_permuted_clients(fl):
     fedavg, _ = FedAvg().aggregate_train(1, replies(clients, [4, 4, 4], node_ids=[7, 3, 9]))
     out.load_state_dict(fedavg.to_torch_state_dict())
     assert max_diff(out, m) > 0.05
+
+
+def test_strategies_read_the_class_counts_from_the_client_metrics(fl, caplog):
+    pytest.importorskip("flwr.serverapp.strategy")
+    from flwr.common import parameters_to_ndarrays
+
+    clients = [_plain(40), _plain(41), _plain(42)]
+    counts = [[5.0, 0.0, 1.0], [0.0, 4.0, 1.0], [2.0, 2.0, 2.0]]
+    agg = ModelAggregator(_plain(0), CALIBRATION, method="wa", head="label_counts")
+    want = agg.aggregate([(state_to_ndarrays(m), n, c) for m, n, c in zip(clients, [3, 7, 5], counts)])
+    legacy = flower.DimatFedAvg(model=_plain(0), calibration=CALIBRATION, method="wa", head="label_counts")
+    params, _ = legacy.aggregate_fit(1, fit_results(clients, [3, 7, 5], class_counts=counts), [])
+    message = flower.MessageDimatFedAvg(model=_plain(0), calibration=CALIBRATION, method="wa", head="label_counts")
+    arrays, _ = message.aggregate_train(1, replies(clients, [3, 7, 5], class_counts=counts))
+    for got in (parameters_to_ndarrays(params), [t.numpy() for t in arrays.to_torch_state_dict().values()]):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-6)
+    assert legacy.merge_log[-1]["head"] == message.merge_log[-1]["head"] == "label_counts"
+    # Flower refuses replies whose metrics differ in keys; a client with negative counts: the layer is averaged,
+    # loudly, and so is a legacy client without the metric
+    with caplog.at_level("WARNING"):
+        message.aggregate_train(2, replies(clients, [3, 7, 5], class_counts=[counts[0], [1.0, -1.0, 0.0], counts[2]]))
+    assert message.merge_log[-1]["head"] == "mean" and "client 1 sent no valid class counts" in caplog.text
+    legacy.aggregate_fit(2, fit_results(clients, [3, 7, 5], class_counts=[counts[0], counts[1], None]), [])
+    assert legacy.merge_log[-1]["head"] == "mean" and "client 2 sent no valid class counts" in caplog.text
 
 
 def test_message_strategy_skips_error_replies(fl):

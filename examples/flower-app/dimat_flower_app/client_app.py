@@ -63,5 +63,8 @@ def train(msg: Message, context: Context) -> Message:
     state = ArrayRecord(model.state_dict())
     if s.client_align == "align":
         context.state[f"{name}.previous-local"] = state
-    content = RecordDict({"arrays": state, "metrics": MetricRecord({"train-loss": loss, "num-examples": len(y)})})
+    # Samples per class: DimatFedAvg with head = "label_counts" combines the output layer class by class with them.
+    counts = np.bincount(np.asarray(y), minlength=ds.num_classes).astype(float).tolist()
+    content = RecordDict({"arrays": state, "metrics": MetricRecord({"train-loss": loss, "num-examples": len(y),
+                                                                    "class-counts": counts})})
     return Message(content=content, reply_to=msg)

@@ -71,7 +71,7 @@ def run_strategy(name: str, s: Settings, grid: Grid) -> Dict[str, Any]:
         strategy = FedAvg(**common)
     else:
         strategy = MessageDimatFedAvg(model=lambda: new_model(s, s.seed), calibration=calibration_batches(s),
-                                      method=s.merge, telemetry=True, **common)
+                                      method=s.merge, head=s.head, telemetry=True, **common)
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = new_model(s, s.seed)

@@ -26,6 +26,7 @@ class Settings:
     min_nodes: int
     strategy: str
     merge: str
+    head: str
     dataset: str
     partition: str
     calibration_fraction: float
@@ -63,6 +64,7 @@ class Settings:
             min_nodes=get("min-nodes", int),
             strategy=choice("strategy", STRATEGIES),
             merge=choice("merge", ("dimat", "wm", "wa")),
+            head=choice("head", ("mean", "label_counts")),
             dataset=get("dataset", str),
             partition=get("partition", str),
             calibration_fraction=get("calibration-fraction", float),
