@@ -76,6 +76,16 @@ def _checkpoint_round(path: Path):
     return read
 
 
+def _logged_skips(out: Path, agent: int) -> list:
+    """The rounds ``agent``'s log says it skipped because a neighbour had posted a later round."""
+    skipped = []
+    for line in launcher.log_path(out, agent).read_text().splitlines():
+        if "a neighbour has posted round" in line and "skipping rounds" in line:
+            first, last = line.rsplit("skipping rounds ", 1)[1].split("..")
+            skipped += list(range(int(first), int(last) + 1))
+    return skipped
+
+
 def _dump_logs(out: Path, n: int = 4) -> str:
     return "\n".join(f"--- agent {k} ---\n{launcher.tail(launcher.log_path(out, k), 30)}" for k in range(n))
 
@@ -373,7 +383,12 @@ def test_ring_of_8_restart_without_checkpoint_joins_within_two_rounds(tmp_path):
     assert res["returncode"] == 0, res["text"] + _dump_logs(res["out"], 8)
     joined = _joined_within_two_rounds(res, KILLED, (KILLED - 1, KILLED + 1), rounds)
     for k in (k for k in range(8) if k != KILLED):
-        assert [r for (a, r) in sorted(res["merges"]) if a == k] == list(range(rounds)), f"agent {k}"
+        # Agents two hops apart may be two rounds apart: the replacement can join at the round after its
+        # faster neighbour's, and its slower neighbour then skips ahead (logged) rather than wait for nobody.
+        done = [r for (a, r) in sorted(res["merges"]) if a == k]
+        skipped = _logged_skips(res["out"], k)
+        assert done[-1] == rounds - 1 and sorted(done + skipped) == list(range(rounds)), (k, done, skipped)
+        assert not skipped or k in (KILLED - 1, KILLED + 1), (k, skipped)
     print(f"\nagent {KILLED} killed after round {res['killed_after']}, joined at round {joined}; "
           f"wall {res['wall_s']:.1f} s")
 
