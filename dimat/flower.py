@@ -49,6 +49,8 @@ import torch
 from torch import nn
 
 from dimat import merge
+from dimat.merge import combine as combine_mod
+from dimat.merge import head as head_mod
 
 # DimatFedAvg and MessageDimatFedAvg are public too, but built on first access (they need flwr).
 __all__ = [
@@ -204,7 +206,7 @@ class ModelAggregator:
         # Only operators that match units take a `profile` dict; it records the seconds of each of their stages.
         self._takes_profile = "profile" in inspect.signature(self._merge).parameters
 
-    def _output_layer(self, head: str) -> Optional[Any]:
+    def _output_layer(self, head: str) -> Optional[head_mod.OutputLayer]:
         """The output layer to combine class by class under ``head="label_counts"`` (None under ``"mean"``)."""
         if head not in self.HEADS:
             raise ValueError(f"head must be one of {', '.join(self.HEADS)}, got {head!r}")
@@ -213,9 +215,7 @@ class ModelAggregator:
         if self.calibration is None:
             raise ValueError("head 'label_counts' finds the output layer by running the model on a calibration "
                              "batch; none were given")
-        from dimat.merge.head import output_layer
-
-        layer, why = output_layer(self.template, next(merge.iter_inputs(self.calibration, 1)))
+        layer, why = head_mod.output_layer(self.template, next(merge.iter_inputs(self.calibration, 1)))
         if layer is None:
             raise ValueError(f"head 'label_counts' needs an output layer to combine class by class: {why}")
         return layer
@@ -254,8 +254,6 @@ class ModelAggregator:
             extra["bn_repair"] = self.bn_repair
         class_head = self._class_head([results[i] for i in order], order)
         if class_head is not None:
-            from dimat.merge import combine as combine_mod
-
             params = {n for n, _ in self.template.named_parameters()}
             extra["combine"] = combine_mod.make_hook(combine_mod.CombineOptions(), 0, params, head=class_head)
         t = time.perf_counter()
@@ -284,24 +282,22 @@ class ModelAggregator:
         self.last_report = report
         return merged
 
-    def _class_head(self, results: Sequence[Tuple[Any, ...]], clients: Sequence[int]) -> Optional[Any]:
+    def _class_head(self, results: Sequence[Tuple[Any, ...]], clients: Sequence[int]
+                    ) -> Optional[combine_mod.ClassHead]:
         """The clients' class counts (``results`` in merge order; ``clients``: their indices, for the warning) as
         a :class:`dimat.merge.combine.ClassHead`, or None: under ``head="mean"``, or (with a warning) when a
         client's are missing or invalid."""
         if self._output is None:
             return None
-        from dimat.merge.combine import ClassHead
-        from dimat.merge.head import counts_ok
-
         counts = []
         for i, res in zip(clients, results):
             c = _class_counts(res[2] if len(res) > 2 else None)
-            if c is None or not counts_ok(c) or c.numel() != self._output.classes:
+            if c is None or not head_mod.counts_ok(c) or c.numel() != self._output.classes:
                 log.warning("head label_counts: client %d sent no valid class counts (%d finite non-negative numbers, "
                             "not all 0); averaging the output layer in this merge", i, self._output.classes)
                 return None
             counts.append(c)
-        return ClassHead(self._output.axes, counts)
+        return combine_mod.ClassHead(self._output.axes, counts)
 
     def _model(self, arrays: Any, who: str) -> nn.Module:
         model = copy.deepcopy(self.template)
