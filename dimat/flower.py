@@ -139,7 +139,8 @@ class ModelAggregator:
         report's ``kept`` gives each other client's share of units that joined. None (default): every matched
         unit, as published. Clients that start every round from the server's model stay in one unit order and
         keep nearly every unit; the threshold matters when clients diverge (e.g. several local epochs from
-        different initialisations).
+        different initialisations). With ``head="label_counts"`` it applies only to a client that shares a class
+        with the reference client, as in the node (the report's ``min_corr_off`` lists the others).
     bn_repair : how the BatchNorm statistics of the merged model are repaired on ``calibration`` (with
         ``reset_bn``): ``"local"`` (default) recomputes them on the calibration batches; ``"mix"`` takes the
         clients' aligned running statistics, mixed by weight and corrected for the merge's variance collapse as
@@ -253,6 +254,10 @@ class ModelAggregator:
         if self.bn_repair != "local":
             extra["bn_repair"] = self.bn_repair
         class_head = self._class_head([results[i] for i in order], order)
+        min_corr_off: List[int] = []
+        if self.min_corr is not None and class_head is not None:  # as the node: see head.min_corr_by_classes
+            extra["min_corr"] = head_mod.min_corr_by_classes(self.min_corr, class_head.counts)
+            min_corr_off = [order[pos] for pos, c in enumerate(extra["min_corr"], start=1) if c is None]
         if class_head is not None:
             params = {n for n, _ in self.template.named_parameters()}
             extra["combine"] = combine_mod.make_hook(combine_mod.CombineOptions(), 0, params, head=class_head)
@@ -277,6 +282,8 @@ class ModelAggregator:
             report["kept"] = [matched.get(j, {}).get("kept", 1.0) for j in range(1, len(models))]
         if self._output is not None:
             report["head"] = "mean" if class_head is None else "label_counts"
+        if min_corr_off:
+            report["min_corr_off"] = min_corr_off
         if self.telemetry:
             report["alignment"] = alignment_telemetry(models, self.calibration, self.stat_batches)
         self.last_report = report

@@ -191,7 +191,11 @@ class Node:
     min_corr : ``dimat`` only: a neighbour's unit joins the average only where its matched correlation reaches
         this (None: every unit is averaged, as published; see ``activation_match``'s ``min_corr``). The
         telemetry's edges then carry ``kept``, the share of that neighbour's units that did. ``"auto"`` (the
-        default): :attr:`MIN_CORR` for ``dimat`` with the ``mean`` combine rule, None otherwise.
+        default): :attr:`MIN_CORR` for ``dimat`` with the ``mean`` combine rule, None otherwise. With class counts
+        (``head="label_counts"``) it applies only to a participant that shares a class with the merge's
+        reference: a reference that never saw any of the participant's classes has no feature of them to keep in
+        place of the participant's units, so all of them join (:func:`dimat.merge.head.min_corr_by_classes`); the
+        telemetry lists such aligned participants in ``min_corr_off``.
     adopt_min_acc : under ``basis="shared"``, when a merge's reference is a neighbour's basis (a lower tag than
         this agent's), the model that holds it must first reach this accuracy on the local batches
         (``stat_batches`` of them, in eval mode), or the agent keeps its own basis for the merge: it aligns the
@@ -690,12 +694,17 @@ class Node:
         moved: Dict[int, float] = {}
         align: Dict[int, Dict[str, float]] = {}
         given: Dict[int, list] = {}
+        class_head = self._class_head(order, snapshots, r) if self.head == "label_counts" else None
+        min_corr_off: List[int] = []
         if self.method == "dimat":
             kw.update(self._guards, report=align)
+            if self.min_corr is not None and class_head is not None:
+                kw["min_corr"] = head_mod.min_corr_by_classes(self.min_corr, class_head.counts)
+                min_corr_off = [order[pos] for pos, c in enumerate(kw["min_corr"], start=1)
+                                if c is None and pos not in same]
             given = self._pair_stats_for(order, same, weights, pair_stats or {})
             if given:
                 kw["pair_stats"] = given
-        class_head = self._class_head(order, snapshots, r) if self.head == "label_counts" else None
         kw["combine"] = self._combine_hook(order, snapshots, r, dist, moved, class_head)
         merged = self.merge_fn(models, [weights[j] for j in order], batches=self.batches,
                                reset_bn=self.reset_bn and not own_reset, stat_batches=self.stat_batches, **kw)
@@ -708,6 +717,8 @@ class Node:
             telemetry["adopt"] = adopt
         if self.head == "label_counts":
             telemetry["head"] = "label_counts" if class_head is not None else "mean"
+        if min_corr_off:
+            telemetry["min_corr_off"] = min_corr_off
         if pair_stats is not None:  # merge_round takes it out of the telemetry again
             telemetry["stats_used"] = [order[0] if order[pos] == self.rank else order[pos] for pos in given]
         return telemetry

@@ -237,6 +237,28 @@ def test_head_label_counts_with_activation_matching_is_the_operator_with_the_cla
     assert not np.allclose(got[-2], plain_mean[-2])  # the output weight differs from the mean's
 
 
+def test_head_label_counts_lifts_min_corr_for_clients_that_share_no_class_with_the_reference():
+    clients = [_plain(60), _plain(61), _plain(62)]  # unrelated inits: min_corr leaves units out
+    counts = [[5.0, 0, 0], [0, 4, 1], [2, 0, 3]]    # client 1 (the reference) shares no class with client 0
+    results = [(state_to_ndarrays(m), w, c) for m, w, c in zip(clients, [3, 7, 5], counts)]
+    agg = ModelAggregator(_plain(0), CALIBRATION, head="label_counts", min_corr=0.6)
+    got = agg.aggregate(results)
+    assert agg.last_report["min_corr_off"] == [0] and agg.last_report["kept"][0] == 1.0
+    assert agg.last_report["kept"][1] < 1.0
+    from dimat.merge import combine
+    from dimat.merge.head import output_layer
+
+    layer, _ = output_layer(_plain(0), CALIBRATION[0])
+    order = [1, 0, 2]
+    hook = combine.make_hook(combine.CombineOptions(), 0, {n for n, _ in _plain(0).named_parameters()},
+                             head=combine.ClassHead(layer.axes, [torch.tensor(counts[i], dtype=torch.float64)
+                                                                 for i in order]))
+    want = merge.activation_match([clients[i] for i in order], [7, 3, 5], CALIBRATION, min_corr=[None, 0.6],
+                                  combine=hook)
+    for g, w in zip(got, state_to_ndarrays(want)):
+        np.testing.assert_array_equal(g, w)
+
+
 @pytest.mark.parametrize("bad", [None, [1.0, 2.0], [1.0, -1.0, 2.0], [0, 0, 0], [1.0, float("nan"), 1.0], "1,2,3",
                                  [[1, 2, 3]]])
 def test_head_label_counts_without_valid_counts_averages_the_layer_loudly(bad, caplog):

@@ -794,6 +794,29 @@ def test_min_corr_averages_models_of_the_same_basis_whole():
         assert torch.allclose(v, w), k
 
 
+def test_min_corr_per_model_thresholds():
+    ref, other, batches = _mlp_and_corrupted_copy()
+    third = copy.deepcopy(other)
+    models, w = [ref, other, third], [0.4, 0.3, 0.3]
+
+    def run(min_corr):
+        report = {}
+        return merge.activation_match(models, w, batches, min_corr=min_corr, report=report).state_dict(), report
+
+    (same, rep_same), (scalar, rep_scalar) = run([0.5, 0.5]), run(0.5)
+    assert all(torch.equal(same[k], scalar[k]) for k in same) and rep_same == rep_scalar
+    (none, _), (all_none, rep_none) = run(None), run([None, None])
+    assert all(torch.equal(none[k], all_none[k]) for k in none)
+    assert all("kept" not in r for r in rep_none.values())
+    mixed, rep_mixed = run([0.5, None])
+    assert "kept" in rep_mixed[1] and "kept" not in rep_mixed[2]
+    assert any(not torch.equal(mixed[k], scalar[k]) for k in mixed)
+    with pytest.raises(ValueError, match="2 thresholds for 1 aligned models"):
+        merge.activation_match([ref, other], [0.5, 0.5], batches, min_corr=[0.5, 0.5])
+    with pytest.raises(ValueError, match="min_corr must be a finite number or None"):
+        merge.activation_match([ref, other], [0.5, 0.5], batches, min_corr=[float("nan")])
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "0.5", True])
 def test_min_corr_must_be_a_finite_number(bad):
     ref, other, batches = _mlp_and_corrupted_copy()

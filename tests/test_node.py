@@ -718,6 +718,39 @@ def test_label_counts_default_for_dimat_only_and_given_counts_win():
     torch.testing.assert_close(got[0], (before[0]["2.weight"][0] + before[1]["2.weight"][0]) / 2)
 
 
+@pytest.mark.parametrize("basis", ["shared", "own"])
+def test_min_corr_leaves_out_only_units_of_participants_that_share_a_class_with_the_reference(basis):
+    # Disjoint classes: the reference saw none of the other's classes, so every unit joins (as min_corr None);
+    # overlapping classes: min_corr leaves the poorly matched units out (unrelated inits: some are).
+    def final(labels, min_corr):
+        ns, res, _ = _head_pair(labels=labels, method="dimat", head="label_counts", min_corr=min_corr,
+                                basis=basis, stat_batches=2)
+        return [state(n.model) for n in ns], res
+
+    disjoint, overlap = ([0, 0], [1, 2]), ([0, 1], [1, 2])
+    got, res = final(disjoint, 0.7)
+    want, _ = final(disjoint, None)
+    for g, w in zip(got, want):
+        for k in g:
+            torch.testing.assert_close(g[k], w[k])
+    # the aligned participant: under "shared" agent 0's basis is the reference of both merges, under "own" each
+    # agent's own
+    assert [r.telemetry["min_corr_off"] for r in res] == ([[1], [1]] if basis == "shared" else [[1], [0]])
+    assert all("kept" not in e for r in res for e in r.telemetry["edges"].values())
+    got, res = final(overlap, 0.7)
+    want, _ = final(overlap, None)
+    assert any(not torch.allclose(g[k], w[k]) for g, w in zip(got, want) for k in g)
+    assert all("min_corr_off" not in r.telemetry for r in res)
+    assert any("kept" in e for r in res for e in r.telemetry["edges"].values())
+
+
+def test_min_corr_by_classes_by_hand():
+    from dimat.merge.head import min_corr_by_classes
+
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    assert min_corr_by_classes(0.7, [t(3, 0, 0), t(0, 5, 1), t(1, 0, 0), t(0, 0, 0.5)]) == [None, 0.7, None]
+
+
 def test_bad_class_counts_from_a_neighbour_average_the_layer_loudly(caplog):
     def tamper(box):
         for key, snap in list(box._posts.items()):

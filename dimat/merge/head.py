@@ -11,7 +11,7 @@ the samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -106,3 +106,13 @@ def count_labels(batches: Iterable, classes: int, limit: Optional[int] = None) -
             return None
         counts += torch.bincount(y.cpu().long(), minlength=classes).double()
     return counts
+
+
+def min_corr_by_classes(min_corr: float, counts: Sequence[torch.Tensor]) -> List[Optional[float]]:
+    """``merge.min_corr`` per participant after the reference (``counts[0]``: the reference's samples per class):
+    ``min_corr`` for a participant that has samples of a class the reference has samples of, None for one that
+    shares no class with it. Leaving a unit out keeps the reference's feature in its place; a reference that never
+    saw any of the participant's classes has no feature of them to keep, so all of that participant's units join
+    the average."""
+    ref = counts[0] > 0
+    return [float(min_corr) if bool(((c > 0) & ref).any()) else None for c in counts[1:]]

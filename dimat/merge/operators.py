@@ -21,7 +21,7 @@ import numbers
 import time
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -561,7 +561,7 @@ def activation_match(
     bn_batches: Optional[int] = None,
     pair_stats: Optional[Mapping[int, Sequence[stats.CrossStats]]] = None,
     restore_norms: bool = False,
-    min_corr: Optional[float] = None,
+    min_corr: Union[float, Sequence[Optional[float]], None] = None,
 ) -> nn.Module:
     """DIMAT: align every neighbour to ``models[0]`` by activation correlation on local batches, then average.
 
@@ -619,8 +619,9 @@ def activation_match(
         participants that do agree (at least ``models[0]``). Averaging two unrelated features gives a third that
         neither model uses; this keeps the basis model's feature instead. Models in ``same_basis`` are averaged
         whole; so are groups aligned by weight matching (no correlation). Above 1, no aligned neighbour
-        contributes at all. With a combine hook, the hook gets ``masks=`` (rule ``mean`` only). ``report``
-        gains ``kept``: the share of a neighbour's units that joined the average.
+        contributes at all. A sequence gives one threshold per model of ``models[1:]`` (None: all of that model's
+        units join). With a combine hook, the hook gets ``masks=`` (rule ``mean`` only). ``report`` gains
+        ``kept``: the share of a neighbour's units that joined the average (for each model with a threshold).
 
     Returns
     -------
@@ -633,7 +634,7 @@ def activation_match(
         raise ValueError(f"identity_prior must be a finite number >= 0, got {identity_prior!r}")
     if keep_margin is not None and not math.isfinite(keep_margin):
         raise ValueError(f"keep_margin must be a finite number or None, got {keep_margin!r}")
-    check_min_corr(min_corr)
+    thresholds = _per_model_min_corr(min_corr, len(models) - 1)
     device = _device_of(models[0])
     example = _first_input(batches).to(device)
     spec, graph = spec_for(models[0], example)
@@ -670,8 +671,8 @@ def activation_match(
         perms[j - 1] = _perms_from_correlations(spec, corr, states[0], states[j], models[0], identity_prior,
                                                 keep_margin)
         kept = None
-        if min_corr is not None:
-            masks[j - 1], kept = _unit_masks(spec, corr, perms[j - 1], float(min_corr), states[0])
+        if thresholds[j - 1] is not None:
+            masks[j - 1], kept = _unit_masks(spec, corr, perms[j - 1], thresholds[j - 1], states[0])
         if report is not None:
             report[j] = telemetry.alignment(corr, perms[j - 1])
             if kept is not None:
@@ -734,6 +735,20 @@ def _check_alignable(spec: PermutationSpec) -> None:
     if bad:
         raise UnalignedError(
             f"strict activation matching: {len(bad)} group(s) cannot be aligned by activations: " + "; ".join(bad))
+
+
+def _per_model_min_corr(min_corr: Union[float, Sequence[Optional[float]], None], n: int) -> List[Optional[float]]:
+    """``activation_match``'s ``min_corr`` as one threshold (or None) per aligned model; ValueError on a sequence of
+    the wrong length or a threshold that is not a finite number."""
+    if min_corr is None or isinstance(min_corr, (numbers.Real, bool, str, bytes)):
+        check_min_corr(min_corr)
+        return [None if min_corr is None else float(min_corr)] * n
+    per = list(min_corr)
+    if len(per) != n:
+        raise ValueError(f"min_corr: {len(per)} thresholds for {n} aligned models")
+    for c in per:
+        check_min_corr(c)
+    return [None if c is None else float(c) for c in per]
 
 
 def _unit_masks(spec: PermutationSpec, corr: Mapping[int, torch.Tensor], perms: Mapping[int, torch.Tensor],
