@@ -215,7 +215,7 @@ def build_agent(cfg: Mapping[str, Any], setup: Setup, rank: int, transport: Opti
                 bn_batches=m["bn_batches"], reset_bn=m["reset_bn"], basis=m["basis"],
                 combine=CombineOptions.from_config(m), combine_seed=cfg["seed"],
                 identity_prior=m["identity_prior"], keep_margin=m["keep_margin"], min_corr=m["min_corr"],
-                adopt_min_acc=m["adopt_min_acc"], bn_repair=m["bn_repair"],
+                adopt_min_acc=m["adopt_min_acc"], min_corr_scope=m["min_corr_scope"], bn_repair=m["bn_repair"],
                 bn_refresh=m["bn_refresh"], stats=m["stats"], restore_norms=m["restore_norms"],
                 head=m["head"], label_counts=_label_counts(ds, train_idx),
                 basis_tag=0 if same_init else None)  # one init: one unit order from the start

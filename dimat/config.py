@@ -68,6 +68,8 @@ DEFAULTS: Dict[str, Any] = {
         "keep_margin": None,  # dimat: keep a group's order unless matching gains more correlation than this
         "min_corr": "auto",  # dimat: average a matched unit only where its correlation reaches this (auto: 0.7 with
         # combine mean, else null; null: average every matched unit, as published)
+        "min_corr_scope": "shared_classes",  # dimat with class counts (head label_counts): min_corr only for
+        # participants that share a class with the merge's reference (shared_classes) | for every participant (all)
         "adopt_min_acc": None,  # basis shared: adopt a neighbour's basis only if its model reaches this accuracy
         # on local batches (auto: chance, 1/classes; null: always adopt)
         "head": "auto",  # the output layer: mean | label_counts (class c from the agents with samples of c, by
@@ -123,6 +125,7 @@ TYPES: Dict[str, Tuple[type, ...]] = {
     "merge.bn_batches": (int, type(None)),
     "merge.keep_margin": (int, float, type(None)),
     "merge.min_corr": (int, float, str, type(None)),
+    "merge.min_corr_scope": (str,),
     "merge.adopt_min_acc": (int, float, str, type(None)),
     "merge.regmean_max_inputs": (int, type(None)),
     "gossip.lr": (int, float, type(None)),
@@ -375,6 +378,9 @@ def _check_merge(f: Dict[str, Any], bad) -> None:
         raise bad("merge.identity_prior", f"must be >= 0, got {f['merge.identity_prior']}")
     if isinstance(f["merge.min_corr"], str) and f["merge.min_corr"] != "auto":
         raise bad("merge.min_corr", f"must be a number, null or auto, got {f['merge.min_corr']!r}")
+    if f["merge.min_corr_scope"] not in Node.MIN_CORR_SCOPES:
+        raise bad("merge.min_corr_scope", f"must be one of {', '.join(Node.MIN_CORR_SCOPES)}, got "
+                                          f"{f['merge.min_corr_scope']!r}")
     adopt = f["merge.adopt_min_acc"]
     if isinstance(adopt, str) and adopt != "auto":
         raise bad("merge.adopt_min_acc", f"must be an accuracy in [0, 1], null or auto, got {adopt!r}")

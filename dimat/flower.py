@@ -140,7 +140,8 @@ class ModelAggregator:
         unit, as published. Clients that start every round from the server's model stay in one unit order and
         keep nearly every unit; the threshold matters when clients diverge (e.g. several local epochs from
         different initialisations). With ``head="label_counts"`` it applies only to a client that shares a class
-        with the reference client, as in the node (the report's ``min_corr_off`` lists the others).
+        with the reference client, as in the node (the report's ``min_corr_off`` lists the others), unless
+        ``min_corr_scope="all"``.
     bn_repair : how the BatchNorm statistics of the merged model are repaired on ``calibration`` (with
         ``reset_bn``): ``"local"`` (default) recomputes them on the calibration batches; ``"mix"`` takes the
         clients' aligned running statistics, mixed by weight and corrected for the merge's variance collapse as
@@ -178,6 +179,7 @@ class ModelAggregator:
         min_corr: Optional[float] = None,
         bn_repair: str = "local",
         head: str = "mean",
+        min_corr_scope: str = "shared_classes",
     ) -> None:
         self.template = _template(model)
         self.calibration = _calibration(calibration)
@@ -203,6 +205,9 @@ class ModelAggregator:
         self.bn_repair = bn_repair
         self.head = head
         self._output = self._output_layer(head)
+        if min_corr_scope not in ("shared_classes", "all"):
+            raise ValueError(f"min_corr_scope must be one of shared_classes, all, got {min_corr_scope!r}")
+        self.min_corr_scope = min_corr_scope
         self.last_report: Optional[Dict[str, Any]] = None
         # Only operators that match units take a `profile` dict; it records the seconds of each of their stages.
         self._takes_profile = "profile" in inspect.signature(self._merge).parameters
@@ -255,7 +260,8 @@ class ModelAggregator:
             extra["bn_repair"] = self.bn_repair
         class_head = self._class_head([results[i] for i in order], order)
         min_corr_off: List[int] = []
-        if self.min_corr is not None and class_head is not None:  # as the node: see head.min_corr_by_classes
+        if self.min_corr is not None and class_head is not None and self.min_corr_scope == "shared_classes":
+            # as the node: see head.min_corr_by_classes
             extra["min_corr"] = head_mod.min_corr_by_classes(self.min_corr, class_head.counts)
             min_corr_off = [order[pos] for pos, c in enumerate(extra["min_corr"], start=1) if c is None]
         if class_head is not None:
@@ -482,11 +488,13 @@ class _Merging:
         bn_repair: str = "local",
         head: str = "mean",
         class_counts_key: str = "class-counts",
+        min_corr_scope: str = "shared_classes",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # the FedAvg that follows in the strategy's MRO
         self.aggregator = ModelAggregator(model, calibration, method, reset_bn, stat_batches, telemetry,
-                                          min_corr=min_corr, bn_repair=bn_repair, head=head)
+                                          min_corr=min_corr, bn_repair=bn_repair, head=head,
+                                          min_corr_scope=min_corr_scope)
         #: the key of the clients' metrics that holds their training samples per class (``head="label_counts"``)
         self.class_counts_key = class_counts_key
         #: one dict per aggregated round: ``{"round": r, "client_ids": [...], **aggregator.last_report}``
@@ -520,8 +528,8 @@ def _build_dimat_fedavg() -> type:
         model : the clients' architecture (``nn.Module`` or zero-argument factory); see :class:`ModelAggregator`.
         calibration : batches held by the server for activation statistics and the BatchNorm reset. Without it the
             strategy falls back to weighted averaging (FedAvg's arithmetic).
-        method, reset_bn, stat_batches, telemetry, min_corr, bn_repair, head : as in :class:`ModelAggregator`;
-            each round's report is appended to ``merge_log``.
+        method, reset_bn, stat_batches, telemetry, min_corr, bn_repair, head, min_corr_scope : as in
+            :class:`ModelAggregator`; each round's report is appended to ``merge_log``.
         class_counts_key : under ``head="label_counts"``, the ``FitRes.metrics`` key of each client's training
             samples per class, a list of numbers (default ``"class-counts"``).
         **kwargs : every FedAvg keyword (``min_fit_clients``, ``initial_parameters``, ``evaluate_fn``, ...).
@@ -572,8 +580,8 @@ def _build_message_dimat_fedavg() -> type:
         model : the clients' architecture (``nn.Module`` or zero-argument factory); see :class:`ModelAggregator`.
         calibration : batches held by the server for activation statistics and the BatchNorm reset. Without it the
             strategy falls back to weighted averaging (FedAvg's arithmetic).
-        method, reset_bn, stat_batches, telemetry, min_corr, bn_repair, head : as in :class:`ModelAggregator`;
-            each round's report is appended to ``merge_log``.
+        method, reset_bn, stat_batches, telemetry, min_corr, bn_repair, head, min_corr_scope : as in
+            :class:`ModelAggregator`; each round's report is appended to ``merge_log``.
         class_counts_key : under ``head="label_counts"``, the ``MetricRecord`` key of each reply's training
             samples per class, a list of floats (default ``"class-counts"``).
         **kwargs : every FedAvg keyword (``fraction_train``, ``min_train_nodes``, ``weighted_by_key``, ...).

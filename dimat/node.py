@@ -195,7 +195,8 @@ class Node:
         (``head="label_counts"``) it applies only to a participant that shares a class with the merge's
         reference: a reference that never saw any of the participant's classes has no feature of them to keep in
         place of the participant's units, so all of them join (:func:`dimat.merge.head.min_corr_by_classes`); the
-        telemetry lists such aligned participants in ``min_corr_off``.
+        telemetry lists such aligned participants in ``min_corr_off``. ``min_corr_scope="all"`` applies it to every
+        participant, as before this rule.
     adopt_min_acc : under ``basis="shared"``, when a merge's reference is a neighbour's basis (a lower tag than
         this agent's), the model that holds it must first reach this accuracy on the local batches
         (``stat_batches`` of them, in eval mode), or the agent keeps its own basis for the merge: it aligns the
@@ -217,6 +218,9 @@ class Node:
         telemetry carries ``head``.
     label_counts : this agent's samples per class (for ``head="label_counts"``); None (default): counted once over
         all of ``batches`` (integer labels in the batches' second element).
+    min_corr_scope : ``"shared_classes"`` (default): with class counts, ``min_corr`` leaves out units only of the
+        participants that share a class with the merge's reference (see ``min_corr``); ``"all"``: of every
+        participant.
     restore_norms : after combining, give every unit of a conv/linear layer that only a BatchNorm reads the mean
         weight norm it had in the participants, so that the merged model trains at their effective step size
         (see ``activation_match``'s ``restore_norms``). Needs ``reset_bn`` and ``batches``.
@@ -242,6 +246,10 @@ class Node:
     HEADS = ("auto", "mean", "label_counts")
     #: Methods whose merges permute units, so that under ``basis="shared"`` their snapshots carry basis tags.
     ALIGNING = ("dimat", "wm")
+    #: Values of ``min_corr_scope``: with class counts, ``min_corr`` for the participants that share a class with
+    #: the merge's reference only, or for all of them.
+    MIN_CORR_SCOPES = ("shared_classes", "all")
+
     #: What ``min_corr="auto"`` means for ``dimat`` with the ``mean`` combine rule (docs/merge.md, "Averaging only
     #: the units that match").
     MIN_CORR = 0.7
@@ -318,6 +326,7 @@ class Node:
         min_corr: Union[float, str, None] = "auto",
         adopt_min_acc: Union[float, str, None] = None,
         head: str = "auto",
+        min_corr_scope: str = "shared_classes",
         label_counts: Optional[Sequence[float]] = None,
     ):
         if stats not in self.STATS:
@@ -392,6 +401,9 @@ class Node:
                 or not 0.0 <= float(adopt_min_acc) <= 1.0):
             raise ValueError(f"adopt_min_acc must be an accuracy in [0, 1], None or 'auto', got {adopt_min_acc!r}")
         self.adopt_min_acc = adopt_min_acc
+        if min_corr_scope not in self.MIN_CORR_SCOPES:
+            raise ValueError(f"min_corr_scope must be one of {', '.join(self.MIN_CORR_SCOPES)}, got {min_corr_scope!r}")
+        self.min_corr_scope = min_corr_scope
         self._adopt_unchecked_warned = False
         self.head = self.resolve_head(head, method, self.combine.rule)
         if label_counts is not None:
@@ -698,7 +710,7 @@ class Node:
         min_corr_off: List[int] = []
         if self.method == "dimat":
             kw.update(self._guards, report=align)
-            if self.min_corr is not None and class_head is not None:
+            if self.min_corr is not None and class_head is not None and self.min_corr_scope == "shared_classes":
                 kw["min_corr"] = head_mod.min_corr_by_classes(self.min_corr, class_head.counts)
                 min_corr_off = [order[pos] for pos, c in enumerate(kw["min_corr"], start=1)
                                 if c is None and pos not in same]

@@ -257,6 +257,11 @@ def test_head_label_counts_lifts_min_corr_for_clients_that_share_no_class_with_t
                                   combine=hook)
     for g, w in zip(got, state_to_ndarrays(want)):
         np.testing.assert_array_equal(g, w)
+    everyone = ModelAggregator(_plain(0), CALIBRATION, head="label_counts", min_corr=0.6, min_corr_scope="all")
+    everyone.aggregate(results)
+    assert "min_corr_off" not in everyone.last_report and everyone.last_report["kept"][0] < 1.0
+    with pytest.raises(ValueError, match="min_corr_scope must be one of"):
+        ModelAggregator(_plain(0), CALIBRATION, min_corr_scope="none")
 
 
 @pytest.mark.parametrize("bad", [None, [1.0, 2.0], [1.0, -1.0, 2.0], [0, 0, 0], [1.0, float("nan"), 1.0], "1,2,3",

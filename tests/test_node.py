@@ -737,11 +737,26 @@ def test_min_corr_leaves_out_only_units_of_participants_that_share_a_class_with_
     # agent's own
     assert [r.telemetry["min_corr_off"] for r in res] == ([[1], [1]] if basis == "shared" else [[1], [0]])
     assert all("kept" not in e for r in res for e in r.telemetry["edges"].values())
+    ns, scoped, _ = _head_pair(labels=disjoint, method="dimat", head="label_counts", min_corr=0.7, basis=basis,
+                               stat_batches=2, min_corr_scope="all")  # as before the rule: units are left out
+    assert any(not torch.allclose(state(n.model)[k], w[k]) for n, w in zip(ns, want) for k in w)
+    assert all("min_corr_off" not in r.telemetry for r in scoped)
+    with pytest.raises(ValueError, match="min_corr_scope must be one of shared_classes, all"):
+        _head_pair(method="dimat", min_corr_scope="some")
     got, res = final(overlap, 0.7)
     want, _ = final(overlap, None)
     assert any(not torch.allclose(g[k], w[k]) for g, w in zip(got, want) for k in g)
     assert all("min_corr_off" not in r.telemetry for r in res)
     assert any("kept" in e for r in res for e in r.telemetry["edges"].values())
+
+
+def test_min_corr_scope_config_is_checked():
+    from dimat.config import UserError, resolve
+    with pytest.raises(UserError) as e:
+        resolve({}, ["merge.min_corr_scope=everyone"], where="run.yaml")
+    assert "merge.min_corr_scope" in str(e.value) and "shared_classes, all" in str(e.value)
+    assert resolve({}).merge.min_corr_scope == "shared_classes"
+    assert resolve({}, ["merge.min_corr_scope=all"]).merge.min_corr_scope == "all"
 
 
 def test_min_corr_by_classes_by_hand():
