@@ -262,8 +262,10 @@ class ModelAggregator:
         min_corr_off: List[int] = []
         if self.min_corr is not None and class_head is not None and self.min_corr_scope == "shared_classes":
             # as the node: see head.min_corr_by_classes
-            extra["min_corr"] = head_mod.min_corr_by_classes(self.min_corr, class_head.counts)
-            min_corr_off = [order[pos] for pos, c in enumerate(extra["min_corr"], start=1) if c is None]
+            per = head_mod.min_corr_by_classes(self.min_corr, class_head.counts)
+            if None in per:
+                extra["min_corr"] = per
+                min_corr_off = [order[pos] for pos, c in enumerate(per, start=1) if c is None]
         if class_head is not None:
             params = {n for n, _ in self.template.named_parameters()}
             extra["combine"] = combine_mod.make_hook(combine_mod.CombineOptions(), 0, params, head=class_head)

@@ -711,9 +711,10 @@ class Node:
         if self.method == "dimat":
             kw.update(self._guards, report=align)
             if self.min_corr is not None and class_head is not None and self.min_corr_scope == "shared_classes":
-                kw["min_corr"] = head_mod.min_corr_by_classes(self.min_corr, class_head.counts)
-                min_corr_off = [order[pos] for pos, c in enumerate(kw["min_corr"], start=1)
-                                if c is None and pos not in same]
+                per = head_mod.min_corr_by_classes(self.min_corr, class_head.counts)
+                if None in per:  # otherwise the one threshold, as without class counts
+                    kw["min_corr"] = per
+                    min_corr_off = [order[pos] for pos, c in enumerate(per, start=1) if c is None and pos not in same]
             given = self._pair_stats_for(order, same, weights, pair_stats or {})
             if given:
                 kw["pair_stats"] = given
