@@ -205,8 +205,9 @@ class ModelAggregator:
         self.bn_repair = bn_repair
         self.head = head
         self._output = self._output_layer(head)
-        if min_corr_scope not in ("shared_classes", "all"):
-            raise ValueError(f"min_corr_scope must be one of shared_classes, all, got {min_corr_scope!r}")
+        if min_corr_scope not in head_mod.MIN_CORR_SCOPES:
+            raise ValueError(f"min_corr_scope must be one of {', '.join(head_mod.MIN_CORR_SCOPES)}, got "
+                             f"{min_corr_scope!r}")
         self.min_corr_scope = min_corr_scope
         self.last_report: Optional[Dict[str, Any]] = None
         # Only operators that match units take a `profile` dict; it records the seconds of each of their stages.

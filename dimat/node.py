@@ -246,9 +246,8 @@ class Node:
     HEADS = ("auto", "mean", "label_counts")
     #: Methods whose merges permute units, so that under ``basis="shared"`` their snapshots carry basis tags.
     ALIGNING = ("dimat", "wm")
-    #: Values of ``min_corr_scope``: with class counts, ``min_corr`` for the participants that share a class with
-    #: the merge's reference only, or for all of them.
-    MIN_CORR_SCOPES = ("shared_classes", "all")
+    #: Values of ``min_corr_scope`` (:data:`dimat.merge.head.MIN_CORR_SCOPES`).
+    MIN_CORR_SCOPES = head_mod.MIN_CORR_SCOPES
 
     #: What ``min_corr="auto"`` means for ``dimat`` with the ``mean`` combine rule (docs/merge.md, "Averaging only
     #: the units that match").

@@ -108,6 +108,11 @@ def count_labels(batches: Iterable, classes: int, limit: Optional[int] = None) -
     return counts
 
 
+#: Values of ``merge.min_corr_scope``: with class counts, ``min_corr`` for the participants that share a class with
+#: the merge's reference only (see :func:`min_corr_by_classes`), or for all of them.
+MIN_CORR_SCOPES = ("shared_classes", "all")
+
+
 def min_corr_by_classes(min_corr: float, counts: Sequence[torch.Tensor]) -> List[Optional[float]]:
     """``merge.min_corr`` per participant after the reference (``counts[0]``: the reference's samples per class):
     ``min_corr`` for a participant that has samples of a class the reference has samples of, None for one that
