@@ -205,9 +205,7 @@ class ModelAggregator:
         self.bn_repair = bn_repair
         self.head = head
         self._output = self._output_layer(head)
-        if min_corr_scope not in head_mod.MIN_CORR_SCOPES:
-            raise ValueError(f"min_corr_scope must be one of {', '.join(head_mod.MIN_CORR_SCOPES)}, got "
-                             f"{min_corr_scope!r}")
+        head_mod.check_min_corr_scope(min_corr_scope)
         self.min_corr_scope = min_corr_scope
         self.last_report: Optional[Dict[str, Any]] = None
         # Only operators that match units take a `profile` dict; it records the seconds of each of their stages.
@@ -263,10 +261,8 @@ class ModelAggregator:
         min_corr_off: List[int] = []
         if self.min_corr is not None and class_head is not None and self.min_corr_scope == "shared_classes":
             # as the node: see head.min_corr_by_classes
-            per = head_mod.min_corr_by_classes(self.min_corr, class_head.counts)
-            if None in per:
-                extra["min_corr"] = per
-                min_corr_off = [order[pos] for pos, c in enumerate(per, start=1) if c is None]
+            extra["min_corr"], lifted = head_mod.min_corr_by_classes(self.min_corr, class_head.counts)
+            min_corr_off = [order[pos] for pos in lifted]
         if class_head is not None:
             params = {n for n, _ in self.template.named_parameters()}
             extra["combine"] = combine_mod.make_hook(combine_mod.CombineOptions(), 0, params, head=class_head)

@@ -400,8 +400,7 @@ class Node:
                 or not 0.0 <= float(adopt_min_acc) <= 1.0):
             raise ValueError(f"adopt_min_acc must be an accuracy in [0, 1], None or 'auto', got {adopt_min_acc!r}")
         self.adopt_min_acc = adopt_min_acc
-        if min_corr_scope not in self.MIN_CORR_SCOPES:
-            raise ValueError(f"min_corr_scope must be one of {', '.join(self.MIN_CORR_SCOPES)}, got {min_corr_scope!r}")
+        head_mod.check_min_corr_scope(min_corr_scope)
         self.min_corr_scope = min_corr_scope
         self._adopt_unchecked_warned = False
         self.head = self.resolve_head(head, method, self.combine.rule)
@@ -710,10 +709,8 @@ class Node:
         if self.method == "dimat":
             kw.update(self._guards, report=align)
             if self.min_corr is not None and class_head is not None and self.min_corr_scope == "shared_classes":
-                per = head_mod.min_corr_by_classes(self.min_corr, class_head.counts)
-                if None in per:  # otherwise the one threshold, as without class counts
-                    kw["min_corr"] = per
-                    min_corr_off = [order[pos] for pos, c in enumerate(per, start=1) if c is None and pos not in same]
+                kw["min_corr"], lifted = head_mod.min_corr_by_classes(self.min_corr, class_head.counts)
+                min_corr_off = [order[pos] for pos in lifted if pos not in same]
             given = self._pair_stats_for(order, same, weights, pair_stats or {})
             if given:
                 kw["pair_stats"] = given

@@ -763,7 +763,8 @@ def test_min_corr_by_classes_by_hand():
     from dimat.merge.head import min_corr_by_classes
 
     t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    assert min_corr_by_classes(0.7, [t(3, 0, 0), t(0, 5, 1), t(1, 0, 0), t(0, 0, 0.5)]) == [None, 0.7, None]
+    assert min_corr_by_classes(0.7, [t(3, 0, 0), t(0, 5, 1), t(1, 0, 0), t(0, 0, 0.5)]) == ([None, 0.7, None], [1, 3])
+    assert min_corr_by_classes(0.7, [t(3, 1, 0), t(0, 5, 1), t(1, 0, 0)]) == (0.7, [])  # nobody lifted: the scalar
 
 
 def test_bad_class_counts_from_a_neighbour_average_the_layer_loudly(caplog):

@@ -11,7 +11,7 @@ the samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,7 +19,8 @@ from torch import nn
 from dimat.merge.stats import eval_mode
 from dimat.merge.structure import model_output
 
-__all__ = ["OutputLayer", "output_layer", "logits_of", "batch_labels", "count_labels", "counts_ok"]
+__all__ = ["OutputLayer", "output_layer", "logits_of", "batch_labels", "count_labels", "counts_ok", "MIN_CORR_SCOPES",
+           "check_min_corr_scope", "min_corr_by_classes"]
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,25 @@ def count_labels(batches: Iterable, classes: int, limit: Optional[int] = None) -
 MIN_CORR_SCOPES = ("shared_classes", "all")
 
 
-def min_corr_by_classes(min_corr: float, counts: Sequence[torch.Tensor]) -> List[Optional[float]]:
-    """``merge.min_corr`` per participant after the reference (``counts[0]``: the reference's samples per class):
-    ``min_corr`` for a participant that has samples of a class the reference has samples of, None for one that
-    shares no class with it. Leaving a unit out keeps the reference's feature in its place; a reference that never
-    saw any of the participant's classes has no feature of them to keep, so all of that participant's units join
-    the average."""
+def check_min_corr_scope(scope: str) -> None:
+    """ValueError unless ``scope`` is one of :data:`MIN_CORR_SCOPES`."""
+    if scope not in MIN_CORR_SCOPES:
+        raise ValueError(f"min_corr_scope must be one of {', '.join(MIN_CORR_SCOPES)}, got {scope!r}")
+
+
+def min_corr_by_classes(min_corr: float, counts: Sequence[torch.Tensor]
+                        ) -> Tuple[Union[float, List[Optional[float]]], List[int]]:
+    """``merge.min_corr`` for the participants after the reference (``counts[0]``: the reference's samples per
+    class): ``min_corr`` for a participant that has samples of a class the reference has samples of, None for one
+    that shares no class with it. Leaving a unit out keeps the reference's feature in its place; a reference that
+    never saw any of the participant's classes has no feature of them to keep, so all of that participant's units
+    join the average.
+
+    Returns what :func:`dimat.merge.activation_match` takes as ``min_corr`` (the one threshold when every
+    participant shares a class with the reference, else one per participant) and the positions (>= 1) of the
+    participants it was lifted for."""
     ref = counts[0] > 0
-    return [float(min_corr) if bool(((c > 0) & ref).any()) else None for c in counts[1:]]
+    lifted = [pos for pos, c in enumerate(counts[1:], start=1) if not bool(((c > 0) & ref).any())]
+    if not lifted:
+        return float(min_corr), []
+    return [None if pos in lifted else float(min_corr) for pos in range(1, len(counts))], lifted
